@@ -1,0 +1,19 @@
+"""NeuralCPM: learn Cellular Potts Hamiltonians from snapshots and run them in CompuCell3D and Morpheus.
+
+Public names are re-exported here; see the README for a tutorial.
+"""
+
+from .errors import BundleError, ConfigError, DataError, ExportError, ModelImportError, NeuralCPMError
+from .lattice import (CellState, boundary_mask, half_offsets, neighbour_offsets, relabel, states_from_channels,
+                      states_to_channels, validate_state, volumes)
+from .hamiltonian import Batch, Hamiltonian, LatticeSpec, Term, register_term
+from .bundle import ModelBundle, load_bundle, save_bundle
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch", "BundleError", "CellState", "ConfigError", "DataError", "ExportError", "Hamiltonian",
+    "LatticeSpec", "ModelBundle", "ModelImportError", "NeuralCPMError", "Term", "boundary_mask",
+    "half_offsets", "load_bundle", "neighbour_offsets", "register_term", "relabel", "save_bundle",
+    "states_from_channels", "states_to_channels", "validate_state", "volumes",
+]

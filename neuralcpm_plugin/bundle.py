@@ -1,0 +1,194 @@
+"""The model bundle: ``model.json`` + ``weights.safetensors`` in one directory.
+
+``model.json`` (format version 1)::
+
+    {
+      "format": "neuralcpm-bundle",
+      "format_version": 1,
+      "lattice": {"shape": [H, W], "periodic": true, "copy_order": 2, "contact_order": 2},
+      "temperature": 1.0,
+      "type_names": ["medium", "type1", "type2"],
+      "terms": [
+        {"kind": "contact", "scale": 1.0, "params": {...}},      # physical units, JSON
+        ...
+      ],
+      "provenance": {"package_version": ..., "created": ..., ...}
+    }
+
+Large arrays of term ``i`` (fields, network weights) are stored in ``weights.safetensors`` under the key
+``"terms.{i}.{name}"``. Loading never unpickles: JSON + safetensors only. Unknown format versions and
+unknown term kinds are :class:`~neuralcpm_plugin.errors.BundleError`.
+
+Bundles are written atomically: into a temporary sibling directory, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import BundleError
+from .hamiltonian.base import Hamiltonian, LatticeSpec, term_class
+
+__all__ = ["FORMAT_VERSION", "ModelBundle", "save_bundle", "load_bundle"]
+
+FORMAT_NAME = "neuralcpm-bundle"
+FORMAT_VERSION = 1
+MODEL_JSON = "model.json"
+WEIGHTS = "weights.safetensors"
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("neuralcpm-plugin")
+    except Exception:  # not installed (running from a checkout)
+        return "0+unknown"
+
+
+@dataclass
+class ModelBundle:
+    """A loaded bundle: the Hamiltonian (with its lattice, temperature, type names) and its metadata."""
+
+    hamiltonian: Hamiltonian
+    provenance: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def lattice(self) -> LatticeSpec:
+        return self.hamiltonian.lattice
+
+    @property
+    def temperature(self) -> float:
+        return self.hamiltonian.temperature
+
+    @property
+    def type_names(self) -> list[str]:
+        return self.hamiltonian.type_names
+
+    def save(self, path) -> Path:
+        return save_bundle(path, self.hamiltonian, provenance=self.provenance, extra=self.extra)
+
+
+def _atomic_replace_dir(tmp: Path, dest: Path) -> None:
+    old = None
+    if dest.exists():
+        old = dest.with_name(dest.name + f".old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_bundle(path, hamiltonian: Hamiltonian, *, provenance: dict | None = None,
+                extra: dict | None = None) -> Path:
+    """Write ``hamiltonian`` as a bundle directory at ``path`` (atomically); return the path."""
+    path = Path(path)
+    terms_json, tensors = [], {}
+    for i, term in enumerate(hamiltonian.terms):
+        spec = dict(term.spec())
+        spec.setdefault("kind", term.kind)
+        spec["scale"] = term.scale_value()
+        terms_json.append(spec)
+        for name, t in term.tensors().items():
+            tensors[f"terms.{i}.{name}"] = t.detach().cpu().contiguous()
+    prov = {"package_version": _package_version(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    prov.update(provenance or {})
+    doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+           "lattice": hamiltonian.lattice.to_json(), "temperature": hamiltonian.temperature,
+           "type_names": hamiltonian.type_names, "terms": terms_json, "provenance": prov}
+    if extra:
+        doc["extra"] = extra
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        with open(tmp / MODEL_JSON, "w") as f:
+            json.dump(doc, f, indent=2)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT_NAME})
+        _atomic_replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _require(doc: dict, key: str, typ, where: str):
+    if key not in doc:
+        raise BundleError(f"{where}: missing key {key!r}")
+    if not isinstance(doc[key], typ):
+        raise BundleError(f"{where}: {key!r} must be {getattr(typ, '__name__', typ)}, got "
+                          f"{type(doc[key]).__name__}")
+    return doc[key]
+
+
+def load_bundle(path, *, device=None) -> ModelBundle:
+    """Read a bundle directory (or its ``model.json``); validate it; rebuild the Hamiltonian."""
+    path = Path(path)
+    if path.is_file() and path.name == MODEL_JSON:
+        path = path.parent
+    mj = path / MODEL_JSON
+    if not mj.is_file():
+        raise BundleError(f"{path}: not a model bundle (no {MODEL_JSON})")
+    where = str(mj)
+    try:
+        doc = json.loads(mj.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{where}: corrupt JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise BundleError(f"{where}: not a {FORMAT_NAME} file (format = {doc.get('format') if isinstance(doc, dict) else None!r})")
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{where}: unknown bundle format version {version!r}; this package reads version "
+                          f"{FORMAT_VERSION} (upgrade neuralcpm-plugin to read newer bundles)")
+    lat = _require(doc, "lattice", dict, where)
+    try:
+        lattice = LatticeSpec.from_json(lat)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{where}: invalid 'lattice' entry ({e})") from None
+    if len(lattice.shape) not in (2, 3) or min(lattice.shape) < 1:
+        raise BundleError(f"{where}: lattice shape must be 2-D or 3-D and positive, got {list(lattice.shape)}")
+    temperature = _require(doc, "temperature", (int, float), where)
+    if not temperature > 0:
+        raise BundleError(f"{where}: temperature must be > 0, got {temperature}")
+    type_names = _require(doc, "type_names", list, where)
+    if not type_names or not all(isinstance(t, str) for t in type_names):
+        raise BundleError(f"{where}: 'type_names' must be a non-empty list of strings (medium first)")
+    terms_json = _require(doc, "terms", list, where)
+    wpath = path / WEIGHTS
+    if wpath.exists():
+        try:
+            all_t = load_file(str(wpath), device="cpu")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise BundleError(f"{wpath}: corrupt weights file ({e})") from None
+    else:
+        all_t = {}
+    terms = []
+    for i, spec in enumerate(terms_json):
+        if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str):
+            raise BundleError(f"{where}: term {i} has no 'kind'")
+        cls = term_class(spec["kind"])
+        prefix = f"terms.{i}."
+        tens = {k[len(prefix):]: v for k, v in all_t.items() if k.startswith(prefix)}
+        try:
+            term = cls.from_spec(spec, tens, lattice)
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise BundleError(f"{where}: term {i} ({spec['kind']}): invalid parameters ({e})") from None
+        terms.append(term)
+    ham = Hamiltonian(terms, lattice, float(temperature), type_names)
+    if device is not None:
+        ham = ham.to(device)
+    return ModelBundle(ham, dict(doc.get("provenance", {})), dict(doc.get("extra", {})), path)

@@ -1,0 +1,28 @@
+"""One command, several sub-commands, each in its own module exposing ``add_arguments`` and ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+
+def dispatch(prog: str, description: str, commands: dict[str, str], module_prefix: str, argv=None) -> int:
+    """Parse ``argv`` as ``prog NAME ...`` and run ``training.<module_prefix><NAME>.run(args)``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in commands.items():
+        p = sub.add_parser(name, help=help_)
+        modname = f"training.{module_prefix}{name}"
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name != modname:
+                raise
+            p.set_defaults(_missing=name)
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    args = parser.parse_args(argv)
+    if getattr(args, "_missing", None):
+        parser.error(f"{args._missing!r} is not available in this version")
+    return int(args._run(args) or 0)

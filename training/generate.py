@@ -1,0 +1,18 @@
+"""`python -m training.generate {cellsort,mnist,bipolar} ...` — make the paper's datasets.
+
+Each data set lives in its own module (``training.gen_<name>``) exposing ``add_arguments(parser)`` and
+``run(args) -> int``.
+"""
+
+from ._dispatch import dispatch
+
+DATASETS = {"cellsort": "Cell sorting (paper §4.2)", "mnist": "Cellular MNIST (paper §4.3)",
+            "bipolar": "Bipolar organisation (paper §4.4)"}
+
+
+def main(argv=None) -> int:
+    return dispatch("python -m training.generate", "Generate the paper's datasets.", DATASETS, "gen_", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
