@@ -32,13 +32,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import BundleError
 from .hamiltonian.base import Hamiltonian, LatticeSpec, term_class
 
-__all__ = ["FORMAT_VERSION", "ModelBundle", "save_bundle", "load_bundle"]
+__all__ = ["FORMAT_VERSION", "ModelBundle", "load_bundle", "save_bundle"]
 
 FORMAT_NAME = "neuralcpm-bundle"
 FORMAT_VERSION = 1
@@ -47,10 +47,10 @@ WEIGHTS = "weights.safetensors"
 
 
 def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
     try:
-        from importlib.metadata import version
         return version("neuralcpm-plugin")
-    except Exception:  # not installed (running from a checkout)
+    except PackageNotFoundError:  # not installed (running from a checkout)
         return "0+unknown"
 
 
@@ -80,21 +80,34 @@ class ModelBundle:
 
 
 def _atomic_replace_dir(tmp: Path, dest: Path) -> None:
+    """Move the finished directory ``tmp`` to ``dest``; an existing ``dest`` is restored if the move fails."""
     old = None
-    if dest.exists():
+    if dest.exists() or dest.is_symlink():
         old = dest.with_name(dest.name + f".old-{os.getpid()}")
         if old.exists():
             shutil.rmtree(old)
         os.replace(dest, old)
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)
+        raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
 
 
 def save_bundle(path, hamiltonian: Hamiltonian, *, provenance: dict | None = None,
                 extra: dict | None = None) -> Path:
     """Write ``hamiltonian`` as a bundle directory at ``path`` (atomically); return the path."""
     path = Path(path)
+    names = hamiltonian.type_names
+    if not names or not all(isinstance(t, str) for t in names):
+        raise BundleError(f"{path}: the Hamiltonian needs type_names, a non-empty list of strings (medium first), "
+                          f"got {names!r}")
     terms_json, tensors = [], {}
     for i, term in enumerate(hamiltonian.terms):
         spec = dict(term.spec())
@@ -170,7 +183,7 @@ def load_bundle(path, *, device=None) -> ModelBundle:
     if wpath.exists():
         try:
             all_t = load_file(str(wpath), device="cpu")
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
+        except (SafetensorError, OSError, ValueError) as e:
             raise BundleError(f"{wpath}: corrupt weights file ({e})") from None
     else:
         all_t = {}
@@ -178,17 +191,24 @@ def load_bundle(path, *, device=None) -> ModelBundle:
     for i, spec in enumerate(terms_json):
         if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str):
             raise BundleError(f"{where}: term {i} has no 'kind'")
-        cls = term_class(spec["kind"])
+        try:
+            cls = term_class(spec["kind"])
+        except BundleError as e:
+            raise BundleError(f"{where}: term {i}: {e}") from None
         prefix = f"terms.{i}."
         tens = {k[len(prefix):]: v for k, v in all_t.items() if k.startswith(prefix)}
         try:
             term = cls.from_spec(spec, tens, lattice)
         except BundleError:
             raise
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             raise BundleError(f"{where}: term {i} ({spec['kind']}): invalid parameters ({e})") from None
         terms.append(term)
+    provenance, extra = doc.get("provenance", {}), doc.get("extra", {})
+    for key, val in (("provenance", provenance), ("extra", extra)):
+        if not isinstance(val, dict):
+            raise BundleError(f"{where}: {key!r} must be dict, got {type(val).__name__}")
     ham = Hamiltonian(terms, lattice, float(temperature), type_names)
     if device is not None:
         ham = ham.to(device)
-    return ModelBundle(ham, dict(doc.get("provenance", {})), dict(doc.get("extra", {})), path)
+    return ModelBundle(ham, dict(provenance), dict(extra), path)

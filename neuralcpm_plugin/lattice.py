@@ -15,34 +15,42 @@ Everything here is plain numpy and dimension-agnostic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import lru_cache
 import itertools
+from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 
 from .errors import DataError
 
 __all__ = [
+    "MAX_ID",
     "CellState",
-    "neighbour_offsets",
-    "half_offsets",
     "boundary_mask",
-    "volumes",
+    "half_offsets",
+    "neighbour_offsets",
     "relabel",
     "states_from_channels",
     "states_to_channels",
     "validate_state",
+    "volumes",
 ]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _offsets(order: int, ndim: int) -> tuple[tuple[int, ...], ...]:
     if order < 1:
         raise ValueError(f"neighbourhood order must be >= 1, got {order}")
+    if ndim < 1:
+        raise ValueError(f"lattice dimension must be >= 1, got {ndim}")
     reach = int(np.ceil(np.sqrt(order))) + 2
-    cands = [o for o in itertools.product(range(-reach, reach + 1), repeat=ndim) if any(o)]
-    dists = sorted({sum(c * c for c in o) for o in cands})
+    while True:
+        cands = [o for o in itertools.product(range(-reach, reach + 1), repeat=ndim) if any(o)]
+        dists = sorted({sum(c * c for c in o) for o in cands})
+        # every squared distance <= reach**2 is complete inside the cube; beyond that some may be missing
+        if len(dists) >= order and dists[order - 1] <= reach * reach:
+            break
+        reach *= 2
     allowed = set(dists[:order])
     chosen = [o for o in cands if sum(c * c for c in o) in allowed]
     # deterministic order: by distance, then lexicographic
@@ -76,6 +84,8 @@ def _shift(a: np.ndarray, off, periodic: bool, fill=-1) -> np.ndarray:
     src, dst = [], []
     for o, n in zip(off, a.shape):
         o = int(o)
+        if abs(o) >= n:  # the whole lattice is shifted out
+            return out
         if o >= 0:
             src.append(slice(o, n))
             dst.append(slice(0, n - o))
@@ -104,12 +114,13 @@ def boundary_mask(ids: np.ndarray, order: int = 2, periodic: bool = True) -> np.
 def volumes(ids: np.ndarray, n_ids: int | None = None) -> np.ndarray:
     """Number of sites of each id, shape ``(max(ids)+1,)`` or ``(n_ids,)``; entry 0 is the medium."""
     ids = np.asarray(ids)
-    n = int(ids.max()) + 1 if n_ids is None else int(n_ids)
-    return np.bincount(ids.ravel(), minlength=n).astype(np.int64)
+    if n_ids is None:
+        n_ids = int(ids.max()) + 1 if ids.size else 1
+    return np.bincount(ids.ravel(), minlength=int(n_ids)).astype(np.int64)
 
 
 def relabel(ids: np.ndarray, types: np.ndarray | None = None):
-    """Relabel ids to ``0..N`` contiguous (order of first appearance by id value; 0 stays medium).
+    """Relabel ids to ``0..N`` contiguous, keeping their order (increasing old id; 0 stays medium).
 
     Returns ``(new_ids, new_types, old_of_new)``; ``new_types`` is ``None`` when ``types`` is.
     """
@@ -126,27 +137,55 @@ def relabel(ids: np.ndarray, types: np.ndarray | None = None):
     return new_ids, new_types, old_of_new
 
 
+MAX_ID = np.iinfo(np.int32).max
+"""Largest cell id / type a state can hold (states are stored as int32)."""
+MAX_TABLE = 2 ** 24
+"""Ids above ``max(MAX_TABLE, 4 * sites)`` are refused by :meth:`CellState.from_maps` (type table size)."""
+
+
+def _as_int_array(a, what: str, *, path=None, frame=None) -> np.ndarray:
+    """``a`` as an integer array; integral floats are converted, anything else is a :class:`DataError`."""
+    a = np.asarray(a)
+    if a.dtype != bool and np.issubdtype(a.dtype, np.integer):
+        return a
+    if np.issubdtype(a.dtype, np.floating):
+        finite = np.isfinite(a)
+        bad = ~finite | (a != np.round(np.where(finite, a, 0))) | (np.abs(np.where(finite, a, 0)) > 2.0 ** 62)
+        if bad.any():
+            pos = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise DataError(f"{what} must be integers, got the value {a[pos].item()!r} at index {list(pos)} "
+                            f"(dtype {a.dtype})", path=path, frame=frame)
+        return a.astype(np.int64)
+    raise DataError(f"{what} must be integers, got dtype {a.dtype}", path=path, frame=frame)
+
+
+def _check_id_range(ids: np.ndarray, what: str, *, path=None, frame=None) -> None:
+    """Ids must lie in ``0..MAX_ID``; the message names the first offending site (index order [y, x])."""
+    if not ids.size:
+        return
+    lo, hi = ids.min(), ids.max()
+    if lo < 0:
+        pos = [int(i) for i in np.argwhere(ids == lo)[0]]
+        raise DataError(f"negative {what} {int(lo)} at index {pos}", path=path, frame=frame)
+    if int(hi) > MAX_ID:
+        pos = [int(i) for i in np.argwhere(ids == hi)[0]]
+        raise DataError(f"{what} {int(hi)} at index {pos} is too large (at most {MAX_ID})", path=path, frame=frame)
+
+
 def validate_state(ids, types, *, path=None, frame=None, n_types: int | None = None, ndim=(2, 3)):
     """Check a state and return it as ``(int32 ids, int32 types)``; raise :class:`DataError` otherwise.
 
     Checks: integer dtype, 2-D/3-D, non-negative ids, a type for every id present, ``types[0] == 0``
     (medium), biological cells of type >= 1, types within ``0..n_types`` if given.
     """
-    ids = np.asarray(ids)
+    ids = _as_int_array(ids, "cell ids", path=path, frame=frame)
     types = np.asarray(types)
-    if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
-        if np.issubdtype(ids.dtype, np.floating) and ids.size and np.all(np.isfinite(ids)) \
-                and np.all(ids == np.round(ids)):
-            ids = ids.astype(np.int64)
-        else:
-            raise DataError(f"cell ids must be integers, got dtype {ids.dtype}", path=path, frame=frame)
     if ids.ndim not in ndim:
         raise DataError(f"a lattice must have {' or '.join(map(str, ndim))} dimensions, got shape "
                         f"{ids.shape}", path=path, frame=frame)
     if ids.size == 0 or min(ids.shape) == 0:
         raise DataError(f"empty lattice of shape {ids.shape}", path=path, frame=frame)
-    if ids.min() < 0:
-        raise DataError(f"negative cell id {int(ids.min())}", path=path, frame=frame)
+    _check_id_range(ids, "cell id", path=path, frame=frame)
     if types.ndim != 1 or (types.size and not np.issubdtype(types.dtype, np.integer)):
         raise DataError(f"the type table must be a 1-D integer array, got shape {types.shape} dtype "
                         f"{types.dtype}", path=path, frame=frame)
@@ -157,6 +196,8 @@ def validate_state(ids, types, *, path=None, frame=None, n_types: int | None = N
         raise DataError("the medium (id 0) must have type 0", path=path, frame=frame)
     if types.min() < 0:
         raise DataError(f"negative cell type {int(types.min())}", path=path, frame=frame)
+    if types.max() > MAX_ID:
+        raise DataError(f"cell type {int(types.max())} is too large (at most {MAX_ID})", path=path, frame=frame)
     present = np.unique(ids)
     present = present[present != 0]
     if present.size and types[present].min() < 1:
@@ -211,7 +252,7 @@ class CellState:
                                               frame=self.meta.get("frame"))
 
     @classmethod
-    def from_maps(cls, ids, type_map, *, path=None, frame=None, meta=None) -> "CellState":
+    def from_maps(cls, ids, type_map, *, path=None, frame=None, meta=None) -> CellState:
         """Build from an id map and a per-site type map of the same shape (the interchange channels)."""
         ids = np.asarray(ids)
         type_map = np.asarray(type_map)
@@ -220,14 +261,13 @@ class CellState:
                             path=path, frame=frame)
         if ids.size == 0:
             raise DataError(f"empty lattice of shape {ids.shape}", path=path, frame=frame)
-        if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
-            raise DataError(f"cell ids must be integers, got dtype {ids.dtype}", path=path, frame=frame)
-        if type_map.dtype == bool or not np.issubdtype(type_map.dtype, np.integer):
-            raise DataError(f"cell types must be integers, got dtype {type_map.dtype}", path=path, frame=frame)
-        if ids.min() < 0:
-            raise DataError(f"negative cell id {int(ids.min())}", path=path, frame=frame)
-        if type_map.min() < 0:
-            raise DataError(f"negative cell type {int(type_map.min())}", path=path, frame=frame)
+        ids = _as_int_array(ids, "cell ids", path=path, frame=frame)
+        type_map = _as_int_array(type_map, "cell types", path=path, frame=frame)
+        _check_id_range(ids, "cell id", path=path, frame=frame)
+        _check_id_range(type_map, "cell type", path=path, frame=frame)
+        if int(ids.max()) > max(MAX_TABLE, 4 * ids.size):
+            raise DataError(f"cell id {int(ids.max())} is too large for a lattice of {ids.size} sites (the type "
+                            "table would not fit in memory); relabel the ids to 0..N first", path=path, frame=frame)
         types = _types_from_maps(ids, type_map, path=path, frame=frame)
         m = dict(meta or {})
         m.setdefault("path", None if path is None else str(path))
@@ -268,7 +308,7 @@ class CellState:
     def boundary_mask(self, order: int = 2, periodic: bool = True) -> np.ndarray:
         return boundary_mask(self.ids, order, periodic)
 
-    def relabelled(self) -> "CellState":
+    def relabelled(self) -> CellState:
         """Copy with ids ``0..N`` contiguous (absent ids dropped)."""
         ids, types, _ = relabel(self.ids, self.types)
         return CellState(ids, types, dict(self.meta))
@@ -277,7 +317,7 @@ class CellState:
         """Interchange form: array ``(2, *shape)`` with channel 0 = id, 1 = type."""
         return np.stack([self.ids, self.type_map()]).astype(np.int32)
 
-    def copy(self) -> "CellState":
+    def copy(self) -> CellState:
         return CellState(self.ids.copy(), self.types.copy(), dict(self.meta))
 
     def __eq__(self, other):

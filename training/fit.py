@@ -1,9 +1,581 @@
-"""`python -m training.fit` — placeholder until the trainer lands (issue 5)."""
+"""`python -m training.fit` — learn a CPM Hamiltonian from snapshots; write the bundle and the exports.
+
+Without arguments it runs the embedded default (``training/presets/default.toml``): generate a small
+cell-sorting data set with the exact sampler, fit the analytic Hamiltonian (contact + volume) with the
+proposal-aware pseudo-likelihood, write the bundle, the CompuCell3D project and the Morpheus model into
+``runs/default/`` and print how to run them.
+
+Objectives: ``--objective pl`` (proposal-aware pseudo-likelihood, SPEC.md; convex for analytic models,
+stochastic for neural ones) or ``--objective pcd`` (the paper's persistent contrastive divergence, with
+checkpoints, ``--resume``, divergence guard, and scale-out under ``torchrun --nproc_per_node=K``).
+
+Run folder (``--out``, default ``runs/<name>``): ``model/`` (bundle), ``config.toml`` (the full
+configuration used), ``data.npz`` (generated data, if any), ``truth.json`` (true parameters, when known),
+``metrics.csv`` + ``training.png`` + ``train.log`` + ``checkpoint/`` (pcd), ``cc3d/``, ``morpheus/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neuralcpm_plugin.errors import ConfigError, DataError, NeuralCPMError
+
+from .config import MODEL_KINDS, OBJECTIVES, list_presets, load_config, to_toml
+
+__all__ = ["main", "build_parser", "build_model", "load_training_data", "fit"]
+
+_NEURAL_KIND = {"nh": "nh", "nh-closure": "nh", "local-nh": "local_nh", "local-nh-closure": "local_nh",
+                "cnn": "cnn", "nh1-cnn": "nh1_cnn"}
 
 
-def main(argv=None):
-    print("neuralcpm training.fit: the trainer is not there yet; the package installs and imports.")
-    return 0
+def _say(msg: str = "") -> None:
+    if _rank() == 0:
+        print(msg, flush=True)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.fit",
+        description="Learn a Cellular Potts Hamiltonian from snapshots (NeuralCPM). Without arguments: generate a "
+                    "small cell-sorting data set, fit it, and export to CompuCell3D and Morpheus in runs/default/.")
+    p.add_argument("--config", help=f"preset name ({', '.join(list_presets())}) or a TOML file")
+    p.add_argument("--data", help="snapshot file (.npz, .tif, ...) or directory / glob of them")
+    p.add_argument("--frames", help="which frames of each file: all | final | last:N")
+    p.add_argument("--model", choices=MODEL_KINDS, help="model kind (default: analytic)")
+    p.add_argument("--objective", choices=OBJECTIVES, help="pl (pseudo-likelihood) or pcd (paper)")
+    p.add_argument("--prior", help="Morpheus .xml or CompuCell3D .cc3d model: the analytic part (initial values)")
+    p.add_argument("--freeze-prior", action="store_true", help="keep the prior's parameters fixed")
+    p.add_argument("--out", help="run folder (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue a pcd run from its last checkpoint, exactly")
+    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--iterations", type=int, help="pcd iterations (or stochastic pl steps)")
+    p.add_argument("--truth", help="true parameters for the report: a bundle, a JSON {J, lambda}, a Morpheus/CC3D "
+                                   "model, or P1 | P2 | cellsort-a | cellsort-b")
+    p.add_argument("--no-export", action="store_true", help="do not write the CC3D / Morpheus exports")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _overrides(args) -> dict:
+    o: dict = {}
+
+    def put(section, key, val):
+        if val is not None:
+            (o.setdefault(section, {}) if section else o)[key] = val
+
+    put("data", "path", args.data)
+    put("data", "frames", args.frames)
+    put("model", "kind", args.model)
+    put("objective", "name", args.objective)
+    put("model", "prior", args.prior)
+    if args.freeze_prior:
+        put("model", "freeze_prior", True)
+    put(None, "out", args.out)
+    put(None, "device", args.device)
+    put(None, "seed", args.seed)
+    if args.iterations is not None:
+        put("pcd", "iterations", args.iterations)
+        put("pl", "steps", args.iterations)
+    if args.no_export:
+        o["export"] = {"cc3d": False, "morpheus": False}
+    return o
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _select_frames(states, frames: str):
+    if frames == "all":
+        return list(states)
+    by_file: dict = {}
+    for s in states:
+        by_file.setdefault(s.meta.get("path"), []).append(s)
+    n = 1 if frames == "final" else int(frames.split(":")[1])
+    return [s for group in by_file.values() for s in group[-n:]]
+
+
+def data_hash(states) -> str:
+    """sha256 over the interchange arrays of the training states (provenance)."""
+    h = hashlib.sha256()
+    for s in states:
+        h.update(np.asarray(s.shape, np.int64).tobytes())
+        h.update(np.ascontiguousarray(s.ids, np.int32).tobytes())
+        h.update(np.ascontiguousarray(s.types, np.int32).tobytes())
+    return h.hexdigest()
+
+
+def _npz_meta(path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "meta" in z.files:
+                return json.loads(bytes(z["meta"].astype(np.uint8)).decode())
+    except Exception:  # noqa: BLE001 - metadata is optional
+        return {}
+    return {}
+
+
+def _generate(cfg: dict, run_dir: Path):
+    g = cfg["generate"]
+    name = g["dataset"]
+    modname = f"training.gen_{name}"
+    try:
+        mod = importlib.import_module(modname)
+    except ModuleNotFoundError as e:
+        if e.name != modname:
+            raise
+        raise ConfigError(f"the {name!r} data generator ({modname}) is not in this version of the package yet; "
+                          f"give training data with --data PATH") from None
+    fn = getattr(mod, f"generate_{name}", None)
+    if fn is None:
+        raise ConfigError(f"{modname} has no generate_{name}() function")
+    out = Path(g["cache"]) if g["cache"] else run_dir / "data.npz"
+    opts = dict(g["options"])
+    sig = inspect.signature(fn)
+    params = sig.parameters
+    has_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in opts if k not in params and not has_kw]
+    if unknown:
+        raise ConfigError(f"generate.options: {modname}.generate_{name}() has no option(s) {unknown}; its options: "
+                          f"{', '.join(k for k in params if k != 'out')}")
+    if "seed" in params and "seed" not in opts:
+        opts["seed"] = cfg["seed"]
+    if "progress" in params and "progress" not in opts:
+        opts["progress"] = True
+    if out.exists() and g["cache"]:
+        _say(f"data: using the cached {out}")
+        return out
+    _say(f"data: generating with {modname}.generate_{name}({', '.join(f'{k}={v!r}' for k, v in opts.items())})")
+    t0 = time.perf_counter()
+    res = fn(out, **opts) if "out" in params else fn(**opts)
+    _say(f"data: generated in {time.perf_counter() - t0:.1f} s")
+    if isinstance(res, (str, os.PathLike)):
+        return Path(res)
+    if isinstance(res, (list, tuple)) and res and hasattr(res[0], "ids"):
+        from neuralcpm_plugin.io.npz import save_npz
+        return save_npz(out, list(res))
+    if hasattr(res, "path"):
+        return Path(res.path)
+    return out
+
+
+def load_training_data(cfg: dict, run_dir: Path):
+    """The training states (validated, one lattice shape) and a description of where they came from."""
+    from neuralcpm_plugin.io import load_dataset
+    path = cfg["data"]["path"]
+    generated = not path
+    if generated:
+        path = _generate(cfg, run_dir)
+    else:
+        p = Path(path)
+        if not p.exists() and not any(c in str(path) for c in "*?["):
+            hint = ""
+            if cfg["name"] in ("mnist", "mnist-cpu", "bipolar", "bipolar-cpu"):
+                base = cfg["name"].split("-")[0]
+                hint = f" (make it with: python -m training.generate {base})"
+            raise DataError(f"training data not found{hint}", path=path)
+    ds = load_dataset(path)
+    states = _select_frames(ds.states, cfg["data"]["frames"])
+    if cfg["data"]["max_states"]:
+        states = states[: cfg["data"]["max_states"]]
+    if not states:
+        raise DataError("empty dataset: no frames selected", path=path)
+    shapes = {s.shape for s in states}
+    if len(shapes) > 1:
+        raise DataError(f"mixed lattice sizes in the training data: {sorted(shapes)}", path=path)
+    if len(states[0].shape) != 2:
+        raise DataError(f"training needs 2-D lattices, got shape {states[0].shape}", path=path)
+    n_cells = [len(s.cell_ids()) for s in states]
+    if min(n_cells) == 0:
+        bad = n_cells.index(0)
+        raise DataError("a training state holds no cell", path=states[bad].meta.get("path"),
+                        frame=states[bad].meta.get("frame"))
+    files = sorted({str(s.meta.get("path")) for s in states})
+    meta = _npz_meta(files[0]) if len(files) == 1 and files[0].endswith(".npz") else {}
+    return states, {"path": str(path), "generated": generated, "files": files, "meta": meta}
+
+
+# ------------------------------------------------------------------------------------------------ truth
+def _truth_from(spec: str | None, data_info: dict) -> dict | None:
+    from neuralcpm_plugin.metrics.params import KNOWN_TRUTHS, truth_from_source
+    if spec:
+        return truth_from_source(spec)
+    meta = data_info.get("meta") or {}
+    pp = meta.get("params_paper_scale") or meta.get("params")
+    if isinstance(pp, dict) and ("J" in pp or "J_pairs" in pp):
+        try:
+            return truth_from_source(pp, scaling="paper" if "params_paper_scale" in meta else "per_pair",
+                                     source=f"generator metadata of {data_info['path']}")
+        except (KeyError, ValueError, TypeError):
+            return None
+    for key in KNOWN_TRUTHS:
+        if key.startswith("P") and any(f"{key}_" in f for f in data_info.get("files", [])):
+            return truth_from_source(key)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ model
+def _load_prior(path: str):
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{path}: prior model not found")
+    suffix = "".join(p.suffixes[-2:]).lower() if p.name.lower().endswith(".xml.gz") else p.suffix.lower()
+    if suffix in (".xml", ".xml.gz"):
+        modname = "morpheus_xml"
+    elif suffix in (".cc3d",):
+        modname = "cc3d_steppables"
+    else:
+        raise ConfigError(f"{path}: a prior must be a Morpheus model (.xml) or a CompuCell3D project (.cc3d)")
+    mod = importlib.import_module(modname)
+    load = getattr(mod, "load_model", None)
+    if load is None:
+        try:
+            load = importlib.import_module(f"{modname}.importer").load_model
+        except (ModuleNotFoundError, AttributeError):
+            raise ConfigError(f"{path}: importing {'Morpheus' if modname == 'morpheus_xml' else 'CompuCell3D'} "
+                              f"models ({modname}.load_model) is not in this version of the package yet") from None
+    imported = load(p)
+    return getattr(imported, "hamiltonian", imported)
+
+
+def build_model(cfg: dict, states, *, seed: int = 0):
+    """The Hamiltonian to train, from the ``[model]`` section and the data (type count, V*, lattice)."""
+    from neuralcpm_plugin.hamiltonian.base import Hamiltonian, LatticeSpec, term_class
+    m = cfg["model"]
+    kind = m["kind"]
+    n_types = max(s.n_types for s in states)
+    shape = states[0].shape
+    lattice = LatticeSpec(tuple(shape), True, int(m["copy_order"]), int(m["contact_order"]))
+    vols = np.concatenate([s.volumes()[s.cell_ids()] for s in states])
+    v_star = float(m["target_volume"]) if m["target_volume"] > 0 else float(vols.mean())
+    type_names = ["medium"] + [f"type{i}" for i in range(1, n_types + 1)]
+    analytic_terms = []
+    needs_analytic = kind in ("analytic", "nh-closure", "local-nh-closure")
+    if m["prior"]:
+        prior = _load_prior(m["prior"])
+        pt = prior.n_types if getattr(prior, "type_names", None) else None
+        if pt is not None and pt != n_types:
+            raise ConfigError(f"the prior {m['prior']} has {pt} cell types ({', '.join(prior.type_names[1:])}), "
+                              f"the training data {n_types}: model and data are incompatible")
+        if prior.type_names:
+            type_names = list(prior.type_names)
+        analytic_terms = [t for t in prior.terms if t.analytic]
+        if m["freeze_prior"]:
+            for t in analytic_terms:
+                for p in t.parameters():
+                    p.requires_grad_(False)
+        lattice = LatticeSpec(tuple(shape), prior.lattice.periodic, prior.lattice.copy_order,
+                              prior.lattice.contact_order)
+        if not needs_analytic:
+            raise ConfigError(f"--prior gives the analytic part; model kind {kind!r} has none (use analytic, "
+                              "nh-closure or local-nh-closure)")
+    elif needs_analytic:
+        from neuralcpm_plugin.hamiltonian.analytic import ContactEnergy, VolumeConstraint
+        J = np.full((n_types + 1, n_types + 1), float(m["init_J"]))
+        J[0, 0] = 0.0
+        lam = [0.0] + [float(m["init_lambda"])] * n_types
+        tgt = [0.0] + [v_star] * n_types
+        analytic_terms = [ContactEnergy(J, lattice.contact_order, periodic=True),
+                          VolumeConstraint(lam, tgt, learnable=True, learn_target=False, periodic=True)]
+    if kind == "analytic":
+        return Hamiltonian(analytic_terms, lattice, float(m["temperature"]), type_names), {"V*": v_star}
+    nkind = _NEURAL_KIND[kind]
+    try:
+        cls = term_class(nkind)
+    except NeuralCPMError:
+        raise ConfigError(f"model kind {kind!r} needs the neural term {nkind!r}, which is not in this version of "
+                          "the package yet (neuralcpm_plugin/hamiltonian/neural.py, local_nh.py)") from None
+    ncfg = dict(m["neural"])
+    preset = ncfg.pop("preset", None)
+    ncfg.setdefault("n_types", n_types)
+    if int(ncfg["n_types"]) != n_types:
+        raise ConfigError(f"model.neural.n_types = {ncfg['n_types']}, but the training data has {n_types} cell types")
+    try:
+        neural = cls(ncfg, preset=preset, seed=seed) if preset is not None else cls(ncfg, seed=seed)
+    except TypeError:
+        neural = cls(ncfg)
+    if not kind.endswith("closure"):
+        return Hamiltonian([neural], lattice, float(m["temperature"]), type_names), {"V*": v_star}
+    try:
+        from neuralcpm_plugin.hamiltonian.closure import closure_hamiltonian
+    except ModuleNotFoundError:
+        raise ConfigError(f"model kind {kind!r} needs the closure model (neuralcpm_plugin/hamiltonian/closure.py), "
+                          "which is not in this version of the package yet") from None
+    ham = closure_hamiltonian(analytic_terms, [neural], lattice, float(m["temperature"]), type_names,
+                              w_a=float(m["w_a"]), w_n=float(m["w_n"]))
+    return ham, {"V*": v_star}
+
+
+def _check_compatible(ham, states):
+    n_types = max(s.n_types for s in states)
+    if ham.type_names and ham.n_types < n_types:
+        raise ConfigError(f"the model has {ham.n_types} cell types, the training data {n_types}: incompatible")
+    for t in ham.terms:
+        nt = getattr(t, "n_types", None)
+        if isinstance(nt, int) and nt < n_types:
+            raise ConfigError(f"term {t.kind!r} covers {nt} cell types, the training data has {n_types}")
+
+
+# ------------------------------------------------------------------------------------------------ exports
+def _export(run_dir: Path, bundle_dir: Path, cfg: dict, init_state) -> list[str]:
+    lines = []
+    if cfg["export"]["cc3d"]:
+        try:
+            mod = importlib.import_module("cc3d_steppables.export")
+            fn = getattr(mod, "export_project", None) or getattr(mod, "export", None)
+        except ModuleNotFoundError:
+            fn = None
+        if fn is None:
+            lines.append("CC3D export: not available in this version of the package yet (cc3d_steppables.export)")
+        else:
+            try:
+                res = fn(bundle_dir, run_dir / "cc3d", init=init_state, quiet=True)
+                summary = res.summary() if hasattr(res, "summary") else f"CC3D project in {run_dir / 'cc3d'}"
+                lines.append(summary)
+            except NeuralCPMError as e:
+                lines.append(f"CC3D export failed: {e}")
+    if cfg["export"]["morpheus"]:
+        fn = None
+        try:
+            mod = importlib.import_module("morpheus_xml.export")
+            fn = next((getattr(mod, n) for n in ("export_model", "export", "export_bundle") if hasattr(mod, n)),
+                      None)
+        except ModuleNotFoundError:
+            pass
+        if fn is None:
+            lines.append("Morpheus export: not available in this version of the package yet (morpheus_xml.export)")
+        else:
+            out = run_dir / "morpheus" / "model.xml"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                params = inspect.signature(fn).parameters
+                kw = {}
+                if "init" in params:
+                    kw["init"] = init_state
+                if "quiet" in params:
+                    kw["quiet"] = True
+                res = fn(bundle_dir, out, **kw)
+                path = getattr(res, "path", None) or getattr(res, "model", None) or (
+                    res if isinstance(res, (str, os.PathLike)) else out)
+                summary = res.summary() if hasattr(res, "summary") else f"Morpheus model: {path}"
+                lines.append(summary)
+                lines.append(f"run: morpheus -file {path}   (or: python -m morpheus_xml.run {bundle_dir} "
+                             "--morpheus PATH_TO_MORPHEUS)")
+            except NeuralCPMError as e:
+                lines.append(f"Morpheus export failed: {e}")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ params
+def param_columns(ham) -> dict:
+    """Analytic parameters for the metrics CSV (per-pair units), when the model has contact + volume."""
+    from neuralcpm_plugin.metrics.params import param_names, param_vector
+    if ham.term("contact") is None or ham.term("volume") is None:
+        out = {}
+    else:
+        n = ham.term("contact").n_types
+        out = dict(zip(param_names(n), (float(v) for v in param_vector(ham))))
+    for t in ham.terms:
+        if not t.analytic and isinstance(t.scale, torch.nn.Parameter):
+            out["w_n"] = float(t.scale.detach())
+            break
+    for t in ham.terms:
+        if t.analytic and isinstance(t.scale, torch.nn.Parameter):
+            out["w_a"] = float(t.scale.detach())
+            break
+    return out
+
+
+def _report_params(ham, truth, log) -> dict | None:
+    from neuralcpm_plugin.metrics.params import param_names, param_rmse, param_vector
+    if ham.term("contact") is None or ham.term("volume") is None:
+        return None
+    n = ham.term("contact").n_types
+    v = param_vector(ham)
+    names = param_names(n)
+    log("learned parameters (per unordered pair; λ): " + ", ".join(f"{a} = {b:.4f}" for a, b in zip(names, v)))
+    if truth is None:
+        return None
+    tv = np.asarray(truth["vector"], dtype=np.float64)
+    if tv.shape != v.shape:
+        return None
+    out = {}
+    for scaling, f in (("per_pair", 1.0), ("paper", 4.0)):
+        a, b = v.copy(), tv.copy()
+        a[:-1] *= f
+        b[:-1] *= f
+        r1, rs, ts = param_rmse(a, b)
+        out[scaling] = {"rmse_T1": r1, "rmse_Tstar": rs, "Tstar": ts}
+    log(f"true parameters ({truth.get('source', '?')}): " + ", ".join(f"{a} = {b:.4f}" for a, b in zip(names, tv)))
+    pp, pa = out["per_pair"], out["paper"]
+    log(f"parameter RMSE per pair: T=1 {pp['rmse_T1']:.4f}, T* {pp['rmse_Tstar']:.4f} (T* = {pp['Tstar']:.4f});"
+        f" paper scaling (J x 4): T=1 {pa['rmse_T1']:.4f}, T* {pa['rmse_Tstar']:.4f}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ main
+def _init_distributed(device: str):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist
+
+
+def _sampler_factory():
+    try:
+        from neuralcpm_plugin.sampling.parallel import ParallelSampler
+    except ModuleNotFoundError:
+        raise ConfigError("objective pcd needs the parallel sampler (neuralcpm_plugin/sampling/parallel.py), which "
+                          "is not in this version of the package yet; use --objective pl") from None
+
+    def make(ham, n_flips):
+        return ParallelSampler(ham, n_flips=n_flips)
+
+    return make
+
+
+def fit(cfg: dict, *, resume: bool = False, truth_spec: str | None = None, progress: bool = True) -> dict:
+    """Run one training job described by ``cfg`` (see :mod:`training.config`); return a summary dict."""
+    from neuralcpm_plugin.bundle import save_bundle
+    t_start = time.perf_counter()
+    dist = _init_distributed(cfg["device"])
+    rank = dist.get_rank() if dist else 0
+    device = torch.device(cfg["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available to torch here")
+    if dist is not None and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    run_dir = Path(cfg["out"] or f"runs/{cfg['name']}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed = int(cfg["seed"])
+    torch.manual_seed(seed)
+    objective = cfg["objective"]["name"]
+    sampler_factory = _sampler_factory() if objective == "pcd" else None   # fail before any work
+    if resume and objective == "pcd" and not (run_dir / "checkpoint").exists():
+        raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoint'}")
+
+    if rank == 0 and (run_dir / "data.npz").exists() and resume:
+        cfg = dict(cfg, data=dict(cfg["data"], path=str(run_dir / "data.npz")))
+    states, data_info = load_training_data(cfg, run_dir) if rank == 0 or cfg["data"]["path"] else (None, None)
+    if dist is not None and not cfg["data"]["path"]:
+        obj = [states, data_info]
+        dist.broadcast_object_list(obj, src=0)
+        states, data_info = obj
+    _say(f"data: {len(states)} states of {states[0].shape[0]}x{states[0].shape[1]} sites, "
+         f"{max(s.n_types for s in states)} cell types, from {data_info['path']}")
+    ham, info = build_model(cfg, states, seed=seed)
+    _check_compatible(ham, states)
+    ham = ham.to(device)
+    truth = _truth_from(truth_spec, data_info)
+    dhash = data_hash(states)
+    if rank == 0:
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+        if truth is not None:
+            (run_dir / "truth.json").write_text(json.dumps(truth, indent=1))
+    _say(f"model: {cfg['model']['kind']} ({', '.join(t.kind for t in ham.terms)}), V* = {info['V*']:.2f} "
+         f"(data mean), T = {ham.temperature}; objective: {objective}")
+
+    from neuralcpm_plugin.bundle import _package_version
+    provenance = {"data_sha256": dhash, "data": data_info["path"], "data_files": data_info["files"][:50],
+                  "n_states": len(states), "config": cfg, "seed": seed, "objective": objective,
+                  "model_kind": cfg["model"]["kind"], "package_version": _package_version(),
+                  "trainer": "training.fit"}
+    bundle_dir = run_dir / "model"
+    summary: dict = {"run_dir": str(run_dir), "bundle": str(bundle_dir), "objective": objective}
+
+    if objective == "pl":
+        from .pseudolikelihood import fit_pl
+        if resume:
+            _say("note: --resume has no effect with the pl objective (the fit takes seconds); refitting")
+        pl = cfg["pl"]
+        res = fit_pl(ham, states, share_lambda=cfg["model"]["share_lambda"], max_iter=pl["max_iter"],
+                     tolerance=pl["tolerance"], steps=pl["steps"], lr=pl["lr"], sites_per_state=pl["sites_per_state"],
+                     states_per_step=pl["states_per_step"], seed=seed, device=device, log=_say,
+                     progress=progress)
+        provenance["pl"] = {"nll": res.nll, "iterations": res.iterations, "method": res.method,
+                            "sites": res.n_sites, "seconds": round(res.seconds, 3)}
+        summary["fit_seconds"] = res.seconds
+        if rank == 0:
+            save_bundle(bundle_dir, ham, provenance=provenance, extra={"init": {}})
+    else:
+        from .pcd import PCDTrainer, write_rank_info
+
+        def on_ckpt(trainer, tag):
+            with trainer.use_ema() as h:
+                prov = dict(provenance, iteration=trainer.iteration, checkpoint=tag, ema=cfg["pcd"]["ema"])
+                save_bundle(bundle_dir, h, provenance=prov)
+
+        trainer = PCDTrainer(ham, states, cfg["pcd"], sampler_factory=sampler_factory, run_dir=run_dir, seed=seed,
+                             device=device, share_lambda=cfg["model"]["share_lambda"], on_checkpoint=on_ckpt,
+                             param_columns=param_columns, log=_say, progress=progress)
+        write_rank_info(run_dir, trainer)
+        res = trainer.run(int(cfg["pcd"]["iterations"]), resume=resume)
+        summary.update(res)
+        summary["fit_seconds"] = res["seconds"]
+        if res["status"] == "interrupted":
+            _say(f"stopped by signal {res['signal']} at iteration {res['iteration']}; resume with: "
+                 f"python -m training.fit {' '.join(sys.argv[1:])} --resume")
+            summary["exit_code"] = 130 if res["signal"] == 2 else 143
+            return summary
+        # the final bundle holds the EMA weights (written by the last checkpoint)
+        if trainer.iteration == 0 and rank == 0:
+            on_ckpt(trainer, "final")
+    if rank == 0:
+        with torch.no_grad():
+            from neuralcpm_plugin.bundle import load_bundle
+            final = load_bundle(bundle_dir).hamiltonian
+        rep = _report_params(final, truth, _say)
+        if rep is not None:
+            summary["rmse"] = rep
+        _say(f"bundle: {bundle_dir}  (load with neuralcpm_plugin.load_bundle('{bundle_dir}'))")
+        if cfg["export"]["cc3d"] or cfg["export"]["morpheus"]:
+            init_state = states[0].copy()
+            for line in _export(run_dir, bundle_dir, cfg, init_state):
+                _say(line)
+        if truth is not None:
+            _say(f"evaluate: python -m training.evaluate params {run_dir}")
+        _say(f"done in {time.perf_counter() - t_start:.1f} s; run folder: {run_dir}")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if dist is not None:
+        dist.barrier()
+    return summary
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, _overrides(args))
+        summary = fit(cfg, resume=args.resume, truth_spec=args.truth, progress=not args.no_progress)
+    except NeuralCPMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        try:
+            import torch.distributed as tdist
+            if tdist.is_available() and tdist.is_initialized():
+                tdist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+    return int(summary.get("exit_code", 0))
 
 
 if __name__ == "__main__":

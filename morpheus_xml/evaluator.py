@@ -1,0 +1,283 @@
+"""An independent ΔH evaluator for MorpheusML text: parse the XML, apply Morpheus 2.2.4's formulas.
+
+This module deliberately shares no code with the exporter or the importer (only the generic expression
+parser :mod:`morpheus_xml.expr`): it reads the model text and evaluates one copy attempt exactly as
+Morpheus's C++ does (sources: ``core/interaction_energy.cpp``, ``core/cpm_shape.cpp``,
+``core/cpm_sampler.cpp``, ``plugins/shape/volume_constraint.cpp``, ``plugins/motility/haptotaxis.cpp``,
+``plugins/motility/directed_motion.cpp``):
+
+* Contact (``CPM/Interaction/Contact``): for the target site ``x`` and every offset ``o`` of the
+  ``ShapeSurface`` neighbourhood, ``−J(τ_old, τ(σ(x+o)))`` if ``σ(x+o) ≠ old`` and ``+J(τ_new, τ(σ(x+o)))`` if
+  ``σ(x+o) ≠ new``; the sum is divided by the boundary-length scaling: ``none`` → 1, ``size`` → number of
+  neighbours, ``norm`` (the default) → Magno's table ``[0, 1, 3, 5, 11, 15, 18]`` by order (square lattice).
+  Unlisted type pairs take ``Interaction/@default`` (0).
+* ``VolumeConstraint`` (per CellType): ``s·((t − V_after)² − (t − V_before)²)`` for both cells.
+* ``Haptotaxis`` (per CellType): ``−strength·c(x)`` for the cell gaining ``x``, ``+strength·c(x)`` for the cell
+  losing it; ``c`` = the attractant Field (``Global/Field`` with base64 ``Data``) at the target site.
+* ``DirectedMotion`` (per CellType): ``−s·V·((c_after − c_before)·d̂)`` for the gaining and the losing cell,
+  ``V`` the cell's volume *before* the copy, ``c`` the cell centre (mean node position), ``d̂`` the unit
+  direction (0 if the direction is 0), evaluated at the centre before the copy.
+
+Coordinates: MorpheusML nodes are ``x, y, z`` with ``x`` the column; the package's arrays are ``[y, x]``.
+Cell centres are the mean of node positions; Morpheus keeps positions *unwrapped* across periodic
+boundaries (a node copied across the boundary is stored at ``source + direction``), so its centre of a
+cell that has wandered across the boundary depends on the cell's history. For states given as arrays the
+evaluator unwraps each cell's nodes to their images nearest the cell's first node in row-major order and
+hands the direction expression that centre wrapped into the lattice: exactly Morpheus's value for every
+cell whose unwrapped centre lies inside the lattice (e.g. any cell that has not crossed the boundary).
+Type indices are CellType document positions (the medium must be first).
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+from pathlib import Path
+
+import numpy as np
+from lxml import etree
+
+from neuralcpm_plugin.errors import ModelImportError
+
+from .expr import ExprError, evaluate, evaluate_vector
+
+__all__ = ["MAGNO_SCALING", "SQUARE_NEIGHBOURS", "MorpheusEvaluator"]
+
+# Morpheus core/lattice.cpp Square_Lattice::get_all_neighbors (x, y), grouped by order 1..6
+SQUARE_NEIGHBOURS = [
+    (1, 0), (0, 1), (-1, 0), (0, -1),
+    (1, 1), (-1, 1), (1, -1), (-1, -1),
+    (2, 0), (-2, 0), (0, 2), (0, -2),
+    (2, 1), (-2, 1), (2, -1), (-2, -1), (1, 2), (-1, 2), (1, -2), (-1, -2),
+    (2, 2), (-2, 2), (2, -2), (-2, -2),
+    (3, 0), (0, 3), (-3, 0), (0, -3),
+]
+_PER_ORDER = [4, 4, 4, 8, 4, 4]
+MAGNO_SCALING = [0, 1, 3, 5, 11, 15, 18, 26, 36]  # core/cpm_shape.cpp, square lattice
+
+
+def _square_offsets_xy(order: int):
+    if not 1 <= order <= len(_PER_ORDER):
+        raise ModelImportError(f"square-lattice neighbourhood order {order} is outside Morpheus's 1..6")
+    return SQUARE_NEIGHBOURS[: sum(_PER_ORDER[:order])]
+
+
+def _read_text(source) -> str:
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source).decode()
+    s = str(source)
+    if s.lstrip().startswith("<"):
+        return s
+    p = Path(s)
+    data = p.read_bytes()
+    if p.suffix == ".gz":
+        data = gzip.decompress(data)
+    return data.decode()
+
+
+def _order_of(nb, where):
+    if nb is None:
+        return None
+    o = nb.find("Order")
+    if o is None or not (o.text or "").strip():
+        raise ModelImportError(f"{where}: Neighborhood without Order is not supported by the evaluator")
+    return int(o.text.strip())
+
+
+class MorpheusEvaluator:
+    """ΔH of single copy attempts under a MorpheusML model, computed from the model's text.
+
+    Parameters
+    ----------
+    source : str or path
+        The XML text or a path to ``.xml`` / ``.xml.gz``.
+    """
+
+    def __init__(self, source):
+        text = _read_text(source)
+        root = etree.fromstring(text.encode())
+        self.root = root
+        lat = root.find("Space/Lattice")
+        if lat is None or lat.get("class") != "square":
+            raise ModelImportError("evaluator: only Space/Lattice class='square' is supported")
+        size = [float(v) for v in lat.find("Size").get("value").split(",")]
+        self.size_xy = (int(size[0]), int(size[1]))
+        if len(size) > 2 and int(size[2]) > 1:
+            raise ModelImportError("evaluator: 3-D lattices are not supported")
+        conds = {c.get("boundary"): c.get("type") for c in lat.findall("BoundaryConditions/Condition")}
+        self.periodic = conds.get("x") == "periodic" and conds.get("y") == "periodic"
+        self.env = {"size.x": float(self.size_xy[0]), "size.y": float(self.size_xy[1]), "size.z": 0.0}
+        for c in root.findall("Global/Constant"):
+            self.env[c.get("symbol")] = evaluate(c.get("value"), self.env)
+        default_order = _order_of(lat.find("Neighborhood"), "Space/Lattice")
+        cpm = root.find("CPM")
+        ss = cpm.find("ShapeSurface") if cpm is not None else None
+        self.surface_order = _order_of(ss.find("Neighborhood"), "CPM/ShapeSurface") if ss is not None \
+            else default_order
+        scaling = ss.get("scaling", "norm") if ss is not None else "norm"
+        offs = _square_offsets_xy(self.surface_order)
+        if scaling == "none":
+            self.scaling = 1.0
+        elif scaling == "size":
+            self.scaling = float(len(offs))
+        elif scaling in ("norm", "magno"):
+            self.scaling = float(MAGNO_SCALING[self.surface_order])
+        else:
+            raise ModelImportError(f"evaluator: unknown ShapeSurface scaling {scaling!r}")
+        self.offsets_yx = np.array([(dy, dx) for dx, dy in offs], dtype=np.int64)
+        mcs = cpm.find("MonteCarloSampler")
+        self.temperature = float(evaluate(mcs.find("MetropolisKinetics").get("temperature"), self.env))
+        self.copy_order = _order_of(mcs.find("Neighborhood"), "MonteCarloSampler")
+        # cell types in document order
+        cts = root.findall("CellTypes/CellType")
+        self.type_names = [c.get("name") for c in cts]
+        if not cts or cts[0].get("class") != "medium":
+            raise ModelImportError("evaluator: the first CellType must be the medium")
+        nt = len(cts)
+        idx = {n: i for i, n in enumerate(self.type_names)}
+        inter = cpm.find("Interaction")
+        default = float(inter.get("default", "0")) if inter is not None else 0.0
+        self.J = np.full((nt, nt), default)
+        if inter is not None:
+            for c in inter.findall("Contact"):
+                a, b = idx[c.get("type1")], idx[c.get("type2")]
+                self.J[a, b] = self.J[b, a] = evaluate(c.get("value"), self.env)
+        fields = {}
+        for f in root.findall("Global/Field"):
+            fields[f.get("symbol")] = f
+        self.volume = {}     # type -> (strength, target)
+        self.hapto = {}      # type -> (strength, field [y, x])
+        self.directed = {}   # type -> (strength expr, direction expr)
+        for t, ct in enumerate(cts):
+            for child in ct:
+                if not isinstance(child.tag, str):
+                    continue
+                if child.tag == "VolumeConstraint":
+                    self.volume[t] = (evaluate(child.get("strength"), self.env),
+                                      evaluate(child.get("target"), self.env))
+                elif child.tag == "Haptotaxis":
+                    sym = child.get("attractant")
+                    if sym not in fields:
+                        raise ModelImportError(f"evaluator: Haptotaxis attractant {sym!r} is not a Global/Field")
+                    self.hapto.setdefault(t, []).append((evaluate(child.get("strength"), self.env),
+                                                         self._field(fields[sym])))
+                elif child.tag == "DirectedMotion":
+                    if child.get("protrusion", "true") != "true" or child.get("retraction", "true") != "true":
+                        raise ModelImportError("evaluator: DirectedMotion protrusion/retraction flags unsupported")
+                    self.directed[t] = (child.get("strength"), child.get("direction"))
+                elif child.tag in ("Property", "Constant", "Annotation"):
+                    continue
+                else:
+                    raise ModelImportError(f"evaluator: CellType child <{child.tag}> is not supported")
+
+    # ------------------------------------------------------------------------------------------------
+    def _field(self, node) -> np.ndarray:
+        data = node.find("Data")
+        w, h = self.size_xy
+        if data is None:
+            val = evaluate(node.get("value"), self.env)
+            return np.full((h, w), float(val))
+        if data.get("encoding") != "base64":
+            raise ModelImportError("evaluator: only base64 Field Data is supported")
+        raw = base64.b64decode("".join((data.text or "").split()))
+        arr = np.frombuffer(raw, dtype="<f8")
+        if arr.size != w * h:
+            raise ModelImportError(f"evaluator: Field {node.get('symbol')!r} holds {arr.size} values, "
+                                   f"expected {w * h}")
+        return arr.reshape(h, w).copy()  # x fastest: row-major [y, x]
+
+    def _wrap(self, y, x):
+        w, h = self.size_xy
+        return y % h, x % w
+
+    def cell_positions(self, ids: np.ndarray, cell: int) -> np.ndarray:
+        """Unwrapped (y, x) node positions of a cell: each node's image nearest the cell's first node in
+        row-major order (``p − L·round((p − r)/L)``)."""
+        pos = np.argwhere(ids == cell).astype(np.float64)
+        if len(pos) == 0 or not self.periodic:
+            return pos
+        L = np.asarray(ids.shape, dtype=np.float64)
+        return pos - L * np.round((pos - pos[0]) / L)
+
+    def _directed_term(self, t, ids, cell, site, add: bool):
+        s_expr, d_expr = self.directed[t]
+        pos = self.cell_positions(ids, cell)
+        V = pos.shape[0]
+        if V == 0 or (not add and V == 1):
+            return 0.0
+        c_before = pos.mean(0)
+        L = np.asarray(ids.shape, dtype=np.float64)
+        x = np.asarray(site, dtype=np.float64)
+        node = x - L * np.round((x - pos[0]) / L) if self.periodic else x
+        if add:
+            c_after = (pos.sum(0) + node) / (V + 1)
+        else:
+            c_after = (pos.sum(0) - node) / (V - 1)
+        # the centre seen by the direction expression: Morpheus's cell.center, wrapped into the lattice
+        c_seen = np.mod(c_before, L) if self.periodic else c_before
+        env = dict(self.env)
+        env.update({"cell.center.x": c_seen[1], "cell.center.y": c_seen[0], "cell.center.z": 0.0,
+                    "cell.volume": float(V), "cell.id": float(cell)})
+        try:
+            s = evaluate(s_expr, env)
+            d = evaluate_vector(d_expr, env)
+        except ExprError as e:
+            raise ModelImportError(f"evaluator: DirectedMotion: {e}") from None
+        dvec = np.array([d[1], d[0]])  # (y, x)
+        n = float(np.hypot(*dvec))
+        dhat = dvec / n if n > 0 else np.zeros(2)
+        return -s * V * float(np.dot(c_after - c_before, dhat))
+
+    def delta(self, ids, types, site, new_id) -> float:
+        """ΔH of copying cell ``new_id`` into ``site`` = (y, x) of the state ``(ids [y, x], types)``.
+
+        Returns 0 when the site already belongs to ``new_id`` (Morpheus skips such attempts). Deletions
+        (a cell's last node) are refused by Morpheus before any energy is computed; this returns ``inf``.
+        """
+        ids = np.asarray(ids)
+        types = np.asarray(types)
+        y, x = int(site[0]), int(site[1])
+        old = int(ids[y, x])
+        new = int(new_id)
+        if old == new:
+            return 0.0
+        if old != 0 and np.count_nonzero(ids == old) == 1:
+            return float("inf")
+        t_old, t_new = int(types[old]), int(types[new])
+        h, w = ids.shape
+        # contact
+        d = 0.0
+        for dy, dx in self.offsets_yx:
+            ny, nx = y + dy, x + dx
+            if self.periodic:
+                ny, nx = ny % h, nx % w
+            elif not (0 <= ny < h and 0 <= nx < w):
+                continue
+            nb = int(ids[ny, nx])
+            tn = int(types[nb])
+            if nb != old:
+                d -= self.J[t_old, tn]
+            if nb != new:
+                d += self.J[t_new, tn]
+        d /= self.scaling
+        # volume
+        for cell, t, sign in ((new, t_new, +1), (old, t_old, -1)):
+            if t in self.volume:
+                s, tgt = self.volume[t]
+                vb = int(np.count_nonzero(ids == cell))
+                va = vb + sign
+                d += s * ((tgt - va) ** 2 - (tgt - vb) ** 2)
+        # haptotaxis
+        for t, sign in ((t_new, -1.0), (t_old, +1.0)):
+            for strength, field in self.hapto.get(t, ()):
+                d += sign * strength * field[y, x]
+        # directed motion
+        if t_new in self.directed:
+            d += self._directed_term(t_new, ids, new, (y, x), add=True)
+        if t_old in self.directed:
+            d += self._directed_term(t_old, ids, old, (y, x), add=False)
+        return float(d)
+
+    def copy_offsets_yx(self) -> np.ndarray:
+        """Offsets (dy, dx) of the copy (MonteCarloSampler) neighbourhood."""
+        return np.array([(dy, dx) for dx, dy in _square_offsets_xy(self.copy_order)], dtype=np.int64)

@@ -1,0 +1,277 @@
+"""The external energy hook: run Morpheus in chunks, refreshing the neural potential fields in between.
+
+``python -m morpheus_xml.run BUNDLE --morpheus PATH --mcs N --refresh K [--init SNAPSHOT] [--out traj.npz]``
+
+Morpheus 2.2.4 has no per-attempt plug-in hook and reads fields only at start, so the neural part of a
+bundle runs through per-type potential fields (:func:`morpheus_xml.export.neural_potential_fields`) that are
+recomputed from the network every K MCS:
+
+1. chunk 0: export the model with ``StopTime = K`` and ``SaveInterval = K`` and run Morpheus headless
+   (``morpheus --file model.xml --outdir DIR``, one OpenMP thread);
+2. check that the log holds ``=== Simulation finished ===`` (Morpheus exits with status 0 even when a model
+   fails to load), read the checkpoint ``*.xml.gz`` of time ``t + K``;
+3. measure the stale fields' error on the new state (RMSE of the field ΔH against the network's exact ΔH over
+   every boundary copy attempt, relative to the standard deviation of the exact ΔH — the CC3D issue's
+   measure, here on Morpheus's own roll-out), recompute the fields, write them into the checkpoint's
+   ``Global/Field`` data, **remove the checkpoint's medium ``Population``** (otherwise Morpheus 2.2.4 recreates
+   an empty medium cell and stops with a fatal error), set ``StopTime = t + 2K`` and a fresh ``RandomSeed``,
+   and continue from the checkpoint;
+4. after N MCS, write the trajectory (the state at every chunk boundary, MCS 0, K, 2K, ..., N) as one
+   ``.npz`` (key ``data`` (frames, 2, H, W), ``mcs``, and per-chunk ``stale_rel_rmse`` / ``fresh_rel_rmse``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from lxml import etree
+
+from neuralcpm_plugin.errors import ExportError, NeuralCPMError
+
+from .export import build_xml, default_layout, load_initial_state, neural_potential_fields
+from .readers import checkpoint_time, read_checkpoint
+
+__all__ = ["HookResult", "continue_from_checkpoint", "main", "run_hook", "run_morpheus"]
+
+FINISHED = "=== Simulation finished ==="
+
+
+@dataclass
+class HookResult:
+    states: list
+    mcs: list
+    stale_rel_rmse: list = field(default_factory=list)
+    fresh_rel_rmse: list = field(default_factory=list)
+    workdir: Path | None = None
+    out: Path | None = None
+
+
+def run_morpheus(morpheus, model: Path, outdir: Path, *, timeout: float | None = None) -> str:
+    """Run Morpheus headless on ``model`` with output into ``outdir``; return its log (stdout + stderr).
+
+    Raises :class:`ExportError` if the binary cannot be started, exits with an error, or its log lacks
+    ``=== Simulation finished ===`` (Morpheus 2.2.4 exits with status 0 when a model fails to load).
+    """
+    outdir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [str(morpheus), "--file", str(Path(model).resolve()), "--outdir", str(outdir.resolve())]
+    try:
+        proc = subprocess.run(cmd, check=False, cwd=outdir, env=env, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise ExportError(f"Morpheus binary not found: {morpheus}") from None
+    except PermissionError:
+        raise ExportError(f"Morpheus binary is not executable: {morpheus}") from None
+    except subprocess.TimeoutExpired:
+        raise ExportError(f"Morpheus did not finish {model} within {timeout} s") from None
+    log = (proc.stdout or "") + "\n" + (proc.stderr or "")
+    (outdir / "morpheus.log").write_text(log)
+    tail = "\n".join(log.strip().splitlines()[-15:])
+    if proc.returncode != 0:
+        raise ExportError(f"Morpheus exited with status {proc.returncode} on {model}; log {outdir / 'morpheus.log'}"
+                          f":\n{tail}")
+    if FINISHED not in log:
+        raise ExportError(f"Morpheus did not report '{FINISHED}' for {model} (it exits with status 0 even when a "
+                          f"model fails); log {outdir / 'morpheus.log'}:\n{tail}")
+    return log
+
+
+def _latest_checkpoint(outdir: Path, want_time: float, model: Path) -> Path:
+    files = sorted(outdir.glob("*.xml.gz"))
+    if not files:
+        raise ExportError(f"Morpheus wrote no checkpoint (*.xml.gz) into {outdir} for {model}")
+    best = max(files, key=checkpoint_time)
+    t = checkpoint_time(best)
+    if abs(t - want_time) > 1e-6:
+        raise ExportError(f"the last checkpoint in {outdir} is at time {t}, expected {want_time}")
+    return best
+
+
+def continue_from_checkpoint(checkpoint: Path, out: Path, *, stop_time: float, seed: int, save_interval: float,
+                             fields: dict | None = None) -> Path:
+    """Write a model that continues ``checkpoint``: the medium ``Population`` removed, ``StopTime``,
+    ``RandomSeed`` and ``SaveInterval`` set, and the ``Global/Field`` data of ``fields`` (symbol → array [y, x])
+    replaced. Returns ``out``."""
+    data = Path(checkpoint).read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    root = etree.fromstring(data)
+    media = {c.get("name") for c in root.findall("CellTypes/CellType") if c.get("class") == "medium"}
+    for pop in root.findall("CellPopulations/Population"):
+        if pop.get("type") in media:
+            pop.getparent().remove(pop)
+    tm = root.find("Time")
+    if tm is None:
+        raise ExportError(f"{checkpoint}: no Time element")
+
+    def set_child(tag, value):
+        el = tm.find(tag)
+        if el is None:
+            el = etree.SubElement(tm, tag)
+        el.set("value", str(value))
+
+    set_child("StopTime", f"{stop_time:g}")
+    set_child("RandomSeed", int(seed))
+    set_child("SaveInterval", f"{save_interval:g}")
+    import base64
+    for sym, arr in (fields or {}).items():
+        f = root.find(f"Global/Field[@symbol='{sym}']")
+        if f is None:
+            raise ExportError(f"{checkpoint}: no Global/Field {sym!r} to refresh")
+        for d in f.findall("Data"):
+            f.remove(d)
+        d = etree.SubElement(f, "Data", encoding="base64")
+        d.set("word-size", "8")
+        d.text = base64.b64encode(np.ascontiguousarray(arr, dtype="<f8").tobytes()).decode("ascii")
+    out.write_bytes(etree.tostring(root, pretty_print=True, xml_declaration=True, encoding="UTF-8"))
+    return out
+
+
+def _stale_error(phi, terms, state, order, periodic):
+    from .export import boundary_attempts, neural_delta
+    sites, new = boundary_attempts(state, order, periodic)
+    if len(sites) == 0:
+        return 0.0
+    D = neural_delta(terms, state, sites, new, periodic=periodic)
+    W = state.shape[1]
+    t_old = state.types[state.ids.ravel()[sites]]
+    t_new = state.types[new]
+    n = phi.shape[0]
+    if t_new.max() >= n or t_old.max() >= n:
+        return float("nan")
+    approx = phi[t_new, sites // W, sites % W] - phi[t_old, sites // W, sites % W]
+    std = D.std()
+    rmse = float(np.sqrt(np.mean((approx - D) ** 2)))
+    return rmse / std if std > 0 else (0.0 if rmse == 0 else float("inf"))
+
+
+def run_hook(bundle, morpheus, *, mcs: int, refresh: int, init=None, frame: int = 0, seed: int = 1,
+             workdir=None, out=None, cells_per_type: int = 20, timeout: float | None = None,
+             log=print) -> HookResult:
+    """Run ``bundle`` in Morpheus for ``mcs`` MCS in chunks of ``refresh`` MCS (see the module docstring)."""
+    from neuralcpm_plugin.bundle import ModelBundle, load_bundle
+    if mcs < 1 or refresh < 1:
+        raise ExportError(f"--mcs and --refresh must be >= 1, got {mcs} and {refresh}")
+    if isinstance(bundle, (str, Path)):
+        bundle = load_bundle(bundle)
+    ham = bundle.hamiltonian if isinstance(bundle, ModelBundle) else bundle
+    lat = ham.lattice
+    n_types = len(ham.type_names) - 1 if ham.type_names else 0
+    for t in ham.analytic_terms():
+        n_types = max(n_types, getattr(t, "n_types", 0))
+    if init is None:
+        targets = np.full(n_types + 1, 25.0)
+        vol = ham.term("volume")
+        if vol is not None:
+            targets[: vol.target.shape[0]] = vol.target.detach().cpu().numpy()
+        state = default_layout(lat.shape, n_types, targets, cells_per_type=cells_per_type, seed=seed)
+    elif hasattr(init, "ids"):
+        state = init
+    else:
+        state = load_initial_state(init, frame)
+    if workdir is None:
+        workdir = Path(out).with_name(Path(out).stem + "_chunks") if out is not None else Path("morpheus_chunks")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    neural = ham.neural_terms()
+    res = HookResult([state], [0], workdir=workdir)
+    t = 0
+    phi = None
+    checkpoint = None
+    k = 0
+    while t < mcs:
+        step = min(refresh, mcs - t)
+        cdir = workdir / f"chunk_{k:03d}"
+        cdir.mkdir(parents=True, exist_ok=True)
+        model = cdir / "model.xml"
+        if neural:
+            if phi is not None:
+                res.stale_rel_rmse.append(_stale_error(phi, neural, state, lat.copy_order, lat.periodic))
+            phi, stats = neural_potential_fields(neural, state, n_types, order=lat.copy_order, periodic=lat.periodic)
+            res.fresh_rel_rmse.append(stats["rel_rmse"])
+        if checkpoint is None:
+            root = build_xml(ham, state, mcs=step, seed=seed, record_every=step, save_interval=step,
+                             neural_fields=phi, title="neuralcpm_chunk")
+            model.write_bytes(etree.tostring(root, pretty_print=True, xml_declaration=True, encoding="UTF-8"))
+            names = [c.get("name") for c in root.findall("CellTypes/CellType")]
+            field_names = {f.get("symbol") for f in root.findall("Global/Field")}
+        else:
+            fields = {}
+            if phi is not None:
+                for ti in range(1, n_types + 1):
+                    sym = f"phi_{names[ti]}"
+                    if sym in field_names:
+                        fields[sym] = phi[ti]
+            continue_from_checkpoint(checkpoint, model, stop_time=t + step, seed=seed + k, save_interval=step,
+                                     fields=fields)
+        run_morpheus(morpheus, model, cdir, timeout=timeout)
+        checkpoint = _latest_checkpoint(cdir, t + step, model)
+        state = read_checkpoint(checkpoint)
+        t += step
+        k += 1
+        res.states.append(state)
+        res.mcs.append(t)
+        msg = f"chunk {k}: MCS {t}/{mcs}, {len(state.cell_ids())} cells"
+        if neural and res.stale_rel_rmse:
+            msg += f", stale-field error of the previous chunk {res.stale_rel_rmse[-1]:.4g}"
+        log(msg)
+    if neural:
+        res.stale_rel_rmse.append(_stale_error(phi, neural, state, lat.copy_order, lat.periodic))
+    if out is not None:
+        from neuralcpm_plugin.io import save_npz
+        n = max(s.n_ids for s in res.states)
+        states = []
+        for s in res.states:
+            tt = np.zeros(n, np.int32)
+            tt[: s.n_ids] = s.types
+            states.append(type(s)(s.ids, tt, dict(s.meta)))
+        extra = {"mcs": np.asarray(res.mcs, dtype=np.int64)}
+        if neural:
+            extra["stale_rel_rmse"] = np.asarray(res.stale_rel_rmse)
+            extra["fresh_rel_rmse"] = np.asarray(res.fresh_rel_rmse)
+        res.out = save_npz(out, states, **extra)
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m morpheus_xml.run",
+                                description="Run a NeuralCPM bundle in Morpheus, refreshing the neural potential "
+                                            "fields every K MCS (the external energy hook).")
+    p.add_argument("bundle", help="model bundle directory")
+    p.add_argument("--morpheus", default=os.environ.get("MORPHEUS_BIN"),
+                   help="the Morpheus executable (default $MORPHEUS_BIN)")
+    p.add_argument("--mcs", type=int, required=True, help="total MCS")
+    p.add_argument("--refresh", type=int, required=True, help="chunk length K in MCS (fields recomputed between)")
+    p.add_argument("--init", help="initial state (snapshot file or Morpheus checkpoint); default layout otherwise")
+    p.add_argument("--frame", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default="morpheus_trajectory.npz", help="trajectory .npz (default %(default)s)")
+    p.add_argument("--workdir", help="folder for the chunks' models and outputs (default <out>_chunks)")
+    p.add_argument("--cells-per-type", type=int, default=20)
+    a = p.parse_args(argv)
+    if not a.morpheus:
+        print("error: no Morpheus executable: pass --morpheus PATH or set MORPHEUS_BIN", file=sys.stderr)
+        return 2
+    try:
+        res = run_hook(a.bundle, a.morpheus, mcs=a.mcs, refresh=a.refresh, init=a.init, frame=a.frame, seed=a.seed,
+                       workdir=a.workdir, out=a.out, cells_per_type=a.cells_per_type)
+    except NeuralCPMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {res.out}: {len(res.states)} frames at MCS {res.mcs}")
+    if res.stale_rel_rmse:
+        print("neural potential fields, relative RMSE of ΔH (fresh at each refresh → stale at the next): "
+              + ", ".join(f"{a:.3g}→{b:.3g}" for a, b in zip(res.fresh_rel_rmse, res.stale_rel_rmse)))
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,465 @@
+"""Local Neural Hamiltonian (kind ``"local_nh"``): the NH's permutation-invariant blocks with a bounded
+receptive field, so that the ΔH of a copy attempt is exact from a small crop (DESIGN.md decision 2).
+
+Definition (lattice H×W, stride s, coarse grid G = ⌊H/s⌋×⌊W/s⌋ of s×s patches, kernel k odd, r = k//2,
+C channels, T biological types; sites beyond G·s are not seen, as in the NH)::
+
+    u_c(g) = SiLU(E · [mask_c, onehot(type map)] on patch g + b)    per-cell branch (ids incl. medium)
+    u_∅(g) = same with an empty mask                                 ("ghost": what an absent cell would see)
+    in_c(g)  = 1 if cell c has a site in patch g
+    A(g)   = Σ_c in_c(g) · (ψ(u_c(g)) − ψ(u_∅(g)))                   ψ = [Linear, SiLU]×2, sum aggregation
+    v_c(g) = SiLU(W2 · SiLU(W_u u_c(g) + Conv_k×k(A)(g) + b) + b2)   interaction branch (circular on G)
+    ρ_c(g) = w_o · v_c(g) + b_o                                      read-out
+    H = scale · Σ_g Σ_c in_c(g) · (ρ_c(g) − ρ_∅(g))
+
+Every term e(g) reads only the (k·s)×(k·s) sites of the patches around g (receptive-field radius
+R = (k·s − 1)//2 sites; default s = 4, k = 3: a 12×12 window, R = 5) and a cell absent from that window
+contributes exactly nothing (the gates are 0).  H is invariant to any relabelling of ids and to periodic
+shifts by multiples of s on lattices divisible by s.
+
+ΔH of copying cell ``b`` into site x (in patch g0): only u(g0), A(g0) change, hence only e(g) for
+g ∈ g0 ± r; they are evaluated from the crop of (2k−1)×(2k−1) patches around g0 holding just the cells
+present in it, before and after.  Three implementations of the same formula:
+
+* :meth:`LocalNeuralHamiltonian.energy` / :meth:`~LocalNeuralHamiltonian.delta` — torch, batched;
+* :class:`LocalNHNumpy` — pure numpy float64 (no torch import needed), for host tools (CompuCell3D);
+  :meth:`LocalNeuralHamiltonian.delta_np` uses it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from ..errors import BundleError, ConfigError
+
+__all__ = ["LocalNeuralHamiltonian", "LocalNHNumpy", "LOCAL_NH_DEFAULTS"]
+
+LOCAL_NH_DEFAULTS = dict(n_types=2, stride=4, channels=16, kernel=3, dtype="float64")
+
+
+def _complete(config):
+    cfg = dict(LOCAL_NH_DEFAULTS)
+    if config:
+        unknown = set(config) - set(LOCAL_NH_DEFAULTS)
+        if unknown:
+            raise ConfigError(f"local_nh: unknown configuration key(s) {sorted(unknown)}; known keys: "
+                              f"{sorted(LOCAL_NH_DEFAULTS)}")
+        cfg.update(copy.deepcopy(dict(config)))
+    for key in ("n_types", "stride", "channels", "kernel"):
+        if int(cfg[key]) < 1:
+            raise ConfigError(f"local_nh: {key} must be >= 1, got {cfg[key]}")
+        cfg[key] = int(cfg[key])
+    if cfg["kernel"] % 2 != 1:
+        raise ConfigError(f"local_nh: kernel must be odd, got {cfg['kernel']}")
+    if cfg["dtype"] not in ("float32", "float64"):
+        raise ConfigError(f"local_nh: dtype must be 'float32' or 'float64', got {cfg['dtype']!r}")
+    return cfg
+
+
+# =========================================================================================== numpy
+def _silu_np(x):
+    return x / (1.0 + np.exp(-x))
+
+
+class LocalNHNumpy:
+    """Pure-numpy float64 evaluator of a local NH (energy and single-attempt ΔH).
+
+    Build with :meth:`from_torch` (a :class:`LocalNeuralHamiltonian`) or :meth:`from_arrays` (the config
+    and the term's tensors as numpy arrays, e.g. read with ``safetensors.numpy.load_file``) — the latter
+    needs no torch.
+
+    Conventions: ``ids`` int array (H, W) of cell ids, ``types`` int array (N+1,) with ``types[0] = 0``,
+    periodic lattice, ``site`` = (row, col), copying cell ``new_id`` into ``site``.
+    """
+
+    def __init__(self, config: dict, arrays: dict, scale: float = 1.0):
+        cfg = _complete(config)
+        self.config = cfg
+        self.scale = float(scale)
+        s, C, k, T = cfg["stride"], cfg["channels"], cfg["kernel"], cfg["n_types"]
+        self.s, self.C, self.k, self.r, self.T = s, C, k, k // 2, T
+        f = lambda name: np.asarray(arrays[name], dtype=np.float64)  # noqa: E731
+        ew = f("embed.weight")  # [C, 2+T, s, s]
+        if ew.shape != (C, 2 + T, s, s):
+            raise BundleError(f"local_nh: embed.weight has shape {ew.shape}, expected {(C, 2 + T, s, s)}")
+        self.Em = np.ascontiguousarray(ew[:, 0].reshape(C, s * s).T)  # [s*s, C]
+        # type table: Et[pos, type, C]
+        self.Et = np.ascontiguousarray(ew[:, 1:].reshape(C, T + 1, s * s).transpose(2, 1, 0))
+        self.b = f("embed.bias")
+        self.W1, self.b1 = f("psi1.weight").T.copy(), f("psi1.bias")
+        self.W2, self.b2 = f("psi2.weight").T.copy(), f("psi2.bias")
+        self.Wu = f("phi_u.weight").T.copy()
+        aw = f("phi_a.weight")  # [C, C, k, k]
+        self.WA = np.ascontiguousarray(aw.transpose(2, 3, 1, 0).reshape(k * k * C, C))
+        self.bA = f("phi_a.bias")
+        self.W3, self.b3 = f("phi2.weight").T.copy(), f("phi2.bias")
+        self.Wo = f("out.weight")[0].copy()
+        self.bo = float(f("out.bias")[0])
+        self._pos = np.arange(s * s)
+        self._geom = {}
+
+    @classmethod
+    def from_torch(cls, term) -> "LocalNHNumpy":
+        arrays = {k: v.detach().cpu().double().numpy() for k, v in term.tensors().items()}
+        return cls(term.config, arrays, term.scale_value())
+
+    @classmethod
+    def from_arrays(cls, config: dict, arrays: dict, scale: float = 1.0) -> "LocalNHNumpy":
+        return cls(config, arrays, scale)
+
+    @property
+    def radius(self) -> int:
+        return (self.k * self.s - 1) // 2
+
+    # --- core: per-crop energy terms ------------------------------------------------------------
+    def _terms(self, lab, tcrop, nc, valid: bool):
+        """Σ of e(g) over the output points of one or more crops.
+
+        lab : int [M, Sr, Sc] local cell labels 0..nc-1 per site; tcrop : int [M, Sr, Sc] site types.
+        valid=True: the outputs are the interior patches (valid k×k conv); False: all patches, circular.
+        Returns [M] float64.
+        """
+        s, C, r, k = self.s, self.C, self.r, self.k
+        M, Sr, Sc = lab.shape
+        Pr, Pc = Sr // s, Sc // s
+        NP = Pr * Pc
+        lp = lab.reshape(M, Pr, s, Pc, s).transpose(0, 1, 3, 2, 4).reshape(M, NP, s * s)
+        tp = tcrop.reshape(M, Pr, s, Pc, s).transpose(0, 1, 3, 2, 4).reshape(M, NP, s * s)
+        tpart = self.Et[self._pos, tp].sum(-2) + self.b  # [M, NP, C]
+        oh = lp[..., None] == np.arange(nc)  # [M, NP, s*s, nc]
+        inp = oh.any(2)  # [M, NP, nc]
+        mpart = np.swapaxes(oh, 2, 3).astype(np.float64) @ self.Em  # [M, NP, nc, C]
+        u = _silu_np(mpart + tpart[:, :, None])
+        ug = _silu_np(tpart)
+        psi = _silu_np(_silu_np(u @ self.W1 + self.b1) @ self.W2 + self.b2)
+        psig = _silu_np(_silu_np(ug @ self.W1 + self.b1) @ self.W2 + self.b2)
+        A = (inp[..., None] * (psi - psig[:, :, None])).sum(2).reshape(M, Pr, Pc, C)
+        if valid:
+            orow, ocol = np.arange(r, Pr - r), np.arange(r, Pc - r)
+        else:
+            orow, ocol = np.arange(Pr), np.arange(Pc)
+        ri = (orow[:, None] + np.arange(-r, r + 1)[None]) % Pr
+        ci = (ocol[:, None] + np.arange(-r, r + 1)[None]) % Pc
+        cols = A[:, ri[:, None, :, None], ci[None, :, None, :]]  # [M, Po, Qo, k, k, C]
+        NO = len(orow) * len(ocol)
+        CA = cols.reshape(M, NO, k * k * C) @ self.WA + self.bA  # [M, NO, C]
+        op = (orow[:, None] * Pc + ocol[None, :]).ravel()
+        v = _silu_np(_silu_np(u[:, op] @ self.Wu + CA[:, :, None]) @ self.W3 + self.b3)  # [M, NO, nc, C]
+        vg = _silu_np(_silu_np(ug[:, op] @ self.Wu + CA) @ self.W3 + self.b3)  # [M, NO, C]
+        rho = v @ self.Wo + self.bo
+        rhog = vg @ self.Wo + self.bo
+        return (inp[:, op] * (rho - rhog[..., None])).sum((1, 2))
+
+    # --- public API -------------------------------------------------------------------------------
+    def energy(self, ids, types) -> float:
+        """Full energy H (float, scale included) of one periodic state."""
+        ids = np.asarray(ids)
+        types = np.asarray(types)
+        s = self.s
+        Gh, Gw = ids.shape[0] // s, ids.shape[1] // s
+        seen = ids[: Gh * s, : Gw * s]
+        cells, lab = np.unique(seen, return_inverse=True)
+        lab = lab.reshape(seen.shape)
+        return self.scale * float(self._terms(lab[None], types[seen][None], len(cells), valid=False)[0])
+
+    def _crop_index(self, shape, site):
+        s, r = self.s, self.r
+        Gh, Gw = shape[0] // s, shape[1] // s
+        i, j = int(site[0]), int(site[1])
+        gi, gj = i // s, j // s
+        key = (shape, gi, gj)
+        g = self._geom.get(key)
+        if g is None:
+            d = np.arange(-2 * r, 2 * r + 1)
+            rows = (((gi + d) % Gh)[:, None] * s + np.arange(s)).ravel()
+            cols = (((gj + d) % Gw)[:, None] * s + np.arange(s)).ravel()
+            g = (rows, cols)
+            if len(self._geom) > 100000:
+                self._geom.clear()
+            self._geom[key] = g
+        return g, 2 * r * s + i - gi * s, 2 * r * s + j - gj * s
+
+    def delta(self, ids, types, site, new_id) -> float:
+        """ΔH (float, scale included) of copying cell ``new_id`` into ``site`` = (row, col)."""
+        s, r = self.s, self.r
+        H, W = ids.shape
+        i, j = int(site[0]), int(site[1])
+        old = ids[i, j]
+        if old == new_id:
+            return 0.0
+        Gh, Gw = H // s, W // s
+        if i >= Gh * s or j >= Gw * s:
+            return 0.0  # a site the network does not see
+        if Gh < 2 * self.k - 1 or Gw < 2 * self.k - 1:  # the crop would wrap onto itself: evaluate in full
+            after = np.array(ids, copy=True)
+            after[i, j] = new_id
+            return self.energy(after, types) - self.energy(ids, types)
+        (rows, cols), ci, cj = self._crop_index((H, W), (i, j))
+        crop = ids[rows[:, None], cols[None, :]]
+        cells, lab = np.unique(np.append(crop.ravel(), new_id), return_inverse=True)
+        lab = lab[:-1].reshape(crop.shape)
+        lab2 = np.stack([lab, lab])
+        lab2[1, ci, cj] = np.searchsorted(cells, new_id)
+        t = np.asarray(types)[cells][lab2]
+        e = self._terms(lab2, t, len(cells), valid=True)
+        return self.scale * float(e[1] - e[0])
+
+
+# =========================================================================================== torch
+try:  # the numpy evaluator above must stay importable without torch (inside host tools)
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from .base import Batch, LatticeSpec, Term, register_term
+except ModuleNotFoundError:  # pragma: no cover - torch-free environment
+    torch = None
+
+if torch is not None:
+
+    _DT = {"float32": torch.float32, "float64": torch.float64}
+
+    @register_term
+    class LocalNeuralHamiltonian(Term):
+        """Local NH term (kind ``"local_nh"``); see the module docstring for the definition.
+
+        Parameters
+        ----------
+        config : dict, optional
+            ``n_types`` (T), ``stride`` (s, sites per patch side; default 4), ``channels`` (C, 16),
+            ``kernel`` (k, odd, coarse interaction kernel; 3), ``dtype`` ("float64" default).
+        scale : float or nn.Parameter
+            Multiplies the energy (w_n of a closure model when shared).
+        seed : int, optional
+            Deterministic initialisation.
+        """
+
+        kind = "local_nh"
+        analytic = False
+
+        def __init__(self, config=None, *, scale=1.0, learn_scale=False, seed=None):
+            super().__init__(scale, learn_scale)
+            self.config = _complete(config)
+            cfg = self.config
+            s, C, k, T = cfg["stride"], cfg["channels"], cfg["kernel"], cfg["n_types"]
+            with torch.random.fork_rng(devices=[], enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(int(seed))
+                self.embed = nn.Conv2d(2 + T, C, s, stride=s)
+                self.psi1 = nn.Linear(C, C)
+                self.psi2 = nn.Linear(C, C)
+                self.phi_u = nn.Linear(C, C, bias=False)
+                self.phi_a = nn.Conv2d(C, C, k)
+                self.phi2 = nn.Linear(C, C)
+                self.out = nn.Linear(C, 1)
+            for m in (self.embed, self.psi1, self.psi2, self.phi_u, self.phi_a, self.phi2, self.out):
+                m.to(_DT[cfg["dtype"]])
+            self._np = None
+            self._np_version = None
+
+        # --- helpers --------------------------------------------------------------------------
+        @property
+        def dtype(self):
+            return self.embed.weight.dtype
+
+        @property
+        def radius(self) -> int:
+            """Receptive-field radius R = (k·s − 1)//2 sites of each energy term."""
+            return (self.config["kernel"] * self.config["stride"] - 1) // 2
+
+        def _check_types(self, types):
+            if types.numel() and int(types.max()) > self.config["n_types"]:
+                raise ConfigError(f"local_nh: the states hold cell type {int(types.max())} but the network was "
+                                  f"built for types 0..{self.config['n_types']}")
+
+        def _terms(self, lab, tmap, nc: int, valid: bool):
+            """Torch twin of :meth:`LocalNHNumpy._terms` (sparse over the occupied (cell, patch) pairs).
+
+            lab, tmap : long [M, Sr, Sc] → [M] (network dtype).
+            """
+            cfg = self.config
+            s, C, k, T = cfg["stride"], cfg["channels"], cfg["kernel"], cfg["n_types"]
+            r = k // 2
+            M, Sr, Sc = lab.shape
+            Pr, Pc = Sr // s, Sc // s
+            NP = Pr * Pc
+            dev = lab.device
+            dt = self.dtype
+            rr, cc = torch.arange(Sr, device=dev), torch.arange(Sc, device=dev)
+            pidx = ((rr // s)[:, None] * Pc + (cc // s)[None]).reshape(-1)  # patch of each crop site
+            pos = ((rr % s)[:, None] * s + (cc % s)[None]).reshape(-1)  # position inside its patch
+            # a cell's (or a type's) occupancy of a patch is a bit pattern, split into chunks of 8 positions;
+            # the embedding of a pattern is a table lookup (tables = bits @ weights, differentiable)
+            nq = (s * s + 7) // 8
+            q = pos // 8
+            bit = torch.bitwise_left_shift(torch.ones_like(pos), pos % 8)
+            W = self.embed.weight
+            wpos = torch.cat([W[:, :, :, :].reshape(C, 2 + T, s * s),
+                              torch.zeros((C, 2 + T, nq * 8 - s * s), dtype=dt, device=dev)], 2)
+            bits = ((torch.arange(256, device=dev)[:, None] >> torch.arange(8, device=dev)) & 1).to(dt)  # [256, 8]
+            tab = torch.einsum("pb,cjqb->jqpc", bits, wpos.view(C, 2 + T, nq, 8))  # [2+T, nq, 256, C]
+            S = Sr * Sc
+            mbase = torch.arange(M, device=dev)[:, None] * NP + pidx[None]  # [M, S]
+            # type part (shared by all cells of a patch, and the ghost)
+            k2 = ((mbase * (T + 1) + tmap.reshape(M, -1)) * nq + q[None]).reshape(-1)
+            pat_t = torch.zeros(M * NP * (T + 1) * nq, dtype=torch.long, device=dev).index_add_(
+                0, k2, bit.repeat(M)).view(M * NP, T + 1, nq)
+            tt = torch.arange(T + 1, device=dev)[:, None]
+            qq = torch.arange(nq, device=dev)[None]
+            tpart = tab[1 + tt, qq, pat_t].sum((1, 2)) + self.embed.bias  # [M*NP, C]
+            # mask part, on occupied (crop, patch, cell) rows only
+            k1 = ((mbase * nc + lab.reshape(M, -1)) * nq + q[None]).reshape(-1)
+            pat_m = torch.zeros(M * NP * nc * nq, dtype=torch.long, device=dev).index_add_(
+                0, k1, bit.repeat(M)).view(M * NP * nc, nq)
+            R = torch.nonzero(pat_m.any(1))[:, 0]
+            mp = tab[0, qq, pat_m[R]].sum(1)  # [nR, C]
+            del S
+            mpR = R // nc  # crop*NP + patch
+            uR = F.silu(mp + tpart[mpR])
+            ug = F.silu(tpart)
+            psiR = F.silu(self.psi2(F.silu(self.psi1(uR))))
+            psig = F.silu(self.psi2(F.silu(self.psi1(ug))))
+            A = torch.zeros((M * NP, C), dtype=dt, device=dev).index_add(0, mpR, psiR - psig[mpR])
+            A = A.view(M, Pr, Pc, C).permute(0, 3, 1, 2)
+            if not valid:
+                A = F.pad(A, (r, r, r, r), mode="circular")
+            CA = F.conv2d(A, self.phi_a.weight, self.phi_a.bias)  # [M, C, Po, Qo]
+            Po, Qo = CA.shape[-2:]
+            NO = Po * Qo
+            CA = CA.permute(0, 2, 3, 1).reshape(M * NO, C)
+            off = r if valid else 0
+            prow, pcol = torch.arange(Pr, device=dev) - off, torch.arange(Pc, device=dev) - off
+            okr, okc = (prow >= 0) & (prow < Po), (pcol >= 0) & (pcol < Qo)
+            outidx = torch.where(okr[:, None] & okc[None], prow[:, None] * Qo + pcol[None], -1).reshape(-1)  # [NP]
+            mR = mpR // NP
+            oR = outidx[mpR % NP]
+            sel = oR >= 0
+            gidx = mR[sel] * NO + oR[sel]
+            h = F.silu(self.phi_u(uR[sel]) + CA[gidx])
+            rho = self.out(F.silu(self.phi2(h)))[:, 0]
+            opatch = torch.nonzero(outidx >= 0)[:, 0]
+            ugo = ug.view(M, NP, C)[:, opatch].reshape(M * NO, C)
+            rhog = self.out(F.silu(self.phi2(F.silu(self.phi_u(ugo) + CA))))[:, 0]
+            return torch.zeros(M, dtype=dt, device=dev).index_add(0, mR[sel], rho - rhog[gidx])
+
+        # --- the three forms of the ΔH interface ----------------------------------------------
+        def energy(self, batch: Batch) -> torch.Tensor:
+            """Full energy [B] float64 (scale included), differentiable in the parameters."""
+            self._check_types(batch.types)
+            s = self.config["stride"]
+            Gh, Gw = batch.shape[0] // s, batch.shape[1] // s
+            ids = batch.ids[:, : Gh * s, : Gw * s]
+            B = ids.shape[0]
+            # local labels: rank of each id among the ids present on its lattice
+            flat = ids.reshape(B, -1)
+            c = int(flat.max()) + 1
+            pres = torch.zeros((B, c), dtype=torch.bool, device=ids.device)
+            pres.scatter_(1, flat, True)
+            rank = torch.cumsum(pres.long(), 1) - 1
+            lab = rank.gather(1, flat).view(ids.shape)
+            nc = int(pres.sum(1).max())
+            tmap = batch.types.gather(1, flat).view(ids.shape)
+            e = self._terms(lab, tmap, nc, valid=False)
+            return e.to(torch.float64) * self.scale
+
+        @torch.no_grad()
+        def delta(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, *, chunk: int = 4096):
+            """ΔH [B, P] float64 (scale included) from crops around each proposal (batched)."""
+            self._check_types(batch.types)
+            cfg = self.config
+            s, k = cfg["stride"], cfg["kernel"]
+            r = k // 2
+            dev = batch.device
+            B, P = sites.shape
+            H, W = batch.shape
+            Gh, Gw = H // s, W // s
+            out = torch.zeros((B, P), dtype=torch.float64, device=dev)
+            flat_ids = batch.ids.flatten(1)
+            si, sj = sites // W, sites % W
+            old = flat_ids.gather(1, sites)
+            todo = (old != new_ids) & (si < Gh * s) & (sj < Gw * s)
+            if Gh < 2 * k - 1 or Gw < 2 * k - 1:  # crops would wrap onto themselves: full recomputation
+                return self._delta_full(batch, sites, new_ids, todo)
+            bidx, pidx = torch.nonzero(todo, as_tuple=True)
+            n_crop = (2 * k - 1) * s
+            d = torch.arange(-2 * r, 2 * r + 1, device=dev)
+            t = torch.arange(s, device=dev)
+            for lo in range(0, bidx.numel(), chunk):
+                b, p = bidx[lo:lo + chunk], pidx[lo:lo + chunk]
+                n = b.numel()
+                i, j = si[b, p], sj[b, p]
+                gi, gj = i // s, j // s
+                rows = (((gi[:, None] + d) % Gh)[:, :, None] * s + t).reshape(n, -1)  # [n, S]
+                cols = (((gj[:, None] + d) % Gw)[:, :, None] * s + t).reshape(n, -1)
+                crop = batch.ids[b[:, None, None], rows[:, :, None], cols[:, None, :]]  # [n, S, S]
+                nid = new_ids[b, p]
+                # local labels of the cells in the crop ∪ {new id}
+                allv = torch.cat([crop.reshape(n, -1), nid[:, None]], 1)
+                srt, _ = torch.sort(allv, 1)
+                first = torch.ones_like(srt, dtype=torch.bool)
+                first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+                nc = int(first.sum(1).max())
+                rank = torch.cumsum(first.long(), 1) - 1
+                big = torch.iinfo(torch.long).max
+                uniq = torch.full((n, nc), big, dtype=torch.long, device=dev)
+                uniq.scatter_(1, rank, srt)
+                lab = torch.searchsorted(uniq, allv)  # [n, S*S+1]
+                lab_b = lab[:, :-1].view(n, n_crop, n_crop)
+                ci = 2 * r * s + i - gi * s
+                cj = 2 * r * s + j - gj * s
+                lab_a = lab_b.clone()
+                lab_a[torch.arange(n, device=dev), ci, cj] = lab[:, -1]
+                types_b = batch.types[b]
+                tb = types_b.gather(1, crop.reshape(n, -1)).view(n, n_crop, n_crop)
+                ta = tb.clone()
+                ta[torch.arange(n, device=dev), ci, cj] = types_b.gather(1, nid[:, None])[:, 0]
+                e = self._terms(torch.cat([lab_b, lab_a]), torch.cat([tb, ta]), nc, valid=True)
+                out[b, p] = (e[n:] - e[:n]).to(torch.float64)
+            return out * self.scale
+
+        def _delta_full(self, batch, sites, new_ids, todo):
+            B, P = sites.shape
+            with torch.no_grad():
+                base = self.energy(batch)
+                out = torch.zeros((B, P), dtype=torch.float64, device=batch.device)
+                for b, p in zip(*torch.nonzero(todo, as_tuple=True)):
+                    ids = batch.ids[b:b + 1].clone()
+                    ids.view(1, -1)[0, sites[b, p]] = new_ids[b, p]
+                    sub = Batch(ids, batch.types[b:b + 1], batch.volumes[b:b + 1], batch.periodic)
+                    out[b, p] = self.energy(sub)[0] - base[b]
+            return out
+
+        def numpy_evaluator(self) -> LocalNHNumpy:
+            """A :class:`LocalNHNumpy` with the current weights (cached until the parameters change)."""
+            version = tuple(int(p._version) for p in self.parameters()) + (self.scale_value(),)
+            if self._np is None or self._np_version != version:
+                self._np = LocalNHNumpy.from_torch(self)
+                self._np_version = version
+            return self._np
+
+        def delta_np(self, state, site, new_id, cache=None) -> float:
+            """ΔH of one copy attempt in pure numpy float64 (via :class:`LocalNHNumpy`)."""
+            return self.numpy_evaluator().delta(np.asarray(state.ids), np.asarray(state.types), site, int(new_id))
+
+        # --- serialisation ----------------------------------------------------------------------
+        def spec(self) -> dict:
+            return {"kind": self.kind, "scale": self.scale_value(), "params": {"config": copy.deepcopy(self.config)}}
+
+        def tensors(self) -> dict:
+            return {k: v for k, v in self.state_dict().items() if k != "scale"}
+
+        @classmethod
+        def from_spec(cls, spec: dict, tensors: dict, lattice: LatticeSpec | None = None):
+            params = spec.get("params", {})
+            if not isinstance(params, dict) or not isinstance(params.get("config"), dict):
+                raise BundleError("term 'local_nh': params must hold an architecture 'config' dict")
+            term = cls(params["config"], scale=float(spec.get("scale", 1.0)))
+            sd = {k: v for k, v in term.state_dict().items() if k == "scale"}
+            sd.update(tensors)
+            try:
+                term.load_state_dict(sd, strict=True)
+            except RuntimeError as e:
+                raise BundleError(f"term 'local_nh': weights do not match the architecture config ({e})") from None
+            return term

@@ -1,0 +1,614 @@
+"""Global neural Hamiltonians: the paper's NH (kind ``"nh"``) and its two baselines (``"cnn"``, ``"nh1_cnn"``).
+
+Architecture (paper §3.1, App. B.2; details the paper leaves open follow the authors' public JAX code)::
+
+    input per id c (medium included, ids absent from the lattice excluded):
+        x_c = [ mask_c , one-hot type map (T+1 channels) ]              (2 + T channels, H×W)
+    embedding : Conv(k = stride = s, no padding) per cell               → h1×w1 = ⌊H/s⌋×⌊W/s⌋
+    NH layer ℓ (per cell, shared weights):
+        z_c = down(x_c)                               1×1 conv  (in → edge)
+        ψ_c = SiLU(Conv3(SiLU(Conv3(z_c))))           cell-wise branch
+        A   = up(Σ_c ψ_c)                             1×1 conv on the permutation-invariant sum
+        y_c = Conv3(SiLU(Conv3([x_c, A]))) + res(x_c) interaction branch (no final SiLU, as the reference code)
+        x_c ← MaxPool_pℓ(y_c)
+    read-out  : r = Σ_c Conv1×1(x_c)   (agg channels)  [→ CNN blocks on r for "nh1_cnn"]
+                Σ over space → MLP with residual SiLU layers → Linear → scalar
+
+3×3 convolutions use circular padding (the lattice is a torus); the embedding and the pools drop the
+remainder rows/columns (``VALID``), as the reference code.  The energy is therefore invariant to any
+relabelling of ids (types follow their cells) and to periodic shifts by multiples of the total stride
+``s·Πpℓ`` on lattices divisible by it.
+
+"cnn" (not permutation invariant): a CNN on the stacked one-hot of ids (``n_ids`` channels) and types.
+
+Energies are returned in float64 (the network computes in its parameters' dtype, float32 by default) and
+include the term's ``scale``.  Units: dimensionless energy, same units as the analytic terms it is summed with.
+
+ΔH (:meth:`NeuralHamiltonian.delta`) reuses the base state's activations: a copy changes two cells' masks
+and the type map at one site, i.e. one embedding pixel of every cell; only the first NH layer's window
+around it is recomputed (for every cell, on a crop), the pooled result is patched into the cached input of
+the second layer, and the (low-resolution) remaining layers are evaluated for all proposals in batches.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import BundleError, ConfigError
+from .base import Batch, LatticeSpec, Term, register_term
+
+__all__ = ["NeuralHamiltonian", "CNNHamiltonian", "NH1CNNHamiltonian", "NH_PRESETS", "CNN_PRESETS",
+           "NH1CNN_PRESETS", "present_ids"]
+
+_silu = F.silu
+
+# ------------------------------------------------------------------------------------------- presets
+NH_PRESETS = {
+    # reference code configs/experiment_1.py "nh"/"nch"
+    "mnist": dict(n_types=2, embed_stride=3, hidden=[8, 16, 32, 32], edge=[8, 16, 32, 32], pools=[3, 2, 1, 1],
+                  agg_channels=32, mlp=[32, 32]),
+    # reference code configs/experiment_2.py "nch"
+    "bipolar": dict(n_types=2, embed_stride=5, hidden=[16, 32, 32, 64, 64, 64], edge=[16, 32, 32, 64, 64, 64],
+                    pools=[2, 1, 2, 1, 2, 1], agg_channels=32, mlp=[32, 32]),
+}
+NH1CNN_PRESETS = {
+    # reference code configs/experiment_1.py "shallow_nh"
+    "mnist": dict(n_types=2, embed_stride=3, hidden=[8], edge=[8], pools=[3], agg_channels=32,
+                  conv_hidden=[32, 64, 128], conv_pools=[1, 2, 2], conv_layers=2, mlp=[32, 32]),
+    "bipolar": dict(n_types=2, embed_stride=5, hidden=[16], edge=[16], pools=[2], agg_channels=32,
+                    conv_hidden=[32, 64, 128], conv_pools=[1, 2, 2], conv_layers=2, mlp=[32, 32]),
+}
+CNN_PRESETS = {
+    # reference code configs/experiment_1.py "conv_ham"
+    "mnist": dict(n_types=2, n_ids=51, embed_stride=3, hidden=[16, 16, 32, 32, 64, 64, 128],
+                  pools=[1, 2, 1, 2, 1, 2, 1], conv_layers=2, agg_channels=64, mlp=[32, 32]),
+    "bipolar": dict(n_types=2, n_ids=41, embed_stride=5, hidden=[16, 16, 32, 32, 64, 64, 128],
+                    pools=[1, 2, 1, 2, 1, 2, 1], conv_layers=2, agg_channels=64, mlp=[32, 32]),
+}
+
+_NH_DEFAULTS = dict(n_types=2, embed_stride=3, hidden=[8], edge=None, pools=None, agg_channels=32,
+                    conv_hidden=[], conv_pools=None, conv_layers=2, mlp=[32, 32], padding="circular",
+                    phi_final_activation=False, dtype="float32")
+_CNN_DEFAULTS = dict(n_types=2, n_ids=51, embed_stride=3, hidden=[16], pools=None, conv_layers=2, agg_channels=64,
+                     mlp=[32, 32], padding="circular", dtype="float32")
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _complete_config(config, preset, presets, defaults, kind):
+    cfg = dict(defaults)
+    if preset is not None:
+        if preset not in presets:
+            raise ConfigError(f"{kind}: unknown preset {preset!r}; known presets: {', '.join(sorted(presets))}")
+        cfg.update(copy.deepcopy(presets[preset]))
+    if config:
+        unknown = set(config) - set(defaults)
+        if unknown:
+            raise ConfigError(f"{kind}: unknown configuration key(s) {sorted(unknown)}; known keys: "
+                              f"{sorted(defaults)}")
+        cfg.update(copy.deepcopy(dict(config)))
+    n = len(cfg["hidden"])
+    if n < 1:
+        raise ConfigError(f"{kind}: 'hidden' needs at least one entry")
+    if cfg.get("pools") is None:
+        cfg["pools"] = [1] * n
+    if "edge" in cfg and cfg["edge"] is None:
+        cfg["edge"] = list(cfg["hidden"])
+    if len(cfg["pools"]) != n or ("edge" in cfg and len(cfg["edge"]) != n):
+        raise ConfigError(f"{kind}: 'pools' (and 'edge') must have one entry per hidden layer ({n})")
+    if "conv_hidden" in cfg:
+        if cfg.get("conv_pools") is None:
+            cfg["conv_pools"] = [1] * len(cfg["conv_hidden"])
+        if len(cfg["conv_pools"]) != len(cfg["conv_hidden"]):
+            raise ConfigError(f"{kind}: 'conv_pools' must have one entry per 'conv_hidden' entry")
+    if cfg["padding"] not in ("circular", "zeros"):
+        raise ConfigError(f"{kind}: padding must be 'circular' or 'zeros', got {cfg['padding']!r}")
+    if cfg["dtype"] not in _DTYPES:
+        raise ConfigError(f"{kind}: dtype must be one of {sorted(_DTYPES)}, got {cfg['dtype']!r}")
+    for key in ("n_types", "embed_stride", "agg_channels"):
+        if int(cfg[key]) < 1:
+            raise ConfigError(f"{kind}: {key} must be >= 1, got {cfg[key]}")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _conv(x, conv: nn.Conv2d, padding: str):
+    """3×3 (or k×k) 'same' convolution with circular or zero padding; x: [N, C, h, w]."""
+    k = conv.kernel_size[0]
+    if k == 1:
+        return conv(x)
+    p = k // 2
+    if padding == "circular":
+        x = F.pad(x, (p, p, p, p), mode="circular")
+        return F.conv2d(x, conv.weight, conv.bias)
+    return F.conv2d(x, conv.weight, conv.bias, padding=p)
+
+
+def _pool(x, p: int):
+    return x if p == 1 else F.max_pool2d(x, p, p)
+
+
+def present_ids(ids: torch.Tensor, n_ids: int | None = None):
+    """Ids present on each lattice of a batch, padded.
+
+    Returns ``(idlist [B, K] long, present [B, K] bool, volumes [B, C] long)``: the ids with positive volume
+    in increasing order, padded (``present`` False) with the last id; K = the largest count in the batch.
+    """
+    B = ids.shape[0]
+    flat = ids.reshape(B, -1)
+    c = int(flat.max()) + 1 if n_ids is None else max(int(n_ids), int(flat.max()) + 1)
+    vol = torch.zeros((B, c), dtype=torch.long, device=ids.device)
+    vol.scatter_add_(1, flat, torch.ones_like(flat))
+    pres = vol > 0
+    k = int(pres.sum(1).max())
+    order = torch.argsort((~pres).to(torch.int8), dim=1, stable=True)[:, :k]
+    present = pres.gather(1, order)
+    return order, present, vol
+
+
+class _MLPHead(nn.Module):
+    """MLP with residual SiLU hidden layers (reference ``MLP`` with use_residual) and a linear output."""
+
+    def __init__(self, n_in: int, hidden):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        self.res = nn.ModuleList()
+        c = n_in
+        for h in hidden:
+            self.layers.append(nn.Linear(c, h))
+            self.res.append(nn.Linear(c, h) if c != h else nn.Identity())
+            c = h
+        self.out = nn.Linear(c, 1)
+
+    def forward(self, x):
+        for lin, res in zip(self.layers, self.res):
+            x = _silu(lin(x)) + res(x)
+        return self.out(x)[..., 0]
+
+
+class _ConvBlock(nn.Module):
+    """[Conv3, SiLU] × n with a residual (1×1 conv when channels change): reference ``ConvNet``."""
+
+    def __init__(self, c_in: int, c_out: int, n_layers: int):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(c_in if i == 0 else c_out, c_out, 3) for i in range(n_layers)])
+        self.res = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x, padding):
+        y = x
+        for conv in self.convs:
+            y = _silu(_conv(y, conv, padding))
+        return y + (self.res(x) if self.res is not None else x)
+
+
+class _NHLayer(nn.Module):
+    """One NH layer (reference ``NHLayer`` with edge downsampling factor 1)."""
+
+    def __init__(self, c_in: int, c_node: int, c_edge: int, phi_final_activation: bool = False):
+        super().__init__()
+        self.down = nn.Conv2d(c_in, c_edge, 1)
+        self.psi1 = nn.Conv2d(c_edge, c_edge, 3)
+        self.psi2 = nn.Conv2d(c_edge, c_edge, 3)
+        self.up = nn.Conv2d(c_edge, c_edge, 1)
+        self.phi1 = nn.Conv2d(c_in + c_edge, c_node, 3)
+        self.phi2 = nn.Conv2d(c_node, c_node, 3)
+        self.res = nn.Conv2d(c_in, c_node, 1) if c_in != c_node else None
+        self.phi_final_activation = phi_final_activation
+
+    def psi(self, x, padding):
+        z = self.down(x)
+        return _silu(_conv(_silu(_conv(z, self.psi1, padding)), self.psi2, padding))
+
+    def phi(self, x, a, padding):
+        y = _conv(_silu(_conv(torch.cat([x, a], 1), self.phi1, padding)), self.phi2, padding)
+        if self.phi_final_activation:
+            y = _silu(y)
+        return y + (self.res(x) if self.res is not None else x)
+
+    def forward(self, x, pres, padding):
+        """x: [B, K, C, h, w]; pres: [B, K] float (1 present, 0 padding) → [B, K, C', h, w] (before pooling)."""
+        B, K = x.shape[:2]
+        xf = x.flatten(0, 1)
+        p = self.psi(xf, padding)
+        p = p.view(B, K, *p.shape[1:])
+        s = (p * pres[:, :, None, None, None]).sum(1)
+        a = self.up(s)
+        a = a[:, None].expand(B, K, *a.shape[1:]).flatten(0, 1)
+        y = self.phi(xf, a, padding)
+        return y.view(B, K, *y.shape[1:])
+
+
+# ------------------------------------------------------------------------------------------- common Term base
+class _NeuralTerm(Term):
+    analytic = False
+    _presets: dict = {}
+    _defaults: dict = {}
+
+    def __init__(self, config=None, *, preset=None, scale=1.0, learn_scale=False, seed=None):
+        super().__init__(scale, learn_scale)
+        self.config = _complete_config(config, preset, self._presets, self._defaults, self.kind)
+        self._seed = seed
+
+    def _finish_init(self, seed):
+        if seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(seed))
+                for m in self.modules():
+                    if isinstance(m, (nn.Conv2d, nn.Linear)):
+                        m.reset_parameters()
+        self.to(_DTYPES[self.config["dtype"]])
+        # the scale stays float64
+        if isinstance(self.scale, nn.Parameter):
+            self.scale.data = self.scale.data.to(torch.float64)
+        else:
+            self.scale = self.scale.to(torch.float64)
+
+    def _network_parameters(self):
+        return [p for n, p in self.named_parameters() if n != "scale"]
+
+    @property
+    def dtype(self):
+        return next(iter(self._network_parameters())).dtype
+
+    def _check_types(self, batch: Batch):
+        t = int(batch.types.max()) if batch.types.numel() else 0
+        if t > self.config["n_types"]:
+            raise ConfigError(f"{self.kind}: the states hold cell type {t} but the network was built for "
+                              f"types 0..{self.config['n_types']}")
+
+    def _type_onehot(self, batch: Batch):
+        tmap = batch.types.gather(1, batch.ids.flatten(1)).view(batch.ids.shape)
+        oh = F.one_hot(tmap, self.config["n_types"] + 1).permute(0, 3, 1, 2)
+        return oh.to(self.dtype)
+
+    # --- ΔH by full recomputation (generic; exact) ---------------------------------------------
+    def delta_full(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, chunk: int = 64):
+        """ΔH by evaluating every proposed state in full (batched in chunks of ``chunk`` states)."""
+        B, P = sites.shape
+        with torch.no_grad():
+            base = self.energy(batch)
+            out = torch.empty((B, P), dtype=torch.float64, device=batch.device)
+            flat_ids = batch.ids.flatten(1)
+            bi = torch.arange(B, device=batch.device)[:, None].expand(B, P).reshape(-1)
+            s = sites.reshape(-1)
+            nid = new_ids.reshape(-1).to(flat_ids.dtype)
+            res = []
+            for lo in range(0, B * P, chunk):
+                sl = slice(lo, lo + chunk)
+                ids = flat_ids[bi[sl]].clone()
+                ids[torch.arange(ids.shape[0], device=ids.device), s[sl]] = nid[sl]
+                sub = Batch(ids.view(-1, *batch.shape), batch.types[bi[sl]], batch.volumes[bi[sl]], batch.periodic)
+                res.append(self.energy(sub))
+            out = torch.cat(res).view(B, P) - base[:, None]
+        return out
+
+    def delta(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
+        return self.delta_full(batch, sites, new_ids)
+
+    def delta_np(self, state, site, new_id, cache=None) -> float:
+        """ΔH of one copy attempt (evaluates the network on the state before and after; slow, exact)."""
+        ids = np.asarray(state.ids)
+        dev = next(iter(self._network_parameters())).device
+        after = ids.copy()
+        after[tuple(site)] = new_id
+        types = torch.as_tensor(np.asarray(state.types, dtype=np.int64), device=dev)
+        st = torch.as_tensor(np.stack([ids, after]).astype(np.int64), device=dev)
+        b = Batch(st, types[None].expand(2, -1).contiguous(), torch.zeros((2, len(types)), dtype=torch.long), True)
+        with torch.no_grad():
+            e = self.energy(b)
+        return float(e[1] - e[0])
+
+    # --- serialisation ---------------------------------------------------------------------------
+    def spec(self) -> dict:
+        return {"kind": self.kind, "scale": self.scale_value(), "params": {"config": copy.deepcopy(self.config)}}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k != "scale"}
+
+    @classmethod
+    def from_spec(cls, spec: dict, tensors: dict[str, torch.Tensor], lattice: LatticeSpec | None = None):
+        params = spec.get("params", {})
+        if not isinstance(params, dict) or not isinstance(params.get("config"), dict):
+            raise BundleError(f"term {spec.get('kind')!r}: params must hold an architecture 'config' dict")
+        term = cls(params["config"], scale=float(spec.get("scale", 1.0)))
+        sd = {k: v for k, v in term.state_dict().items() if k == "scale"}
+        sd.update(tensors)
+        try:
+            term.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise BundleError(f"term {cls.kind!r}: weights do not match the architecture config ({e})") from None
+        return term
+
+
+# ------------------------------------------------------------------------------------------- the paper's NH
+@register_term
+class NeuralHamiltonian(_NeuralTerm):
+    """The paper's Neural Hamiltonian (kind ``"nh"``); see the module docstring.
+
+    Parameters
+    ----------
+    config : dict, optional
+        Architecture: ``n_types`` (biological types T; the input has 2+T channels), ``embed_stride`` (s),
+        ``hidden`` (channels per NH layer), ``edge`` (channels of the aggregate A per layer, default = hidden),
+        ``pools`` (max-pool size after each layer), ``agg_channels`` (1×1 read-out before the sum over cells),
+        ``conv_hidden``/``conv_pools``/``conv_layers`` (CNN blocks after the cell sum: the "nh1_cnn"
+        baseline), ``mlp`` (residual hidden layers), ``padding`` ("circular"), ``phi_final_activation``
+        (False, as the reference code), ``dtype`` ("float32" or "float64").
+    preset : {"mnist", "bipolar"}, optional
+        Start from the reference code's configuration of that experiment; ``config`` entries override it.
+    scale : float or nn.Parameter
+        Multiplies the energy (w_n of a closure model when shared).
+    seed : int, optional
+        Deterministic initialisation (uniform ±1/√fan_in, the reference code's scheme).
+    """
+
+    kind = "nh"
+    _presets = NH_PRESETS
+    _defaults = _NH_DEFAULTS
+
+    def __init__(self, config=None, *, preset=None, scale=1.0, learn_scale=False, seed=None):
+        super().__init__(config, preset=preset, scale=scale, learn_scale=learn_scale, seed=seed)
+        cfg = self.config
+        T = int(cfg["n_types"])
+        s = int(cfg["embed_stride"])
+        hidden = [int(c) for c in cfg["hidden"]]
+        self.embed = nn.Conv2d(2 + T, hidden[0], s, stride=s)
+        chans = [hidden[0]] + hidden
+        self.layers = nn.ModuleList([_NHLayer(chans[i], chans[i + 1], int(cfg["edge"][i]),
+                                              bool(cfg["phi_final_activation"])) for i in range(len(hidden))])
+        self.to_agg = nn.Conv2d(hidden[-1], int(cfg["agg_channels"]), 1)
+        cc = [int(cfg["agg_channels"])] + [int(c) for c in cfg["conv_hidden"]]
+        self.conv_blocks = nn.ModuleList([_ConvBlock(cc[i], cc[i + 1], int(cfg["conv_layers"]))
+                                          for i in range(len(cfg["conv_hidden"]))])
+        self.head = _MLPHead(cc[-1], [int(c) for c in cfg["mlp"]])
+        self._finish_init(seed)
+
+    @property
+    def total_stride(self) -> int:
+        """Embedding stride × product of the pools: the period of exact translation invariance (sites)."""
+        return int(self.config["embed_stride"]) * int(np.prod(self.config["pools"]))
+
+    # --- forward pieces --------------------------------------------------------------------------
+    def _inputs(self, batch: Batch):
+        """Per-cell embedding: (x1 [B, K, C, h1, w1], pres [B, K] float, idlist [B, K])."""
+        self._check_types(batch)
+        ids = batch.ids
+        idlist, present, _ = present_ids(ids)
+        B, K = idlist.shape
+        masks = (ids[:, None] == idlist[:, :, None, None]).to(self.dtype)  # [B, K, H, W]
+        W = self.embed.weight
+        em = F.conv2d(masks.flatten(0, 1)[:, None], W[:, :1], None, stride=self.embed.stride)
+        et = F.conv2d(self._type_onehot(batch), W[:, 1:], self.embed.bias, stride=self.embed.stride)
+        x = em.view(B, K, *em.shape[1:]) + et[:, None]
+        return x, present.to(self.dtype), idlist
+
+    def _run_layers(self, x, pres, start: int = 0):
+        pad = self.config["padding"]
+        for li in range(start, len(self.layers)):
+            y = self.layers[li](x, pres, pad)
+            p = int(self.config["pools"][li])
+            if p > 1:
+                B, K = y.shape[:2]
+                y = _pool(y.flatten(0, 1), p)
+                y = y.view(B, K, *y.shape[1:])
+            x = y
+        return x
+
+    def _readout(self, x, pres):
+        B, K = x.shape[:2]
+        r = self.to_agg(x.flatten(0, 1))
+        r = (r.view(B, K, *r.shape[1:]) * pres[:, :, None, None, None]).sum(1)
+        for blk, p in zip(self.conv_blocks, self.config["conv_pools"]):
+            r = _pool(blk(r, self.config["padding"]), int(p))
+        return self.head(r.sum((-2, -1)))
+
+    def energy_nn(self, batch: Batch) -> torch.Tensor:
+        """Network output [B] in the network dtype, without ``scale``."""
+        x, pres, _ = self._inputs(batch)
+        return self._readout(self._run_layers(x, pres), pres)
+
+    def energy(self, batch: Batch) -> torch.Tensor:
+        return self.energy_nn(batch).to(torch.float64) * self.scale
+
+    # --- fast batched ΔH --------------------------------------------------------------------------
+    def delta(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, *, chunk: int = 16) -> torch.Tensor:
+        """ΔH [B, P] (float64, scale included) of copying ``new_ids`` into ``sites`` (flat), against one state.
+
+        Reuses the base state's activations; see :meth:`delta_incremental`. Falls back to full
+        recomputation for architectures the incremental path does not cover (CNN blocks after the sum).
+        """
+        if len(self.conv_blocks) or self.config["padding"] != "circular":
+            return self.delta_full(batch, sites, new_ids)
+        return self.delta_incremental(batch, sites, new_ids, chunk=chunk)
+
+    @torch.no_grad()
+    def delta_incremental(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, *, chunk: int = 16):
+        """ΔH reusing activations outside each proposal's region of influence (exact up to float rounding).
+
+        A copy at site (i, j) changes one embedding pixel e = (i//s, j//s) of every cell (linearly: the type
+        one-hot and the two affected masks).  In NH layer 1 the cell-wise branch ψ changes within radius 2 of
+        e, the aggregate within radius 2, the interaction branch within radius 4: this window is recomputed
+        for every cell on a crop, max-pooled and written into the cached input of layer 2; layers 2.. and the
+        read-out are evaluated in full for all proposals (they run at 1/(s·p1)² of the lattice resolution).
+        Proposals that need a cell absent from the base state fall back to full recomputation.
+        """
+        dev = batch.device
+        B, P = sites.shape
+        H, W = batch.shape
+        s = int(self.config["embed_stride"])
+        pad = self.config["padding"]
+        x1, pres, idlist = self._inputs(batch)
+        _, K, C1, h1, w1 = x1.shape
+        L0 = self.layers[0]
+        p1 = int(self.config["pools"][0])
+        # --- base: layer-1 caches
+        xf = x1.flatten(0, 1)
+        psi = L0.psi(xf, pad).view(B, K, -1, h1, w1)
+        S1 = (psi * pres[:, :, None, None, None]).sum(1)  # [B, E, h1, w1]
+        a = L0.up(S1)
+        y1 = L0.phi(xf, a[:, None].expand(B, K, *a.shape[1:]).flatten(0, 1), pad).view(B, K, -1, h1, w1)
+        x2 = _pool(y1.flatten(0, 1), p1).view(B, K, -1, h1 // p1, w1 // p1) if p1 > 1 else y1
+        h2, w2 = x2.shape[-2:]
+        base_nn = self._readout(self._run_layers(x2, pres, 1), pres)  # [B]
+
+        out = torch.zeros((B, P), dtype=torch.float64, device=dev)
+        flat_ids = batch.ids.flatten(1)
+        si, sj = sites // W, sites % W
+        old = flat_ids.gather(1, sites)
+        ei, ej = si // s, sj // s
+        seen = (ei < h1) & (ej < w1)  # sites in the remainder rows/cols are not seen by the network
+        # slot of old / new id in idlist
+        match_old = (idlist[:, None, :] == old[:, :, None]) & (pres[:, None, :] > 0)
+        match_new = (idlist[:, None, :] == new_ids[:, :, None]) & (pres[:, None, :] > 0)
+        has_new = match_new.any(-1)
+        same = old == new_ids
+        vol = torch.zeros((B, int(flat_ids.max()) + 2), dtype=torch.long, device=dev)
+        vol.scatter_add_(1, flat_ids, torch.ones_like(flat_ids))
+        vanish = vol.gather(1, old) == 1
+        # a vanishing cell or a new cell changes the set of cells everywhere: recompute those in full
+        fallback = ~same & (~has_new | vanish)
+        todo = seen & ~same & ~fallback
+        if fallback.any():
+            full = self.delta_full(batch, sites, new_ids)
+            out[fallback] = full[fallback]
+        if not todo.any():
+            return out
+        # geometry of the layer-1 window
+        rr = 4 + (p1 - 1)  # crop radius (layer-1 px) of the recomputed interaction output
+        rx = rr + 2  # crop radius of the inputs
+        D = 2 * rx + 1
+        offs = torch.arange(-rx, rx + 1, device=dev)
+        # embedding weight pieces: contribution of one input site to its embedding pixel
+        Wm = self.embed.weight[:, 0]  # [C1, s, s]
+        Wt = self.embed.weight[:, 1:]  # [C1, T+1, s, s]
+        bidx, pidx = torch.nonzero(todo, as_tuple=True)
+        n_all = bidx.numel()
+        dq = torch.arange(-4, 5, device=dev)
+        for lo in range(0, n_all, chunk):
+            b = bidx[lo:lo + chunk]
+            pp = pidx[lo:lo + chunk]
+            n = b.numel()
+            ci, cj = ei[b, pp], ej[b, pp]
+            di, dj = si[b, pp] - ci * s, sj[b, pp] - cj * s
+            rows = (ci[:, None] + offs) % h1  # [n, D]
+            cols = (cj[:, None] + offs) % w1
+            # crops of x1 for all cells: [n, K, C1, D, D]
+            xb = x1[b]
+            xc = xb.gather(3, rows[:, None, None, :, None].expand(n, K, C1, D, w1))
+            xc = xc.gather(4, cols[:, None, None, None, :].expand(n, K, C1, D, D))
+            t_old = batch.types[b, old[b, pp]]
+            t_new = batch.types[b, new_ids[b, pp]]
+            dt = Wt[:, t_new, di, dj].T - Wt[:, t_old, di, dj].T  # [n, C1]
+            wm = Wm[:, di, dj].T  # [n, C1]
+            kold = match_old[b, pp].to(self.dtype)  # [n, K]
+            knew = match_new[b, pp].to(self.dtype)
+            dx = dt[:, None, :] + (knew - kold)[:, :, None] * wm[:, None, :]  # [n, K, C1]
+            xa = xc.clone()
+            xa[:, :, :, rx, rx] += dx
+            pres_a = pres[b]
+            # ψ on the centre (radius 2) before and after, for all cells
+            cen = slice(rx - 4, rx + 5)
+            both = torch.stack([xc[..., cen, cen], xa[..., cen, cen]], 1).flatten(0, 2)  # [n*2*K, C1, 9, 9]
+            z = L0.down(both)
+            ps = _silu(F.conv2d(_silu(F.conv2d(z, L0.psi1.weight, L0.psi1.bias)), L0.psi2.weight, L0.psi2.bias))
+            ps = ps.view(n, 2, K, *ps.shape[1:])  # [n, 2, K, E, 5, 5]
+            dS = (ps[:, 1] * pres_a[:, :, None, None, None]).sum(1) - (ps[:, 0] * pres[b][:, :, None, None, None]).sum(1)
+            # aggregate crop (radius rx), patched
+            Sb = S1[b]
+            E = Sb.shape[1]
+            Sc = Sb.gather(2, rows[:, None, :, None].expand(n, E, D, w1))
+            Sc = Sc.gather(3, cols[:, None, None, :].expand(n, E, D, D))
+            Sc[..., rx - 2:rx + 3, rx - 2:rx + 3] += dS
+            Ac = L0.up(Sc)  # [n, E, D, D]
+            # interaction branch, valid convolutions: radius rx → rx-1 → rx-2 = rr
+            inp = torch.cat([xa, Ac[:, None].expand(n, K, *Ac.shape[1:])], 2).flatten(0, 1)
+            g = _silu(F.conv2d(inp, L0.phi1.weight, L0.phi1.bias))
+            yc = F.conv2d(g, L0.phi2.weight, L0.phi2.bias)
+            if L0.phi_final_activation:
+                yc = _silu(yc)
+            xin = xa.flatten(0, 1)[..., 2:-2, 2:-2]
+            yc = yc + (L0.res(xin) if L0.res is not None else xin)
+            yc = yc.view(n, K, -1, 2 * rr + 1, 2 * rr + 1)  # after-state layer-1 output, radius rr around e
+            # pooled outputs that intersect the changed region (radius 4); gather their p1×p1 blocks
+            C2 = yc.shape[2]
+            r_abs = (ci[:, None] + dq) % h1  # [n, 9]
+            c_abs = (cj[:, None] + dq) % w1
+            qi, qj = r_abs // p1, c_abs // p1
+            st_i = (dq + rr)[None] - (r_abs % p1)  # local start row of the block
+            st_j = (dq + rr)[None] - (c_abs % p1)
+            tpool = torch.arange(p1, device=dev)
+            ri = (st_i[:, :, None] + tpool).reshape(n, -1)  # [n, 9*p1]
+            rj = (st_j[:, :, None] + tpool).reshape(n, -1)
+            blk = yc.gather(3, ri[:, None, None, :, None].expand(n, K, C2, ri.shape[1], yc.shape[-1]))
+            blk = blk.gather(4, rj[:, None, None, None, :].expand(n, K, C2, ri.shape[1], rj.shape[1]))
+            blk = blk.view(n, K, C2, 9, p1, 9, p1).amax((4, 6))  # [n, K, C2, 9, 9]
+            # write into a copy of the cached layer-2 input (one extra row/col catches the dropped remainder)
+            x2n = F.pad(x2[b], (0, 1, 0, 1))
+            qi = torch.where(qi < h2, qi, torch.full_like(qi, h2))
+            qj = torch.where(qj < w2, qj, torch.full_like(qj, w2))
+            nn_i = torch.arange(n, device=dev)[:, None, None]
+            x2n = x2n.permute(0, 3, 4, 1, 2)  # [n, h2+1, w2+1, K, C2]
+            x2n[nn_i, qi[:, :, None], qj[:, None, :]] = blk.permute(0, 3, 4, 1, 2)
+            x2n = x2n.permute(0, 3, 4, 1, 2)[..., :h2, :w2]
+            e_after = self._readout(self._run_layers(x2n.contiguous(), pres_a, 1), pres_a)
+            out[b, pp] = (e_after - base_nn[b]).to(torch.float64)
+        return out * self.scale
+
+
+# ------------------------------------------------------------------------------------------- baselines
+@register_term
+class NH1CNNHamiltonian(NeuralHamiltonian):
+    """Baseline "1 NH layer + invariant pooling over cells + CNN" (kind ``"nh1_cnn"``; reference "shallow_nh")."""
+
+    kind = "nh1_cnn"
+    _presets = NH1CNN_PRESETS
+
+    def __init__(self, config=None, *, preset=None, scale=1.0, learn_scale=False, seed=None):
+        if preset is None and not config:
+            preset = "mnist"
+        super().__init__(config, preset=preset, scale=scale, learn_scale=learn_scale, seed=seed)
+
+
+@register_term
+class CNNHamiltonian(_NeuralTerm):
+    """Baseline plain CNN on the stacked one-hot of ids and types (kind ``"cnn"``; NOT permutation invariant).
+
+    Input channels: ``n_ids`` (one-hot of the cell id; ids ≥ n_ids are an error) + ``n_types + 1`` (type
+    one-hot). Embedding conv k = stride = s, blocks of [Conv3, SiLU]×``conv_layers`` with residuals and
+    max-pools, 1×1 conv to ``agg_channels``, sum over space, residual MLP (reference ``SimpleConvNeuralHamiltonian``).
+    """
+
+    kind = "cnn"
+    _presets = CNN_PRESETS
+    _defaults = _CNN_DEFAULTS
+
+    def __init__(self, config=None, *, preset=None, scale=1.0, learn_scale=False, seed=None):
+        super().__init__(config, preset=preset, scale=scale, learn_scale=learn_scale, seed=seed)
+        cfg = self.config
+        T = int(cfg["n_types"])
+        s = int(cfg["embed_stride"])
+        hidden = [int(c) for c in cfg["hidden"]]
+        self.embed = nn.Conv2d(int(cfg["n_ids"]) + T + 1, hidden[0], s, stride=s)
+        chans = [hidden[0]] + hidden
+        self.blocks = nn.ModuleList([_ConvBlock(chans[i], chans[i + 1], int(cfg["conv_layers"]))
+                                     for i in range(len(hidden))])
+        self.to_agg = nn.Conv2d(hidden[-1], int(cfg["agg_channels"]), 1)
+        self.head = _MLPHead(int(cfg["agg_channels"]), [int(c) for c in cfg["mlp"]])
+        self._finish_init(seed)
+
+    def energy(self, batch: Batch) -> torch.Tensor:
+        self._check_types(batch)
+        n_ids = int(self.config["n_ids"])
+        if int(batch.ids.max()) >= n_ids:
+            raise ConfigError(f"cnn: cell id {int(batch.ids.max())} exceeds the network's n_ids = {n_ids}")
+        x = torch.cat([F.one_hot(batch.ids, n_ids).permute(0, 3, 1, 2).to(self.dtype), self._type_onehot(batch)], 1)
+        x = self.embed(x)
+        for blk, p in zip(self.blocks, self.config["pools"]):
+            x = _pool(blk(x, self.config["padding"]), int(p))
+        e = self.head(self.to_agg(x).sum((-2, -1)))
+        return e.to(torch.float64) * self.scale

@@ -1,0 +1,146 @@
+"""Integer label images in TIFF (tifffile) plus a cell-type map.
+
+* A 2-D image ``(H, W)`` is one frame; a 3-D stack ``(frames, H, W)`` is a time series of one lattice.
+  With ``ndim=3`` (3-D lattices) a ``(D, H, W)`` image is one frame and ``(frames, D, H, W)`` a series.
+* Pixel values are cell ids (0 = medium), any integer dtype; integral float images are accepted.
+  Interleaved colour images (RGB, axes ``YXS``) are refused; planar samples (``SYX``, which tifffile writes
+  for a plain ``(3, H, W)`` stack unless ``photometric="minisblack"``) are read as frames.
+* Cell types come from a type map (see :mod:`.typemap`): the ``types=`` argument or the sidecar
+  ``<stem>.types.json`` / ``<stem>.types.csv``. One type map serves every frame of the file.
+
+:func:`save_tiff` writes the stack as int32 (or uint16 when the ids fit) plus ``<stem>.types.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from ..errors import DataError
+from ..lattice import CellState
+from .typemap import states_from_labels, write_type_map
+
+__all__ = ["read_tiff", "save_tiff"]
+
+MAX_SITES = 2 ** 30
+"""Largest number of pixels (all frames) a TIFF may declare; larger images are refused before reading."""
+
+# what tifffile raises on corrupt or unsupported files besides TiffFileError (found by fuzzing)
+_TIFF_ERRORS = (ValueError, struct.error, IndexError, KeyError, OverflowError, EOFError, NotImplementedError,
+                zlib.error)
+
+
+def read_tiff(path, *, types=None, n_types: int | None = None, ndim: int = 2) -> list[CellState]:
+    """Read a TIFF label image or stack → states (one per frame).
+
+    Parameters
+    ----------
+    path : str or PathLike
+    types : type map (dict ``{id: type}``, per-id table, one int, or a JSON/CSV file); default: the sidecar
+        ``<stem>.types.json|csv``.
+    n_types : int, optional
+        Declared number of biological types (checked).
+    ndim : 2 or 3
+        Lattice dimension: 2 → ``(H, W)`` or ``(frames, H, W)``; 3 → ``(D, H, W)`` or ``(frames, D, H, W)``.
+    """
+    path = Path(path)
+    if ndim not in (2, 3):
+        raise DataError(f"ndim must be 2 or 3, got {ndim}", path=path)
+    shape = None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series
+            if not series:
+                raise DataError("the TIFF file holds no image", path=path)
+            if len(series) > 1:
+                shapes = ", ".join(str(tuple(s.shape)) for s in series[:4])
+                raise DataError(f"the TIFF file holds {len(series)} image series of different shapes ({shapes}); "
+                                "write the frames as one stack of equal-sized pages", path=path)
+            s = series[0]
+            shape, dtype, axes = tuple(s.shape), np.dtype(s.dtype), s.axes
+            if axes.endswith("S") and shape[-1] > 1:
+                raise DataError(f"a colour (RGB) image of shape {shape} (axes {axes}); a label image has one integer "
+                                "channel of cell ids", path=path)
+            # planar samples (axes "SYX") are read as an ordinary leading axis: tifffile stores a plain
+            # (3, H, W) or (4, H, W) stack that way unless photometric="minisblack" is given
+            if dtype == bool or dtype.kind not in "iuf":
+                raise DataError(f"cell ids must be integers, got pixel type {dtype}", path=path)
+            if int(np.prod(shape, dtype=np.float64)) > MAX_SITES:
+                raise DataError(f"the image of shape {shape} is larger than the limit of {MAX_SITES} pixels",
+                                path=path)
+            arr = s.asarray()
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError("file not found", path=path) from None
+    except tifffile.TiffFileError as e:
+        raise DataError(f"not a readable TIFF file ({e})", path=path) from None
+    except OSError as e:
+        raise DataError(f"cannot read the TIFF file ({e})", path=path) from None
+    except MemoryError:
+        raise DataError(f"the image of shape {shape} does not fit in memory", path=path) from None
+    except _TIFF_ERRORS as e:
+        raise DataError(f"corrupt TIFF file ({type(e).__name__}: {e})", path=path) from None
+    arr = np.asarray(arr)
+    # drop singleton axes that are not lattice axes (e.g. ImageJ's T/Z/C of length 1)
+    while arr.ndim > ndim + 1 and 1 in arr.shape[: arr.ndim - ndim]:
+        arr = arr.squeeze(axis=arr.shape.index(1))
+    if arr.ndim == ndim:
+        arr = arr[None]
+    if arr.ndim != ndim + 1:
+        want = "(H, W) or (frames, H, W)" if ndim == 2 else "(D, H, W) or (frames, D, H, W)"
+        raise DataError(f"wrong number of dimensions: image of shape {tuple(arr.shape)}, expected {want}", path=path)
+    if min(arr.shape) == 0:
+        raise DataError(f"empty image of shape {tuple(arr.shape)}", path=path)
+    return states_from_labels(arr, types, path=path, n_types=n_types, meta={"format": "tiff"})
+
+
+def save_tiff(path, states, *, type_map_path=None) -> tuple[Path, Path]:
+    """Write states as a TIFF label stack plus a JSON type map; return ``(tiff path, type map path)``.
+
+    One state → a single image ``(H, W)``; several → a stack ``(frames, H, W)``. Every cell id must have one
+    type in all states (one type map serves the file). The type map goes to ``type_map_path`` or the sidecar
+    ``<stem>.types.json``. Both files are written to temporary siblings and renamed into place.
+    """
+    path = Path(path)
+    if isinstance(states, CellState):
+        states = [states]
+    states = list(states)
+    if not states:
+        raise DataError("no states to write", path=path)
+    shapes = {s.shape for s in states}
+    if len(shapes) > 1:
+        raise DataError(f"states of mixed lattice sizes cannot share one TIFF stack: {sorted(shapes)}", path=path)
+    mapping: dict[int, int] = {}
+    first: dict[int, int] = {}
+    for f, s in enumerate(states):
+        for c in s.cell_ids().tolist():
+            t = int(s.types[c])
+            if c in mapping and mapping[c] != t:
+                raise DataError(f"cell {c} has type {mapping[c]} in frame {first[c]} and type {t} in frame {f}; "
+                                "one TIFF file has one type map", path=path)
+            mapping.setdefault(c, t)
+            first.setdefault(c, f)
+    stack = np.stack([s.ids for s in states])
+    stack = stack.astype(np.uint16 if stack.max() <= np.iinfo(np.uint16).max else np.int32)
+    if len(states) == 1:
+        stack = stack[0]
+    if type_map_path is None:
+        stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+        type_map_path = path.with_name(stem + ".types.json")
+    type_map_path = Path(type_map_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tifffile.imwrite(tmp, stack, photometric="minisblack")
+        write_type_map(type_map_path, mapping)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path, type_map_path

@@ -1,0 +1,334 @@
+"""Pictures of lattice states: a state to PNG, a trajectory to GIF/MP4, training curves (pyvista offscreen).
+
+* :func:`state_rgb` — the 2-D colour image of a state in numpy: each site is a ``scale × scale`` block coloured
+  by its cell type, with a dark one-pixel line between sites of different cells (cell outlines). Row 0 of
+  the array (``y = 0``) is the top of the picture, ``x`` runs to the right, as in ``imshow``.
+* :func:`render_state` — a state (2-D or 3-D) rendered offscreen with pyvista, optionally written to PNG. 2-D
+  states are drawn as the :func:`state_rgb` image on a flat plane (parallel projection); 3-D states as voxels
+  of the cells (medium hidden) coloured by type, seen from an oblique camera.
+* :func:`render_trajectory` — frames to an animated GIF (Pillow) or MP4 (imageio-ffmpeg, optional), one
+  pyvista plotter reused for all frames.
+* :func:`render_grid` — several 2-D states side by side in one PNG (matplotlib), e.g. training samples.
+* :func:`plot_training_curves` — loss / parameter curves from a training history (matplotlib, Agg).
+
+pyvista prints a harmless "bad X server connection" warning on machines without a display.
+Colours: medium dark grey, type 1 red, type 2 light green (the paper's figures), further types from tab10.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .lattice import CellState
+
+__all__ = [
+    "DEFAULT_COLOURS",
+    "load_history",
+    "plot_training_curves",
+    "render_grid",
+    "render_state",
+    "render_trajectory",
+    "state_rgb",
+]
+
+DEFAULT_COLOURS = np.array([
+    [25, 25, 30],      # medium
+    [220, 40, 40],     # type 1: red
+    [204, 255, 11],    # type 2: light green
+    [31, 119, 180], [255, 127, 14], [148, 103, 189], [140, 86, 75], [227, 119, 194], [127, 127, 127],
+    [23, 190, 207],
+], dtype=np.uint8)
+OUTLINE = np.array([0, 0, 0], dtype=np.uint8)
+
+
+def _colours(n_types: int, colours=None) -> np.ndarray:
+    c = DEFAULT_COLOURS if colours is None else np.asarray(colours, dtype=np.uint8)
+    if len(c) < n_types + 1:
+        extra = np.random.default_rng(0).integers(40, 255, size=(n_types + 1 - len(c), 3)).astype(np.uint8)
+        c = np.concatenate([c, extra])
+    return c
+
+
+def _as_state(state) -> CellState:
+    if isinstance(state, CellState):
+        return state
+    a = np.asarray(state)
+    if a.ndim >= 3 and a.shape[0] == 2:
+        return CellState.from_maps(a[0], a[1])
+    raise DataError(f"expected a CellState or a (2, H, W) interchange array, got shape {a.shape}")
+
+
+def state_rgb(state, *, scale: int = 4, colours=None, outline: bool = True) -> np.ndarray:
+    """``(H·scale, W·scale, 3)`` uint8 picture of a 2-D state (see module docstring)."""
+    s = _as_state(state)
+    if s.ndim != 2:
+        raise DataError(f"state_rgb draws 2-D states; got a {s.ndim}-D lattice (use render_state)")
+    k = max(1, int(scale))
+    cols = _colours(s.n_types, colours)
+    up_ids = np.repeat(np.repeat(s.ids, k, 0), k, 1)
+    img = cols[np.repeat(np.repeat(s.type_map(), k, 0), k, 1)]
+    if outline and k >= 2:
+        edge = np.zeros(up_ids.shape, dtype=bool)
+        edge[1:, :] |= up_ids[1:, :] != up_ids[:-1, :]
+        edge[:, 1:] |= up_ids[:, 1:] != up_ids[:, :-1]
+        img = img.copy()
+        img[edge] = OUTLINE
+    return np.ascontiguousarray(img)
+
+
+class _Renderer:
+    """One offscreen pyvista plotter reused for many frames of the same lattice shape."""
+
+    def __init__(self, shape, window_size=(512, 512), scale: int = 4, colours=None, outline=True,
+                 background="white"):
+        import pyvista as pv
+
+        self.pv = pv
+        self.shape = tuple(shape)
+        self.scale = scale
+        self.colours = colours
+        self.outline = outline
+        self.plotter = pv.Plotter(off_screen=True, window_size=list(window_size))
+        self.plotter.set_background(background)
+        self.mesh = None
+        self.actor = None
+        self.text = None
+
+    def _frame_2d(self, s: CellState):
+        rgb = state_rgb(s, scale=self.scale, colours=self.colours, outline=self.outline)[::-1]  # y down
+        h, w = rgb.shape[:2]
+        if self.mesh is None:
+            self.mesh = self.pv.ImageData(dimensions=(w + 1, h + 1, 1))
+            self.mesh.cell_data["rgb"] = rgb.reshape(-1, 3)
+            self.actor = self.plotter.add_mesh(self.mesh, scalars="rgb", rgb=True, show_scalar_bar=False,
+                                               lighting=False)
+            self.plotter.view_xy()
+            self.plotter.enable_parallel_projection()
+            self.plotter.camera.tight(padding=0.02)
+        else:
+            self.mesh.cell_data["rgb"] = rgb.reshape(-1, 3)
+            self.mesh.Modified()
+
+    def _frame_3d(self, s: CellState):
+        d, h, w = s.shape
+        cols = _colours(s.n_types, self.colours)
+        grid = self.pv.ImageData(dimensions=(w + 1, h + 1, d + 1))
+        # ImageData cell order: x fastest, then y, then z — the row-major order of ids[z, y, x]
+        grid.cell_data["id"] = s.ids.ravel()
+        grid.cell_data["rgb"] = cols[s.type_map().ravel()]
+        cells = grid.threshold(0.5, scalars="id")
+        if self.actor is not None:
+            self.plotter.remove_actor(self.actor)
+        if cells.n_cells:
+            self.actor = self.plotter.add_mesh(cells, scalars="rgb", rgb=True, show_scalar_bar=False,
+                                               show_edges=False)
+        else:
+            self.actor = None
+        if self.mesh is None:
+            self.mesh = grid
+            self.plotter.add_mesh(grid.outline(), color="grey")
+            self.plotter.view_isometric()
+            self.plotter.camera.zoom(1.1)
+
+    def frame(self, state, title: str | None = None) -> np.ndarray:
+        s = _as_state(state)
+        if s.shape != self.shape:
+            raise DataError(f"frame of shape {s.shape} in a trajectory of shape {self.shape}")
+        if s.ndim == 2:
+            self._frame_2d(s)
+        elif s.ndim == 3:
+            self._frame_3d(s)
+        else:  # pragma: no cover - CellState admits only 2-D/3-D
+            raise DataError(f"cannot render a {s.ndim}-D lattice")
+        if self.text is not None:
+            self.plotter.remove_actor(self.text)
+            self.text = None
+        if title:
+            self.text = self.plotter.add_text(title, position="upper_left", font_size=10, color="black")
+        self.plotter.render()
+        return np.asarray(self.plotter.screenshot(None, return_img=True))
+
+    def close(self):
+        self.plotter.close()
+
+
+def render_state(state, path=None, *, window_size=(512, 512), scale: int = 4, colours=None, outline: bool = True,
+                 title: str | None = None) -> np.ndarray:
+    """Render one state offscreen (2-D or 3-D) and return the RGB image ``(h, w, 3)``; write a PNG if ``path``."""
+    s = _as_state(state)
+    r = _Renderer(s.shape, window_size, scale, colours, outline)
+    try:
+        img = r.frame(s, title)
+    finally:
+        r.close()
+    if path is not None:
+        _write_png(img, path)
+    return img
+
+
+def _write_png(img: np.ndarray, path) -> Path:
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(img, dtype=np.uint8)).save(path, optimize=True)
+    return path
+
+
+def render_trajectory(states, path, *, fps: float = 10.0, window_size=(384, 384), scale: int = 4, colours=None,
+                      outline: bool = True, titles=None, loop: int = 0, progress: bool = False) -> Path:
+    """Write the frames ``states`` as an animation: ``.gif`` (Pillow) or ``.mp4`` (needs imageio-ffmpeg).
+
+    ``titles``: one caption per frame (e.g. ``"MCS 120"``) or ``None``.
+    """
+    states = [_as_state(s) for s in states]
+    if not states:
+        raise DataError("render_trajectory: no frames")
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".gif", ".mp4"):
+        raise DataError(f"{path}: unsupported animation format {suffix!r} (use .gif or .mp4)")
+    if titles is not None and len(titles) != len(states):
+        raise DataError(f"{len(titles)} titles for {len(states)} frames")
+    r = _Renderer(states[0].shape, window_size, scale, colours, outline)
+    frames = []
+    it = enumerate(states)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, total=len(states), desc="render", unit="frame")
+    try:
+        for i, s in it:
+            frames.append(r.frame(s, None if titles is None else titles[i]))
+    finally:
+        r.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".gif":
+        from PIL import Image
+
+        ims = [Image.fromarray(f).quantize(colors=64, method=Image.Quantize.MEDIANCUT) for f in frames]
+        ims[0].save(path, save_all=True, append_images=ims[1:], duration=round(1000 / fps), loop=loop,
+                    optimize=True)
+    else:
+        try:
+            import imageio.v2 as imageio
+        except ImportError:
+            raise DataError(f"{path}: writing MP4 needs 'imageio' and 'imageio-ffmpeg' (pip install "
+                            "imageio imageio-ffmpeg); write a .gif instead") from None
+        imageio.mimwrite(path, frames, fps=fps)
+    return path
+
+
+def render_grid(states, path, *, ncols: int = 5, titles=None, scale: int = 3, colours=None,
+                outline: bool = True, panel_inches: float = 1.6) -> Path:
+    """Several 2-D states side by side (matplotlib), written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    states = [_as_state(s) for s in states]
+    if not states:
+        raise DataError("render_grid: no states")
+    ncols = max(1, min(ncols, len(states)))
+    nrows = -(-len(states) // ncols)
+    fig, axs = plt.subplots(nrows, ncols, figsize=(panel_inches * ncols, panel_inches * nrows), squeeze=False)
+    for i, ax in enumerate(axs.flat):
+        ax.axis("off")
+        if i < len(states):
+            ax.imshow(state_rgb(states[i], scale=scale, colours=colours, outline=outline), interpolation="nearest")
+            if titles is not None:
+                ax.set_title(str(titles[i]), fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def load_history(path) -> dict[str, list]:
+    """A training history as ``{column: values}`` from JSON (dict of lists or list of records), JSON lines
+    or CSV (header row)."""
+    path = Path(path)
+    text = path.read_text()
+    rows = None
+    try:
+        doc = json.loads(text)
+        if isinstance(doc, dict):
+            doc = doc.get("history", doc)
+        if isinstance(doc, dict):
+            return {k: list(v) for k, v in doc.items() if isinstance(v, list)}
+        rows = doc
+    except json.JSONDecodeError:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        if lines and lines[0].lstrip().startswith("{"):
+            rows = [json.loads(ln) for ln in lines]
+        else:
+            import csv
+            rows = list(csv.DictReader(lines))
+            rows = [{k: _num(v) for k, v in r.items()} for r in rows]
+    if not isinstance(rows, list):
+        raise DataError("a training history must be a dict of lists or a list of records", path=path)
+    keys = []
+    for r in rows:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    return {k: [r.get(k, float("nan")) for r in rows] for k in keys}
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def plot_training_curves(history, path, *, keys=None, x: str | None = None, title: str | None = None,
+                         smooth: int = 1) -> Path:
+    """One panel per series of ``history`` (a dict of lists, or a file for :func:`load_history`), PNG.
+
+    ``x``: the column used as abscissa (default: ``"iteration"``/``"step"`` if present, else the index).
+    ``smooth``: moving-average window (iterations) drawn over the raw curve.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not isinstance(history, dict):
+        history = load_history(history)
+    if x is None:
+        x = next((k for k in ("iteration", "iter", "step") if k in history), None)
+    xs = np.asarray(history[x], dtype=float) if x else None
+    if keys is None:
+        keys = [k for k, v in history.items() if k != x and len(v) and all(isinstance(e, (int, float)) for e in v)]
+    if not keys:
+        raise DataError("plot_training_curves: no numeric series in the history")
+    ncols = min(3, len(keys))
+    nrows = -(-len(keys) // ncols)
+    fig, axs = plt.subplots(nrows, ncols, figsize=(4 * ncols, 2.8 * nrows), squeeze=False)
+    for ax, k in zip(axs.flat, keys):
+        y = np.asarray(history[k], dtype=float)
+        xx = xs if xs is not None and len(xs) == len(y) else np.arange(len(y))
+        ax.plot(xx, y, lw=0.8, alpha=0.5 if smooth > 1 else 1.0)
+        if smooth > 1 and len(y) >= smooth:
+            ker = np.ones(smooth) / smooth
+            ax.plot(xx[smooth - 1:], np.convolve(y, ker, mode="valid"), lw=1.5)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel(x or "index", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axs.flat)[len(keys):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,499 @@
+"""Exact sequential Metropolis sampler (numba-compiled) — the project's ground truth.
+
+Conventions (``../shared/SPEC.md``, DESIGN.md decisions 1, 3, 5):
+
+* One copy attempt "copies cell ``a`` into site ``x``"; it is accepted with probability
+  ``min(1, exp(-ΔH / T))``. A copy that would delete a cell (volume 1 → 0) is refused.
+* ``proposal="classic"`` (Graner–Glazier, as CompuCell3D and Morpheus): a source site ``s`` uniform over the
+  lattice, a target ``t`` uniform over the copy neighbours of ``s`` (neighbourhood order
+  ``lattice.copy_order``); if both belong to the same cell the attempt ends without effect (and counts);
+  otherwise ``t`` takes ``σ(s)``. On a non-periodic lattice ``t`` is drawn among the neighbours inside it.
+* ``proposal="boundary"``: a site ``x`` uniform over the current boundary set (sites with a copy neighbour
+  of another id); it receives the id of a neighbour drawn uniformly among its neighbours of another cell
+  (the proposal of the paper's parallel sampler, one at a time). No Hastings correction: like the parallel
+  sampler, this is a dynamics, not an exact sampler of exp(-H/T).
+* One MCS = lattice-size (``H·W``) attempts for both proposals; fractional MCS round to whole attempts.
+* Analytic terms (kinds ``contact``, ``volume``, ``external``, ``directed_motion``, ``surface``) run in
+  compiled code built from each term's ``spec()`` / ``tensors()`` (parameters × ``scale``). Any other term
+  (neural) is evaluated through ``term.delta_np`` once per candidate copy: slow, exact.
+* Cell volumes (and surfaces, centre sums for directed motion, the boundary set) are kept incrementally.
+
+Random numbers: xoshiro256**, seeded from ``seed``; a run is a deterministic function of
+``(state, hamiltonian, seed, proposal)`` and the sequence of ``step`` calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..lattice import CellState, neighbour_offsets
+from . import _kernels as K
+
+__all__ = ["ExactSampler", "ExactResult", "run_exact", "compiled_delta", "ANALYTIC_KINDS"]
+
+ANALYTIC_KINDS = ("contact", "volume", "external", "directed_motion", "surface")
+_PROPOSALS = {"classic": 0, "boundary": 1}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# geometry
+# ----------------------------------------------------------------------------------------------------------
+def neighbour_table(shape, order: int, periodic: bool, *, valid_first: bool = False, drop_self: bool = False):
+    """Flat neighbour table ``(N, K)`` int32 of the neighbourhood of ``order`` and the count of valid entries.
+
+    Column ``j`` is offset ``neighbour_offsets(order)[j]`` (``-1`` outside a non-periodic lattice), unless
+    ``valid_first``: then each row lists its in-lattice neighbours first (used for copy proposals).
+    ``drop_self`` marks a neighbour that wraps onto the site itself (tiny periodic lattices) as ``-1``, as the
+    energy terms do.
+    """
+    shape = tuple(int(s) for s in shape)
+    offs = neighbour_offsets(order, len(shape))
+    grids = np.indices(shape).reshape(len(shape), -1)  # (ndim, N)
+    n = grids.shape[1]
+    table = np.empty((n, len(offs)), dtype=np.int64)
+    for j, off in enumerate(offs):
+        coords = grids + off[:, None]
+        if periodic:
+            coords = coords % np.array(shape)[:, None]
+            table[:, j] = np.ravel_multi_index(tuple(coords), shape)
+        else:
+            ok = np.all((coords >= 0) & (coords < np.array(shape)[:, None]), axis=0)
+            flat = np.full(n, -1, dtype=np.int64)
+            flat[ok] = np.ravel_multi_index(tuple(coords[:, ok]), shape)
+            table[:, j] = flat
+    if drop_self:
+        table[table == np.arange(n)[:, None]] = -1
+    nvalid = (table >= 0).sum(axis=1).astype(np.int32)
+    if valid_first and not periodic:
+        order_ = np.argsort(table < 0, axis=1, kind="stable")
+        table = np.take_along_axis(table, order_, axis=1)
+    return np.ascontiguousarray(table.astype(np.int32)), nvalid
+
+
+def _ring_of_offsets(order: int, ndim: int) -> np.ndarray:
+    """Distance rank (0-based shell index) of each offset of the order-``order`` neighbourhood."""
+    offs = neighbour_offsets(order, ndim)
+    d2 = (offs ** 2).sum(1)
+    shells = np.unique(d2)
+    return np.searchsorted(shells, d2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# packing the analytic terms
+# ----------------------------------------------------------------------------------------------------------
+def _as_np(x):
+    if x is None:
+        return None
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _type_vector(values, n_t1, name):
+    v = np.zeros(n_t1, np.float64)
+    a = _as_np(values).ravel()
+    if a.size == 1 and n_t1 > 1:  # one shared value for every biological type
+        v[1:] = a[0]
+        return v
+    if a.size > n_t1:
+        if np.any(a[n_t1:] != 0):
+            raise ConfigError(f"{name} has {a.size} entries but the state has only types 0..{n_t1 - 1}")
+        a = a[:n_t1]
+    v[: a.size] = a
+    return v
+
+
+def _direction_entries(direction, n_t1):
+    """Directed-motion directions per type: list (index = type) or dict keyed by type (int or str)."""
+    out = [None] * n_t1
+    if direction is None:
+        return out
+    if isinstance(direction, dict) and "mode" in direction:  # one direction for every type
+        return [None] + [direction] * (n_t1 - 1)
+    if isinstance(direction, dict):
+        for k, v in direction.items():
+            t = int(k)
+            if t < n_t1:
+                out[t] = v
+        return out
+    for t, v in enumerate(direction):
+        if t < n_t1:
+            out[t] = v
+    return out
+
+
+@dataclass
+class TermPack:
+    """Compiled-parameter tuple ``P`` plus the Python-side data needed to build per-cell state."""
+
+    P: tuple
+    kinds: list
+    field_shape: tuple | None = None
+    surface_order: int = 1
+
+
+def pack_params(terms, shape, periodic: bool, n_t1: int, contact_order_default: int = 2) -> TermPack:
+    """Build the kernel parameter tuple from analytic terms.
+
+    Parameters
+    ----------
+    terms : iterable of ``(spec, tensors)``
+        ``spec`` = ``{"kind", "scale", "params"}`` as written by ``Term.spec()``; ``tensors`` = ``Term.tensors()``.
+        Every parameter is multiplied by the term's ``scale``. Several terms of a kind add up.
+    shape : lattice shape; periodic : torus boundaries; n_t1 : number of types incl. medium (T + 1).
+    """
+    shape = tuple(int(s) for s in shape)
+    nd = len(shape)
+    n = int(np.prod(shape))
+    contact = []
+    lam = np.zeros(n_t1)
+    lamv = np.zeros(n_t1)
+    ext = None
+    s_lam = np.zeros(n_t1)
+    s_tar = np.zeros(n_t1)
+    s_order = None
+    dm_mode = np.zeros(n_t1, np.int64)
+    dm_vec = np.zeros((n_t1, nd))
+    dm_band = np.zeros((n_t1, 3))
+    dm_strength = np.zeros(n_t1)
+    has = dict(contact=False, volume=False, external=False, surface=False, dm=False)
+    kinds = []
+    for spec, tensors in terms:
+        kind = spec["kind"]
+        kinds.append(kind)
+        sc = float(spec.get("scale", 1.0))
+        p = spec.get("params", {})
+        if kind == "contact":
+            J = _as_np(p["J"])
+            if J.ndim != 2 or J.shape[0] != J.shape[1]:
+                raise ConfigError(f"contact J must be a square (T+1)x(T+1) table, got shape {J.shape}")
+            if J.shape[0] < n_t1:
+                raise ConfigError(f"contact J covers types 0..{J.shape[0] - 1} but the state has types up to "
+                                  f"{n_t1 - 1}")
+            contact.append((sc * J[:n_t1, :n_t1], int(p.get("order", contact_order_default))))
+            has["contact"] = True
+        elif kind == "volume":
+            la = _type_vector(p["lambda"], n_t1, "volume lambda")
+            ta = _type_vector(p["target"], n_t1, "volume target")
+            la[0] = 0.0
+            lam += sc * la
+            lamv += sc * la * ta
+            has["volume"] = True
+        elif kind == "external":
+            mu = _type_vector(p["mu"], n_t1, "external mu")
+            mu[0] = 0.0  # the medium does not couple (as ExternalPotential)
+            fld = _as_np(tensors.get("field") if tensors else None)
+            if fld is None:
+                fld = _as_np(p.get("field"))
+            if fld is None or tuple(fld.shape) != shape:
+                raise ConfigError(f"external potential field has shape {None if fld is None else fld.shape}, "
+                                  f"the lattice is {shape}")
+            e = sc * mu[:, None] * fld.reshape(1, -1)
+            ext = e if ext is None else ext + e
+            has["external"] = True
+        elif kind == "surface":
+            la = _type_vector(p["lambda"], n_t1, "surface lambda")
+            ta = _type_vector(p["target"], n_t1, "surface target")
+            o = int(p.get("order", 1))
+            if s_order is not None and o != s_order:
+                raise ConfigError("surface terms of different neighbourhood orders cannot be combined")
+            s_order = o
+            la[0] = 0.0
+            if np.any((s_lam != 0) & (la != 0) & (s_tar != ta)):
+                raise ConfigError("two surface terms with different targets for one type are not supported")
+            s_lam += sc * la
+            s_tar = np.where(la != 0, ta, s_tar)
+            has["surface"] = True
+        elif kind == "directed_motion":
+            st = _type_vector(p["strength"], n_t1, "directed motion strength")
+            st[0] = 0.0
+            dirs = _direction_entries(p.get("direction"), n_t1)
+            for t in range(1, n_t1):
+                if st[t] == 0.0:
+                    continue
+                d = dirs[t]
+                if d is None or d.get("mode") == "none":
+                    continue
+                if dm_mode[t] != 0:
+                    raise ConfigError(f"directed motion: two terms act on type {t}")
+                mode = d.get("mode", "constant")
+                if mode == "constant":
+                    v = np.asarray(d["vector"], np.float64)
+                    if v.size != nd:
+                        raise ConfigError(f"directed motion vector {v.tolist()} does not match a {nd}-D lattice")
+                    nv = np.linalg.norm(v)
+                    dm_mode[t] = 1
+                    dm_vec[t] = v / nv if nv > 0 else v
+                elif mode == "band":
+                    sense = d.get("sense", "inward")
+                    if sense not in ("inward", "outward"):
+                        raise ConfigError(f"directed motion band sense must be inward/outward, got {sense!r}")
+                    dm_mode[t] = 2 if sense == "inward" else 3
+                    dm_band[t] = (int(d.get("axis", nd - 1)), float(d["lo"]), float(d["hi"]))
+                else:
+                    raise ConfigError(f"directed motion: unknown direction mode {mode!r}")
+                dm_strength[t] = sc * st[t]
+            has["dm"] = True
+        else:
+            raise ConfigError(f"term kind {kind!r} has no compiled form")
+
+    # contact: per-column J over the union neighbourhood (orders are nested)
+    if contact:
+        max_order = max(o for _, o in contact)
+        rings = _ring_of_offsets(max_order, nd)
+        cnb, _ = neighbour_table(shape, max_order, periodic, drop_self=True)
+        Jn = np.zeros((len(rings), n_t1, n_t1))
+        for J, o in contact:
+            Jn[rings < o] += J[None]
+    else:
+        cnb = np.full((1, 1), -1, np.int32)
+        Jn = np.zeros((1, n_t1, n_t1))
+    if ext is None:
+        ext = np.zeros((n_t1, 1))
+    if has["surface"]:
+        snb, _ = neighbour_table(shape, s_order, periodic, drop_self=True)
+    else:
+        snb = np.full((1, 1), -1, np.int32)
+        s_order = 1
+    if has["dm"]:
+        coords = np.ascontiguousarray(np.indices(shape).reshape(nd, -1).T.astype(np.int64))
+    else:
+        coords = np.zeros((1, nd), np.int64)
+    P = (has["contact"], cnb, np.ascontiguousarray(Jn),
+         has["volume"], lam, lamv,
+         has["external"], np.ascontiguousarray(ext),
+         has["surface"], snb, s_lam, s_tar.astype(np.float64),
+         has["dm"],
+         dm_mode, dm_vec, dm_band, dm_strength, np.array(shape, np.float64), coords, bool(periodic))
+    return TermPack(P, kinds, shape, s_order)
+
+
+def _per_cell_state(pack: TermPack, ids_flat, n_ids, vol):
+    """Mutable per-cell arrays ``A = (surf, cm_ref, cm_sum, head, nxt, prv)`` for the current lattice."""
+    P = pack.P
+    nd = P[14].shape[1]
+    if P[8]:
+        surf = K.surfaces_of(ids_flat, P[9], n_ids)
+    else:
+        surf = np.zeros(n_ids, np.int64)
+    if P[12]:
+        n = ids_flat.shape[0]
+        A = (surf, np.zeros(n_ids, np.int64), np.zeros((n_ids, nd), np.float64), np.full(n_ids, -1, np.int64),
+             np.full(n, -1, np.int64), np.full(n, -1, np.int64))
+        K.dm_init(ids_flat, n_ids, P, A)
+        return A
+    return (surf, np.zeros(1, np.int64), np.zeros((1, nd), np.float64), np.full(1, -1, np.int64),
+            np.full(1, -1, np.int64), np.full(1, -1, np.int64))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the sampler
+# ----------------------------------------------------------------------------------------------------------
+def _split_hamiltonian(hamiltonian):
+    analytic, other = [], []
+    for t in hamiltonian.terms:
+        if getattr(t, "analytic", False) and getattr(t, "kind", None) in ANALYTIC_KINDS:
+            analytic.append(t)
+        else:
+            other.append(t)
+    return analytic, other
+
+
+class ExactSampler:
+    """Sequential Metropolis on one lattice state; step it repeatedly.
+
+    Parameters
+    ----------
+    state : CellState
+        Initial state (copied; ``self.state`` returns the current one).
+    hamiltonian : Hamiltonian or None
+        Provides the terms, the temperature and the lattice spec (periodicity, copy order). May be ``None``
+        when ``terms`` (list of ``(spec, tensors)``) is given — the low-level form used by tests.
+    seed : int
+        Seed of the sampler's own xoshiro256** generator.
+    proposal : {"classic", "boundary"}
+    terms, temperature, periodic, copy_order : optional overrides (used when ``hamiltonian`` is None).
+    callback_terms : list of objects with ``delta_np(state, site, new_id, cache)``, optional
+        Extra non-compiled terms (in addition to the Hamiltonian's non-analytic terms).
+    """
+
+    def __init__(self, state: CellState, hamiltonian=None, *, seed: int = 0, proposal: str = "classic",
+                 terms=None, temperature: float | None = None, periodic: bool | None = None,
+                 copy_order: int | None = None, contact_order: int | None = None, callback_terms=None):
+        if proposal not in _PROPOSALS:
+            raise ConfigError(f"unknown proposal {proposal!r}; use 'classic' or 'boundary'")
+        self.proposal = proposal
+        lat = getattr(hamiltonian, "lattice", None)
+        self.periodic = bool(periodic if periodic is not None else (lat.periodic if lat is not None else True))
+        self.copy_order = int(copy_order if copy_order is not None else (lat.copy_order if lat else 2))
+        c_order = int(contact_order if contact_order is not None else (lat.contact_order if lat else 2))
+        T = temperature if temperature is not None else getattr(hamiltonian, "temperature", 1.0)
+        if not T > 0:
+            raise ConfigError(f"temperature must be > 0, got {T}")
+        self.temperature = float(T)
+        self.callback_terms = list(callback_terms or [])
+        if terms is None:
+            if hamiltonian is None:
+                raise ConfigError("ExactSampler needs a hamiltonian or a list of (spec, tensors) terms")
+            analytic, other = _split_hamiltonian(hamiltonian)
+            terms = [(t.spec(), t.tensors()) for t in analytic]
+            self.callback_terms = other + self.callback_terms
+        self._terms = list(terms)
+
+        st = state.copy() if isinstance(state, CellState) else CellState(*state)
+        self.shape = st.shape
+        self.n_sites = int(np.prod(self.shape))
+        self.n_t1 = max(int(st.types.max()) + 1, 1)
+        for spec, _ in self._terms:  # type tables may be larger than the state's types
+            for key in ("J", "lambda", "target", "mu", "strength", "direction"):
+                v = spec.get("params", {}).get(key)
+                if isinstance(v, (list, tuple, np.ndarray)) or hasattr(v, "shape"):
+                    self.n_t1 = max(self.n_t1, len(v))
+        self.pack = pack_params(self._terms, self.shape, self.periodic, self.n_t1, c_order)
+        self._ids = np.ascontiguousarray(st.ids.astype(np.int32).ravel())
+        self._types = np.ascontiguousarray(st.types.astype(np.int32))
+        self._meta = dict(st.meta)
+        self.n_ids = len(self._types)
+        self._vol = np.bincount(self._ids, minlength=self.n_ids).astype(np.int64)
+        self._A = _per_cell_state(self.pack, self._ids, self.n_ids, self._vol)
+        self._nb, self._nvalid = neighbour_table(self.shape, self.copy_order, self.periodic, valid_first=True)
+        self._bflag = np.zeros(self.n_sites, np.uint8)
+        self._blist = np.zeros(self.n_sites, np.int32)
+        self._bpos = np.zeros(self.n_sites, np.int32)
+        self._bcount = np.zeros(1, np.int64)
+        if self.proposal == "boundary":
+            K.init_boundary(self._ids, self._nb, self._bflag, self._blist, self._bpos, self._bcount)
+        self._rng = K.seed_state(seed)
+        self.counters = np.zeros(4, np.int64)  # attempts, candidates, accepted, refused deletions
+        self.mcs_done = 0.0
+        self._cb_state = None
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def state(self) -> CellState:
+        """A copy of the current state."""
+        return CellState(self._ids.reshape(self.shape).copy(), self._types.copy(), dict(self._meta))
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The live id array (a view, shape = lattice shape); do not modify."""
+        return self._ids.reshape(self.shape)
+
+    @property
+    def volumes(self) -> np.ndarray:
+        """The live, incrementally kept volume per id."""
+        return self._vol
+
+    def stats(self) -> dict:
+        a, c, acc, ref = (int(x) for x in self.counters)
+        return {"attempts": a, "candidates": c, "accepted": acc, "refused_deletions": ref,
+                "acceptance": acc / c if c else float("nan"), "mcs": self.mcs_done}
+
+    def delta(self, site, new_id: int) -> float:
+        """ΔH (compiled analytic part + callback terms) of copying ``new_id`` into ``site`` (tuple or flat)."""
+        x = int(np.ravel_multi_index(tuple(site), self.shape)) if not np.isscalar(site) else int(site)
+        dh = K.delta_analytic(x, int(new_id), self._ids, self._types, self._vol, self.pack.P, self._A)
+        if self.callback_terms:
+            dh += self._callback_delta(x, int(new_id))
+        return float(dh)
+
+    def _callback_delta(self, x: int, new_id: int) -> float:
+        if self._cb_state is None:
+            cs = CellState(self._ids.reshape(self.shape).copy(), self._types.copy(), dict(self._meta))
+            cs.ids = self._ids.reshape(self.shape)  # share the live buffer
+            self._cb_state = cs
+        site = tuple(int(v) for v in np.unravel_index(x, self.shape))
+        cache = {"volumes": self._vol, "periodic": self.periodic}
+        return float(sum(float(t.delta_np(self._cb_state, site, new_id, cache)) for t in self.callback_terms))
+
+    def step(self, mcs: float = 1.0) -> dict:
+        """Advance by ``mcs`` Monte Carlo steps (``round(mcs · N)`` attempts); returns :meth:`stats`."""
+        n = int(round(float(mcs) * self.n_sites))
+        self.attempts(n)
+        self.mcs_done += float(mcs)
+        return self.stats()
+
+    def attempts(self, n: int) -> None:
+        """Run exactly ``n`` copy attempts."""
+        inv_t = 1.0 / self.temperature
+        prop = _PROPOSALS[self.proposal]
+        P, A = self.pack.P, self._A
+        if not self.callback_terms:
+            K.sweep(self._ids, self._types, self._vol, P, A, self._nb, self._nvalid, self._rng, int(n), inv_t,
+                    prop, False, self._bflag, self._blist, self._bpos, self._bcount, self.counters)
+            return
+        remaining = int(n)
+        while remaining > 0:
+            done, pending, x, new, dh = K.sweep(self._ids, self._types, self._vol, P, A, self._nb, self._nvalid,
+                                                self._rng, remaining, inv_t, prop, True, self._bflag, self._blist,
+                                                self._bpos, self._bcount, self.counters)
+            remaining -= done
+            if pending:
+                dh += self._callback_delta(int(x), int(new))
+                K.decide(int(x), int(new), float(dh), self._ids, self._vol, P, A, self._rng, inv_t, prop,
+                         self._nb, self._bflag, self._blist, self._bpos, self._bcount, self.counters)
+
+
+def compiled_delta(state: CellState, hamiltonian=None, site=None, new_id=None, *, terms=None, periodic=None,
+                   contact_order=None) -> float:
+    """ΔH of one attempt by the *compiled* analytic kernel (for tests): copy ``new_id`` into ``site``."""
+    s = ExactSampler(state, hamiltonian, terms=terms, periodic=periodic, contact_order=contact_order,
+                     temperature=1.0 if hamiltonian is None else None)
+    x = int(np.ravel_multi_index(tuple(site), s.shape))
+    return float(K.delta_analytic(x, int(new_id), s._ids, s._types, s._vol, s.pack.P, s._A))
+
+
+@dataclass
+class ExactResult:
+    """Output of :func:`run_exact`: the final state, the recorded frames and their MCS, sampler counters."""
+
+    final: CellState
+    frames: list = field(default_factory=list)
+    mcs: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+
+def run_exact(state: CellState, hamiltonian, mcs: float, *, seed: int, proposal: str = "classic",
+              record_every: float | None = None, progress: bool = False, **kwargs) -> ExactResult:
+    """Run the exact sampler for ``mcs`` Monte Carlo steps.
+
+    With ``record_every`` the frames are the initial state (MCS 0) and the state every ``record_every`` MCS
+    (plus the final one if ``mcs`` is not a multiple); without it, ``frames == [final]``.
+    ``kwargs`` go to :class:`ExactSampler`.
+    """
+    sampler = ExactSampler(state, hamiltonian, seed=seed, proposal=proposal, **kwargs)
+    frames, times = [], []
+    if record_every is None:
+        chunks = [float(mcs)]
+    else:
+        if not record_every > 0:
+            raise ConfigError(f"record_every must be > 0, got {record_every}")
+        frames.append(sampler.state)
+        times.append(0.0)
+        n_full = int(np.floor(float(mcs) / record_every + 1e-9))
+        chunks = [float(record_every)] * n_full
+        rest = float(mcs) - n_full * record_every
+        if rest > 1e-9:
+            chunks.append(rest)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=float(mcs), unit="MCS", desc="exact sampler")
+    t = 0.0
+    for c in chunks:
+        sampler.step(c)
+        t += c
+        if record_every is not None:
+            frames.append(sampler.state)
+            times.append(t)
+        if bar is not None:
+            bar.update(c)
+    if bar is not None:
+        bar.close()
+    final = sampler.state
+    if record_every is None:
+        frames, times = [final], [t]
+    return ExactResult(final, frames, times, sampler.stats())

@@ -1,0 +1,237 @@
+"""Behaviour of the exact sampler: proposals, Metropolis rule, bookkeeping, seeding, callback path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from neuralcpm_plugin.errors import ConfigError
+from neuralcpm_plugin.hamiltonian.analytic import ContactEnergy, SurfaceConstraint, VolumeConstraint
+from neuralcpm_plugin.hamiltonian.base import Hamiltonian, LatticeSpec, Term
+from neuralcpm_plugin.lattice import CellState, boundary_mask
+from neuralcpm_plugin.sampling import _kernels as K
+from neuralcpm_plugin.sampling.exact import ExactSampler, neighbour_table, run_exact
+
+
+def blob_state(shape=(20, 20), n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = np.zeros(shape, np.int32)
+    for c in range(1, n + 1):
+        y, x = rng.integers(0, shape[0] - 3), rng.integers(0, shape[1] - 3)
+        ids[y:y + 3, x:x + 3] = c
+    ids, _ = np.unique(ids, return_inverse=True)[1].reshape(shape), None
+    n_ids = int(ids.max()) + 1
+    types = np.concatenate([[0], 1 + (np.arange(1, n_ids) % 2)]).astype(np.int32)
+    return CellState(ids.astype(np.int32), types)
+
+
+def cellsort_ham(shape, periodic=True, lam=0.5, target=9.0, J=None):
+    J = np.array([[0, 1.0, 1.2], [1.0, 0.5, 1.5], [1.2, 1.5, 0.4]]) if J is None else J
+    lat = LatticeSpec(tuple(shape), periodic)
+    return Hamiltonian([ContactEnergy(J, 2, periodic=periodic), VolumeConstraint([0, lam, lam], [0, target, target],
+                                                                                 periodic=periodic)], lat, 1.0)
+
+
+def test_seeded_runs_are_reproducible_and_seed_dependent():
+    st0 = blob_state()
+    ham = cellsort_ham(st0.shape)
+    a = run_exact(st0, ham, 5, seed=11).final
+    b = run_exact(st0, ham, 5, seed=11).final
+    c = run_exact(st0, ham, 5, seed=12).final
+    assert a == b
+    assert not np.array_equal(a.ids, c.ids)
+    assert st0 == blob_state()  # the input state is not modified
+
+
+def test_attempt_count_and_stepping_in_pieces():
+    st0 = blob_state()
+    ham = cellsort_ham(st0.shape)
+    s = ExactSampler(st0, ham, seed=3)
+    s.step(1.5)
+    s.step(0.5)
+    assert s.stats()["attempts"] == 2 * 400
+    whole = ExactSampler(st0, ham, seed=3)
+    whole.step(2)
+    assert whole.state == s.state  # the same random stream, however it is cut
+
+
+@pytest.mark.parametrize("proposal", ["classic", "boundary"])
+@pytest.mark.parametrize("periodic", [True, False])
+def test_incremental_bookkeeping_matches_recount(proposal, periodic):
+    st0 = blob_state((16, 18), 8, seed=5)
+    lat = LatticeSpec(st0.shape, periodic)
+    ham = Hamiltonian([ContactEnergy(np.array([[0, 1.0, 1.2], [1.0, 0.5, 1.5], [1.2, 1.5, 0.4]]), 2,
+                                     periodic=periodic),
+                       VolumeConstraint([0, 0.5, 0.5], [0, 12, 12], periodic=periodic),
+                       SurfaceConstraint([0, 0.05, 0.05], [0, 20, 20], 1, periodic=periodic)], lat, 1.0)
+    s = ExactSampler(st0, ham, seed=1, proposal=proposal)
+    s.step(20)
+    ids = s.ids.ravel()
+    assert np.array_equal(s.volumes, np.bincount(ids, minlength=s.n_ids))
+    snb, _ = neighbour_table(st0.shape, 1, periodic, drop_self=True)
+    assert np.array_equal(s._A[0], K.surfaces_of(ids, snb, s.n_ids))
+    assert s.stats()["accepted"] > 50
+    if proposal == "boundary":
+        bm = boundary_mask(s.ids, 2, periodic).ravel()
+        assert s._bcount[0] == bm.sum()
+        assert set(s._blist[: s._bcount[0]].tolist()) == set(np.nonzero(bm)[0].tolist())
+        assert np.array_equal(s._bflag.astype(bool), bm)
+
+
+def test_cells_are_never_deleted():
+    """A volume term with target 0 makes every cell want to vanish; the copy of its last site is refused."""
+    st0 = blob_state((14, 14), 5, seed=2)
+    ham = cellsort_ham(st0.shape, lam=2.0, target=0.0, J=np.zeros((3, 3)))
+    s = ExactSampler(st0, ham, seed=0)
+    n0 = len(st0.cell_ids())
+    for _ in range(10):
+        s.step(2)
+        assert len(s.state.cell_ids()) == n0
+    assert s.stats()["refused_deletions"] > 0
+
+
+def _candidate_distribution(state, proposal, n_draws, seed=0):
+    s = ExactSampler(state, None, seed=seed, terms=[], temperature=1.0, proposal=proposal)
+    counts = {}
+    for _ in range(n_draws):
+        done, pending, x, new, dh = K.sweep(s._ids, s._types, s._vol, s.pack.P, s._A, s._nb, s._nvalid, s._rng,
+                                            10**6, 1.0, 0 if proposal == "classic" else 1, True, s._bflag,
+                                            s._blist, s._bpos, s._bcount, s.counters)
+        assert pending == 1
+        counts[(int(x), int(new))] = counts.get((int(x), int(new)), 0) + 1
+    return s, counts
+
+
+def test_classic_proposal_is_uniform_over_ordered_unlike_pairs():
+    """The first candidate of a classic sweep: target t, new id σ(s), uniform over ordered unlike (s, t)."""
+    ids = np.array([[0, 0, 1, 1], [0, 2, 1, 1], [0, 2, 2, 0], [0, 0, 0, 0]], np.int32)
+    state = CellState(ids, np.array([0, 1, 2]))
+    s, counts = _candidate_distribution(state, "classic", 30000)
+    nb, _ = neighbour_table(state.shape, 2, True)
+    flat = ids.ravel()
+    expect = {}
+    for src in range(flat.size):
+        for t in nb[src]:
+            if flat[t] != flat[src]:
+                expect[(int(t), int(flat[src]))] = expect.get((int(t), int(flat[src])), 0) + 1
+    tot = sum(expect.values())
+    assert set(counts) == set(expect)
+    n = sum(counts.values())
+    for k, e in expect.items():
+        p = e / tot
+        assert abs(counts[k] / n - p) < 5 * np.sqrt(p * (1 - p) / n) + 1e-9, k
+
+
+def test_boundary_proposal_distribution():
+    """Boundary proposal: site uniform over the boundary, new id ∝ its unlike neighbours of that id."""
+    ids = np.array([[0, 0, 1, 1], [0, 2, 1, 1], [0, 2, 2, 0], [0, 0, 0, 0]], np.int32)
+    state = CellState(ids, np.array([0, 1, 2]))
+    _, counts = _candidate_distribution(state, "boundary", 30000, seed=4)
+    nb, _ = neighbour_table(state.shape, 2, True)
+    flat = ids.ravel()
+    bnd = [x for x in range(flat.size) if any(flat[y] != flat[x] for y in nb[x])]
+    expect = {}
+    for x in bnd:
+        unlike = [int(flat[y]) for y in nb[x] if flat[y] != flat[x]]
+        for c in set(unlike):
+            expect[(x, c)] = (1 / len(bnd)) * unlike.count(c) / len(unlike)
+    n = sum(counts.values())
+    assert set(counts) == set(expect)
+    for k, p in expect.items():
+        assert abs(counts[k] / n - p) < 5 * np.sqrt(p * (1 - p) / n), k
+
+
+@pytest.mark.parametrize("dh", [-0.5, 0.0, 0.7, 2.0])
+def test_metropolis_acceptance_probability(dh):
+    ids = np.zeros((4, 4), np.int32)
+    ids[1:3, 1:3] = 1
+    state = CellState(ids, np.array([0, 1]))
+    s = ExactSampler(state, None, seed=9, terms=[], temperature=1.3)
+    n, acc = 20000, 0
+    x = 5  # (1, 1), in cell 1; copying medium there keeps the cell alive
+    for _ in range(n):
+        a = K.decide(x, 0, dh, s._ids, s._vol, s.pack.P, s._A, s._rng, 1 / 1.3, 0, s._nb, s._bflag, s._blist,
+                     s._bpos, s._bcount, s.counters)
+        if a:
+            acc += 1
+            s._ids[x] = 1
+            s._vol[:] = [12, 4]
+    p = min(1.0, np.exp(-dh / 1.3))
+    assert abs(acc / n - p) < 5 * np.sqrt(max(p * (1 - p), 1e-12) / n) + 1e-12
+
+
+class _WrappedTerm(Term):
+    """A term the sampler must call through ``delta_np`` (analytic = False)."""
+
+    kind = "test_wrapped"
+    analytic = False
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def delta_np(self, state, site, new_id, cache=None):
+        self.calls += 1
+        assert cache is not None and "volumes" in cache
+        return self.inner.delta_np(state, site, new_id, cache)
+
+
+def test_callback_path_reproduces_compiled_path():
+    """A non-analytic term goes through Python; with the same seed the trajectory is the compiled one's."""
+    st0 = blob_state((12, 12), 4, seed=1)
+    ham = cellsort_ham(st0.shape)
+    contact, volume = ham.terms
+    mixed = Hamiltonian([_WrappedTerm(contact), volume], ham.lattice, 1.0)
+    a = ExactSampler(st0, ham, seed=21)
+    b = ExactSampler(st0, mixed, seed=21)
+    a.step(3)
+    b.step(3)
+    assert b.callback_terms and b.callback_terms[0].calls == b.stats()["candidates"] > 0
+    assert a.state == b.state
+    assert a.stats() == b.stats()
+
+
+def test_zero_hamiltonian_accepts_every_candidate():
+    st0 = blob_state((10, 10), 3)
+    s = ExactSampler(st0, None, seed=0, terms=[], temperature=1.0)
+    s.step(2)
+    stt = s.stats()
+    assert stt["accepted"] == stt["candidates"] > 0
+
+
+def test_bad_inputs():
+    st0 = blob_state((10, 10), 3)
+    with pytest.raises(ConfigError):
+        ExactSampler(st0, cellsort_ham(st0.shape), seed=0, proposal="nonsense")
+    with pytest.raises(ConfigError):
+        ExactSampler(st0, cellsort_ham(st0.shape), seed=0, temperature=0.0)
+    with pytest.raises(ConfigError):  # contact table smaller than the state's types
+        ExactSampler(CellState(st0.ids, np.array([0] + [3] * (st0.n_ids - 1))), cellsort_ham(st0.shape), seed=0)
+    with pytest.raises(ConfigError):
+        ExactSampler(st0, None, seed=0, terms=[({"kind": "mystery", "params": {}}, {})])
+
+
+def test_run_exact_records_frames():
+    st0 = blob_state((10, 10), 3)
+    res = run_exact(st0, cellsort_ham(st0.shape), 5, seed=2, record_every=2)
+    assert res.mcs == [0.0, 2.0, 4.0, 5.0]
+    assert len(res.frames) == 4 and res.frames[0] == st0 and res.frames[-1] == res.final
+    assert res.stats["attempts"] == 500
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 10_000), st.booleans())
+def test_invariants_random_runs(seed, periodic):
+    """Any run keeps ids valid, volumes positive for every initial cell and the types table unchanged."""
+    st0 = blob_state((12, 13), 5, seed=seed % 50)
+    ham = cellsort_ham(st0.shape, periodic=periodic)
+    s = ExactSampler(st0, ham, seed=seed, proposal="boundary" if seed % 2 else "classic")
+    s.step(2)
+    fin = s.state
+    assert np.array_equal(fin.types, st0.types)
+    assert set(fin.cell_ids().tolist()) == set(st0.cell_ids().tolist())
+    assert torch.is_tensor(torch.as_tensor(fin.ids))

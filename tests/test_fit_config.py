@@ -1,0 +1,75 @@
+"""Configuration: presets, TOML files, unknown keys and bad values are clear errors."""
+
+import pytest
+
+from neuralcpm_plugin.errors import ConfigError
+from training.config import DEFAULTS, list_presets, load_config, merge, to_toml
+
+
+def test_every_preset_loads_and_validates():
+    names = list_presets()
+    for required in ("default", "cellsort-a", "cellsort-b", "cellsort-a-cpu", "cellsort-b-cpu", "mnist",
+                     "mnist-cpu", "bipolar", "bipolar-cpu"):
+        assert required in names
+    for n in names:
+        cfg = load_config(n)
+        assert cfg["model"]["kind"] in ("analytic", "nh-closure", "local-nh-closure")
+
+
+def test_default_is_pl_analytic_and_paper_presets_follow_table7():
+    d = load_config(None)
+    assert (d["objective"]["name"], d["model"]["kind"]) == ("pl", "analytic")
+    a = load_config("cellsort-a")["pcd"]
+    assert (a["batch"], a["iterations"], a["mcs"], a["ema"], a["alpha"], a["flips"], a["reset_prob"]) == \
+        (16, 10000, 1.0, 0.0, 0.0, 100, 1.0)
+    m = load_config("mnist")["pcd"]
+    assert (m["mcs"], m["ema"], m["alpha"], m["flips"], m["reset_prob"], m["lr"]) == (0.5, 0.99, 5e-4, 50, 0.025, 1e-3)
+    b = load_config("bipolar")["pcd"]
+    assert (b["mcs"], b["ema"], b["alpha"], b["flips"], b["reset_prob"]) == (0.7, 0.99, 5e-4, 50, 0.025)
+    assert load_config("mnist-cpu")["pcd"]["mcs"] == 0.5      # inherits from its parent preset
+
+
+def test_unknown_key_names_the_file_and_key(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[pcd]\nbatch = 8\nlearning_rate = 0.1\n')
+    with pytest.raises(ConfigError, match=r"c\.toml.*pcd\.learning_rate"):
+        load_config(str(f))
+    f.write_text('colour = "red"\n')
+    with pytest.raises(ConfigError, match="colour"):
+        load_config(str(f))
+
+
+def test_wrong_types_and_ranges(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[pcd]\nbatch = "sixteen"\n')
+    with pytest.raises(ConfigError, match="pcd.batch.*integer"):
+        load_config(str(f))
+    f.write_text('[pcd]\nreset_prob = 1.5\n')
+    with pytest.raises(ConfigError, match="reset_prob"):
+        load_config(str(f))
+    f.write_text('[model]\nkind = "transformer"\n')
+    with pytest.raises(ConfigError, match="model.kind"):
+        load_config(str(f))
+    f.write_text('[pcd\nbatch = 1\n')
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(str(f))
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("no-such-preset")
+
+
+def test_free_tables_pass_through_and_roundtrip(tmp_path):
+    cfg = merge(DEFAULTS, {"generate": {"options": {"anything": 3}}, "model": {"neural": {"hidden": [4, 8]}}})
+    assert cfg["generate"]["options"] == {"anything": 3}
+    f = tmp_path / "back.toml"
+    f.write_text(to_toml(cfg))
+    again = load_config(str(f))
+    assert again["generate"]["options"] == {"anything": 3}
+    assert again["model"]["neural"] == {"hidden": [4, 8]}
+    assert again["pcd"] == cfg["pcd"]
+
+
+def test_command_line_overrides_are_checked():
+    cfg = load_config("cellsort-a-cpu", {"pcd": {"iterations": 5}, "seed": 3})
+    assert cfg["pcd"]["iterations"] == 5 and cfg["seed"] == 3
+    with pytest.raises(ConfigError, match="command line"):
+        load_config(None, {"pcd": {"nope": 1}})

@@ -1,0 +1,262 @@
+"""Training configuration: a nested dict with a fixed schema, read from TOML presets or user files.
+
+A configuration has the sections below (every key optional in a file; missing keys take the defaults of
+:data:`DEFAULTS`). Unknown keys anywhere are a :class:`~neuralcpm_plugin.errors.ConfigError` naming the file
+and the key, so a typo never silently trains the wrong model. Values are type-checked against the default.
+
+Sections
+--------
+top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), ``out`` (run folder; ""
+    means ``runs/<name>``).
+``[data]`` : ``path`` (npz file or directory of npz files; "" = generate with ``[generate]``),
+    ``frames`` ("all", "final" = last frame of each file, or "last:N"), ``max_states`` (0 = all).
+``[generate]`` : ``dataset`` (a ``training.gen_<name>`` module), ``options`` (free table of keyword
+    arguments of its ``generate_<name>(...)`` function), ``cache`` (path of the generated npz; "" = inside the
+    run folder).
+``[model]`` : ``kind`` (analytic | nh | nh-closure | local-nh | local-nh-closure | cnn | nh1-cnn), lattice
+    orders, ``temperature``, initial values of the analytic parameters (per-pair units), ``share_lambda``,
+    closure weights ``w_a``/``w_n``, ``neural`` (free table: architecture config passed to the neural term),
+    ``prior`` (Morpheus .xml or CC3D .cc3d model; analytic part), ``freeze_prior``.
+``[objective]`` : ``name`` ("pl" or "pcd").
+``[pl]`` : the proposal-aware pseudo-likelihood (SPEC.md); convex L-BFGS for analytic models
+    (``max_iter``, ``tolerance``), stochastic Adam for neural ones (``steps``, ``lr``, ``sites_per_state``,
+    ``states_per_step``).
+``[pcd]`` : persistent contrastive divergence (paper §3.2, App. Table 7): ``batch``, ``iterations``, ``mcs``,
+    ``flips``, ``reset_prob``, ``alpha``, ``ema``, ``lr``, ``checkpoint_every``, ``plot_every``, divergence
+    guard ``energy_limit`` / ``lr_decay`` / ``max_rollbacks``.
+``[export]`` : ``cc3d`` / ``morpheus`` (bool: write the exports after training).
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from importlib import resources
+from pathlib import Path
+
+from neuralcpm_plugin.errors import ConfigError
+
+__all__ = ["DEFAULTS", "MODEL_KINDS", "OBJECTIVES", "PRESETS", "load_config", "list_presets", "merge",
+           "validate"]
+
+MODEL_KINDS = ("analytic", "nh", "nh-closure", "local-nh", "local-nh-closure", "cnn", "nh1-cnn")
+OBJECTIVES = ("pl", "pcd")
+FREE_TABLES = {("generate", "options"), ("model", "neural")}
+
+DEFAULTS: dict = {
+    "name": "default",
+    "seed": 0,
+    "device": "cpu",
+    "out": "",
+    "data": {"path": "", "frames": "all", "max_states": 0},
+    "generate": {"dataset": "cellsort", "options": {}, "cache": ""},
+    "model": {
+        "kind": "analytic",
+        "copy_order": 2,
+        "contact_order": 2,
+        "temperature": 1.0,
+        "init_J": 1.0,
+        "init_lambda": 0.1,
+        "share_lambda": True,
+        "target_volume": 0.0,        # 0 = the data's mean cell volume (paper App. B.2.1)
+        "w_a": 0.25,
+        "w_n": 1.0,
+        "neural": {},
+        "prior": "",
+        "freeze_prior": False,
+    },
+    "objective": {"name": "pl"},
+    "pl": {"max_iter": 200, "tolerance": 1e-10, "steps": 200, "lr": 1e-2, "sites_per_state": 256,
+           "states_per_step": 4},
+    "pcd": {
+        "batch": 16,
+        "iterations": 10000,
+        "mcs": 1.0,
+        "flips": 100,
+        "reset_prob": 1.0,
+        "alpha": 0.0,
+        "ema": 0.0,
+        "lr": 1e-3,
+        "checkpoint_every": 100,
+        "plot_every": 500,
+        "energy_limit": 1e7,
+        "lr_decay": 0.5,
+        "max_rollbacks": 5,
+    },
+    "export": {"cc3d": True, "morpheus": True},
+}
+
+_PRESET_DIR = "presets"
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped in ``training/presets/*.toml``."""
+    d = resources.files(__package__) / _PRESET_DIR
+    return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".toml"))
+
+
+PRESETS = list_presets
+
+
+def merge(base: dict, over: dict, *, where: str = "", prefix: tuple = ()) -> dict:
+    """Return ``base`` updated recursively by ``over``; unknown keys and wrong types are a ConfigError."""
+    out = copy.deepcopy(base)
+    for key, val in over.items():
+        path = prefix + (key,)
+        dotted = ".".join(path)
+        if prefix in FREE_TABLES or (len(prefix) >= 2 and prefix[:2] in FREE_TABLES):
+            out[key] = copy.deepcopy(val)
+            continue
+        if key not in base:
+            known = ", ".join(sorted(base)) or "(none)"
+            raise ConfigError(f"{where}unknown configuration key {dotted!r}; known keys here: {known}")
+        ref = base[key]
+        if isinstance(ref, dict):
+            if not isinstance(val, dict):
+                raise ConfigError(f"{where}{dotted!r} must be a table, got {type(val).__name__}")
+            if path in FREE_TABLES:
+                out[key] = copy.deepcopy(val)
+            else:
+                out[key] = merge(ref, val, where=where, prefix=path)
+            continue
+        out[key] = _coerce(ref, val, dotted, where)
+    return out
+
+
+def _coerce(ref, val, dotted: str, where: str):
+    if isinstance(ref, bool):
+        if not isinstance(val, bool):
+            raise ConfigError(f"{where}{dotted!r} must be true or false, got {val!r}")
+        return val
+    if isinstance(ref, int):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise ConfigError(f"{where}{dotted!r} must be an integer, got {val!r}")
+        return val
+    if isinstance(ref, float):
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            raise ConfigError(f"{where}{dotted!r} must be a number, got {val!r}")
+        return float(val)
+    if isinstance(ref, str):
+        if not isinstance(val, str):
+            raise ConfigError(f"{where}{dotted!r} must be a string, got {val!r}")
+        return val
+    return val
+
+
+def validate(cfg: dict, *, where: str = "") -> dict:
+    """Check value ranges and choices; return ``cfg``."""
+    m = cfg["model"]
+    if m["kind"] not in MODEL_KINDS:
+        raise ConfigError(f"{where}model.kind {m['kind']!r} is not one of {', '.join(MODEL_KINDS)}")
+    if cfg["objective"]["name"] not in OBJECTIVES:
+        raise ConfigError(f"{where}objective.name {cfg['objective']['name']!r} is not one of "
+                          f"{', '.join(OBJECTIVES)}")
+    if cfg["device"] not in ("cpu", "cuda") and not str(cfg["device"]).startswith("cuda:"):
+        raise ConfigError(f"{where}device must be 'cpu' or 'cuda', got {cfg['device']!r}")
+    fr = cfg["data"]["frames"]
+    if fr not in ("all", "final") and not (fr.startswith("last:") and fr[5:].isdigit() and int(fr[5:]) > 0):
+        raise ConfigError(f"{where}data.frames must be 'all', 'final' or 'last:N', got {fr!r}")
+    p = cfg["pcd"]
+    checks = [(p["batch"] >= 1, "pcd.batch must be >= 1"),
+              (p["iterations"] >= 0, "pcd.iterations must be >= 0"),
+              (p["mcs"] > 0, "pcd.mcs must be > 0"),
+              (p["flips"] >= 1, "pcd.flips must be >= 1"),
+              (0.0 <= p["reset_prob"] <= 1.0, "pcd.reset_prob must lie in [0, 1]"),
+              (p["alpha"] >= 0, "pcd.alpha must be >= 0"),
+              (0.0 <= p["ema"] < 1.0, "pcd.ema must lie in [0, 1)"),
+              (p["lr"] > 0, "pcd.lr must be > 0"),
+              (p["checkpoint_every"] >= 1, "pcd.checkpoint_every must be >= 1"),
+              (0 < p["lr_decay"] < 1, "pcd.lr_decay must lie in (0, 1)"),
+              (m["temperature"] > 0, "model.temperature must be > 0"),
+              (m["copy_order"] >= 1 and m["contact_order"] >= 1, "neighbourhood orders must be >= 1"),
+              (cfg["pl"]["max_iter"] >= 1, "pl.max_iter must be >= 1"),
+              (cfg["pl"]["sites_per_state"] >= 1, "pl.sites_per_state must be >= 1")]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(where + msg)
+    return cfg
+
+
+def _read_toml(text: str, where: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}invalid TOML ({e})") from None
+
+
+def load_preset(name: str) -> dict:
+    """The raw table of a shipped preset (before merging with the defaults)."""
+    f = resources.files(__package__) / _PRESET_DIR / f"{name}.toml"
+    if not f.is_file():
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(list_presets())} (or give a .toml file)")
+    return _read_toml(f.read_text(), f"preset {name}: ")
+
+
+def load_config(spec: str | None = None, overrides: dict | None = None) -> dict:
+    """Build a full configuration.
+
+    Parameters
+    ----------
+    spec : str, optional
+        A preset name (``training/presets/<name>.toml``) or a path to a TOML file. A file may start from a
+        preset with a top-level ``preset = "name"`` key. ``None`` = the embedded ``default`` preset.
+    overrides : dict, optional
+        Nested values applied last (from command-line flags), checked like the file.
+    """
+    where = ""
+    if spec is None:
+        raw = load_preset("default")
+        where = "preset default: "
+    elif spec.endswith(".toml") or Path(spec).is_file():
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"{spec}: configuration file not found")
+        where = f"{spec}: "
+        raw = _read_toml(path.read_text(), where)
+    else:
+        raw = load_preset(spec)
+        where = f"preset {spec}: "
+    base = copy.deepcopy(DEFAULTS)
+    raw = dict(raw)
+    parent = raw.pop("preset", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{where}'preset' must be a preset name")
+        base = merge(base, load_preset(parent), where=f"preset {parent}: ")
+    cfg = merge(base, raw, where=where)
+    if overrides:
+        cfg = merge(cfg, overrides, where="command line: ")
+    return validate(cfg, where=where)
+
+
+def to_toml(cfg: dict) -> str:
+    """Serialise a configuration back to TOML (for the run folder; simple values, lists and tables only)."""
+    lines: list[str] = []
+
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + "}"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    def table(d: dict, prefix: str):
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) or ((*prefix.split("."), k)
+                                                                           if prefix else (k,)) in FREE_TABLES}
+        subs = {k: v for k, v in d.items() if k not in scalars}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {val(v)}")
+        lines.append("")
+        for k, v in subs.items():
+            table(v, f"{prefix}.{k}" if prefix else k)
+
+    table(cfg, "")
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""`python -m training.evaluate params RUN_DIR` — parameter RMSE at T=1 and T* (paper §4.2; SPEC.md → Metrics).
+
+Reads the run's bundle (``RUN_DIR/model``, or RUN_DIR itself if it is a bundle) and the true parameters
+(``--truth``, else ``RUN_DIR/truth.json`` written by ``training.fit``), and prints the parameter vector
+``[J(1,0), J(2,0), J(1,1), J(1,2), J(2,2), λ]`` and the RMSE at T=1 and at ``T* = (θ̂·θ̂)/(θ̂·θ)`` in both
+scalings: per unordered pair (this project's unit; the reference-data targets) and the paper's (J × 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from neuralcpm_plugin.errors import BundleError, ConfigError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run folder of training.fit (or a bundle directory)")
+    p.add_argument("--truth", help="true parameters: P1 | P2 | cellsort-a | cellsort-b, a bundle, a JSON file "
+                                   "{J, lambda[, scaling]}, or a Morpheus/CC3D model (default RUN_DIR/truth.json)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def evaluate_params(run_dir, truth=None) -> dict:
+    """Return ``{"names", "learned", "truth", "per_pair": {...}, "paper": {...}}`` for a run."""
+    from neuralcpm_plugin.bundle import load_bundle
+    from neuralcpm_plugin.metrics.params import param_names, param_rmse, param_vector, truth_from_source
+    run_dir = Path(run_dir)
+    bdir = run_dir / "model" if (run_dir / "model" / "model.json").exists() else run_dir
+    try:
+        bundle = load_bundle(bdir)
+    except BundleError as e:
+        raise ConfigError(f"{run_dir}: no trained model to evaluate ({e})") from None
+    try:
+        v = param_vector(bundle)
+    except ValueError as e:
+        raise ConfigError(f"{bdir}: {e}") from None
+    if truth is None:
+        tf = run_dir / "truth.json"
+        if not tf.exists():
+            raise ConfigError(f"{run_dir}: no truth.json; give the true parameters with --truth")
+        t = json.loads(tf.read_text())
+    else:
+        try:
+            t = truth_from_source(truth)
+        except (ValueError, KeyError, OSError) as e:
+            raise ConfigError(str(e)) from None
+    tv = np.asarray(t["vector"], dtype=np.float64)
+    if tv.shape != v.shape:
+        raise ConfigError(f"the model has {len(v)} parameters, the truth {len(tv)}")
+    n_types = bundle.hamiltonian.term("contact").n_types
+    out = {"names": param_names(n_types), "learned": v.tolist(), "truth": tv.tolist(), "source": t.get("source")}
+    for scaling, f in (("per_pair", 1.0), ("paper", 4.0)):
+        a, b = v.copy(), tv.copy()
+        a[:-1] *= f
+        b[:-1] *= f
+        r1, rs, ts = param_rmse(a, b)
+        out[scaling] = {"rmse_T1": r1, "rmse_Tstar": rs, "Tstar": ts}
+    return out
+
+
+def run(args) -> int:
+    res = evaluate_params(args.run_dir, args.truth)
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    print(f"model: {args.run_dir}   truth: {res['source']}")
+    print(f"{'parameter':>10} {'learned':>10} {'true':>10}   (per unordered pair; λ)")
+    for n, a, b in zip(res["names"], res["learned"], res["truth"]):
+        print(f"{n:>10} {a:10.4f} {b:10.4f}")
+    for scaling, label in (("per_pair", "per pair"), ("paper", "paper scaling (J x 4)")):
+        r = res[scaling]
+        print(f"RMSE {label}: T=1 {r['rmse_T1']:.4f}   T* {r['rmse_Tstar']:.4f}   (T* = {r['Tstar']:.4f})")
+    return 0

@@ -1,0 +1,416 @@
+"""`python -m training.evaluate table1 --data DATA.npz --runs RUN [RUN ...]` — paper Table 1 (Cellular MNIST).
+
+Roll-outs as the authors' ``experiments/generate_samples.py`` (SPEC.md → Metrics): each trajectory starts from
+a real final frame (drawn at random from the data) whose cell types are randomly permuted among its cells,
+and runs the paper's parallel sampler (P = 50 proposals per step); 100 frames are saved 134 steps apart
+(= 0.67 MCS-equivalents of P·steps/(H·W) on 100 × 100; ``--mcs-per-frame`` keeps that ratio on other
+lattices); 50 trajectories. Metrics:
+
+* vol — fraction of states (every ``--every``-th frame of every trajectory, start included) whose every cell
+  volume lies in [v_min − 0.1·v̄, v_max + 0.1·v̄] of the training data;
+* frag — fraction of those states with at most 3 fragmented cells (mask dilated twice, ≠ 1 8-connected
+  component, on the torus);
+* CS — classifier score exp(E KL(p(y|x) ‖ p(y))) of the final frames, with the digit classifier trained on
+  the data's type maps (``--classifier DIR``; trained and cached next to the data when absent).
+
+Runs are grouped into table rows by model (the bundle's provenance ``model_kind``/``objective`` or the term
+kinds; or ``LABEL=PATH``); a row's value is the mean over its runs (seeds) with a 95 % Student-t interval
+over seeds. A row with a single run shows the interval over 5 disjoint groups of its trajectories instead
+(marked ``†``). The paper's numbers are printed beside ours. Results go to stdout and to ``--out`` (.md and
+.json). ``--gif DIR`` writes the first trajectory of each run as an animated GIF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neuralcpm_plugin.errors import ConfigError, DataError
+from neuralcpm_plugin.lattice import CellState
+
+__all__ = [
+    "PAPER_TABLE1",
+    "ROW_ORDER",
+    "SCALES",
+    "add_arguments",
+    "add_common_arguments",
+    "evaluate_table1",
+    "find_bundle",
+    "permuted_starts",
+    "rollout",
+    "run",
+    "run_label",
+]
+
+PAPER_TABLE1 = {  # vol, frag, CS (paper Table 1)
+    "Cellsort Hamiltonian": (1.00, 1.00, 2.47),
+    "Cellsort + External Potential": (1.00, 1.00, 3.11),
+    "CNN": (0.00, 0.05, 3.70),
+    "1 NH layer + CNN": (0.06, 0.87, 3.53),
+    "Neural Hamiltonian": (0.11, 0.99, 4.91),
+    "Neural Hamiltonian + closure": (1.00, 1.00, 4.35),
+}
+ROW_ORDER = ["real data", "Cellsort Hamiltonian", "Cellsort + External Potential", "CNN", "1 NH layer + CNN",
+             "Neural Hamiltonian", "Neural Hamiltonian + closure", "Local NH", "Local NH + closure"]
+SCALES = {  # roll-out presets
+    "paper": {"trajectories": 50, "frames": 100, "mcs_per_frame": 0.67, "flips": 50, "every": 5, "chains": 10},
+    "cpu": {"trajectories": 20, "frames": 40, "mcs_per_frame": 0.67, "flips": 50, "every": 5, "chains": 10},
+    "smoke": {"trajectories": 5, "frames": 4, "mcs_per_frame": 0.5, "flips": 50, "every": 2, "chains": 5},
+}
+_KIND_LABEL = {"analytic": "Cellsort Hamiltonian", "cnn": "CNN", "nh1-cnn": "1 NH layer + CNN",
+               "nh": "Neural Hamiltonian", "nh-closure": "Neural Hamiltonian + closure", "local-nh": "Local NH",
+               "local-nh-closure": "Local NH + closure"}
+
+
+# ------------------------------------------------------------------------------------------ run discovery
+def find_bundle(run) -> Path:
+    """The bundle directory of a run: ``run`` itself (has model.json), ``run/model``, or the newest
+    ``model.json`` below ``run``."""
+    run = Path(run)
+    if (run / "model.json").exists():
+        return run
+    if (run / "model" / "model.json").exists():
+        return run / "model"
+    found = sorted(run.rglob("model.json"), key=lambda p: p.stat().st_mtime) if run.is_dir() else []
+    if not found:
+        raise DataError("no model bundle (model.json) here", path=run)
+    return found[-1].parent
+
+
+def run_label(bundle) -> str:
+    """Table row of a loaded bundle: from its provenance (``model_kind``, ``objective``) or its term kinds."""
+    ham = bundle.hamiltonian
+    kinds = [t.kind for t in ham.terms]
+    prov = bundle.provenance or {}
+    mk = prov.get("model_kind")
+    label = _KIND_LABEL.get(mk) if mk else None
+    if label is None:
+        neural = [k for k in kinds if k in ("nh", "cnn", "nh1_cnn", "local_nh")]
+        analytic = any(t.analytic for t in ham.terms)
+        if not neural:
+            label = "Cellsort Hamiltonian"
+        else:
+            base = {"nh": "Neural Hamiltonian", "cnn": "CNN", "nh1_cnn": "1 NH layer + CNN",
+                    "local_nh": "Local NH"}[neural[0]]
+            label = base + (" + closure" if analytic else "")
+    if label == "Cellsort Hamiltonian" and "external" in kinds:
+        label = "Cellsort + External Potential"
+    if prov.get("objective") == "pl" and any(not t.analytic for t in ham.terms):
+        label += " (PL)"
+    return label
+
+
+def closure_weights_of(ham) -> dict:
+    """``{"w_a": ..., "w_n": ...}`` (shared scales of analytic / neural terms) where the model has them."""
+    out = {}
+    a = [t for t in ham.terms if t.analytic]
+    n = [t for t in ham.terms if not t.analytic]
+    if a and n:
+        out["w_a"] = a[0].scale_value()
+    if n:
+        out["w_n"] = n[0].scale_value()
+    return out
+
+
+def parse_runs(specs) -> list[tuple[str | None, Path]]:
+    out = []
+    for s in specs:
+        if "=" in s and not Path(s).exists():
+            label, path = s.split("=", 1)
+            out.append((label, Path(path)))
+        else:
+            out.append((None, Path(s)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ roll-outs
+def permuted_starts(states, n: int, rng: np.random.Generator) -> list[CellState]:
+    """``n`` start states: random data frames with their cells' types randomly permuted among the cells."""
+    out = []
+    for i in rng.integers(0, len(states), size=n):
+        s = states[int(i)]
+        types = s.types.copy()
+        cells = s.cell_ids()
+        types[cells] = rng.permutation(types[cells])
+        out.append(CellState(s.ids.copy(), types, {"start_frame": int(i)}))
+    return out
+
+
+def rollout(hamiltonian, starts, *, frames: int, mcs_per_frame: float, flips: int = 50, seed: int = 0,
+            chains: int = 10, device="cpu", sampler: str = "parallel", progress: bool = False) -> np.ndarray:
+    """Trajectories ``(n, frames + 1, 2, H, W)`` int32 (frame 0 = start) under ``hamiltonian``.
+
+    ``sampler="parallel"``: :class:`~neuralcpm_plugin.sampling.parallel.ParallelSampler` with ``flips``
+    proposals per step and ``round(mcs_per_frame·H·W/flips)`` steps between frames, ``chains`` trajectories per
+    batch. ``sampler="exact"``: the exact sampler with boundary proposals (``mcs_per_frame`` MCS per frame).
+    """
+    starts = list(starts)
+    H, W = starts[0].shape
+    out = np.zeros((len(starts), frames + 1, 2, H, W), np.int32)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(starts) * frames, desc="roll-out", unit="frame")
+    if sampler == "exact":
+        from neuralcpm_plugin.sampling.exact import run_exact
+        for k, s in enumerate(starts):
+            res = run_exact(s, hamiltonian, frames * mcs_per_frame, seed=seed * 7919 + k, proposal="boundary",
+                            record_every=mcs_per_frame)
+            for f, st in enumerate(res.frames[: frames + 1]):
+                out[k, f] = st.to_channels()
+            if bar is not None:
+                bar.update(frames)
+    elif sampler == "parallel":
+        from neuralcpm_plugin.hamiltonian.base import Batch
+        from neuralcpm_plugin.sampling.parallel import ParallelSampler
+
+        steps = max(1, round(mcs_per_frame * H * W / flips))
+        mcs = steps * flips / (H * W)
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        ps = ParallelSampler(hamiltonian, n_flips=flips)
+        n_ids = max(s.n_ids for s in starts)
+        for c0 in range(0, len(starts), chains):
+            chunk = starts[c0:c0 + chains]
+            batch = Batch.from_states(chunk, n_ids=n_ids, device=device, periodic=hamiltonian.lattice.periodic)
+            types = batch.types.cpu().numpy()
+            for f in range(frames + 1):
+                if f > 0:
+                    ps.sweep(batch, mcs, gen)
+                    if bar is not None:
+                        bar.update(len(chunk))
+                ids = batch.ids.cpu().numpy()
+                out[c0:c0 + len(chunk), f, 0] = ids
+                out[c0:c0 + len(chunk), f, 1] = np.take_along_axis(types, ids.reshape(len(chunk), -1), 1).reshape(
+                    ids.shape)
+    else:
+        raise ConfigError(f"unknown sampler {sampler!r}; use 'parallel' or 'exact'")
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def states_of(traj: np.ndarray) -> list[CellState]:
+    """``(n, 2, H, W)`` channels → states."""
+    return [CellState.from_maps(t[0], t[1]) for t in traj]
+
+
+def groups_ci(values_fn, n_items: int, n_groups: int = 5):
+    """Mean and 95 % half-width of ``values_fn(index_array)`` over ``n_groups`` disjoint groups of items."""
+    from neuralcpm_plugin.metrics.paper import mean_ci
+
+    if n_items < n_groups:
+        return float("nan")
+    groups = np.array_split(np.arange(n_items), n_groups)
+    return mean_ci([values_fn(g) for g in groups])[1]
+
+
+def summarise(rows: dict, metric_keys, per_group_key="groups") -> dict:
+    """Per label: mean over runs and 95 % CI over runs (or over trajectory groups for one run)."""
+    from neuralcpm_plugin.metrics.paper import mean_ci
+
+    out = {}
+    for label, runs in rows.items():
+        d = {"n_runs": len(runs), "runs": [r["run"] for r in runs]}
+        for k in metric_keys:
+            vals = [r[k] for r in runs]
+            m, h = mean_ci(vals)
+            if len(runs) == 1:
+                h = runs[0].get(per_group_key, {}).get(k, float("nan"))
+                d[k + "_ci_over"] = "trajectory groups"
+            else:
+                d[k + "_ci_over"] = "seeds"
+            d[k] = m
+            d[k + "_ci"] = h
+        for k in ("w_a", "w_n"):
+            vals = [r[k] for r in runs if k in r]
+            if vals:
+                d[k] = float(np.mean(vals))
+        out[label] = d
+    return out
+
+
+def fmt(m, h, digits=2) -> str:
+    if m is None or not np.isfinite(m):
+        return "–"
+    s = f"{m:.{digits}f}"
+    if h is not None and np.isfinite(h):
+        s += f" ± {h:.{digits}f}"
+    return s
+
+
+def order_labels(labels) -> list[str]:
+    def key(lab):
+        base = lab.replace(" (PL)", "")
+        return (ROW_ORDER.index(base) if base in ROW_ORDER else len(ROW_ORDER), lab.endswith("(PL)"), lab)
+    return sorted(labels, key=key)
+
+
+# ------------------------------------------------------------------------------------------------ table 1
+def _classifier_for(data_path: Path, states, labels, clf_path, seed: int, log):
+    from neuralcpm_plugin.classifier import load_classifier, save_classifier, train_classifier
+
+    path = Path(clf_path) if clf_path else data_path.with_suffix(".classifier")
+    if (path / "classifier.json").exists():
+        model, info = load_classifier(path)
+        log(f"classifier: {path} (test accuracy {info.get('test_acc', float('nan')):.3f})")
+        return model, info
+    if labels is None:
+        raise DataError("the data have no 'label' array: cannot train the digit classifier", path=data_path)
+    log(f"classifier: training on {len(states)} labelled type maps (80/10/10 split) ...")
+    t0 = time.perf_counter()
+    model, info = train_classifier(states, labels, seed=seed, progress=False)
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    save_classifier(model, path, info)
+    log(f"classifier: val/test accuracy {info['val_acc']:.3f}/{info['test_acc']:.3f} in {info['seconds']} s; "
+        f"saved to {path}")
+    return model, info
+
+
+def load_data(path):
+    from neuralcpm_plugin.io.npz import read_npz
+
+    path = Path(path)
+    states = read_npz(path)
+    labels = states[0].meta.get("label")
+    labels = None if labels is None else np.asarray(labels).ravel()
+    if labels is not None and len(labels) != len(states):
+        labels = None
+    return states, labels
+
+
+def evaluate_table1(data, runs, *, scale: str = "cpu", classifier=None, seed: int = 0, device: str = "cpu",
+                    sampler: str = "parallel", gif_dir=None, log=print, **overrides) -> dict:
+    """Compute Table 1 for ``runs`` (paths or ``(label, path)``); returns the result dict (see module doc)."""
+    from neuralcpm_plugin.bundle import load_bundle
+    from neuralcpm_plugin.classifier import predict_proba
+    from neuralcpm_plugin.metrics.paper import classifier_score, n_fragmented, volume_bounds, volume_ok
+
+    cfg = dict(SCALES[scale])
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    data = Path(data)
+    states, labels = load_data(data)
+    bounds = volume_bounds(states)
+    clf, clf_info = _classifier_for(data, states, labels, classifier, seed, log)
+    log(f"data: {len(states)} states {states[0].shape}, volume bounds [{bounds[0]:.1f}, {bounds[1]:.1f}]; "
+        f"roll-outs: {cfg}")
+    results = {"real data": [_real_row(states, bounds, clf)]}
+    for i, (label, path) in enumerate(runs):
+        b = load_bundle(find_bundle(path))
+        lab = label or run_label(b)
+        ham = b.hamiltonian.to(device)
+        if tuple(ham.lattice.shape) != tuple(states[0].shape):
+            raise ConfigError(f"{path}: model lattice {ham.lattice.shape} differs from the data {states[0].shape}")
+        rng = np.random.default_rng(seed * 1000 + i)
+        starts = permuted_starts(states, cfg["trajectories"], rng)
+        t0 = time.perf_counter()
+        traj = rollout(ham, starts, frames=cfg["frames"], mcs_per_frame=cfg["mcs_per_frame"], flips=cfg["flips"],
+                       seed=seed * 1000 + i, chains=cfg["chains"], device=device, sampler=sampler)
+        secs = time.perf_counter() - t0
+        sel = list(range(0, cfg["frames"] + 1, cfg["every"]))
+        n_t = len(starts)
+        vol_ok = np.array([[volume_ok(CellState.from_maps(*traj[k, f]), bounds) for f in sel] for k in range(n_t)])
+        frag_ok = np.array([[n_fragmented(CellState.from_maps(*traj[k, f])) <= 3 for f in sel] for k in range(n_t)])
+        probs = predict_proba(clf, traj[:, -1, 1])
+        row = {"run": str(path), "vol": float(vol_ok.mean()), "frag": float(frag_ok.mean()),
+               "cs": classifier_score(probs), "seconds": round(secs, 1),
+               "groups": {"vol": groups_ci(lambda g, a=vol_ok: a[g].mean(), n_t),
+                          "frag": groups_ci(lambda g, a=frag_ok: a[g].mean(), n_t),
+                          "cs": groups_ci(lambda g, p=probs: classifier_score(p[g]), n_t)},
+               **closure_weights_of(ham)}
+        wn = f"  w_n {row['w_n']:.3g}" if "w_n" in row else ""
+        log(f"{lab} [{path}]: vol {row['vol']:.2f} frag {row['frag']:.2f} CS {row['cs']:.2f} "
+            f"({secs:.0f} s roll-out){wn}")
+        results.setdefault(lab, []).append(row)
+        if gif_dir:
+            from neuralcpm_plugin.render import render_trajectory
+            safe = "".join(c if c.isalnum() else "_" for c in lab)
+            render_trajectory(states_of(traj[0]), Path(gif_dir) / f"table1_{safe}_{i}.gif", fps=8,
+                              titles=[f"{lab}: frame {f}" for f in range(traj.shape[1])])
+    summary = summarise(results, ["vol", "frag", "cs"])
+    return {"table": "table1", "data": str(data), "rollout": cfg, "sampler": sampler, "volume_bounds": bounds,
+            "classifier": {k: v for k, v in clf_info.items() if k != "curve"}, "rows": summary, "raw": results}
+
+
+def _real_row(states, bounds, clf) -> dict:
+    from neuralcpm_plugin.classifier import predict_proba
+    from neuralcpm_plugin.metrics.paper import classifier_score, fragmentation_metric, volume_metric
+
+    probs = predict_proba(clf, states)
+    n = len(states)
+    return {"run": "data", "vol": volume_metric(states, bounds), "frag": fragmentation_metric(states),
+            "cs": classifier_score(probs),
+            "groups": {"cs": groups_ci(lambda g: classifier_score(probs[g]), n)}}
+
+
+def table1_markdown(res: dict) -> str:
+    rows = res["rows"]
+    lines = ["| Model | runs | vol | frag | CS | w_n | paper vol | paper frag | paper CS |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for lab in order_labels(rows):
+        d = rows[lab]
+        p = PAPER_TABLE1.get(lab, (None, None, None))
+        dag = "†" if d["n_runs"] == 1 and lab != "real data" else ""
+        lines.append(f"| {lab} | {d['n_runs']} | {fmt(d['vol'], d['vol_ci'])}{dag} | {fmt(d['frag'], d['frag_ci'])}"
+                     f"{dag} | {fmt(d['cs'], d['cs_ci'])}{dag} | {fmt(d.get('w_n'), None, 3)} | "
+                     + " | ".join("–" if v is None else f"{v:.2f}" for v in p) + " |")
+    cfg = res["rollout"]
+    lines.append("")
+    lines.append(f"Roll-outs: {cfg['trajectories']} trajectories per run × {cfg['frames']} frames, "
+                 f"{cfg['mcs_per_frame']} MCS-equivalents per frame ({res['sampler']} sampler, P = {cfg['flips']}), "
+                 f"metrics on every {cfg['every']}th frame; CS on final frames. ± = 95 % interval over seeds; "
+                 "† = one run: interval over 5 groups of its trajectories.")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def add_common_arguments(p: argparse.ArgumentParser, default_data: str) -> None:
+    p.add_argument("--runs", nargs="+", required=True,
+                   help="run folders or bundles (LABEL=PATH to name the row); several runs of one model = seeds")
+    p.add_argument("--data", default=default_data, help=f"training data .npz (default {default_data})")
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
+                   help="roll-out preset: paper (50 traj x 100 frames), cpu (20 x 40), smoke (5 x 4)")
+    p.add_argument("--trajectories", type=int, default=None)
+    p.add_argument("--frames", type=int, default=None)
+    p.add_argument("--mcs-per-frame", type=float, default=None)
+    p.add_argument("--flips", type=int, default=None, help="parallel proposals per step (P)")
+    p.add_argument("--every", type=int, default=None, help="metrics on every k-th frame")
+    p.add_argument("--chains", type=int, default=None, help="trajectories simulated together")
+    p.add_argument("--sampler", choices=["parallel", "exact"], default="parallel")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="write the table (.md) and the numbers (.json) here")
+    p.add_argument("--gif", default=None, help="folder for one roll-out GIF per run")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_arguments(p, "runs/data/mnist-cpu.npz")
+    p.add_argument("--classifier", default=None,
+                   help="digit classifier folder (default: DATA.classifier/, trained there if absent)")
+
+
+def overrides_of(args) -> dict:
+    return {"trajectories": args.trajectories, "frames": args.frames, "mcs_per_frame": args.mcs_per_frame,
+            "flips": args.flips, "every": args.every, "chains": args.chains}
+
+
+def write_outputs(res: dict, md: str, out) -> None:
+    print(md)
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(md + "\n")
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float))
+        print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+def run(args) -> int:
+    res = evaluate_table1(args.data, parse_runs(args.runs), scale=args.scale, classifier=args.classifier,
+                          seed=args.seed, device=args.device, sampler=args.sampler, gif_dir=args.gif,
+                          **overrides_of(args))
+    write_outputs(res, table1_markdown(res), args.out)
+    return 0

@@ -1,0 +1,288 @@
+"""The proposal-aware pseudo-likelihood (SPEC.md → "Proposal-aware pseudo-likelihood").
+
+The classic CPM proposes "copy a random copy-neighbour's cell into site i", so cell c is proposed for site i
+with weight ``k_c`` = the number of i's copy neighbours that belong to c. With the neighbours frozen, Metropolis
+with these proposals leaves site i in detailed balance with
+
+    p(σ_i = c | rest) ∝ k_c · exp(−ΔH_c / T),   ΔH_c = H(σ with σ_i := c) − H(σ),
+
+over the candidates c ∈ {σ_i} ∪ {cells among i's copy neighbours}. The fit minimises the mean negative
+log-likelihood of the observed values over the boundary sites of the data states (sites whose own value has
+k = 0 are skipped; candidates that would delete a cell are excluded). ΔH comes from the Hamiltonian's batched
+interface ``delta(batch, sites, new_ids)`` — the same evaluations the parallel sampler makes.
+
+* Analytic models (ΔH linear in the parameters): the problem is convex. ΔH = c + F·θ is tabulated once
+  (n_free + 1 batched ΔH evaluations, linearity verified) and θ is fitted by L-BFGS in float64. Because k_c
+  carries no 1/T the temperature scale is identifiable (RMSE at T=1 is meaningful).
+* Neural and closure models: stochastic — each step samples a few states and a few hundred boundary sites
+  per state and takes an Adam step on the same objective.
+
+``proposal_aware=False`` drops k_c (the plain Boltzmann pseudo-likelihood; biased on classic-CPM data,
+DESIGN.md) — kept for comparison only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from neuralcpm_plugin.hamiltonian.base import Batch
+from neuralcpm_plugin.lattice import _shift, neighbour_offsets
+
+from .parammap import ParamMap, using_params
+
+__all__ = ["Candidates", "build_candidates", "pl_nll", "fit_pl", "PLResult"]
+
+
+@dataclass
+class Candidates:
+    """Per-site candidate sets of a list of states, padded into tensors.
+
+    sites, new_ids : LongTensor [B, P]   proposals (flat site index, candidate cell); padding repeats a valid
+                                         proposal and is routed to the dummy group ``S``.
+    log_k : float64 [B, P]               log k_c of each proposal.
+    group, slot : LongTensor [B, P]      site group (0..S-1; S = dummy) and slot 1..K inside it.
+    own_log_k : float64 [B, S]           log k of the observed value per site group.
+    group_mask : bool [B, S]             real groups.
+    """
+
+    batch: Batch
+    sites: torch.Tensor
+    new_ids: torch.Tensor
+    log_k: torch.Tensor
+    group: torch.Tensor
+    slot: torch.Tensor
+    own_log_k: torch.Tensor
+    group_mask: torch.Tensor
+    n_slots: int
+
+    @property
+    def n_sites(self) -> int:
+        return int(self.group_mask.sum())
+
+    @property
+    def n_proposals(self) -> int:
+        return int((self.group < self.group_mask.shape[1]).sum())
+
+
+def _state_candidates(ids: np.ndarray, offs: np.ndarray, periodic: bool, rng=None, max_sites=None):
+    K = len(offs)
+    nb = np.stack([_shift(ids, o, periodic, fill=-1) for o in offs]).reshape(K, -1)
+    own = ids.reshape(-1)
+    k_own = (nb == own[None]).sum(0)
+    boundary = ((nb != own[None]) & (nb >= 0)).any(0)
+    sites = np.flatnonzero(boundary & (k_own > 0))
+    if max_sites is not None and len(sites) > max_sites:
+        sites = np.sort(rng.choice(sites, size=max_sites, replace=False))
+    nv = nb[:, sites].T                                    # [S, K]
+    ov = own[sites]
+    srt = np.sort(nv, axis=1)
+    first = np.ones_like(srt, dtype=bool)
+    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    cand = first & (srt != ov[:, None]) & (srt >= 0)
+    counts = (srt[:, :, None] == srt[:, None, :]).sum(2)
+    g, k = np.nonzero(cand)
+    return dict(sites=sites[g], new_ids=srt[g, k], log_k=np.log(counts[g, k]), group=g, slot=k + 1,
+                own_log_k=np.log(k_own[sites]), n_groups=len(sites))
+
+
+def build_candidates(states, *, copy_order: int = 2, periodic: bool = True, device=None, n_ids=None,
+                     max_sites_per_state: int | None = None, rng: np.random.Generator | None = None
+                     ) -> Candidates:
+    """Candidate sets of the boundary sites of ``states`` (optionally a random subset per state)."""
+    states = list(states)
+    offs = neighbour_offsets(copy_order, states[0].ndim)
+    per = [_state_candidates(s.ids, offs, periodic, rng, max_sites_per_state) for s in states]
+    B = len(states)
+    S = max(1, max(p["n_groups"] for p in per))
+    P = max(1, max(len(p["sites"]) for p in per))
+    sites = np.zeros((B, P), np.int64)
+    new_ids = np.zeros((B, P), np.int64)
+    log_k = np.zeros((B, P), np.float64)
+    group = np.full((B, P), S, np.int64)
+    slot = np.ones((B, P), np.int64)
+    own = np.zeros((B, S), np.float64)
+    gmask = np.zeros((B, S), bool)
+    for b, p in enumerate(per):
+        n = len(p["sites"])
+        if n:
+            sites[b, :n] = p["sites"]
+            new_ids[b, :n] = p["new_ids"]
+            log_k[b, :n] = p["log_k"]
+            group[b, :n] = p["group"]
+            slot[b, :n] = p["slot"]
+            sites[b, n:] = p["sites"][0]
+            new_ids[b, n:] = p["new_ids"][0]
+        else:  # no boundary site: a harmless self-proposal, routed to the dummy group
+            new_ids[b, :] = int(states[b].ids.reshape(-1)[0])
+        own[b, : p["n_groups"]] = p["own_log_k"]
+        gmask[b, : p["n_groups"]] = True
+    batch = Batch.from_states(states, n_ids=n_ids, device=device, periodic=periodic)
+    t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+    return Candidates(batch, t(sites), t(new_ids), t(log_k), t(group), t(slot), t(own), t(gmask),
+                      len(offs) + 1)
+
+
+def _nll_from_delta(c: Candidates, dH: torch.Tensor, T: float, proposal_aware: bool = True) -> torch.Tensor:
+    B, S = c.group_mask.shape
+    logit = -dH / T
+    own = c.own_log_k
+    if proposal_aware:
+        logit = logit + c.log_k
+    else:
+        own = torch.zeros_like(own)
+    dense = torch.full((B, S + 1, c.n_slots), -math.inf, dtype=logit.dtype, device=logit.device)
+    dense[:, :S, 0] = own
+    bidx = torch.arange(B, device=logit.device)[:, None].expand_as(c.group)
+    dense = dense.index_put((bidx, c.group, c.slot), logit)
+    lz = torch.logsumexp(dense[:, :S], dim=-1)
+    nll = (lz - own)[c.group_mask]
+    return nll.mean() if nll.numel() else torch.zeros((), dtype=logit.dtype, device=logit.device)
+
+
+def pl_nll(hamiltonian, cands: Candidates, *, proposal_aware: bool = True, params=None) -> torch.Tensor:
+    """Mean negative log pseudo-likelihood per boundary site (differentiable in the parameters)."""
+    with using_params(hamiltonian, params or {}):
+        dH = hamiltonian.delta(cands.batch, cands.sites, cands.new_ids)
+    return _nll_from_delta(cands, dH.to(torch.float64), hamiltonian.temperature, proposal_aware)
+
+
+@dataclass
+class PLResult:
+    nll: float
+    iterations: int
+    seconds: float
+    method: str
+    n_sites: int
+    history: list = field(default_factory=list)
+
+
+def _linear_tabulate(ham, pmap: ParamMap, c: Candidates):
+    """ΔH = c0 + F θ over the free parameters, or None if ΔH is not linear in them."""
+    free = pmap.parameters()
+    sizes = [p.numel() for p in free]
+    n = sum(sizes)
+    saved = [p.detach().clone() for p in free]
+
+    def at(vec):
+        with torch.no_grad():
+            o = 0
+            for p, k in zip(free, sizes):
+                p.copy_(vec[o:o + k].reshape(p.shape).to(p.dtype))
+                o += k
+            with using_params(ham, pmap.functional_params()):
+                return ham.delta(c.batch, c.sites, c.new_ids).to(torch.float64)
+
+    try:
+        zero = torch.zeros(n, dtype=torch.float64)
+        c0 = at(zero)
+        cols = []
+        for j in range(n):
+            e = zero.clone()
+            e[j] = 1.0
+            cols.append(at(e) - c0)
+        F = torch.stack(cols, dim=-1)                       # [B, P, n]
+        probe = torch.linspace(0.3, 1.7, n, dtype=torch.float64)
+        ok = torch.allclose(at(probe), c0 + F @ probe, rtol=1e-9, atol=1e-9)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(free, saved):
+                p.copy_(s)
+    return (c0, F) if ok else None
+
+
+def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bool = True,
+           max_iter: int = 200, tolerance: float = 1e-10, stochastic: bool | None = None, steps: int = 200,
+           lr: float = 1e-2, sites_per_state: int = 256, states_per_step: int = 4, seed: int = 0,
+           device=None, log=None, progress: bool = False, param_map: ParamMap | None = None) -> PLResult:
+    """Fit ``hamiltonian`` (in place) to ``states`` by the proposal-aware pseudo-likelihood.
+
+    Parameters
+    ----------
+    hamiltonian : Hamiltonian
+        Its learnable parameters (``requires_grad``) are fitted; frozen ones (a frozen prior) are kept.
+    states : list of CellState
+        Data states, one lattice shape.
+    stochastic : bool, optional
+        Force the stochastic (Adam, sampled sites) or the convex (L-BFGS, all sites) solver; by default the
+        convex one is used when ΔH is linear in the free parameters (analytic terms), else the stochastic one.
+    """
+    t0 = time.perf_counter()
+    states = list(states)
+    lat = hamiltonian.lattice
+    T = hamiltonian.temperature
+    pmap = param_map or ParamMap(hamiltonian, share_lambda=share_lambda)
+    free = pmap.parameters()
+    if not free:
+        raise ValueError("the model has no learnable parameter (everything frozen?)")
+    n_ids = max(s.n_ids for s in states)
+    history = []
+    if stochastic is None:
+        stochastic = not getattr(hamiltonian, "is_analytic", False)
+    if not stochastic:
+        cands = build_candidates(states, copy_order=lat.copy_order, periodic=lat.periodic, device=device,
+                                 n_ids=n_ids)
+        tab = _linear_tabulate(hamiltonian, pmap, cands)
+        if tab is None:
+            stochastic = True
+    if not stochastic:
+        c0, F = tab
+        sizes = [p.numel() for p in free]
+        theta = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in free]).requires_grad_(True)
+        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, tolerance_grad=tolerance,
+                                tolerance_change=tolerance * 1e-3, history_size=20, line_search_fn="strong_wolfe")
+        n_eval = [0]
+
+        def closure():
+            opt.zero_grad()
+            loss = _nll_from_delta(cands, c0 + F @ theta, T, proposal_aware)
+            loss.backward()
+            n_eval[0] += 1
+            history.append(float(loss.detach()))
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            o = 0
+            for p, k in zip(free, sizes):
+                p.copy_(theta[o:o + k].reshape(p.shape).to(p.dtype))
+                o += k
+            final = float(_nll_from_delta(cands, c0 + F @ theta, T, proposal_aware))
+        pmap.sync()
+        res = PLResult(final, n_eval[0], time.perf_counter() - t0, "convex L-BFGS (float64)", cands.n_sites,
+                       history)
+        if log:
+            log(f"pl: convex fit over {cands.n_sites} boundary sites of {len(states)} states: "
+                f"nll {final:.6f} after {n_eval[0]} evaluations, {res.seconds:.2f} s")
+        return res
+    # stochastic version (neural / closure / non-linear terms)
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam(free, lr=lr)
+    it = range(steps)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="pl (stochastic)", unit="step")
+    loss_v = float("nan")
+    for step in it:
+        pick = rng.choice(len(states), size=min(states_per_step, len(states)), replace=False)
+        cands = build_candidates([states[i] for i in pick], copy_order=lat.copy_order, periodic=lat.periodic,
+                                 device=device, n_ids=n_ids, max_sites_per_state=sites_per_state, rng=rng)
+        opt.zero_grad()
+        loss = pl_nll(hamiltonian, cands, proposal_aware=proposal_aware, params=pmap.functional_params())
+        loss.backward()
+        opt.step()
+        pmap.sync()
+        loss_v = float(loss)
+        history.append(loss_v)
+        if progress:
+            it.set_postfix(nll=f"{loss_v:.4f}")
+    res = PLResult(loss_v, steps, time.perf_counter() - t0, "stochastic Adam", sites_per_state * len(pick),
+                   history)
+    if log:
+        log(f"pl: stochastic fit, {steps} steps of {states_per_step} states x {sites_per_state} sites: "
+            f"last nll {loss_v:.6f}, {res.seconds:.2f} s")
+    return res
