@@ -88,11 +88,13 @@ class ExportResult:
             e = self.nh_error
             lines.append(f"global NH approximation: per-type fields recomputed every {e['k']} MCS; ΔH error "
                          f"RMSE {e['rmse']:.4g} = {e['rel_rmse']:.3f} × std of the exact ΔH ({e['std_exact']:.4g}) "
-                         f"over {e['n']} copy attempts from roll-outs; field update {e['update_s']:.3g} s")
+                         f"over {e['n']} copy attempts from roll-outs ({e['rel_rmse_at_update']:.3f} right after an "
+                         f"update); one field update takes {e['update_s']:.3g} s here (≈ {e['update_s'] / e['k']:.3g} "
+                         f"s per MCS, needs torch + this package inside CC3D, else the fields stay as exported)")
         if self.cost:
             c = self.cost
             if c.get("python_us_per_call") is not None:
-                lines.append(f"expected cost: {c['python_us_per_call']:.1f} µs per Python ΔH call (+ ~1 µs CC3D "
+                lines.append(f"expected cost (at the initial state): {c['python_us_per_call']:.1f} µs per Python ΔH call (+ ~1 µs CC3D "
                              f"call overhead) × ~{c['calls_per_mcs']:.0f} calls/MCS ≈ {c['python_s_per_mcs']:.3g} s "
                              f"per MCS in the Python term (≤ {c['mcs_per_s_bound']:.3g} MCS/s)")
             else:
@@ -289,7 +291,7 @@ def _estimate_cost(sim_dir: Path, cfg: dict, state: CellState, copy_order: int, 
 # ------------------------------------------------------------------------------------------------------------
 def export_project(bundle, out, *, init=None, init_frame: int = 0, mcs: int = 1000, seed: int = 1,
                    name: str | None = None, snapshot_every: int | None = None, forbid_deletion: bool = False,
-                   nh_recompute_every: int = 10, nh_error_mcs: float = 20.0, nh_error_attempts: int = 400,
+                   nh_recompute_every: int = 10, nh_error_mcs: float | None = None, nh_error_attempts: int = 200,
                    verify_mirror_every: int = 0, measure_cost: bool = True, quiet: bool = False) -> ExportResult:
     """Write a CC3D project for ``bundle`` into directory ``out``; see the module docstring.
 
@@ -304,7 +306,8 @@ def export_project(bundle, out, *, init=None, init_frame: int = 0, mcs: int = 10
     snapshot_every : MCS between recorded frames (default: mcs // 20, at least 1).
     forbid_deletion : add the Python term even without Python-side energies, to refuse cell deletion.
     nh_recompute_every : k, MCS between field updates of the global-NH approximation.
-    nh_error_mcs, nh_error_attempts : length of the roll-out and number of copy attempts for its error.
+    nh_error_mcs, nh_error_attempts : length of the roll-out (default: k MCS, one update interval) and number
+        of copy attempts for its measured error.
     verify_mirror_every : if > 0, the steppable compares its mirror with CC3D's field every so many MCS.
     """
     mb = _load_bundle(bundle)
@@ -406,7 +409,8 @@ def export_project(bundle, out, *, init=None, init_frame: int = 0, mcs: int = 10
         arrays["nh_phi"] = phi
         py_specs.append({"kind": "type_fields", "phi": "nh_phi"})
         py_kinds.append("nh-fields(" + ",".join(t.kind for t in nh_terms) + ")")
-        nh_error = measure_error(ham, nh_terms, state, k=nh_recompute_every, mcs=nh_error_mcs,
+        nh_error = measure_error(ham, nh_terms, state, k=nh_recompute_every,
+                                 mcs=nh_recompute_every if nh_error_mcs is None else nh_error_mcs,
                                  n_attempts=nh_error_attempts, seed=seed)
         nh_cfg = {"recompute_every": int(nh_recompute_every), "bundle": "bundle",
                   "package_root": str(Path(__file__).resolve().parents[1]),
@@ -453,28 +457,19 @@ def export_project(bundle, out, *, init=None, init_frame: int = 0, mcs: int = 10
 
 
 def _local_nh_spec(term, i: int, arrays: dict) -> dict:
-    """Spec of a local NH term for the project: its numpy evaluator module is copied into the project."""
-    try:
-        from neuralcpm_plugin.hamiltonian import local_nh as _lnh
-    except ImportError as e:  # pragma: no cover
-        raise ExportError(f"local NH export needs neuralcpm_plugin.hamiltonian.local_nh ({e})") from None
-    src, factory = _lnh_numpy_source(_lnh)
+    """Spec of a local NH term for the project. Its pure-numpy evaluator (``LocalNHNumpy`` in
+    ``neuralcpm_plugin/hamiltonian/local_nh.py``) is copied into the project as ``neuralcpm_local_nh.py`` and
+    loaded there without the package (see ``steppables._vendor_module``)."""
+    from neuralcpm_plugin.hamiltonian import local_nh as _lnh
+    if not hasattr(_lnh, "LocalNHNumpy"):
+        raise ExportError("neuralcpm_plugin.hamiltonian.local_nh has no LocalNHNumpy evaluator")
     prefix = f"t{i}_w."
     for k, v in term.tensors().items():
-        arrays[prefix + k] = v.detach().cpu().numpy()
+        arrays[prefix + k] = v.detach().cpu().double().numpy()
     spec = term.spec()
-    return {"kind": "local_nh", "module_file": Path(src).name, "factory": factory, "prefix": prefix,
-            "config": spec["params"]["config"], "scale": float(term.scale_value()), "_source": str(src)}
-
-
-def _lnh_numpy_source(mod):
-    """(file of the torch-free numpy evaluator of the local NH, factory name in it)."""
-    src = getattr(mod, "NUMPY_EVALUATOR_FILE", None)
-    factory = getattr(mod, "NUMPY_EVALUATOR_FACTORY", None)
-    if src and factory:
-        return src, factory
-    raise ExportError("neuralcpm_plugin.hamiltonian.local_nh does not declare its numpy evaluator "
-                      "(NUMPY_EVALUATOR_FILE / NUMPY_EVALUATOR_FACTORY)")
+    return {"kind": "local_nh", "module_file": "neuralcpm_local_nh.py", "factory": "LocalNHNumpy",
+            "prefix": prefix, "config": spec["params"]["config"], "scale": float(term.scale_value()),
+            "_source": str(Path(_lnh.__file__).resolve())}
 
 
 def main(argv=None) -> int:

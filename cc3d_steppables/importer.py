@@ -146,8 +146,8 @@ def load_model(path, *, learnable: bool = False, read_initial_state: bool = True
             if cand.is_file():
                 piff_path = cand
                 break
-    if piff_path is None and proj_piff is not None and Path(proj_piff).is_file():
-        piff_path = Path(proj_piff)
+    if m.piff is None and proj_piff is not None and Path(proj_piff).is_file():
+        piff_path = Path(proj_piff)  # no PIFInitializer in the CC3DML: the project's PIFFile entry
     if read_initial_state and piff_path is not None:
         from neuralcpm_plugin.io.piff import read_piff
         tmap = {nm: remap[t] for nm, t in m.type_ids.items()}

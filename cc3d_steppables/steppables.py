@@ -41,8 +41,13 @@ import numpy as np
 try:  # only inside CompuCell3D
     from cc3d.core.PySteppables import SteppableBasePy as _SteppableBase
     HAVE_CC3D = True
-except Exception:  # pragma: no cover - the package's own tests run without cc3d
-    _SteppableBase = object
+except Exception:  # the package's own tests run without cc3d
+    class _SteppableBase:
+        """Stand-in for ``SteppableBasePy`` so that this module imports (and is testable) without cc3d."""
+
+        def __init__(self, frequency=1):
+            self.frequency = frequency
+
     HAVE_CC3D = False
 
 CONFIG_NAME = "neuralcpm_config.json"
@@ -319,18 +324,53 @@ def load_config(sim_dir) -> dict:
     return cfg
 
 
-def _load_local_nh_evaluator(sim_dir, spec, arrays):
-    """Build the numpy evaluator of a local NH term from the module file shipped in the project."""
+_VENDOR = "_neuralcpm_vendor"
+
+
+def _vendor_module(sim_dir, module_file: str):
+    """Import a numpy evaluator module shipped in the project (a copy of a package module) without the package:
+    it is loaded as ``_neuralcpm_vendor.hamiltonian.<name>`` with a minimal ``_neuralcpm_vendor.errors``, so
+    its relative imports of the package's error types resolve (torch-dependent parts stay disabled)."""
     import importlib.util
-    mod_file = os.path.join(str(sim_dir), spec["module_file"])
-    name = os.path.splitext(os.path.basename(mod_file))[0]
-    if name in sys.modules:
-        mod = sys.modules[name]
-    else:
-        mspec = importlib.util.spec_from_file_location(name, mod_file)
+    import types as _types
+    if _VENDOR not in sys.modules:
+        root = _types.ModuleType(_VENDOR)
+        root.__path__ = []
+        errs = _types.ModuleType(_VENDOR + ".errors")
+
+        class NeuralCPMError(Exception):
+            pass
+
+        class BundleError(NeuralCPMError, ValueError):
+            pass
+
+        class ConfigError(NeuralCPMError, ValueError):
+            pass
+
+        class DataError(NeuralCPMError, ValueError):
+            pass
+
+        for c in (NeuralCPMError, BundleError, ConfigError, DataError):
+            setattr(errs, c.__name__, c)
+        ham = _types.ModuleType(_VENDOR + ".hamiltonian")
+        ham.__path__ = []
+        sys.modules[_VENDOR] = root
+        sys.modules[_VENDOR + ".errors"] = errs
+        sys.modules[_VENDOR + ".hamiltonian"] = ham
+    path = os.path.join(str(sim_dir), module_file)
+    name = f"{_VENDOR}.hamiltonian.{os.path.splitext(os.path.basename(path))[0]}"
+    mod = sys.modules.get(name)
+    if mod is None or getattr(mod, "__file__", None) != path:
+        mspec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(mspec)
         sys.modules[name] = mod
         mspec.loader.exec_module(mod)
+    return mod
+
+
+def _load_local_nh_evaluator(sim_dir, spec, arrays):
+    """Build the numpy evaluator of a local NH term from the module file shipped in the project."""
+    mod = _vendor_module(sim_dir, spec["module_file"])
     factory = getattr(mod, spec["factory"])
     weights = {k[len(spec["prefix"]):]: arrays[k] for k in arrays.files if k.startswith(spec["prefix"])}
     return factory(spec["config"], weights, float(spec.get("scale", 1.0)))
@@ -427,7 +467,7 @@ class _EnergyCallback:
             site = (int(pt.y), int(pt.x)) if o.ndim == 2 else (int(pt.z), int(pt.y), int(pt.x))
             return float(o.energy.delta(site, nid))
         except BaseException:
-            o.errors.record("energy (changeEnergy)", o.output_dir)
+            o.errors.record("energy (changeEnergy)", o.out_dir())
             return math.inf
 
 
@@ -447,7 +487,7 @@ class _WatcherCallback:
             site = (int(pt.y), int(pt.x)) if o.ndim == 2 else (int(pt.z), int(pt.y), int(pt.x))
             o.mirror.set_site(site, nid, None if new is None else int(new.type))
         except BaseException:
-            o.errors.record("change watcher (field3DChange)", o.output_dir)
+            o.errors.record("change watcher (field3DChange)", o.out_dir())
 
 
 class NeuralCPMEnergySteppable(_SteppableBase):
@@ -458,7 +498,7 @@ class NeuralCPMEnergySteppable(_SteppableBase):
     """
 
     def __init__(self, frequency=1, sim_dir=None):
-        _SteppableBase.__init__(self, frequency)
+        _SteppableBase.__init__(self, frequency=frequency)
         self.sim_dir = sim_dir or _sim_dir()
         self.cfg = load_config(self.sim_dir)
         self.ndim = len(self.cfg["shape"])
@@ -474,12 +514,8 @@ class NeuralCPMEnergySteppable(_SteppableBase):
         self.mirror_checks = []
         self._fields = None
 
-    @property
-    def output_dir(self):  # noqa: D401 - property of the base class, guarded
-        try:
-            return _SteppableBase.output_dir.fget(self)
-        except Exception:
-            return None
+    def out_dir(self) -> str:
+        return SteppableOutputDir.of(self)
 
     def start(self):
         from cc3d.cpp import CompuCell
@@ -528,7 +564,7 @@ class NeuralCPMEnergySteppable(_SteppableBase):
                "field_updates": None if self._fields is None else self._fields.updates,
                "field_mode": None if self._fields is None else self._fields.mode}
         try:
-            with open(os.path.join(self.output_dir or os.getcwd(), "neuralcpm_run.json"), "w") as f:
+            with open(os.path.join(self.out_dir(), "neuralcpm_run.json"), "w") as f:
                 json.dump(rep, f, indent=1)
         except Exception:
             sys.stderr.write("NeuralCPM: could not write neuralcpm_run.json\n")
@@ -545,8 +581,11 @@ class NeuralCPMEnergySteppable(_SteppableBase):
 class _FieldRecomputer:
     """Recompute the per-type fields of a global NH approximation every k MCS (needs the package + torch)."""
 
-    def __init__(self, sim_dir, spec, term: TypeFieldTerm):
+    def __init__(self, sim_dir, spec, term: TypeFieldTerm, cfg: dict):
         self.k = int(spec.get("recompute_every", 0) or 0)
+        self.n_types = len(cfg["type_names"]) - 1
+        self.order = int(cfg.get("copy_order", 2))
+        self.periodic = bool(cfg.get("periodic", True))
         self.term = term
         self.updates = 0
         self.mode = "fixed"
@@ -574,14 +613,15 @@ class _FieldRecomputer:
         if not spec:
             return None
         term = next((t for t in energy.terms if isinstance(t, TypeFieldTerm)), None)
-        return None if term is None else cls(sim_dir, spec, term)
+        return None if term is None else cls(sim_dir, spec, term, cfg)
 
     def maybe_update(self, mcs, mirror: LatticeMirror):
         if self.k <= 0 or mcs % self.k != 0:
             return
         ids = mirror.ids.copy()
         used = int(ids.max()) + 1
-        self.term.phi = self._type_fields(self._ham, ids, mirror.types[:used].copy())
+        self.term.phi = self._type_fields(self._ham, ids, mirror.types[:used].copy(), n_types=self.n_types,
+                                          order=self.order, periodic=self.periodic)
         self.updates += 1
 
 
@@ -593,7 +633,7 @@ class SnapshotSteppable(_SteppableBase):
     """
 
     def __init__(self, frequency=1, every=50, last_mcs=None, filename="lattice.npz"):
-        _SteppableBase.__init__(self, frequency)
+        _SteppableBase.__init__(self, frequency=frequency)
         self.every = int(every)
         self.last_mcs = last_mcs
         self.filename = filename

@@ -7,7 +7,7 @@ and the key, so a typo never silently trains the wrong model. Values are type-ch
 Sections
 --------
 top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), ``out`` (run folder; ""
-    means ``runs/<name>``).
+    means ``runs/<name>``), ``threads`` (torch CPU threads; 0 = torch's default).
 ``[data]`` : ``path`` (npz file or directory of npz files; "" = generate with ``[generate]``),
     ``frames`` ("all", "final" = last frame of each file, or "last:N"), ``max_states`` (0 = all).
 ``[generate]`` : ``dataset`` (a ``training.gen_<name>`` module), ``options`` (free table of keyword
@@ -23,7 +23,8 @@ top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), `
     ``states_per_step``).
 ``[pcd]`` : persistent contrastive divergence (paper §3.2, App. Table 7): ``batch``, ``iterations``, ``mcs``,
     ``flips``, ``reset_prob``, ``alpha``, ``ema``, ``lr``, ``checkpoint_every``, ``plot_every``, divergence
-    guard ``energy_limit`` / ``lr_decay`` / ``max_rollbacks``.
+    guard ``energy_limit`` / ``lr_decay`` / ``max_rollbacks``, ``sampler`` ("parallel" = the paper's parallel
+    sampler; "exact" = the classic sequential sampler of CC3D/Morpheus).
 ``[export]`` : ``cc3d`` / ``morpheus`` (bool: write the exports after training).
 """
 
@@ -47,6 +48,7 @@ DEFAULTS: dict = {
     "name": "default",
     "seed": 0,
     "device": "cpu",
+    "threads": 0,                    # torch CPU threads (0 = torch's default)
     "out": "",
     "data": {"path": "", "frames": "all", "max_states": 0},
     "generate": {"dataset": "cellsort", "options": {}, "cache": ""},
@@ -82,6 +84,7 @@ DEFAULTS: dict = {
         "energy_limit": 1e7,
         "lr_decay": 0.5,
         "max_rollbacks": 5,
+        "sampler": "parallel",
     },
     "export": {"cc3d": True, "morpheus": True},
 }
@@ -167,6 +170,7 @@ def validate(cfg: dict, *, where: str = "") -> dict:
               (p["lr"] > 0, "pcd.lr must be > 0"),
               (p["checkpoint_every"] >= 1, "pcd.checkpoint_every must be >= 1"),
               (0 < p["lr_decay"] < 1, "pcd.lr_decay must lie in (0, 1)"),
+              (p["sampler"] in ("parallel", "exact"), "pcd.sampler must be 'parallel' (paper) or 'exact'"),
               (m["temperature"] > 0, "model.temperature must be > 0"),
               (m["copy_order"] >= 1 and m["contact_order"] >= 1, "neighbourhood orders must be >= 1"),
               (cfg["pl"]["max_iter"] >= 1, "pl.max_iter must be >= 1"),

@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="pcd iterations (or stochastic pl steps)")
     p.add_argument("--truth", help="true parameters for the report: a bundle, a JSON {J, lambda}, a Morpheus/CC3D "
                                    "model, or P1 | P2 | cellsort-a | cellsort-b")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-export", action="store_true", help="do not write the CC3D / Morpheus exports")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -90,6 +91,7 @@ def _overrides(args) -> dict:
     put(None, "out", args.out)
     put(None, "device", args.device)
     put(None, "seed", args.seed)
+    put(None, "threads", args.threads)
     if args.iterations is not None:
         put("pcd", "iterations", args.iterations)
         put("pl", "steps", args.iterations)
@@ -439,7 +441,15 @@ def _init_distributed(device: str):
     return dist
 
 
-def _sampler_factory():
+def _sampler_factory(kind: str = "parallel"):
+    if kind == "exact":
+        try:
+            import neuralcpm_plugin.sampling.exact  # noqa: F401
+        except ModuleNotFoundError:
+            raise ConfigError("pcd.sampler = 'exact' needs neuralcpm_plugin/sampling/exact.py, which is not in this "
+                              "version of the package yet") from None
+        from .pcd import ExactChainSampler
+        return ExactChainSampler
     try:
         from neuralcpm_plugin.sampling.parallel import ParallelSampler
     except ModuleNotFoundError:
@@ -468,8 +478,10 @@ def fit(cfg: dict, *, resume: bool = False, truth_spec: str | None = None, progr
     run_dir.mkdir(parents=True, exist_ok=True)
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
+    if cfg["threads"] > 0:
+        torch.set_num_threads(int(cfg["threads"]))
     objective = cfg["objective"]["name"]
-    sampler_factory = _sampler_factory() if objective == "pcd" else None   # fail before any work
+    sampler_factory = _sampler_factory(cfg["pcd"]["sampler"]) if objective == "pcd" else None   # fail before any work
     if resume and objective == "pcd" and not (run_dir / "checkpoint").exists():
         raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoint'}")
 

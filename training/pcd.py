@@ -40,7 +40,7 @@ from neuralcpm_plugin.hamiltonian.base import Batch
 from .checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from .parammap import ParamMap, using_params
 
-__all__ = ["PCDTrainer", "TrainingDiverged", "chain_seed"]
+__all__ = ["PCDTrainer", "TrainingDiverged", "chain_seed", "ExactChainSampler"]
 
 
 class TrainingDiverged(NeuralCPMError, RuntimeError):
@@ -52,6 +52,35 @@ def chain_seed(seed: int, chain: int, stream: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(chain), int(stream), 0x5EED]).generate_state(1,
                                                                                                      np.uint64)[0]
                & ((1 << 63) - 1))
+
+
+class ExactChainSampler:
+    """The classic sequential sampler (``sampling.exact.run_exact``) behind the parallel sampler's ``sweep`` API.
+
+    ``pcd.sampler = "exact"``: chains follow the same dynamics as CompuCell3D / Morpheus (random site, random
+    neighbour, Metropolis), so PCD targets the distribution the classic-CPM data came from; slower per MCS than
+    the parallel sampler for neural terms (they go through ``delta_np``). One seed per chain and sweep is drawn
+    from the chain's sampler generator, so runs stay reproducible and resumable.
+    """
+
+    def __init__(self, hamiltonian, n_flips: int = 0):
+        self.hamiltonian = hamiltonian
+
+    @torch.no_grad()
+    def sweep(self, batch: Batch, mcs: float, generator: torch.Generator | None = None) -> dict:
+        from neuralcpm_plugin.lattice import CellState
+        from neuralcpm_plugin.sampling.exact import run_exact
+        acc = cand = 0
+        for b in range(batch.B):
+            seed = int(torch.randint(0, 2 ** 62, (), generator=generator))
+            ids = batch.ids[b].cpu().numpy().astype(np.int32)
+            types = batch.types[b].cpu().numpy().astype(np.int32)
+            res = run_exact(CellState(ids, types), self.hamiltonian, float(mcs), seed=seed)
+            batch.ids[b].copy_(torch.as_tensor(res.final.ids.astype(np.int64)))
+            acc += int(res.stats.get("accepted", 0))
+            cand += int(res.stats.get("candidates", 0))
+        batch.recount_volumes()
+        return {"acceptance": acc / cand if cand else float("nan")}
 
 
 class _Dist:

@@ -81,6 +81,11 @@ def neighbour_table(shape, offsets, periodic: bool, device=None) -> torch.Tensor
     return t
 
 
+def _rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``table[idx]`` for a 2-D table and an index tensor of any shape (index_select: fast on CPU)."""
+    return table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[1])
+
+
 def _periodic_np(term, state, cache) -> bool:
     if cache is not None and "periodic" in cache:
         return bool(cache["periodic"])
@@ -217,11 +222,11 @@ class ContactEnergy(Term):
 
     def delta(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
         _check_sites(batch, sites, new_ids)
-        ids, _ = _site_types(batch)
+        ids = batch.ids.flatten(1)
         tab = neighbour_table(batch.shape, neighbour_offsets(self.order, len(batch.shape)), batch.periodic,
                               batch.device)
         n = self.n_types + 1
-        nbr = tab[sites]  # [B, P, K]
+        nbr = _rows(tab, sites)  # [B, P, K]
         valid = (nbr >= 0) & (nbr != sites[..., None])
         B, P, K = nbr.shape
         nb_ids = ids.gather(1, nbr.clamp(min=0).view(B, -1)).view(B, P, K)
@@ -230,8 +235,8 @@ class ContactEnergy(Term):
         t_old = batch.types.gather(1, old)
         t_new = batch.types.gather(1, new_ids)
         Jf = self._J_eff().flatten()
-        e_new = Jf[t_new[..., None] * n + nb_t] * ((nb_ids != new_ids[..., None]) & valid)
-        e_old = Jf[t_old[..., None] * n + nb_t] * ((nb_ids != old[..., None]) & valid)
+        e_new = Jf.take(t_new[..., None] * n + nb_t) * ((nb_ids != new_ids[..., None]) & valid)
+        e_old = Jf.take(t_old[..., None] * n + nb_t) * ((nb_ids != old[..., None]) & valid)
         return (e_new - e_old).sum(-1)
 
     def delta_np(self, state, site, new_id, cache=None) -> float:
@@ -312,8 +317,8 @@ class VolumeConstraint(Term):
         vn = batch.volumes.gather(1, new_ids).to(_F64)
         to = batch.types.gather(1, old)
         tn = batch.types.gather(1, new_ids)
-        lo, so = lam[to], tgt[to]
-        ln, sn = lam[tn], tgt[tn]
+        lo, so = lam.take(to), tgt.take(to)
+        ln, sn = lam.take(tn), tgt.take(tn)
         d_new = ln * ((vn + 1 - sn) ** 2 - torch.where(vn > 0, (vn - sn) ** 2, torch.zeros_like(vn)))
         d_old = torch.where(vo > 1, lo * ((vo - 1 - so) ** 2 - (vo - so) ** 2), -lo * (vo - so) ** 2)
         d = d_new * ((new_ids != 0) & (tn > 0)) + d_old * ((old != 0) & (to > 0))
@@ -400,7 +405,7 @@ class ExternalPotential(Term):
         old = batch.ids.flatten(1).gather(1, sites)
         to = batch.types.gather(1, old)
         tn = batch.types.gather(1, new_ids)
-        return phi[sites] * (mu[tn] - mu[to])
+        return phi.take(sites) * (mu.take(tn) - mu.take(to))
 
     def delta_np(self, state, site, new_id, cache=None) -> float:
         site = tuple(int(s) for s in site)
@@ -575,7 +580,7 @@ class DirectedMotion(Term):
         mask0[0] = 0.0
         s = s * mask0
         old = batch.ids.flatten(1).gather(1, sites)
-        x = coords[sites]  # [B, P, d]
+        x = _rows(coords, sites)  # [B, P, d]
         Ls = torch.tensor(shape, dtype=_F64, device=sites.device)
         d = len(shape)
 
@@ -705,7 +710,7 @@ class SurfaceConstraint(Term):
         S = self._surfaces(batch).to(_F64)
         tab = neighbour_table(batch.shape, neighbour_offsets(self.order, len(batch.shape)), batch.periodic,
                               batch.device)
-        nbr = tab[sites]
+        nbr = _rows(tab, sites)
         valid = (nbr >= 0) & (nbr != sites[..., None])
         B, P, K = nbr.shape
         nb = ids.gather(1, nbr.clamp(min=0).view(B, -1)).view(B, P, K)

@@ -32,9 +32,16 @@ import copy
 
 import numpy as np
 
-from ..errors import BundleError, ConfigError
+try:
+    from ..errors import BundleError, ConfigError
+except ImportError:  # this file loaded on its own (inside a host tool, without the package or torch)
+    class ConfigError(ValueError):
+        """Invalid architecture configuration."""
 
-__all__ = ["LocalNeuralHamiltonian", "LocalNHNumpy", "LOCAL_NH_DEFAULTS"]
+    class BundleError(ValueError):
+        """Weights that do not match the configuration."""
+
+__all__ = ["LocalNeuralHamiltonian", "LocalNHNumpy", "LOCAL_NH_DEFAULTS"]  # LocalNeuralHamiltonian needs torch
 
 LOCAL_NH_DEFAULTS = dict(n_types=2, stride=4, channels=16, kernel=3, dtype="float64")
 
@@ -214,7 +221,7 @@ try:  # the numpy evaluator above must stay importable without torch (inside hos
     from torch import nn
 
     from .base import Batch, LatticeSpec, Term, register_term
-except ModuleNotFoundError:  # pragma: no cover - torch-free environment
+except ImportError:  # pragma: no cover - torch-free environment, or this file loaded on its own
     torch = None
 
 if torch is not None:
@@ -300,7 +307,7 @@ if torch is not None:
                               torch.zeros((C, 2 + T, nq * 8 - s * s), dtype=dt, device=dev)], 2)
             bits = ((torch.arange(256, device=dev)[:, None] >> torch.arange(8, device=dev)) & 1).to(dt)  # [256, 8]
             tab = torch.einsum("pb,cjqb->jqpc", bits, wpos.view(C, 2 + T, nq, 8))  # [2+T, nq, 256, C]
-            S = Sr * Sc
+
             mbase = torch.arange(M, device=dev)[:, None] * NP + pidx[None]  # [M, S]
             # type part (shared by all cells of a patch, and the ghost)
             k2 = ((mbase * (T + 1) + tmap.reshape(M, -1)) * nq + q[None]).reshape(-1)
@@ -315,7 +322,6 @@ if torch is not None:
                 0, k1, bit.repeat(M)).view(M * NP * nc, nq)
             R = torch.nonzero(pat_m.any(1))[:, 0]
             mp = tab[0, qq, pat_m[R]].sum(1)  # [nR, C]
-            del S
             mpR = R // nc  # crop*NP + patch
             uR = F.silu(mp + tpart[mpR])
             ug = F.silu(tpart)

@@ -261,6 +261,13 @@ class _NeuralTerm(Term):
             raise ConfigError(f"{self.kind}: the states hold cell type {t} but the network was built for "
                               f"types 0..{self.config['n_types']}")
 
+    def _check_size(self, batch: Batch):
+        need = int(self.config["embed_stride"]) * int(np.prod(self.config["pools"]))
+        need *= int(np.prod(self.config.get("conv_pools") or [1]))
+        if min(batch.shape) < need:
+            raise ConfigError(f"{self.kind}: lattice {batch.shape} is smaller than the network's total stride "
+                              f"{need} (embedding stride × pools)")
+
     def _type_onehot(self, batch: Batch):
         tmap = batch.types.gather(1, batch.ids.flatten(1)).view(batch.ids.shape)
         oh = F.one_hot(tmap, self.config["n_types"] + 1).permute(0, 3, 1, 2)
@@ -377,6 +384,7 @@ class NeuralHamiltonian(_NeuralTerm):
     def _inputs(self, batch: Batch):
         """Per-cell embedding: (x1 [B, K, C, h1, w1], pres [B, K] float, idlist [B, K])."""
         self._check_types(batch)
+        self._check_size(batch)
         ids = batch.ids
         idlist, present, _ = present_ids(ids)
         B, K = idlist.shape
@@ -422,9 +430,15 @@ class NeuralHamiltonian(_NeuralTerm):
         Reuses the base state's activations; see :meth:`delta_incremental`. Falls back to full
         recomputation for architectures the incremental path does not cover (CNN blocks after the sum).
         """
-        if len(self.conv_blocks) or self.config["padding"] != "circular":
+        if len(self.conv_blocks) or self.config["padding"] != "circular" or not self._crop_fits(batch.shape):
             return self.delta_full(batch, sites, new_ids)
         return self.delta_incremental(batch, sites, new_ids, chunk=chunk)
+
+    def _crop_fits(self, shape) -> bool:
+        """The layer-1 crop of the incremental ΔH must not wrap onto itself on the embedding grid."""
+        s, p1 = int(self.config["embed_stride"]), int(self.config["pools"][0])
+        d = 2 * (4 + (p1 - 1) + 2) + 1
+        return min(shape[0] // s, shape[1] // s) >= d
 
     @torch.no_grad()
     def delta_incremental(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, *, chunk: int = 16):
@@ -437,9 +451,11 @@ class NeuralHamiltonian(_NeuralTerm):
         read-out are evaluated in full for all proposals (they run at 1/(s·p1)² of the lattice resolution).
         Proposals that need a cell absent from the base state fall back to full recomputation.
         """
+        if not self._crop_fits(batch.shape):
+            raise ConfigError(f"nh: lattice {batch.shape} too small for the incremental ΔH; use delta_full")
         dev = batch.device
         B, P = sites.shape
-        H, W = batch.shape
+        W = batch.shape[1]
         s = int(self.config["embed_stride"])
         pad = self.config["padding"]
         x1, pres, idlist = self._inputs(batch)
@@ -603,6 +619,7 @@ class CNNHamiltonian(_NeuralTerm):
 
     def energy(self, batch: Batch) -> torch.Tensor:
         self._check_types(batch)
+        self._check_size(batch)
         n_ids = int(self.config["n_ids"])
         if int(batch.ids.max()) >= n_ids:
             raise ConfigError(f"cnn: cell id {int(batch.ids.max())} exceeds the network's n_ids = {n_ids}")

@@ -34,13 +34,14 @@ but not writes through a numpy view — call :meth:`ParallelSampler.reset` after
 from __future__ import annotations
 
 import math
+import weakref
 
 import numba
 import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..hamiltonian.analytic import ContactEnergy, ExternalPotential, VolumeConstraint, neighbour_table
+from ..hamiltonian.analytic import ContactEnergy, ExternalPotential, VolumeConstraint, _rows, neighbour_table
 from ..hamiltonian.base import Batch, deletion_mask
 from ..lattice import neighbour_offsets
 
@@ -54,7 +55,7 @@ def _boundary_of(ids_flat: torch.Tensor, tab: torch.Tensor, sites: torch.Tensor 
         nbr = tab[None].expand(B, *tab.shape)
         own = ids_flat
     else:
-        nbr = tab[sites]
+        nbr = _rows(tab, sites)
         own = ids_flat.gather(1, sites)
     M, K = nbr.shape[1], nbr.shape[2]
     nb = ids_flat.gather(1, nbr.clamp(min=0).reshape(B, M * K)).view(B, M, K)
@@ -98,6 +99,7 @@ class ParallelSampler:
     def reset(self) -> None:
         """Forget the cached boundary set (recomputed at the next step)."""
         self._key = None
+        self._ref = None
         self._mask = None
         self._nb = None
         self._tab_key = None
@@ -128,8 +130,16 @@ class ParallelSampler:
         return self._tab
 
     def _cache_key(self, batch: Batch, kind: str):
-        return (kind, id(batch.ids), batch.ids.data_ptr(), batch.ids._version, tuple(batch.ids.shape),
-                batch.periodic)
+        return (kind, batch.ids.data_ptr(), batch.ids._version, tuple(batch.ids.shape), batch.periodic)
+
+    def _cache_valid(self, batch: Batch, kind: str) -> bool:
+        # a weak reference, so that a new tensor that reuses a freed one's address is never mistaken for it
+        ref = self._ref() if self._ref is not None else None
+        return ref is batch.ids and self._key == self._cache_key(batch, kind)
+
+    def _remember(self, batch: Batch, kind: str) -> None:
+        self._ref = weakref.ref(batch.ids)
+        self._key = self._cache_key(batch, kind)
 
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -167,8 +177,7 @@ class ParallelSampler:
         B = batch.B
         ids = batch.ids.view(B, -1)
         N = ids.shape[1]
-        key = self._cache_key(batch, "torch")
-        if self._key != key or self._mask is None:
+        if not self._cache_valid(batch, "torch") or self._mask is None:
             self._mask = _boundary_of(ids, tab)
         mask = self._mask
         dev = batch.device
@@ -179,7 +188,7 @@ class ParallelSampler:
         kv, sites = torch.topk(keys, P, dim=1, largest=False, sorted=False)
         valid = kv < 2.0
         # 2. a uniformly chosen neighbour of another cell
-        nbr = tab[sites]  # [B, P, K]
+        nbr = _rows(tab, sites)  # [B, P, K]
         K = nbr.shape[-1]
         nb_ids = ids.gather(1, nbr.clamp(min=0).view(B, -1)).view(B, P, K)
         old = ids.gather(1, sites)
@@ -210,7 +219,7 @@ class ParallelSampler:
         # boundary flags can change only at the drawn sites and their neighbours
         touched = torch.cat([sites, torch.where(nbr >= 0, nbr, sites[..., None]).view(B, -1)], 1)
         mask.scatter_(1, touched, _boundary_of(ids, tab, touched))
-        self._key = self._cache_key(batch, "torch")
+        self._remember(batch, "torch")
         if self.record:
             self.last = {"sites": sites.clone(), "new_ids": new.clone(), "old_ids": old.clone(),
                          "valid": valid.clone(), "accepted": acc.clone(), "delta": dH.clone()}
@@ -278,8 +287,7 @@ class ParallelSampler:
             raise ValueError("an id on the lattice has no entry in batch.types")
         copy_tab = np.ascontiguousarray(self._copy_table(batch).numpy())
         J, lam, tgt, mu, phi, ctab, n_t, use_c, use_v, use_e = self._pack(batch)
-        key = self._cache_key(batch, "numba")
-        if self._key != key or self._nb is None:
+        if not self._cache_valid(batch, "numba") or self._nb is None:
             bset = np.empty(ids.shape, dtype=np.int64)
             bpos = np.empty(ids.shape, dtype=np.int64)
             bcount = np.zeros(B, dtype=np.int64)
@@ -290,7 +298,7 @@ class ParallelSampler:
         counts = np.zeros((B, 3), dtype=np.int64)
         _run_steps(ids, types, vols, bset, bpos, bcount, copy_tab, ctab, J, n_t, lam, tgt, mu, phi,
                     use_c, use_v, use_e, 1.0 / self.temperature, self.P, n_steps, seeds, counts)
-        self._key = self._cache_key(batch, "numba")
+        self._remember(batch, "numba")
         self._mask = None
         return counts[:, 0].sum(), counts[:, 1].sum(), counts[:, 2].sum()
 

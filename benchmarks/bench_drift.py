@@ -1,0 +1,121 @@
+"""Drift of the paper's parallel sampler from the exact sampler, on the reference statistics.
+
+From frame 0 of the 16 Morpheus (P1) and 16 CompuCell3D (P2) runs (``tests/fixtures/reference``), under the
+tools' parameters, both samplers run ``--runs`` chains per start to 100 / 500 / 1000 MCS:
+
+* exact: sequential Metropolis, classic proposal (what the tools do; verified against them by
+  ``tests/test_reference_agreement.py``), 1 MCS = 10,000 attempts;
+* parallel: paper Algorithm 2 with P = ``--flips`` boundary proposals per step, 1 MCS = 10,000 / P steps.
+
+For each statistic (mean cell volume, fragmented fraction, pair counts per type pair) the table gives the
+tools' mean, the exact and the parallel mean ± SE over chains, the drift (parallel − exact) and its z-score
+(drift / √(SE_exact² + SE_parallel²)). |z| ≫ 4 means the parallel sampler's states differ measurably.
+
+    python benchmarks/bench_drift.py [--runs 1] [--flips 50] [--mcs 100 500 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neuralcpm_plugin.hamiltonian.analytic import cellsort_hamiltonian
+from neuralcpm_plugin.hamiltonian.base import Batch, LatticeSpec
+from neuralcpm_plugin.lattice import CellState
+from neuralcpm_plugin.metrics.stats import summary_stats
+from neuralcpm_plugin.sampling.exact import ExactSampler
+
+FIX = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference"
+PARAMS = {  # shared/reference-data/README.md (J per unordered Moore pair, T = 1)
+    "P1_morpheus": dict(J={"1-0": 0.625, "2-0": 0.25, "1-1": 0.25, "2-2": 0.25, "1-2": 1.125}, lam=0.5, target=100.0),
+    "P2_cc3d": dict(J={"1-0": 2.0, "2-0": 2.0, "1-1": 1.0, "2-2": 1.0, "1-2": 1.6}, lam=0.8, target=90.0),
+}
+
+
+def hamiltonian(name):
+    p = PARAMS[name]
+    return cellsort_hamiltonian(p["J"], p["lam"], p["target"], LatticeSpec((100, 100), True, 2, 2), 1.0,
+                                learnable=False)
+
+
+def starts(name):
+    fr = np.load(FIX / "initial_frames.npz")[name]
+    return [CellState.from_maps(f[0].astype(np.int32), f[1].astype(np.int32)) for f in fr]
+
+
+def run_exact(name, runs, checkpoints):
+    ham = hamiltonian(name)
+    rows = []
+    for i, st in enumerate(starts(name)):
+        for r in range(runs):
+            s = ExactSampler(st, ham, seed=7919 * r + i)
+            done, rec = 0, []
+            for m in checkpoints:
+                s.step(m - done)
+                done = m
+                rec.append(summary_stats(s.state))
+            rows.append(rec)
+    return rows
+
+
+def run_parallel(name, runs, checkpoints, flips, seed=0):
+    from neuralcpm_plugin.sampling.parallel import ParallelSampler
+    ham = hamiltonian(name)
+    sts = [st for st in starts(name) for _ in range(runs)]
+    batch = Batch.from_states(sts, periodic=True)
+    ps = ParallelSampler(ham, n_flips=flips)
+    gen = torch.Generator().manual_seed(seed)
+    done = 0
+    per_chain = [[] for _ in sts]
+    for m in checkpoints:
+        ps.sweep(batch, m - done, gen)
+        done = m
+        for c, st in enumerate(batch.to_states()):
+            per_chain[c].append(summary_stats(st))
+    return per_chain
+
+
+def mean_se(rows, k, j):
+    a = np.array([r[j][k] for r in rows], float)
+    return a.mean(), a.std(ddof=1) / np.sqrt(len(a))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=1, help="chains per initial state (16 starts per scenario)")
+    ap.add_argument("--flips", type=int, default=50, help="parallel sampler proposals per step (P)")
+    ap.add_argument("--mcs", type=int, nargs="+", default=[100, 500, 1000])
+    args = ap.parse_args(argv)
+    ref = json.loads((FIX / "summary_stats_subset.json").read_text())["scenarios"]
+    checkpoints = sorted(args.mcs)
+    for name in PARAMS:
+        t0 = time.process_time()
+        ex = run_exact(name, args.runs, checkpoints)
+        t1 = time.process_time()
+        pa = run_parallel(name, args.runs, checkpoints, args.flips)
+        t2 = time.process_time()
+        print(f"\n{name}: {len(ex)} exact chains ({t1 - t0:.0f} s CPU), {len(pa)} parallel chains, P={args.flips} "
+              f"({t2 - t1:.0f} s CPU)")
+        print(f"{'statistic':16s} {'MCS':>5s} {'tool':>9s} {'exact':>17s} {'parallel':>17s} {'drift':>9s} {'z':>7s}")
+        for k in ex[0][0]:
+            if k == "n_cells":
+                continue
+            for j, m in enumerate(checkpoints):
+                me, se = mean_se(ex, k, j)
+                mp, sp = mean_se(pa, k, j)
+                d = mp - me
+                den = np.hypot(se, sp)
+                z = d / den if den > 0 else (0.0 if d == 0 else np.inf)
+                tool = ""
+                if m in ref[name]["mcs"]:
+                    tool = f"{ref[name]['mean'][k][ref[name]['mcs'].index(m)]:9.2f}"
+                print(f"{k:16s} {m:5d} {tool:>9s} {me:9.2f}±{se:6.2f} {mp:9.2f}±{sp:6.2f} {d:+9.2f} {z:+7.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""`python -m training.evaluate table2 --data DATA.npz --runs RUN [RUN ...]` — paper Table 2 (bipolar).
+
+Roll-outs exactly as for Table 1 (:mod:`training.eval_table1`): real final frames with permuted cell types,
+the parallel sampler (P = 50), ``frames`` frames ``mcs_per_frame`` apart. Metrics:
+
+* vol, frag — as in Table 1 (volume margin 0.1·v̄ = ±15 sites at V* = 150; ≤ 3 fragmented cells);
+* err — Table 2's organisation error: per-cell centres of mass aligned to the principal axes of the type-2
+  centres, per-type central second moments (along, across; sites²) averaged over the final frames, RMSE
+  against the same average over the real data (the authors' ``calc_moment(..., rotate_alignment_type=2)``);
+* org1 / org2 — bipolar organisation: the fraction of type-1 / type-2 positional variance along the principal
+  axis of the type-2 pixels (final frames; the real data's values are in the "real data" row).
+
+The "real data" row compares two random halves of the data with each other (the error's noise floor).
+The paper's numbers (149 × 149 lattice) are printed beside ours; the error is in sites², so it only compares
+at the same lattice scale.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from neuralcpm_plugin.errors import ConfigError
+from neuralcpm_plugin.lattice import CellState
+
+from .eval_table1 import (
+    SCALES,
+    add_common_arguments,
+    closure_weights_of,
+    find_bundle,
+    fmt,
+    groups_ci,
+    load_data,
+    order_labels,
+    overrides_of,
+    parse_runs,
+    permuted_starts,
+    rollout,
+    run_label,
+    states_of,
+    summarise,
+    write_outputs,
+)
+
+__all__ = ["PAPER_TABLE2", "add_arguments", "evaluate_table2", "run", "table2_markdown"]
+
+PAPER_TABLE2 = {  # vol, frag, organisation error (paper Table 2)
+    "Cellsort Hamiltonian": (1.00, 1.00, 147.2),
+    "Cellsort + External Potential": (1.00, 1.00, 154.4),
+    "CNN": (0.00, 0.07, 153.5),
+    "1 NH layer + CNN": (0.00, 0.11, 329.1),
+    "Neural Hamiltonian": (0.00, 0.17, 254.2),
+    "Neural Hamiltonian + closure": (0.77, 1.00, 37.3),
+}
+
+
+def _org(states) -> tuple[float, float]:
+    from neuralcpm_plugin.metrics.paper import bipolar_organisation
+
+    o = [bipolar_organisation(s) for s in states]
+    with np.errstate(invalid="ignore"):
+        return float(np.nanmean([x[1] for x in o])), float(np.nanmean([x[2] for x in o]))
+
+
+def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: str = "cpu", sampler: str = "parallel",
+                    gif_dir=None, log=print, **overrides) -> dict:
+    """Compute Table 2 for ``runs`` (paths or ``(label, path)``); returns the result dict."""
+    from neuralcpm_plugin.bundle import load_bundle
+    from neuralcpm_plugin.metrics.paper import (
+        fragmentation_metric,
+        mean_second_moments,
+        moment_error,
+        n_fragmented,
+        second_moments,
+        volume_bounds,
+        volume_metric,
+        volume_ok,
+    )
+
+    cfg = dict(SCALES[scale])
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    data = Path(data)
+    states, _ = load_data(data)
+    bounds = volume_bounds(states)
+    real_m2 = mean_second_moments(states)
+    log(f"data: {len(states)} states {states[0].shape}, volume bounds [{bounds[0]:.1f}, {bounds[1]:.1f}], "
+        f"mean second moments (type x [along, across]) {np.round(real_m2, 1).tolist()}; roll-outs: {cfg}")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(states))
+    half_a = [states[i] for i in perm[: len(states) // 2]]
+    half_b = [states[i] for i in perm[len(states) // 2:]]
+    o1, o2 = _org(states)
+    results = {"real data": [{"run": "data (half vs half)", "vol": volume_metric(states, bounds),
+                              "frag": fragmentation_metric(states), "err": moment_error(half_a, half_b),
+                              "org1": o1, "org2": o2, "groups": {}}]}
+    for i, (label, path) in enumerate(runs):
+        b = load_bundle(find_bundle(path))
+        lab = label or run_label(b)
+        ham = b.hamiltonian.to(device)
+        if tuple(ham.lattice.shape) != tuple(states[0].shape):
+            raise ConfigError(f"{path}: model lattice {ham.lattice.shape} differs from the data {states[0].shape}")
+        starts = permuted_starts(states, cfg["trajectories"], np.random.default_rng(seed * 1000 + i))
+        t0 = time.perf_counter()
+        traj = rollout(ham, starts, frames=cfg["frames"], mcs_per_frame=cfg["mcs_per_frame"], flips=cfg["flips"],
+                       seed=seed * 1000 + i, chains=cfg["chains"], device=device, sampler=sampler)
+        secs = time.perf_counter() - t0
+        sel = list(range(0, cfg["frames"] + 1, cfg["every"]))
+        n_t = len(starts)
+        vol_ok = np.array([[volume_ok(CellState.from_maps(*traj[k, f]), bounds) for f in sel] for k in range(n_t)])
+        frag_ok = np.array([[n_fragmented(CellState.from_maps(*traj[k, f])) <= 3 for f in sel] for k in range(n_t)])
+        finals = states_of(traj[:, -1])
+        m2 = np.stack([second_moments(s) for s in finals])
+
+        def err_of(g, m2=m2):
+            with np.errstate(invalid="ignore"):
+                return float(np.sqrt(np.nanmean((np.nanmean(m2[g], axis=0) - real_m2) ** 2)))
+
+        o1, o2 = _org(finals)
+        row = {"run": str(path), "vol": float(vol_ok.mean()), "frag": float(frag_ok.mean()),
+               "err": err_of(np.arange(n_t)), "org1": o1, "org2": o2, "seconds": round(secs, 1),
+               "groups": {"vol": groups_ci(lambda g, a=vol_ok: a[g].mean(), n_t),
+                          "frag": groups_ci(lambda g, a=frag_ok: a[g].mean(), n_t),
+                          "err": groups_ci(err_of, n_t)},
+               **closure_weights_of(ham)}
+        log(f"{lab} [{path}]: vol {row['vol']:.2f} frag {row['frag']:.2f} err {row['err']:.1f} "
+            f"org {o1:.2f}/{o2:.2f} ({secs:.0f} s roll-out)")
+        results.setdefault(lab, []).append(row)
+        if gif_dir:
+            from neuralcpm_plugin.render import render_trajectory
+            safe = "".join(c if c.isalnum() else "_" for c in lab)
+            render_trajectory(states_of(traj[0]), Path(gif_dir) / f"table2_{safe}_{i}.gif", fps=8,
+                              titles=[f"{lab}: frame {f}" for f in range(traj.shape[1])])
+    summary = summarise(results, ["vol", "frag", "err", "org1", "org2"])
+    return {"table": "table2", "data": str(data), "rollout": cfg, "sampler": sampler, "volume_bounds": bounds,
+            "real_second_moments": real_m2.tolist(), "rows": summary, "raw": results}
+
+
+def table2_markdown(res: dict) -> str:
+    rows = res["rows"]
+    lines = [("| Model | runs | vol | frag | error (sites²) | org type 1 | org type 2 | w_n | paper vol | paper frag "
+             "| paper error |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for lab in order_labels(rows):
+        d = rows[lab]
+        p = PAPER_TABLE2.get(lab, (None, None, None))
+        dag = "†" if d["n_runs"] == 1 and lab != "real data" else ""
+        lines.append(f"| {lab} | {d['n_runs']} | {fmt(d['vol'], d['vol_ci'])}{dag} | {fmt(d['frag'], d['frag_ci'])}"
+                     f"{dag} | {fmt(d['err'], d['err_ci'], 1)}{dag} | {fmt(d['org1'], None)} | {fmt(d['org2'], None)} "
+                     f"| {fmt(d.get('w_n'), None, 3)} | "
+                     + " | ".join("–" if v is None else (f"{v:.1f}" if k == 2 else f"{v:.2f}")
+                                  for k, v in enumerate(p)) + " |")
+    cfg = res["rollout"]
+    lines.append("")
+    lines.append(f"Roll-outs: {cfg['trajectories']} trajectories per run × {cfg['frames']} frames, "
+                 f"{cfg['mcs_per_frame']} MCS-equivalents per frame ({res['sampler']} sampler, P = {cfg['flips']}); "
+                 f"vol/frag on every {cfg['every']}th frame, error and organisation on final frames. ± = 95 % "
+                 "interval over seeds; † = one run: interval over 5 groups of its trajectories. The real-data row's "
+                 "error compares two random halves of the data.")
+    return "\n".join(lines)
+
+
+def add_arguments(p) -> None:
+    add_common_arguments(p, "runs/data/bipolar-cpu.npz")
+
+
+def run(args) -> int:
+    res = evaluate_table2(args.data, parse_runs(args.runs), scale=args.scale, seed=args.seed, device=args.device,
+                          sampler=args.sampler, gif_dir=args.gif, **overrides_of(args))
+    write_outputs(res, table2_markdown(res), args.out)
+    return 0

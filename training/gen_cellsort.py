@@ -1,0 +1,233 @@
+"""`python -m training.generate cellsort --scenario a|b` — the cell-sorting data sets (paper §4.2, App. A).
+
+Each snapshot is the final state of an independent run from single-pixel cells scattered in a centred disc,
+under contact + volume energies of the Edelstein-Keshet & Xiao scenarios (paper scaling, T = 1):
+
+======  =========  =========  =========  =========  =========  =====
+ scen.    J(1,0)     J(2,0)     J(1,1)     J(1,2)     J(2,2)      λ
+======  =========  =========  =========  =========  =========  =====
+  a       0.5        0.5       0.333333     0.2      0.266667    0.1
+  b       2.5        1.0        1.0         4.5        1.0       0.5
+======  =========  =========  =========  =========  =========  =====
+
+The paper / reference-code J sums the 4 Moore half-offsets and divides by 4, so this project's per-pair J is
+J_paper / 4 (:func:`~neuralcpm_plugin.hamiltonian.analytic.from_paper_scale`). λ is used as the paper
+states it (the authors' code passes it through softplus and adds 1e-3, i.e. 0.101 / 0.501: negligible);
+``λ·(V − V*)²`` per cell.
+
+Scales (``--scale``), the paper preset following the authors' generator (``generate_data_cellsort.py``):
+
+* ``paper``: 200×200 periodic, 100 cells (ids 1–50 type 1, 51–100 type 2), V* = 200, single-pixel starts
+  at distinct sites with distance < 60 from (100, 100), 500 MCS, 128 snapshots.
+* ``cpu``: 48×48, 16 cells (8 + 8), V* = 60, start radius 14, 200 MCS, 32 snapshots (~10 s on one core).
+
+Sampler (documented choice): the exact sequential sampler (:mod:`neuralcpm_plugin.sampling.exact`) with
+the boundary-site proposal by default — the authors' generator ran its parallel sampler, which proposes only at
+cell boundaries, for 500 "MCS" of H·W proposals; ``--proposal boundary`` makes the same number of
+boundary proposals one at a time (no parallel approximation), ``--proposal classic`` is the Graner–Glazier
+dynamics of CC3D/Morpheus (much slower to sort per MCS). ``--sampler parallel`` runs the project's
+parallel sampler (paper Algorithm 2, P = 100, all snapshots as one batch of chains) instead.
+
+Output (reference ``.npz``): ``data`` (N, 2, H, W) int32 final states, ``seed`` (N,) per-snapshot seeds,
+``mcs`` (N,), ``sorting_index`` (N,), ``params_json`` (UTF-8 JSON bytes as uint8: the Hamiltonian in this
+project's units and in paper scaling, the scale preset, the sampler). Snapshot i uses seed
+``seed·100003 + i`` for its start and its sampler, so the file is a deterministic function of the options.
+The sorting index (fraction of cell–cell contacts that are heterotypic) over time is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from neuralcpm_plugin.errors import ConfigError
+from neuralcpm_plugin.hamiltonian.analytic import from_paper_scale, to_paper_scale
+from neuralcpm_plugin.hamiltonian.base import LatticeSpec
+from neuralcpm_plugin.lattice import CellState
+from neuralcpm_plugin.metrics.stats import sorting_index
+
+__all__ = ["SCALES", "SCENARIOS", "add_arguments", "cellsort_hamiltonian_for", "generate_cellsort", "init_points",
+           "run", "save_cellsort"]
+
+SCENARIOS = {  # paper scaling (reference code: J = 4 × ours), T = 1
+    "a": {"J": {"1-0": 0.5, "2-0": 0.5, "1-1": 0.333333, "1-2": 0.2, "2-2": 0.266667}, "lambda": 0.1},
+    "b": {"J": {"1-0": 2.5, "2-0": 1.0, "1-1": 1.0, "1-2": 4.5, "2-2": 1.0}, "lambda": 0.5},
+}
+SCALES = {
+    "paper": {"size": 200, "cells": 100, "target": 200.0, "radius": 60.0, "mcs": 500.0, "n": 128},
+    "cpu": {"size": 48, "cells": 16, "target": 60.0, "radius": 14.0, "mcs": 200.0, "n": 32},
+}
+N_CHECKPOINTS = 10
+
+
+def init_points(rng: np.random.Generator, shape, n_cells: int, radius: float) -> CellState:
+    """Single-pixel cells at distinct random sites with distance < ``radius`` from the centre (H//2, W//2);
+    ids 1..n, the first half type 1, the rest type 2 (the authors' ``get_points_init_state_numpy``)."""
+    yy, xx = np.indices(shape)
+    cy, cx = shape[0] // 2, shape[1] // 2
+    cand = np.flatnonzero(((yy - cy) ** 2 + (xx - cx) ** 2).ravel() < radius ** 2)
+    if len(cand) < n_cells:
+        raise ConfigError(f"{n_cells} cells do not fit in a disc of radius {radius} ({len(cand)} sites)")
+    pick = rng.choice(cand, size=n_cells, replace=False)
+    ids = np.zeros(int(np.prod(shape)), np.int32)
+    ids[pick] = np.arange(1, n_cells + 1)
+    types = np.concatenate([[0], (np.arange(n_cells) // (n_cells / 2)).astype(np.int32) + 1]).astype(np.int32)
+    return CellState(ids.reshape(shape), types)
+
+
+def cellsort_hamiltonian_for(scenario: str, shape=(200, 200), target: float = 200.0, *, learnable: bool = False):
+    """The data-generating Hamiltonian of scenario ``a`` or ``b`` (this project's units, J = J_paper / 4)."""
+    scenario = str(scenario).lower()
+    if scenario not in SCENARIOS:
+        raise ConfigError(f"unknown cell-sorting scenario {scenario!r}; use 'a' or 'b'")
+    p = SCENARIOS[scenario]
+    lat = LatticeSpec(tuple(int(s) for s in shape), periodic=True, copy_order=2, contact_order=2)
+    return from_paper_scale({"J": p["J"], "lambda": p["lambda"], "target": float(target), "temperature": 1.0}, lat,
+                            type_names=["medium", "type1", "type2"], learnable=learnable)
+
+
+def _config(scale: str, overrides: dict) -> dict:
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}")
+    cfg = dict(SCALES[scale])
+    for k, v in overrides.items():
+        if v is not None:
+            cfg[k] = v
+    if int(cfg["n"]) < 1 or int(cfg["cells"]) < 2 or int(cfg["size"]) < 4 or not float(cfg["mcs"]) > 0:
+        raise ConfigError(f"bad cell-sorting options {cfg}")
+    return cfg
+
+
+def generate_cellsort(scenario: str = "a", scale: str = "cpu", n_snapshots: int | None = None, seed: int = 0, *,
+                      size: int | None = None, cells: int | None = None, target: float | None = None,
+                      radius: float | None = None, mcs: float | None = None, sampler: str = "exact",
+                      proposal: str = "boundary", n_flips: int = 100, progress: bool = True,
+                      report: dict | None = None):
+    """Generate cell-sorting snapshots; returns ``(states, hamiltonian)``.
+
+    Parameters
+    ----------
+    scenario : "a" | "b"; scale : "paper" | "cpu" (presets, see the module docstring); n_snapshots : number
+    of independent runs (one final frame each; default from the preset); seed : base seed.
+    size, cells, target, radius, mcs : override the preset (lattice side in sites, number of cells, V* in
+    sites, start-disc radius in sites, MCS per run).
+    sampler : "exact" (sequential, :mod:`~neuralcpm_plugin.sampling.exact`) or "parallel" (paper Algorithm 2,
+    ``n_flips`` proposals per step). proposal : "boundary" | "classic" (exact sampler only).
+    report : optional dict that receives ``"checkpoints"`` (MCS) and ``"sorting_index"`` (mean over runs at
+    each checkpoint), ``"seeds"`` and ``"seconds"``.
+
+    Each state carries ``meta["mcs"]`` and ``meta["seed"]``.
+    """
+    cfg = _config(scale, {"n": n_snapshots, "size": size, "cells": cells, "target": target, "radius": radius,
+                          "mcs": mcs})
+    if sampler not in ("exact", "parallel"):
+        raise ConfigError(f"unknown sampler {sampler!r}; use 'exact' or 'parallel'")
+    shape = (int(cfg["size"]), int(cfg["size"]))
+    ham = cellsort_hamiltonian_for(scenario, shape, float(cfg["target"]))
+    n = int(cfg["n"])
+    total = float(cfg["mcs"])
+    checkpoints = [total * (k + 1) / N_CHECKPOINTS for k in range(N_CHECKPOINTS)]
+    seeds = [int(seed) * 100003 + i for i in range(n)]
+    starts = [init_points(np.random.default_rng(s), shape, int(cfg["cells"]), float(cfg["radius"])) for s in seeds]
+    si = np.full((n, N_CHECKPOINTS), np.nan)
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n if sampler == "exact" else N_CHECKPOINTS,
+                   desc=f"cellsort {scenario} ({scale}, {sampler})", unit="run" if sampler == "exact" else "chunk")
+    finals = []
+    if sampler == "exact":
+        from neuralcpm_plugin.sampling.exact import ExactSampler
+        for i, (s, st) in enumerate(zip(seeds, starts)):
+            smp = ExactSampler(st, ham, seed=s, proposal=proposal)
+            done = 0.0
+            for k, c in enumerate(checkpoints):
+                smp.step(c - done)
+                done = c
+                si[i, k] = sorting_index(smp.state)
+            fin = smp.state
+            finals.append(fin)
+            if bar is not None:
+                bar.update(1)
+    else:
+        import torch
+        from neuralcpm_plugin.hamiltonian.base import Batch
+        from neuralcpm_plugin.sampling.parallel import ParallelSampler
+        ps = ParallelSampler(ham, n_flips=int(n_flips))
+        batch = Batch.from_states(starts, periodic=True)
+        gen = torch.Generator().manual_seed(int(seed))
+        done = 0.0
+        for k, c in enumerate(checkpoints):
+            ps.sweep(batch, c - done, gen)
+            done = c
+            for i, st in enumerate(batch.to_states()):
+                si[i, k] = sorting_index(st)
+            if bar is not None:
+                bar.update(1)
+        finals = batch.to_states()
+    if bar is not None:
+        bar.close()
+    for s, st in zip(seeds, finals):
+        st.meta["mcs"] = int(round(total))
+        st.meta["seed"] = s
+    if report is not None:
+        report.update({"checkpoints": checkpoints, "sorting_index": np.nanmean(si, 0).tolist(),
+                       "sorting_index_runs": si, "seeds": seeds, "seconds": time.perf_counter() - t0,
+                       "config": cfg, "sampler": sampler, "proposal": proposal if sampler == "exact" else None})
+    return finals, ham
+
+
+def save_cellsort(path, states, hamiltonian, *, scenario: str, scale: str, report: dict) -> Path:
+    """Write the reference ``.npz`` with the true parameters in ``params_json``."""
+    from neuralcpm_plugin.io.npz import save_npz
+    params = {"dataset": "cellsort", "scenario": scenario, "scale": scale, **report["config"],
+              "sampler": report["sampler"], "proposal": report["proposal"],
+              "temperature": hamiltonian.temperature, "type_names": hamiltonian.type_names,
+              "terms": [t.spec() for t in hamiltonian.terms],
+              "paper_scale": {k: v for k, v in to_paper_scale(hamiltonian).items() if k != "theta"},
+              "theta_paper": to_paper_scale(hamiltonian).get("theta"),
+              "sorting_index_over_time": {"mcs": report["checkpoints"], "mean": report["sorting_index"]},
+              "lattice": hamiltonian.lattice.to_json(), "seconds": round(report["seconds"], 2)}
+    blob = np.frombuffer(json.dumps(params).encode("utf-8"), dtype=np.uint8)
+    si = np.array([sorting_index(s) for s in states])
+    return save_npz(path, states, seed=np.array(report["seeds"], np.int64), sorting_index=si, params_json=blob)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scenario", choices=sorted(SCENARIOS), required=True, help="Edelstein-Keshet & Xiao scenario")
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
+                   help="paper: 200x200, 100 cells, 500 MCS, 128 snapshots; cpu: 48x48, 16 cells, 200 MCS, 32")
+    p.add_argument("--out", default=None, help="output .npz (default runs/data/cellsort-<scenario>[-cpu].npz)")
+    p.add_argument("--seed", type=int, default=0, help="base seed (snapshot i uses seed*100003 + i)")
+    p.add_argument("--snapshots", type=int, default=None, help="number of snapshots (independent runs)")
+    p.add_argument("--mcs", type=float, default=None, help="MCS per run (H*W attempts each)")
+    p.add_argument("--size", type=int, default=None, help="lattice side (sites)")
+    p.add_argument("--cells", type=int, default=None, help="number of cells (half type 1, half type 2)")
+    p.add_argument("--target", type=float, default=None, help="target volume V* (sites)")
+    p.add_argument("--radius", type=float, default=None, help="radius of the start disc (sites)")
+    p.add_argument("--sampler", choices=["exact", "parallel"], default="exact")
+    p.add_argument("--proposal", choices=["boundary", "classic"], default="boundary",
+                   help="exact sampler proposal (default boundary, like the authors' generator)")
+    p.add_argument("--flips", type=int, default=100, help="parallel sampler: proposals per step (P)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    report: dict = {}
+    states, ham = generate_cellsort(args.scenario, args.scale, args.snapshots, args.seed, size=args.size,
+                                    cells=args.cells, target=args.target, radius=args.radius, mcs=args.mcs,
+                                    sampler=args.sampler, proposal=args.proposal, n_flips=args.flips,
+                                    progress=not args.no_progress, report=report)
+    print("sorting index (fraction of cell-cell contacts that are heterotypic), mean over runs:")
+    for m, v in zip(report["checkpoints"], report["sorting_index"]):
+        print(f"  MCS {m:8.1f}: {v:.3f}")
+    out = Path(args.out) if args.out else Path("runs/data") / (
+        f"cellsort-{args.scenario}.npz" if args.scale == "paper" else f"cellsort-{args.scenario}-{args.scale}.npz")
+    path = save_cellsort(out, states, ham, scenario=args.scenario, scale=args.scale, report=report)
+    print(f"wrote {path} ({len(states)} snapshots, {report['seconds']:.1f} s)")
+    return 0
