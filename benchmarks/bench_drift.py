@@ -5,11 +5,14 @@ tools' parameters, both samplers run ``--runs`` chains per start to 100 / 500 / 
 
 * exact: sequential Metropolis, classic proposal (what the tools do; verified against them by
   ``tests/test_reference_agreement.py``), 1 MCS = 10,000 attempts;
+* exact-boundary: sequential Metropolis with the boundary-site proposal (the parallel sampler's proposal,
+  one at a time), 1 MCS = 10,000 attempts — separates the effect of the proposal from that of parallelism;
 * parallel: paper Algorithm 2 with P = ``--flips`` boundary proposals per step, 1 MCS = 10,000 / P steps.
 
 For each statistic (mean cell volume, fragmented fraction, pair counts per type pair) the table gives the
-tools' mean, the exact and the parallel mean ± SE over chains, the drift (parallel − exact) and its z-score
-(drift / √(SE_exact² + SE_parallel²)). |z| ≫ 4 means the parallel sampler's states differ measurably.
+tools' mean, the three samplers' means ± SE over chains, and the parallel sampler's drift from the exact
+classic sampler and from the exact boundary-proposal sampler with z-scores (drift / √(SE_a² + SE_b²)).
+|z| ≫ 4 means the states differ measurably.
 
     python benchmarks/bench_drift.py [--runs 1] [--flips 50] [--mcs 100 500 1000]
 """
@@ -48,12 +51,12 @@ def starts(name):
     return [CellState.from_maps(f[0].astype(np.int32), f[1].astype(np.int32)) for f in fr]
 
 
-def run_exact(name, runs, checkpoints):
+def run_exact(name, runs, checkpoints, proposal="classic"):
     ham = hamiltonian(name)
     rows = []
     for i, st in enumerate(starts(name)):
         for r in range(runs):
-            s = ExactSampler(st, ham, seed=7919 * r + i)
+            s = ExactSampler(st, ham, seed=7919 * r + i, proposal=proposal)
             done, rec = 0, []
             for m in checkpoints:
                 s.step(m - done)
@@ -97,25 +100,32 @@ def main(argv=None):
         t0 = time.process_time()
         ex = run_exact(name, args.runs, checkpoints)
         t1 = time.process_time()
-        pa = run_parallel(name, args.runs, checkpoints, args.flips)
+        eb = run_exact(name, args.runs, checkpoints, "boundary")
         t2 = time.process_time()
-        print(f"\n{name}: {len(ex)} exact chains ({t1 - t0:.0f} s CPU), {len(pa)} parallel chains, P={args.flips} "
-              f"({t2 - t1:.0f} s CPU)")
-        print(f"{'statistic':16s} {'MCS':>5s} {'tool':>9s} {'exact':>17s} {'parallel':>17s} {'drift':>9s} {'z':>7s}")
+        pa = run_parallel(name, args.runs, checkpoints, args.flips)
+        t3 = time.process_time()
+        print(f"\n{name}: {len(ex)} chains each; CPU s: exact classic {t1 - t0:.0f}, exact boundary {t2 - t1:.0f}, "
+              f"parallel P={args.flips} {t3 - t2:.0f}")
+        print(f"{'statistic':15s} {'MCS':>5s} {'tool':>8s} {'exact classic':>16s} {'exact boundary':>16s} "
+              f"{'parallel':>16s} {'par-classic (z)':>18s} {'par-boundary (z)':>18s}")
         for k in ex[0][0]:
             if k == "n_cells":
                 continue
             for j, m in enumerate(checkpoints):
                 me, se = mean_se(ex, k, j)
+                mb, sb = mean_se(eb, k, j)
                 mp, sp = mean_se(pa, k, j)
-                d = mp - me
-                den = np.hypot(se, sp)
-                z = d / den if den > 0 else (0.0 if d == 0 else np.inf)
                 tool = ""
                 if m in ref[name]["mcs"]:
-                    tool = f"{ref[name]['mean'][k][ref[name]['mcs'].index(m)]:9.2f}"
-                print(f"{k:16s} {m:5d} {tool:>9s} {me:9.2f}±{se:6.2f} {mp:9.2f}±{sp:6.2f} {d:+9.2f} {z:+7.1f}")
-
+                    tool = f"{ref[name]['mean'][k][ref[name]['mcs'].index(m)]:8.2f}"
+                cols = []
+                for mo, so in ((me, se), (mb, sb)):
+                    d = mp - mo
+                    den = np.hypot(so, sp)
+                    z = d / den if den > 0 else (0.0 if d == 0 else np.inf)
+                    cols.append(f"{d:+9.2f} ({z:+5.1f})")
+                print(f"{k:15s} {m:5d} {tool:>8s} {me:8.2f}±{se:6.2f} {mb:8.2f}±{sb:6.2f} {mp:8.2f}±{sp:6.2f} "
+                      f"{cols[0]:>18s} {cols[1]:>18s}")
 
 if __name__ == "__main__":
     main()

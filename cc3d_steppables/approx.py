@@ -33,7 +33,7 @@ from scipy import ndimage
 from neuralcpm_plugin.hamiltonian.base import Batch, Term
 from neuralcpm_plugin.lattice import CellState, neighbour_offsets
 
-__all__ = ["type_fields", "measure_error", "FieldTerm"]
+__all__ = ["FieldTerm", "measure_error", "type_fields"]
 
 
 def _candidates(ids: np.ndarray, types: np.ndarray, order: int = 2, periodic: bool = True):
@@ -188,6 +188,6 @@ def measure_error(hamiltonian, nh_terms, state: CellState, *, k: int = 10, mcs: 
     a0 = np.concatenate([a for a, _ in age0])
     e0 = np.concatenate([e for _, e in age0])
     rmse0 = float(np.sqrt(np.mean((a0 - e0) ** 2)))
-    return {"rel_rmse": rmse / std if std > 0 else float("nan"), "rmse": rmse, "std_exact": std, "n": int(len(ex)),
+    return {"rel_rmse": rmse / std if std > 0 else float("nan"), "rmse": rmse, "std_exact": std, "n": len(ex),
             "k": k, "mcs": float(n_updates * k), "update_s": float(np.median(upd_times)),
             "rel_rmse_at_update": rmse0 / std if std > 0 else float("nan")}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import re
 
-__all__ = ["cc3d_type_names", "fmt", "cc3d_neighbour_offsets"]
+__all__ = ["cc3d_neighbour_offsets", "cc3d_type_names", "fmt"]
 
 _IDENT = re.compile(r"[^A-Za-z0-9_]")
 

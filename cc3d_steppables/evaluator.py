@@ -40,7 +40,7 @@ from neuralcpm_plugin.errors import ModelImportError
 
 from .cc3dml import cc3d_neighbour_offsets
 
-__all__ = ["CC3DMLModel", "parse_cc3dml", "parse_cc3d_project", "ProjectEvaluator"]
+__all__ = ["CC3DMLModel", "ProjectEvaluator", "parse_cc3d_project", "parse_cc3dml"]
 
 # plugins that add no energy and change no dynamics (trackers): accepted and listed in ``ignored``
 ENERGY_FREE_PLUGINS = {"VolumeTracker", "CenterOfMass", "NeighborTracker", "PixelTracker",

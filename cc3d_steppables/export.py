@@ -55,10 +55,10 @@ import numpy as np
 from neuralcpm_plugin.errors import ExportError
 from neuralcpm_plugin.lattice import CellState, neighbour_offsets
 
-from .cc3dml import cc3d_type_names, fmt
 from . import steppables as _stp
+from .cc3dml import cc3d_type_names, fmt
 
-__all__ = ["export_project", "ExportResult", "default_initial_state", "main", "NEURAL_GLOBAL_KINDS"]
+__all__ = ["NEURAL_GLOBAL_KINDS", "ExportResult", "default_initial_state", "export_project", "main"]
 
 NEURAL_GLOBAL_KINDS = ("nh", "cnn", "nh1_cnn")
 CPP_KINDS = ("contact", "volume")
@@ -81,9 +81,9 @@ class ExportResult:
     seed: int = 0
 
     def summary(self) -> str:
-        lines = [f"CC3D project: {self.project}",
-                 f"mode: {self.mode} (C++ plugins: {', '.join(self.cpp_terms) or '-'}; Python term: "
-                 f"{', '.join(self.python_terms) or '-'})"]
+        mode = (f"mode: {self.mode} (C++ plugins: {', '.join(self.cpp_terms) or '-'}; Python term: "
+                f"{', '.join(self.python_terms) or '-'})")
+        lines = [f"CC3D project: {self.project}", mode]
         if self.nh_error is not None:
             e = self.nh_error
             lines.append(f"global NH approximation: per-type fields recomputed every {e['k']} MCS; ΔH error "
@@ -143,7 +143,7 @@ def default_initial_state(hamiltonian, *, seed: int = 0, n_cells: int | None = N
     vt = vt or 25.0
     side = int(init.get("side", max(1, int(np.sqrt(vt) // 2))))
     area = float(np.prod(shape))
-    n = int(init.get("n_cells", n_cells or max(n_t, int(round(0.45 * area / vt)))))
+    n = int(init.get("n_cells", n_cells or max(n_t, round(0.45 * area / vt))))
     n = max(n_t, n - n % n_t) if n >= n_t else n_t
     radius = float(init.get("radius", np.sqrt(n * side ** len(shape) / 0.4 / np.pi) + side))
     rng = np.random.default_rng(seed)

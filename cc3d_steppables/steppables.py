@@ -41,7 +41,7 @@ import numpy as np
 try:  # only inside CompuCell3D
     from cc3d.core.PySteppables import SteppableBasePy as _SteppableBase
     HAVE_CC3D = True
-except Exception:  # the package's own tests run without cc3d
+except Exception:  # the package's own tests run without cc3d  # noqa: BLE001
     class _SteppableBase:
         """Stand-in for ``SteppableBasePy`` so that this module imports (and is testable) without cc3d."""
 
@@ -55,8 +55,16 @@ ARRAYS_NAME = "neuralcpm_arrays.npz"
 CONFIG_FORMAT = "neuralcpm-cc3d-project"
 CONFIG_VERSION = 1
 
-__all__ = ["LatticeMirror", "PythonEnergy", "load_config", "load_python_energy", "PY_TERM_KINDS",
-           "NeuralCPMEnergySteppable", "SnapshotSteppable", "HAVE_CC3D"]
+__all__ = [
+    "HAVE_CC3D",
+    "PY_TERM_KINDS",
+    "LatticeMirror",
+    "NeuralCPMEnergySteppable",
+    "PythonEnergy",
+    "SnapshotSteppable",
+    "load_config",
+    "load_python_energy",
+]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -211,7 +219,7 @@ class DirectedMotionTerm:
         self.periodic = bool(periodic)
         self._cache = {}  # cell -> (cell version, ref, centre)
 
-    def _centre(self, m: "LatticeMirror", cell: int):
+    def _centre(self, m: LatticeMirror, cell: int):
         sites = m.cell_sites(cell)
         ver = m.cell_version(cell)
         hit = self._cache.get(cell)
@@ -249,7 +257,7 @@ class DirectedMotionTerm:
             out[a] = np.sign(p - L / 2) * on
         return out
 
-    def delta(self, m: "LatticeMirror", site, new_id: int) -> float:
+    def delta(self, m: LatticeMirror, site, new_id: int) -> float:
         old = int(m.ids[site])
         x = np.asarray(site, dtype=np.float64)
         total = 0.0
@@ -442,7 +450,7 @@ class _ErrorLog:
                 sys.stderr.write(msg + "\n")
                 with open(os.path.join(out_dir or os.getcwd(), "neuralcpm_error.txt"), "w") as f:
                     f.write(msg)
-            except Exception:
+            except Exception:  # noqa: BLE001, S110
                 pass
 
 
@@ -453,7 +461,7 @@ class _EnergyCallback:
         self.owner = owner
         self.calls = 0
 
-    def changeEnergy(self):  # noqa: N802 - CC3D's name
+    def changeEnergy(self):
         o = self.owner
         try:
             self.calls += 1
@@ -466,7 +474,7 @@ class _EnergyCallback:
                 m.ensure_id(nid, int(new.type))
             site = (int(pt.y), int(pt.x)) if o.ndim == 2 else (int(pt.z), int(pt.y), int(pt.x))
             return float(o.energy.delta(site, nid))
-        except BaseException:
+        except BaseException:  # noqa: BLE001
             o.errors.record("energy (changeEnergy)", o.out_dir())
             return math.inf
 
@@ -477,7 +485,7 @@ class _WatcherCallback:
     def __init__(self, owner):
         self.owner = owner
 
-    def field3DChange(self):  # noqa: N802 - CC3D's name
+    def field3DChange(self):
         o = self.owner
         try:
             w = o._watcher_wrapper
@@ -486,7 +494,7 @@ class _WatcherCallback:
             nid = 0 if new is None else int(new.id)
             site = (int(pt.y), int(pt.x)) if o.ndim == 2 else (int(pt.z), int(pt.y), int(pt.x))
             o.mirror.set_site(site, nid, None if new is None else int(new.type))
-        except BaseException:
+        except BaseException:  # noqa: BLE001
             o.errors.record("change watcher (field3DChange)", o.out_dir())
 
 
@@ -566,7 +574,7 @@ class NeuralCPMEnergySteppable(_SteppableBase):
         try:
             with open(os.path.join(self.out_dir(), "neuralcpm_run.json"), "w") as f:
                 json.dump(rep, f, indent=1)
-        except Exception:
+        except Exception:  # noqa: BLE001
             sys.stderr.write("NeuralCPM: could not write neuralcpm_run.json\n")
         sys.stdout.write(f"NeuralCPM: {rep['mcs']} MCS in {wall:.1f} s "
                          f"({rep['mcs_per_s'] or 0:.2f} MCS/s), {rep['callback_errors']} callback errors\n")
@@ -597,12 +605,12 @@ class _FieldRecomputer:
             pkg_root = spec.get("package_root")
             if pkg_root and pkg_root not in sys.path:
                 sys.path.append(pkg_root)
-            from cc3d_steppables.approx import type_fields  # noqa: F401  (needs torch)
+            from cc3d_steppables.approx import type_fields
             from neuralcpm_plugin.bundle import load_bundle
             self._ham = load_bundle(os.path.join(str(sim_dir), spec["bundle"])).hamiltonian
             self._type_fields = type_fields
             self.mode = f"recomputed every {self.k} MCS"
-        except Exception as e:  # no torch / package in CC3D's python: keep the exported fields
+        except Exception as e:  # no torch / package in CC3D's python: keep the exported fields  # noqa: BLE001
             sys.stderr.write(f"NeuralCPM: cannot recompute the neural fields inside CC3D ({e!r}); "
                              "they stay as exported\n")
             self.k = 0
@@ -659,7 +667,7 @@ class SnapshotSteppable(_SteppableBase):
             out = SteppableOutputDir.of(self)
             np.savez_compressed(os.path.join(out, self.filename), data=np.stack(self.frames),
                                 mcs=np.array(self.mcs_list, dtype=np.int64))
-        except Exception:
+        except Exception:  # noqa: BLE001
             sys.stderr.write("NeuralCPM: could not save the snapshots:\n" + traceback.format_exc())
 
     def finish(self):
@@ -674,7 +682,7 @@ class SteppableOutputDir:
     def of(steppable) -> str:
         try:
             d = steppable.output_dir
-        except Exception:
+        except Exception:  # noqa: BLE001
             d = None
         d = d or os.getcwd()
         os.makedirs(d, exist_ok=True)

@@ -11,7 +11,6 @@ import json
 import math
 import py_compile
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,11 +19,17 @@ from hypothesis import strategies as st
 
 from cc3d_steppables import load_model
 from cc3d_steppables.evaluator import ProjectEvaluator
-from cc3d_steppables.export import export_project, main as export_main
+from cc3d_steppables.export import export_project
+from cc3d_steppables.export import main as export_main
 from neuralcpm_plugin.bundle import save_bundle
 from neuralcpm_plugin.errors import ExportError
-from neuralcpm_plugin.hamiltonian.analytic import (ContactEnergy, DirectedMotion, ExternalPotential,
-                                                   SurfaceConstraint, VolumeConstraint)
+from neuralcpm_plugin.hamiltonian.analytic import (
+    ContactEnergy,
+    DirectedMotion,
+    ExternalPotential,
+    SurfaceConstraint,
+    VolumeConstraint,
+)
 from neuralcpm_plugin.hamiltonian.base import Hamiltonian, LatticeSpec
 from neuralcpm_plugin.io import load_states
 from neuralcpm_plugin.lattice import CellState, neighbour_offsets
@@ -243,24 +248,24 @@ def test_unsupported_term_is_an_export_error(tmp_path):
 def test_global_nh_field_approximation(tmp_path, capsys):
     """A global NH goes through per-type fields: exact at the export state for attempts whose source is the only
     neighbouring cell of its type; the export prints mode, measured error and cost; the files' ΔH = the fields'."""
-    torch = pytest.importorskip("torch")
-    from neuralcpm_plugin.hamiltonian.neural import NeuralHamiltonian
+    pytest.importorskip("torch")
     from cc3d_steppables.approx import _candidates, _exact_deltas
-    lat = LatticeSpec((18, 18), True, 2, 2)
+    from neuralcpm_plugin.hamiltonian.neural import NeuralHamiltonian
+    lat = LatticeSpec((15, 15), True, 2, 2)
     J = [[0, 2, 2], [2, 1, 1.6], [2, 1.6, 1]]
     nh = NeuralHamiltonian({"n_types": 2, "embed_stride": 3, "hidden": [4], "pools": [1], "agg_channels": 4,
                             "mlp": [8]}, seed=0, scale=3.0)
     ham = Hamiltonian([ContactEnergy(J, 2), VolumeConstraint([0, 0.8, 0.8], [0, 12, 12]), nh], lat, 1.0,
                       ["medium", "a", "b"])
     rng = np.random.default_rng(2)
-    state = random_state(rng, (18, 18), 2, 6)
-    res = export_project(ham, tmp_path / "p", init=state, mcs=20, nh_recompute_every=2, nh_error_attempts=60)
+    state = random_state(rng, (15, 15), 2, 5)
+    res = export_project(ham, tmp_path / "p", init=state, mcs=2, nh_recompute_every=1, nh_error_attempts=40)
     out = capsys.readouterr().out
     assert res.mode == "cpp+python+nh-fields" and "global NH approximation" in out and "× std of the exact" in out
     e = res.nh_error
-    assert e["n"] >= 40 and np.isfinite(e["rel_rmse"]) and e["std_exact"] > 0
+    assert e["n"] >= 30 and np.isfinite(e["rel_rmse"]) and e["std_exact"] > 0
     cfg = json.loads((tmp_path / "p" / "Simulation" / "neuralcpm_config.json").read_text())
-    assert cfg["nh_fields"]["recompute_every"] == 2 and cfg["python_terms"][-1]["kind"] == "type_fields"
+    assert cfg["nh_fields"]["recompute_every"] == 1 and cfg["python_terms"][-1]["kind"] == "type_fields"
     ev = ProjectEvaluator(res.project)
     st0 = res.initial_state
     sites, cand = _candidates(st0.ids, st0.types)
@@ -275,7 +280,14 @@ def test_global_nh_field_approximation(tmp_path, capsys):
         same_type = {int(c) for x2, c in zip(sites, cand) if x2 == x and st0.types[c] == st0.types[a]}
         got = ev.delta(st0.ids, st0.types, site, int(a))
         ana = analytic.delta_np(st0, site, int(a))
-        if len(same_type) == 1:  # exact at the update state
+        if len(same_type) == 1 and st0.types[a] != st0.types[old]:  # exact at the update state
             assert abs(got - (ana + d)) <= 1e-6 * max(1, abs(ana + d))
             n_unique += 1
-    assert n_unique > 20
+    assert n_unique > 10
+
+    # inside CC3D (here: the API double of tests/test_cc3d_steppables.py) the fields are recomputed every k MCS
+    from test_cc3d_steppables import _run_fake
+    r = _run_fake(res.project, tmp_path / "out")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((tmp_path / "out" / "neuralcpm_run.json").read_text())
+    assert rep["field_mode"] == "recomputed every 1 MCS" and rep["field_updates"] == 2 and rep["callback_errors"] == 0

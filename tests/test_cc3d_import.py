@@ -142,17 +142,17 @@ def _edit(tmp_path, old, new):
 
 
 @pytest.mark.parametrize("old,new,names", [
-    ("</CompuCell3D>", '<Plugin Name="Chemotaxis"><ChemicalField Name="c"/></Plugin>\n'
-                       '<Steppable Type="UniformInitializer"/>\n</CompuCell3D>', ["Chemotaxis", "UniformInitializer"]),
+    ("</CompuCell3D>", ('<Plugin Name="Chemotaxis"><ChemicalField Name="c"/></Plugin>\n'
+                        '<Steppable Type="UniformInitializer"/>\n</CompuCell3D>'), ["Chemotaxis", "UniformInitializer"]),
     ("<NeighborOrder>2</NeighborOrder>\n    </Plugin>",
      "<NeighborOrder>2</NeighborOrder><WeightEnergyByDistance/>\n    </Plugin>", ["WeightEnergyByDistance"]),
     ('<CellType TypeName="T2" TypeId="2"/>', '<CellType TypeName="T2" TypeId="2" Freeze=""/>', ["Freeze"]),
     ("<Temperature>1.0</Temperature>",
-     "<FluctuationAmplitude><FluctuationAmplitudeParameters CellType=\"T1\" FluctuationAmplitude=\"2\"/>"
-     "</FluctuationAmplitude>", ["FluctuationAmplitude"]),
+     ("<FluctuationAmplitude><FluctuationAmplitudeParameters CellType=\"T1\" FluctuationAmplitude=\"2\"/>"
+      "</FluctuationAmplitude>"), ["FluctuationAmplitude"]),
     ("<Boundary_y>Periodic</Boundary_y>", "<Boundary_y>NoFlux</Boundary_y>", ["mixed boundary"]),
-    ('<Plugin Name="Volume">', '<Plugin Name="Surface"><TargetSurface>20</TargetSurface></Plugin>\n'
-                               '    <Plugin Name="Volume">', ["Surface"]),
+    ('<Plugin Name="Volume">', ('<Plugin Name="Surface"><TargetSurface>20</TargetSurface></Plugin>\n'
+                                '    <Plugin Name="Volume">'), ["Surface"]),
 ])
 def test_unsupported_parts_are_named(tmp_path, old, new, names):
     with pytest.raises(ModelImportError) as e:

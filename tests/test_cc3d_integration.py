@@ -72,7 +72,7 @@ def _run_cc3d_projects(projects, outs, logs):
     while pending or running:
         while pending and len(running) < limit:
             i = pending.pop(0)
-            f = open(logs[i], "w")
+            f = open(logs[i], "w")  # noqa: SIM115
             p = subprocess.Popen([CC3D_PYTHON, "-m", "cc3d.run_script", "-i", str(projects[i]), "-o", str(outs[i])],
                                  stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(projects[i].parent))
             running[i] = (p, f)

@@ -46,7 +46,7 @@ def test_mnist_hamiltonian_units():
 
 
 def test_generate_mnist_tiny_deterministic(tmp_path):
-    kw = dict(scale="cpu", n=3, size=32, cells=6, radius=8.0, mcs=3.0, target=30.0, seed=5, progress=False)
+    kw = {"scale": "cpu", "n": 3, "size": 32, "cells": 6, "radius": 8.0, "mcs": 3.0, "target": 30.0, "seed": 5, "progress": False}
     p1 = gen_mnist.generate_mnist(tmp_path / "a.npz", **kw)
     p2 = gen_mnist.generate_mnist(tmp_path / "b.npz", **kw)
     z1, z2 = np.load(p1), np.load(p2)
@@ -60,7 +60,7 @@ def test_generate_mnist_tiny_deterministic(tmp_path):
     # snapshot 1 alone, regenerated with --start 1, is the same state
     p3 = gen_mnist.generate_mnist(tmp_path / "c.npz", **{**kw, "n": 1}, start=1)
     assert np.array_equal(np.load(p3)["data"][0], z1["data"][1])
-    images, labels = gen_mnist.load_digits()
+    _images, labels = gen_mnist.load_digits()
     assert labels[z1["digit_index"][0]] == z1["label"][0]
     with pytest.raises(ConfigError):
         gen_mnist.generate_mnist(tmp_path / "x.npz", scale="huge")
@@ -91,7 +91,7 @@ def test_rotate_state_quarter_turn():
 
 
 def test_generate_bipolar_tiny(tmp_path):
-    kw = dict(scale="cpu", n=2, size=30, cells=4, mcs=2.0, seed=1, progress=False)
+    kw = {"scale": "cpu", "n": 2, "size": 30, "cells": 4, "mcs": 2.0, "seed": 1, "progress": False}
     p = gen_bipolar.generate_bipolar(tmp_path / "b.npz", **kw)
     z = np.load(p)
     assert z["data"].shape == (2, 2, 30, 30) and z["angle"].shape == (2,)

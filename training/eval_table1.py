@@ -351,8 +351,12 @@ def table1_markdown(res: dict) -> str:
     rows = res["rows"]
     lines = ["| Model | runs | vol | frag | CS | w_n | paper vol | paper frag | paper CS |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for lab in order_labels(rows):
-        d = rows[lab]
+    for lab in order_labels(set(rows) | set(PAPER_TABLE1)):
+        d = rows.get(lab)
+        if d is None:
+            p = PAPER_TABLE1[lab]
+            lines.append(_not_run_row(lab, p))
+            continue
         p = PAPER_TABLE1.get(lab, (None, None, None))
         dag = "†" if d["n_runs"] == 1 and lab != "real data" else ""
         lines.append(f"| {lab} | {d['n_runs']} | {fmt(d['vol'], d['vol_ci'])}{dag} | {fmt(d['frag'], d['frag_ci'])}"
@@ -414,3 +418,9 @@ def run(args) -> int:
                           **overrides_of(args))
     write_outputs(res, table1_markdown(res), args.out)
     return 0
+
+
+def _not_run_row(lab: str, paper_vals, n_ours: int = 4) -> str:
+    """A table row for a paper model without runs here (its paper numbers only)."""
+    vals = " | ".join("–" if v is None else (f"{v:.1f}" if v > 10 else f"{v:.2f}") for v in paper_vals)
+    return f"| {lab} | 0 | " + " | ".join(["not run"] * (n_ours - 1)) + " | – | " + vals + " |"

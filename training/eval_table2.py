@@ -27,6 +27,7 @@ from neuralcpm_plugin.lattice import CellState
 
 from .eval_table1 import (
     SCALES,
+    _not_run_row,
     add_common_arguments,
     closure_weights_of,
     find_bundle,
@@ -141,8 +142,12 @@ def table2_markdown(res: dict) -> str:
     rows = res["rows"]
     lines = [("| Model | runs | vol | frag | error (sites²) | org type 1 | org type 2 | w_n | paper vol | paper frag "
              "| paper error |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for lab in order_labels(rows):
-        d = rows[lab]
+    for lab in order_labels(set(rows) | set(PAPER_TABLE2)):
+        d = rows.get(lab)
+        if d is None:
+            p = PAPER_TABLE2[lab]
+            lines.append(_not_run_row(lab, p, n_ours=6))
+            continue
         p = PAPER_TABLE2.get(lab, (None, None, None))
         dag = "†" if d["n_runs"] == 1 and lab != "real data" else ""
         lines.append(f"| {lab} | {d['n_runs']} | {fmt(d['vol'], d['vol_ci'])}{dag} | {fmt(d['frag'], d['frag_ci'])}"

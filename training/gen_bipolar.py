@@ -17,7 +17,7 @@ Each final state is centred on the torus and rotated by a random angle about the
 (``scipy.ndimage.rotate``, nearest neighbour, ``reshape=False``), as the authors do for training.
 
 Scales (``--scale``): ``paper`` = 149 × 149, 40 cells, 2,000 MCS, 1,000 snapshots; ``cpu`` = 99 × 99,
-20 cells (10 + 10), 300 MCS, 256 snapshots (same cell volume and energies). Options override presets.
+20 cells (10 + 10), 200 MCS, 128 snapshots (same cell volume and energies). Options override presets.
 
 Output (reference ``.npz``): ``data`` (N, 2, H, W) int32 rotated final states, ``angle`` (N,) degrees,
 ``seed`` (N,), ``mcs`` (N,), ``meta`` (JSON bytes). Snapshot i uses seed ``seed·100003 + i``.
@@ -41,7 +41,7 @@ __all__ = ["SCALES", "add_arguments", "bipolar_hamiltonian", "generate_bipolar",
 
 SCALES = {
     "paper": {"size": 149, "cells": 40, "mcs": 2000.0, "n": 1000},
-    "cpu": {"size": 99, "cells": 20, "mcs": 300.0, "n": 256},
+    "cpu": {"size": 99, "cells": 20, "mcs": 200.0, "n": 128},
 }
 MORPHEUS = {"J": {"1-0": 16.0, "2-0": 16.0, "1-1": 6.0, "1-2": 16.0, "2-2": 6.0}, "norm": 18.0,
             "contact_order": 6, "target": 150.0, "lambda": 1.0, "dm_strength": 0.2, "temperature": 2.0,
@@ -146,7 +146,7 @@ def generate_bipolar(out=None, *, scale: str = "cpu", n: int | None = None, size
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
                    help="preset: paper (149x149, 40 cells, 2000 MCS, 1000 snapshots) or cpu (99x99, 20 cells, "
-                        "300 MCS, 256)")
+                        "200 MCS, 128)")
     p.add_argument("--out", default=None, help="output .npz (default runs/data/bipolar.npz | bipolar-cpu.npz)")
     p.add_argument("-n", "--n", type=int, default=None, help="number of snapshots")
     p.add_argument("--size", type=int, default=None, help="lattice side (sites)")

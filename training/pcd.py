@@ -37,7 +37,8 @@ import torch
 from neuralcpm_plugin.errors import NeuralCPMError
 from neuralcpm_plugin.hamiltonian.base import Batch
 
-from .checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
+from .optim import Adam
 from .parammap import ParamMap, using_params
 
 __all__ = ["PCDTrainer", "TrainingDiverged", "chain_seed", "ExactChainSampler"]
@@ -145,7 +146,7 @@ class PCDTrainer:
         self.free = self.pmap.parameters()
         if not self.free:
             raise NeuralCPMError("pcd: the model has no learnable parameter (everything frozen?)")
-        self.opt = torch.optim.Adam(self.free, lr=float(cfg["lr"]))
+        self.opt = Adam(self.free, lr=float(cfg["lr"]))
         self.ema = [p.detach().clone() for p in self.free]
         self.sampler = sampler_factory(hamiltonian, int(cfg["flips"]))
         self.on_checkpoint = on_checkpoint
@@ -268,7 +269,7 @@ class PCDTrainer:
         for i, p in enumerate(self.free):
             t[f"free.{i}"] = p.detach()
             t[f"ema.{i}"] = self.ema[i]
-        ot, _ = optimizer_to_tensors(self.opt)
+        ot, _ = self.opt.to_tensors()
         t.update(ot)
         neg = self._stack([self.chains[b] for b in self.local])
         t["chains.ids"] = self.dist.gather_cat(neg.ids)
@@ -279,7 +280,7 @@ class PCDTrainer:
         return t
 
     def meta(self) -> dict:
-        _, om = optimizer_to_tensors(self.opt)
+        _, om = self.opt.to_tensors()
         return {"iteration": self.iteration, "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
                 "batch": self.B, "seed": self.seed, "n_free": len(self.free), "optimizer": om,
                 "world_size": self.dist.world}
@@ -304,8 +305,8 @@ class PCDTrainer:
                 p.copy_(tensors[f"free.{i}"].to(p.device, p.dtype))
                 self.ema[i].copy_(tensors[f"ema.{i}"].to(p.device, p.dtype))
         self.pmap.sync()
-        self.opt = torch.optim.Adam(self.free, lr=float(self.cfg["lr"]))
-        optimizer_from_tensors(self.opt, tensors, meta["optimizer"])
+        self.opt = Adam(self.free, lr=float(self.cfg["lr"]))
+        self.opt.load_tensors(tensors, meta["optimizer"])
         self.iteration = int(meta["iteration"])
         self.lr_scale = float(meta["lr_scale"])
         self.rollbacks = int(meta.get("rollbacks", 0))
@@ -313,8 +314,8 @@ class PCDTrainer:
             self.chains[b] = Batch(tensors["chains.ids"][b:b + 1].to(self.device),
                                    tensors["chains.types"][b:b + 1].to(self.device),
                                    tensors["chains.volumes"][b:b + 1].to(self.device), self.data.periodic)
-            self.g_train[b].set_state(tensors["rng.train"][b])
-            self.g_samp[b].set_state(tensors["rng.sampler"][b].to(self.g_samp[b].get_state().device))
+            self.g_train[b].set_state(tensors["rng.train"][b].clone().contiguous())
+            self.g_samp[b].set_state(tensors["rng.sampler"][b].clone().contiguous().to(self.g_samp[b].get_state().device))
         self._set_lr()
 
     def _set_lr(self):

@@ -12,7 +12,8 @@ k = 0 are skipped; candidates that would delete a cell are excluded). ΔH comes 
 interface ``delta(batch, sites, new_ids)`` — the same evaluations the parallel sampler makes.
 
 * Analytic models (ΔH linear in the parameters): the problem is convex. ΔH = c + F·θ is tabulated once
-  (n_free + 1 batched ΔH evaluations, linearity verified) and θ is fitted by L-BFGS in float64. Because k_c
+  (n_free + 1 batched ΔH evaluations, linearity verified) and θ is fitted by Newton's method in float64
+  (exact gradient and Hessian of the log-sum-exp; a handful of steps). Because k_c
   carries no 1/T the temperature scale is identifiable (RMSE at T=1 is meaningful).
 * Neural and closure models: stochastic — each step samples a few states and a few hundred boundary sites
   per state and takes an Adam step on the same objective.
@@ -33,6 +34,7 @@ import torch
 from neuralcpm_plugin.hamiltonian.base import Batch
 from neuralcpm_plugin.lattice import _shift, neighbour_offsets
 
+from .optim import Adam, newton_minimize
 from .parammap import ParamMap, using_params
 
 __all__ = ["Candidates", "build_candidates", "pl_nll", "fit_pl", "PLResult"]
@@ -86,7 +88,8 @@ def _state_candidates(ids: np.ndarray, offs: np.ndarray, periodic: bool, rng=Non
     cand = first & (srt != ov[:, None]) & (srt >= 0)
     counts = (srt[:, :, None] == srt[:, None, :]).sum(2)
     g, k = np.nonzero(cand)
-    return dict(sites=sites[g], new_ids=srt[g, k], log_k=np.log(counts[g, k]), group=g, slot=k + 1,
+    rank = np.cumsum(cand, axis=1)          # slot of a candidate = its rank among the site's candidates
+    return dict(sites=sites[g], new_ids=srt[g, k], log_k=np.log(counts[g, k]), group=g, slot=rank[g, k],
                 own_log_k=np.log(k_own[sites]), n_groups=len(sites))
 
 
@@ -124,7 +127,7 @@ def build_candidates(states, *, copy_order: int = 2, periodic: bool = True, devi
     batch = Batch.from_states(states, n_ids=n_ids, device=device, periodic=periodic)
     t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
     return Candidates(batch, t(sites), t(new_ids), t(log_k), t(group), t(slot), t(own), t(gmask),
-                      len(offs) + 1)
+                      int(slot.max()) + 1)
 
 
 def _nll_from_delta(c: Candidates, dH: torch.Tensor, T: float, proposal_aware: bool = True) -> torch.Tensor:
@@ -195,6 +198,40 @@ def _linear_tabulate(ham, pmap: ParamMap, c: Candidates):
     return (c0, F) if ok else None
 
 
+def _dense_linear_problem(c: Candidates, c0: torch.Tensor, F: torch.Tensor, T: float, proposal_aware: bool):
+    """``theta -> (nll, grad, hessian)`` for ΔH = c0 + F θ, on a dense [sites, slots] layout."""
+    B, S = c.group_mask.shape
+    K = c.n_slots
+    n = F.shape[-1]
+    real = c.group < S
+    bidx = torch.arange(B, device=c.group.device)[:, None].expand_as(c.group)
+    gidx = (bidx * S + c.group)[real]
+    slot = c.slot[real]
+    own = c.own_log_k if proposal_aware else torch.zeros_like(c.own_log_k)
+    base = torch.full((B * S, K), -math.inf, dtype=torch.float64, device=c0.device)
+    base[:, 0] = own.reshape(-1)
+    lk = c.log_k[real] if proposal_aware else torch.zeros_like(c.log_k[real])
+    base[gidx, slot] = lk - c0[real] / T
+    feat = torch.zeros((B * S, K, n), dtype=torch.float64, device=c0.device)
+    feat[gidx, slot] = -F[real] / T                     # d logit / d theta
+    keep = c.group_mask.reshape(-1)
+    base, feat, own_v = base[keep], feat[keep], own.reshape(-1)[keep]
+    m = base.shape[0]
+
+    def fgh(theta):
+        z = base + feat @ theta
+        lse = torch.logsumexp(z, dim=1)
+        f = (lse - own_v).mean()
+        p = torch.exp(z - lse[:, None])                   # [m, K]
+        ef = torch.bmm(p[:, None, :], feat)[:, 0]         # E_p[dz/dθ], [m, n]
+        g = ef.mean(0)
+        w = (feat * p.sqrt()[:, :, None]).reshape(-1, n)
+        h = (w.T @ w - ef.T @ ef) / m
+        return f, g, h
+
+    return fgh
+
+
 def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bool = True,
            max_iter: int = 200, tolerance: float = 1e-10, stochastic: bool | None = None, steps: int = 200,
            lr: float = 1e-2, sites_per_state: int = 256, states_per_step: int = 4, seed: int = 0,
@@ -208,7 +245,7 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
     states : list of CellState
         Data states, one lattice shape.
     stochastic : bool, optional
-        Force the stochastic (Adam, sampled sites) or the convex (L-BFGS, all sites) solver; by default the
+        Force the stochastic (Adam, sampled sites) or the convex (Newton, all sites) solver; by default the
         convex one is used when ΔH is linear in the free parameters (analytic terms), else the stochastic one.
     """
     t0 = time.perf_counter()
@@ -232,36 +269,24 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
     if not stochastic:
         c0, F = tab
         sizes = [p.numel() for p in free]
-        theta = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in free]).requires_grad_(True)
-        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, tolerance_grad=tolerance,
-                                tolerance_change=tolerance * 1e-3, history_size=20, line_search_fn="strong_wolfe")
-        n_eval = [0]
-
-        def closure():
-            opt.zero_grad()
-            loss = _nll_from_delta(cands, c0 + F @ theta, T, proposal_aware)
-            loss.backward()
-            n_eval[0] += 1
-            history.append(float(loss.detach()))
-            return loss
-
-        opt.step(closure)
+        theta0 = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in free])
+        fgh = _dense_linear_problem(cands, c0, F, T, proposal_aware)
+        theta, final, n_it, history = newton_minimize(fgh, theta0, max_iter=max_iter, tol=tolerance)
         with torch.no_grad():
             o = 0
             for p, k in zip(free, sizes):
                 p.copy_(theta[o:o + k].reshape(p.shape).to(p.dtype))
                 o += k
-            final = float(_nll_from_delta(cands, c0 + F @ theta, T, proposal_aware))
         pmap.sync()
-        res = PLResult(final, n_eval[0], time.perf_counter() - t0, "convex L-BFGS (float64)", cands.n_sites,
-                       history)
+        final = float(final)
+        res = PLResult(final, n_it, time.perf_counter() - t0, "convex Newton (float64)", cands.n_sites, history)
         if log:
             log(f"pl: convex fit over {cands.n_sites} boundary sites of {len(states)} states: "
-                f"nll {final:.6f} after {n_eval[0]} evaluations, {res.seconds:.2f} s")
+                f"nll {final:.6f} after {n_it} Newton steps, {res.seconds:.2f} s")
         return res
     # stochastic version (neural / closure / non-linear terms)
     rng = np.random.default_rng(seed)
-    opt = torch.optim.Adam(free, lr=lr)
+    opt = Adam(free, lr=lr)
     it = range(steps)
     if progress:
         from tqdm import tqdm

@@ -86,6 +86,11 @@ def _rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[1])
 
 
+def _lut(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``table[idx]`` for a 1-D table (index_select: fast on CPU, differentiable in ``table``)."""
+    return table.index_select(0, idx.reshape(-1)).view(idx.shape)
+
+
 def _periodic_np(term, state, cache) -> bool:
     if cache is not None and "periodic" in cache:
         return bool(cache["periodic"])
@@ -235,8 +240,8 @@ class ContactEnergy(Term):
         t_old = batch.types.gather(1, old)
         t_new = batch.types.gather(1, new_ids)
         Jf = self._J_eff().flatten()
-        e_new = Jf.take(t_new[..., None] * n + nb_t) * ((nb_ids != new_ids[..., None]) & valid)
-        e_old = Jf.take(t_old[..., None] * n + nb_t) * ((nb_ids != old[..., None]) & valid)
+        e_new = _lut(Jf, t_new[..., None] * n + nb_t) * ((nb_ids != new_ids[..., None]) & valid)
+        e_old = _lut(Jf, t_old[..., None] * n + nb_t) * ((nb_ids != old[..., None]) & valid)
         return (e_new - e_old).sum(-1)
 
     def delta_np(self, state, site, new_id, cache=None) -> float:
@@ -317,8 +322,8 @@ class VolumeConstraint(Term):
         vn = batch.volumes.gather(1, new_ids).to(_F64)
         to = batch.types.gather(1, old)
         tn = batch.types.gather(1, new_ids)
-        lo, so = lam.take(to), tgt.take(to)
-        ln, sn = lam.take(tn), tgt.take(tn)
+        lo, so = _lut(lam, to), _lut(tgt, to)
+        ln, sn = _lut(lam, tn), _lut(tgt, tn)
         d_new = ln * ((vn + 1 - sn) ** 2 - torch.where(vn > 0, (vn - sn) ** 2, torch.zeros_like(vn)))
         d_old = torch.where(vo > 1, lo * ((vo - 1 - so) ** 2 - (vo - so) ** 2), -lo * (vo - so) ** 2)
         d = d_new * ((new_ids != 0) & (tn > 0)) + d_old * ((old != 0) & (to > 0))
@@ -405,7 +410,7 @@ class ExternalPotential(Term):
         old = batch.ids.flatten(1).gather(1, sites)
         to = batch.types.gather(1, old)
         tn = batch.types.gather(1, new_ids)
-        return phi.take(sites) * (mu.take(tn) - mu.take(to))
+        return _lut(phi, sites) * (_lut(mu, tn) - _lut(mu, to))
 
     def delta_np(self, state, site, new_id, cache=None) -> float:
         site = tuple(int(s) for s in site)

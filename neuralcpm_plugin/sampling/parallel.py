@@ -62,6 +62,43 @@ def _boundary_of(ids_flat: torch.Tensor, tab: torch.Tensor, sites: torch.Tensor 
     return ((nb != own[..., None]) & (nbr >= 0)).any(-1)
 
 
+def _draw_sites(mask: torch.Tensor, P: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, P]`` distinct sites drawn uniformly without replacement from each row's boundary set.
+
+    Rows with fewer than ``P`` boundary sites get all of them (the rest of the row is marked invalid).
+    Common case (every row has many boundary sites): iid uniform lattice sites are drawn, non-boundary draws
+    and repeats are discarded and the first ``P`` survivors kept — the kept set is a uniform random P-subset
+    of the boundary set (the procedure is invariant under permutations of the boundary sites). Otherwise:
+    the ``P`` smallest of iid random keys over the boundary sites (exact, O(lattice) per step).
+    """
+    B, N = mask.shape
+    dev = mask.device
+    count = mask.sum(1)
+    cmin = int(count.min())
+    M = int(1.5 * P * N / max(cmin, 1)) + 32
+    if cmin < 2 * P or M > N // 4:
+        keys = torch.rand((B, N), generator=generator, device=dev, dtype=torch.float32)
+        keys.masked_fill_(~mask, 2.0)
+        kv, sites = torch.topk(keys, P, dim=1, largest=False, sorted=False)
+        return sites, kv < 2.0
+    draws = torch.randint(0, N, (B, M), generator=generator, device=dev)
+    for _ in range(64):
+        ok = mask.gather(1, draws)
+        sv, order = torch.sort(draws, dim=1, stable=True)
+        dup_sorted = torch.zeros_like(ok)
+        dup_sorted[:, 1:] = sv[:, 1:] == sv[:, :-1]
+        dup = torch.zeros_like(ok).scatter_(1, order, dup_sorted)
+        good = ok & ~dup
+        rank = good.cumsum(1)
+        if bool((rank[:, -1] >= P).all()):
+            break
+        draws = torch.cat([draws, torch.randint(0, N, (B, M), generator=generator, device=dev)], 1)
+    else:  # pragma: no cover - astronomically unlikely
+        raise RuntimeError("boundary-site sampling did not converge")
+    sites = draws[good & (rank <= P)].view(B, P)
+    return sites, torch.ones((B, P), dtype=torch.bool, device=dev)
+
+
 class ParallelSampler:
     """Paper Algorithm 2: ``n_flips`` simultaneous boundary copy attempts per chain and step.
 
@@ -75,9 +112,13 @@ class ParallelSampler:
         Metropolis temperature; defaults to ``hamiltonian.temperature``.
     backend : {"auto", "torch", "numba"}
         See the module docstring. "numba" raises :class:`ConfigError` if the Hamiltonian has other terms.
+    threads : bool
+        numba back end only: run the chains in parallel numba threads (OpenMP layer). Off by default: idle
+        OpenMP worker threads spin after a parallel region and slow down torch work in the same process.
     """
 
-    def __init__(self, hamiltonian, n_flips: int = 50, temperature: float | None = None, *, backend: str = "auto"):
+    def __init__(self, hamiltonian, n_flips: int = 50, temperature: float | None = None, *, backend: str = "auto",
+                 threads: bool = False):
         if int(n_flips) < 1:
             raise ConfigError(f"n_flips must be >= 1, got {n_flips}")
         if backend not in ("auto", "torch", "numba"):
@@ -88,6 +129,7 @@ class ParallelSampler:
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         self.backend = backend
+        self.threads = bool(threads)
         if backend == "numba" and not self.numba_capable():
             raise ConfigError("backend='numba' needs a Hamiltonian made only of contact, volume and external terms; "
                               f"got {[t.kind for t in hamiltonian.terms]}")
@@ -182,11 +224,8 @@ class ParallelSampler:
         mask = self._mask
         dev = batch.device
         P = min(self.P, N)
-        # 1. P distinct boundary sites per chain: the P smallest random keys among boundary sites
-        keys = torch.rand((B, N), generator=generator, device=dev, dtype=torch.float32)
-        keys.masked_fill_(~mask, 2.0)
-        kv, sites = torch.topk(keys, P, dim=1, largest=False, sorted=False)
-        valid = kv < 2.0
+        # 1. P distinct boundary sites per chain, uniformly without replacement
+        sites, valid = _draw_sites(mask, P, generator)
         # 2. a uniformly chosen neighbour of another cell
         nbr = _rows(tab, sites)  # [B, P, K]
         K = nbr.shape[-1]
@@ -296,7 +335,8 @@ class ParallelSampler:
         bset, bpos, bcount = self._nb
         seeds = torch.randint(0, 2**62, (B,), generator=generator, dtype=torch.int64).numpy().astype(np.uint64)
         counts = np.zeros((B, 3), dtype=np.int64)
-        _run_steps(ids, types, vols, bset, bpos, bcount, copy_tab, ctab, J, n_t, lam, tgt, mu, phi,
+        run = _run_steps_threaded if self.threads else _run_steps
+        run(ids, types, vols, bset, bpos, bcount, copy_tab, ctab, J, n_t, lam, tgt, mu, phi,
                     use_c, use_v, use_e, 1.0 / self.temperature, self.P, n_steps, seeds, counts)
         self._remember(batch, "numba")
         self._mask = None
@@ -336,10 +376,10 @@ def _is_boundary(ids, b, q, tab):
     return False
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True)
 def _init_boundary(ids, tab, bset, bpos, bcount):
     B, N = ids.shape
-    for b in numba.prange(B):
+    for b in range(B):
         c = 0
         for q in range(N):
             if _is_boundary(ids, b, q, tab):
@@ -368,109 +408,124 @@ def _set_flag(b, q, flag, bset, bpos, bcount):
         bcount[b] = last
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True)
 def _run_steps(ids, types, vols, bset, bpos, bcount, ctab_copy, ctab, J, n_t, lam, tgt, mu, phi,
                use_c, use_v, use_e, inv_t, P, n_steps, seeds, counts):
-    B = ids.shape[0]
+    for b in range(ids.shape[0]):
+        _chain_steps(b, ids, types, vols, bset, bpos, bcount, ctab_copy, ctab, J, n_t, lam, tgt, mu, phi,
+                     use_c, use_v, use_e, inv_t, P, n_steps, seeds, counts)
+
+
+@numba.njit(cache=True, parallel=True)
+def _run_steps_threaded(ids, types, vols, bset, bpos, bcount, ctab_copy, ctab, J, n_t, lam, tgt, mu, phi,
+                        use_c, use_v, use_e, inv_t, P, n_steps, seeds, counts):
+    for b in numba.prange(ids.shape[0]):
+        _chain_steps(b, ids, types, vols, bset, bpos, bcount, ctab_copy, ctab, J, n_t, lam, tgt, mu, phi,
+                     use_c, use_v, use_e, inv_t, P, n_steps, seeds, counts)
+
+
+@numba.njit(cache=True)
+def _chain_steps(b, ids, types, vols, bset, bpos, bcount, ctab_copy, ctab, J, n_t, lam, tgt, mu, phi,
+                 use_c, use_v, use_e, inv_t, P, n_steps, seeds, counts):
+    """All ``n_steps`` steps of chain ``b`` (chains are independent)."""
     Kc = ctab_copy.shape[1]
-    for b in numba.prange(B):
-        rng = np.empty(1, dtype=np.uint64)
-        rng[0] = seeds[b]
-        sel = np.empty(P, dtype=np.int64)
-        new = np.empty(P, dtype=np.int64)
-        old = np.empty(P, dtype=np.int64)
-        acc = np.zeros(P, dtype=np.bool_)
-        loss = np.zeros(vols.shape[1], dtype=np.int64)
-        cand = np.empty(Kc, dtype=np.int64)
-        att = 0
-        nacc = 0
-        nref = 0
-        for _step in range(n_steps):
-            m = min(P, bcount[b])
-            # partial Fisher-Yates over the boundary list: m distinct uniform boundary sites
-            for i in range(m):
-                j = i + int(_uniform(rng, 0) * (bcount[b] - i))
-                qi = bset[b, i]
-                qj = bset[b, j]
-                bset[b, i] = qj
-                bset[b, j] = qi
-                bpos[b, qj] = i
-                bpos[b, qi] = j
-                sel[i] = qj
-            # proposals and ΔH against the same state
-            for i in range(m):
+    rng = np.empty(1, dtype=np.uint64)
+    rng[0] = seeds[b]
+    sel = np.empty(P, dtype=np.int64)
+    new = np.empty(P, dtype=np.int64)
+    old = np.empty(P, dtype=np.int64)
+    acc = np.zeros(P, dtype=np.bool_)
+    loss = np.zeros(vols.shape[1], dtype=np.int64)
+    cand = np.empty(Kc, dtype=np.int64)
+    att = 0
+    nacc = 0
+    nref = 0
+    for _step in range(n_steps):
+        m = min(P, bcount[b])
+        # partial Fisher-Yates over the boundary list: m distinct uniform boundary sites
+        for i in range(m):
+            j = i + int(_uniform(rng, 0) * (bcount[b] - i))
+            qi = bset[b, i]
+            qj = bset[b, j]
+            bset[b, i] = qj
+            bset[b, j] = qi
+            bpos[b, qj] = i
+            bpos[b, qi] = j
+            sel[i] = qj
+        # proposals and ΔH against the same state
+        for i in range(m):
+            x = sel[i]
+            o = ids[b, x]
+            nc = 0
+            for k in range(Kc):
+                n = ctab_copy[x, k]
+                if n >= 0 and ids[b, n] != o:
+                    cand[nc] = ids[b, n]
+                    nc += 1
+            old[i] = o
+            acc[i] = False
+            if nc == 0:
+                new[i] = o
+                continue
+            a = cand[int(_uniform(rng, 0) * nc)]
+            new[i] = a
+            att += 1
+            to = types[b, o]
+            ta = types[b, a]
+            dh = 0.0
+            if use_c:
+                for k in range(ctab.shape[1]):
+                    n = ctab[x, k]
+                    if n >= 0:
+                        nid = ids[b, n]
+                        tn = types[b, nid]
+                        if nid != a:
+                            dh += J[ta * n_t + tn]
+                        if nid != o:
+                            dh -= J[to * n_t + tn]
+            if use_v:
+                if a != 0:
+                    v = vols[b, a]
+                    dh += lam[ta] * ((v + 1 - tgt[ta]) ** 2 - (v - tgt[ta]) ** 2)
+                if o != 0:
+                    v = vols[b, o]
+                    if v > 1:
+                        dh += lam[to] * ((v - 1 - tgt[to]) ** 2 - (v - tgt[to]) ** 2)
+                    else:
+                        dh -= lam[to] * (v - tgt[to]) ** 2
+            if use_e:
+                dh += phi[x] * (mu[ta] - mu[to])
+            u = _uniform(rng, 0)
+            if o != 0 and vols[b, o] <= 1:
+                nref += 1
+                continue
+            if dh <= 0.0 or u < np.exp(-dh * inv_t):
+                acc[i] = True
+                loss[o] += 1
+        # joint deletion guard, then apply
+        for i in range(m):
+            if acc[i]:
+                o = old[i]
+                if o != 0 and loss[o] >= vols[b, o]:
+                    acc[i] = False
+                    nref += 1
+        for i in range(m):
+            loss[old[i]] = 0
+        for i in range(m):
+            if acc[i]:
                 x = sel[i]
-                o = ids[b, x]
-                nc = 0
+                ids[b, x] = new[i]
+                vols[b, old[i]] -= 1
+                vols[b, new[i]] += 1
+                nacc += 1
+        for i in range(m):
+            if acc[i]:
+                x = sel[i]
+                _set_flag(b, x, _is_boundary(ids, b, x, ctab_copy), bset, bpos, bcount)
                 for k in range(Kc):
                     n = ctab_copy[x, k]
-                    if n >= 0 and ids[b, n] != o:
-                        cand[nc] = ids[b, n]
-                        nc += 1
-                old[i] = o
-                acc[i] = False
-                if nc == 0:
-                    new[i] = o
-                    continue
-                a = cand[int(_uniform(rng, 0) * nc)]
-                new[i] = a
-                att += 1
-                to = types[b, o]
-                ta = types[b, a]
-                dh = 0.0
-                if use_c:
-                    for k in range(ctab.shape[1]):
-                        n = ctab[x, k]
-                        if n >= 0:
-                            nid = ids[b, n]
-                            tn = types[b, nid]
-                            if nid != a:
-                                dh += J[ta * n_t + tn]
-                            if nid != o:
-                                dh -= J[to * n_t + tn]
-                if use_v:
-                    if a != 0:
-                        v = vols[b, a]
-                        dh += lam[ta] * ((v + 1 - tgt[ta]) ** 2 - (v - tgt[ta]) ** 2)
-                    if o != 0:
-                        v = vols[b, o]
-                        if v > 1:
-                            dh += lam[to] * ((v - 1 - tgt[to]) ** 2 - (v - tgt[to]) ** 2)
-                        else:
-                            dh -= lam[to] * (v - tgt[to]) ** 2
-                if use_e:
-                    dh += phi[x] * (mu[ta] - mu[to])
-                u = _uniform(rng, 0)
-                if o != 0 and vols[b, o] <= 1:
-                    nref += 1
-                    continue
-                if dh <= 0.0 or u < np.exp(-dh * inv_t):
-                    acc[i] = True
-                    loss[o] += 1
-            # joint deletion guard, then apply
-            for i in range(m):
-                if acc[i]:
-                    o = old[i]
-                    if o != 0 and loss[o] >= vols[b, o]:
-                        acc[i] = False
-                        nref += 1
-            for i in range(m):
-                loss[old[i]] = 0
-            for i in range(m):
-                if acc[i]:
-                    x = sel[i]
-                    ids[b, x] = new[i]
-                    vols[b, old[i]] -= 1
-                    vols[b, new[i]] += 1
-                    nacc += 1
-            for i in range(m):
-                if acc[i]:
-                    x = sel[i]
-                    _set_flag(b, x, _is_boundary(ids, b, x, ctab_copy), bset, bpos, bcount)
-                    for k in range(Kc):
-                        n = ctab_copy[x, k]
-                        if n >= 0:
-                            _set_flag(b, n, _is_boundary(ids, b, n, ctab_copy), bset, bpos, bcount)
-        counts[b, 0] = att
-        counts[b, 1] = nacc
-        counts[b, 2] = nref
+                    if n >= 0:
+                        _set_flag(b, n, _is_boundary(ids, b, n, ctab_copy), bset, bpos, bcount)
+    counts[b, 0] = att
+    counts[b, 1] = nacc
+    counts[b, 2] = nref

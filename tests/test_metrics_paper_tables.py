@@ -1,0 +1,101 @@
+"""Table 1 / Table 2 evaluation end to end at toy scale: roll-outs, rows, paper numbers, outputs."""
+
+import json
+
+import numpy as np
+import pytest
+
+from neuralcpm_plugin.bundle import save_bundle
+from neuralcpm_plugin.classifier import ClassifierConfig, save_classifier, train_classifier
+from neuralcpm_plugin.hamiltonian.analytic import cellsort_hamiltonian
+from neuralcpm_plugin.hamiltonian.base import LatticeSpec
+from neuralcpm_plugin.io.npz import save_npz
+from neuralcpm_plugin.lattice import CellState
+from training import eval_table1, eval_table2
+
+
+def _data(n=6, size=24, seed=0):
+    """Blocky two-type aggregates: type 2 in two poles left/right, type 1 in the middle (bipolar-like)."""
+    rng = np.random.default_rng(seed)
+    states = []
+    for _ in range(n):
+        ids = np.zeros((size, size), np.int32)
+        oy = int(rng.integers(-2, 3))
+        c = 1
+        for y0 in (6, 12):
+            for x0 in (4, 10, 16):
+                ids[y0 + oy:y0 + oy + 5, x0:x0 + 5] = c
+                c += 1
+        types = np.array([0, 2, 1, 2, 2, 1, 2], np.int32)
+        states.append(CellState(ids, types))
+    return states
+
+
+def _bundle(tmp_path, size=24, kind="analytic"):
+    h = cellsort_hamiltonian({"0-1": 1.5, "0-2": 1.5, "1-1": 0.75, "1-2": 1.5, "2-2": 0.75}, 0.5, 25.0,
+                             LatticeSpec((size, size)), 1.0)
+    return save_bundle(tmp_path / "run" / "model", h, provenance={"model_kind": kind, "objective": "pl"})
+
+
+def test_permuted_starts_keep_ids_and_type_counts():
+    states = _data(3)
+    starts = eval_table1.permuted_starts(states, 5, np.random.default_rng(1))
+    assert len(starts) == 5
+    for s in starts:
+        src = states[s.meta["start_frame"]]
+        assert np.array_equal(s.ids, src.ids)
+        assert sorted(s.types.tolist()) == sorted(src.types.tolist())
+
+
+def test_rollout_shapes_and_start_frame(tmp_path):
+    states = _data(2)
+    from neuralcpm_plugin.bundle import load_bundle
+    ham = load_bundle(_bundle(tmp_path)).hamiltonian
+    traj = eval_table1.rollout(ham, states, frames=2, mcs_per_frame=0.5, flips=10, seed=3, chains=1)
+    assert traj.shape == (2, 3, 2, 24, 24)
+    assert np.array_equal(traj[0, 0], states[0].to_channels())
+    assert not np.array_equal(traj[0, 2, 0], traj[0, 0, 0])       # the sampler moved something
+    again = eval_table1.rollout(ham, states, frames=2, mcs_per_frame=0.5, flips=10, seed=3, chains=1)
+    assert np.array_equal(traj, again)                               # deterministic given the seed
+
+
+def test_table1_end_to_end(tmp_path):
+    states = _data(10)
+    labels = np.arange(10) % 2
+    data = save_npz(tmp_path / "d.npz", states, label=labels)
+    model, info = train_classifier(states, labels, steps=3, config=ClassifierConfig(channels=(4, 4), mlp=(8,)))
+    save_classifier(model, tmp_path / "clf", info)
+    b = _bundle(tmp_path)
+    res = eval_table1.evaluate_table1(data, [(None, b), ("my model", b)], scale="smoke", classifier=tmp_path / "clf",
+                                      frames=2, trajectories=5, log=lambda *a: None)
+    rows = res["rows"]
+    assert set(rows) == {"real data", "Cellsort Hamiltonian", "my model"}
+    assert rows["real data"]["vol"] == 1.0 and rows["real data"]["frag"] == 1.0
+    for lab in ("Cellsort Hamiltonian", "my model"):
+        assert 0 <= rows[lab]["vol"] <= 1 and 0 <= rows[lab]["frag"] <= 1 and 1 <= rows[lab]["cs"] <= 10
+    md = eval_table1.table1_markdown(res)
+    assert "| Cellsort Hamiltonian | 1 |" in md and "2.47" in md and "4.35" in md
+    eval_table1.write_outputs(res, md, tmp_path / "out" / "t1")
+    assert json.loads((tmp_path / "out" / "t1.json").read_text())["table"] == "table1"
+
+
+def test_table2_end_to_end(tmp_path):
+    states = _data(8)
+    data = save_npz(tmp_path / "d.npz", states)
+    b = _bundle(tmp_path)
+    res = eval_table2.evaluate_table2(data, [(None, b)], scale="smoke", frames=2, trajectories=5,
+                                      log=lambda *a: None)
+    rows = res["rows"]
+    assert rows["real data"]["err"] == pytest.approx(0.0, abs=1e-9)   # identical layouts in both halves
+    assert rows["real data"]["org2"] > 0.5
+    d = rows["Cellsort Hamiltonian"]
+    assert d["err"] >= 0 and 0 <= d["vol"] <= 1 and np.isfinite(d["err_ci"])
+    md = eval_table2.table2_markdown(res)
+    assert "37.3" in md and "| Cellsort Hamiltonian | 1 |" in md
+
+
+def test_run_label_from_terms(tmp_path):
+    from neuralcpm_plugin.bundle import load_bundle
+    b = load_bundle(_bundle(tmp_path, kind="nh-closure"))
+    assert eval_table1.run_label(b) == "Neural Hamiltonian + closure"
+    assert eval_table1.find_bundle(tmp_path / "run") == tmp_path / "run" / "model"
