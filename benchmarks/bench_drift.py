@@ -35,8 +35,8 @@ from neuralcpm_plugin.sampling.exact import ExactSampler
 
 FIX = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference"
 PARAMS = {  # shared/reference-data/README.md (J per unordered Moore pair, T = 1)
-    "P1_morpheus": dict(J={"1-0": 0.625, "2-0": 0.25, "1-1": 0.25, "2-2": 0.25, "1-2": 1.125}, lam=0.5, target=100.0),
-    "P2_cc3d": dict(J={"1-0": 2.0, "2-0": 2.0, "1-1": 1.0, "2-2": 1.0, "1-2": 1.6}, lam=0.8, target=90.0),
+    "P1_morpheus": {"J": {"1-0": 0.625, "2-0": 0.25, "1-1": 0.25, "2-2": 0.25, "1-2": 1.125}, "lam": 0.5, "target": 100.0},
+    "P2_cc3d": {"J": {"1-0": 2.0, "2-0": 2.0, "1-1": 1.0, "2-2": 1.0, "1-2": 1.6}, "lam": 0.8, "target": 90.0},
 }
 
 

@@ -23,7 +23,7 @@ from neuralcpm_plugin.lattice import CellState
 from neuralcpm_plugin.sampling.exact import ExactSampler
 
 ROOT = Path(__file__).resolve().parents[1]
-P1 = dict(J10=0.625, J20=0.25, J11=0.25, J22=0.25, J12=1.125, lam=0.5, target=100.0)
+P1 = {"J10": 0.625, "J20": 0.25, "J11": 0.25, "J22": 0.25, "J12": 1.125, "lam": 0.5, "target": 100.0}
 
 
 def p1_terms():

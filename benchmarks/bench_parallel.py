@@ -9,6 +9,16 @@ Reported: median (and min–max) of ``--repeats`` timed runs of ``--steps`` step
     python benchmarks/bench_parallel.py                 # both back ends, 1 and 16 chains
     python benchmarks/bench_parallel.py --backend torch --chains 16 --repeats 7
     python benchmarks/bench_parallel.py --device cuda   # torch back end on a GPU
+    python benchmarks/bench_parallel.py --drift         # statistics vs the real-tool reference runs (P1, P2)
+
+``--drift``: from the 16 initial states of each reference scenario (``../shared/reference-data``, Morpheus P1 and
+CompuCell3D P2, classic sequential Metropolis), ``--seeds`` runs per state of the parallel sampler (P = 50,
+numba back end) to 100/500/1000 of *its* MCS; prints our mean ± SE of every summary statistic next to the
+tools' and z = (ours − theirs)/√(SE² + SE²). This is the parallel sampler's drift from the exact dynamics at
+equal nominal MCS (its MCS changes far more sites than a classic MCS, so large |z| are expected). With
+``--vs-exact`` the same table also holds the sequential boundary proposal (P = 1: the same proposal without
+the parallelism) and the exact classic sampler (``sampling.exact.run_exact``), which separates the drift due to
+the boundary proposal (no Hastings correction) from the drift due to P simultaneous copies.
 """
 
 from __future__ import annotations
@@ -109,6 +119,87 @@ def _numba_threads():
         return None
 
 
+SCENARIOS = {  # the reference runs' parameters (../shared/reference-data/README.md), per unordered Moore pair
+    "P1_morpheus": {"J": {(1, 0): 0.625, (2, 0): 0.25, (1, 1): 0.25, (2, 2): 0.25, (1, 2): 1.125}, "lam": 0.5,
+                    "target": 100.0},
+    "P2_cc3d": {"J": {(1, 0): 2.0, (2, 0): 2.0, (1, 1): 1.0, (2, 2): 1.0, (1, 2): 1.6}, "lam": 0.8, "target": 90.0},
+}
+
+
+def _mean_se(values):
+    import numpy as np
+    v = np.asarray(values, dtype=float)
+    return v.mean(), (v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0)
+
+
+def drift(args) -> None:
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from neuralcpm_plugin.hamiltonian.analytic import cellsort_hamiltonian
+    from neuralcpm_plugin.hamiltonian.base import Batch, LatticeSpec
+    from neuralcpm_plugin.lattice import CellState
+    from neuralcpm_plugin.metrics.stats import summary_stats
+    from neuralcpm_plugin.sampling.parallel import ParallelSampler
+
+    ref_dir = Path(args.reference)
+    ref = json.loads((ref_dir / "summary_stats.json").read_text())["scenarios"]
+    marks = sorted(int(m) for m in args.drift_mcs)
+    for name, par in SCENARIOS.items():
+        runs = sorted((ref_dir / name).glob("run_*.npz"))
+        if not runs or name not in ref:
+            print(f"{name}: no reference runs under {ref_dir / name}; skipped")
+            continue
+        states = []
+        for r in runs:
+            d = np.load(r)["data"][0]
+            states.append(CellState.from_maps(d[0], d[1]))
+        chains = [s for s in states for _ in range(args.seeds)]
+        ham = cellsort_hamiltonian(par["J"], par["lam"], par["target"], LatticeSpec(states[0].shape), T=1.0)
+        t0 = time.perf_counter()
+        results = {}  # sampler name -> {mcs: [summary dicts]}
+        samplers = [(f"parallel P={args.P}", args.P)] + ([("boundary P=1", 1)] if args.vs_exact else [])
+        for label, P in samplers:
+            batch = Batch.from_states(chains)
+            smp = ParallelSampler(ham, P, backend="numba")
+            g = torch.Generator().manual_seed(12345)
+            done, res = 0, {}
+            for m in marks:
+                smp.sweep(batch, m - done, g)
+                done = m
+                res[m] = [summary_stats(s, n_types=2) for s in batch.to_states()]
+            results[label] = res
+        if args.vs_exact:
+            from neuralcpm_plugin.sampling.exact import run_exact
+            res = {m: [] for m in marks}
+            for i, s in enumerate(chains):
+                out = run_exact(s, ham, marks[-1], seed=1000 + i, proposal="classic", record_every=marks[0])
+                for fr, mc in zip(out.frames, out.mcs):
+                    if round(mc) in res:
+                        res[round(mc)].append(summary_stats(fr, n_types=2))
+            results["exact classic"] = res
+        rr = ref[name]
+        print(f"\n{name}: {len(runs)} reference initial states x {args.seeds} seeds; tool = the reference runs "
+              f"(16 each); z = (sampler - tool)/sqrt(SE^2 + SE^2); {time.perf_counter() - t0:.0f} s")
+        head = "".join(f"{lab:>26s} {'z':>6s}" for lab in results)
+        print(f"{'MCS':>5s} {'statistic':>16s} {'tool (mean ± SE)':>22s}{head}")
+        for m in marks:
+            if m not in rr["mcs"]:
+                continue
+            k = rr["mcs"].index(m)
+            for key in rr["mean"]:
+                mt, stt = rr["mean"][key][k], rr["se"][key][k]
+                line = f"{m:5d} {key:>16s} {mt:12.3f} ± {stt:7.3f}"
+                for res in results.values():
+                    mo, so = _mean_se([x[key] for x in res[m]])
+                    den = float(np.hypot(so, stt))
+                    z = (mo - mt) / den if den > 0 else (0.0 if mo == mt else float("inf"))
+                    line += f"{mo:14.3f} ± {so:8.3f} {z:6.1f}"
+                print(line)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=["torch", "numba", "both"], default="both")
@@ -121,7 +212,17 @@ def main(argv=None):
     ap.add_argument("--numba-threads", action="store_true", help="numba back end: chains in parallel threads")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--states", help=argparse.SUPPRESS)
+    ap.add_argument("--drift", action="store_true", help="compare statistics with the reference runs")
+    ap.add_argument("--drift-mcs", nargs="+", default=["100", "500", "1000"])
+    ap.add_argument("--seeds", type=int, default=2, help="--drift: runs per reference initial state")
+    ap.add_argument("--vs-exact", action="store_true",
+                    help="--drift: also the sequential boundary proposal (P=1) and the exact classic sampler")
+    ap.add_argument("--reference", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                                        "shared", "reference-data"))
     args = ap.parse_args(argv)
+    if args.drift:
+        drift(args)
+        return
     if args.child:
         print(json.dumps(child(args)))
         return

@@ -20,8 +20,9 @@ What is read, and how it is converted (Morpheus 2.2.4 semantics, see :mod:`morph
   ``InitCircle`` (random, regular), ``InitRectangle`` (random, grid) and ``TIFFReader`` (``keepIDs``). The
   random layouts follow Morpheus's documented algorithms with this package's random generator, seeded by
   ``Time/RandomSeed`` (or ``seed=``) — the same layout family, not Morpheus's random stream.
-* ``Global/Constant`` values feed expressions; ``Global/Field`` feeds Haptotaxis (base64 ``Data``, or a
-  ``value`` expression of the space symbol). ``Description`` and ``Analysis`` (outputs only) are recorded in
+* ``Global/Constant`` values (and, per type, constant ``CellType/Property``/``Constant`` values) feed
+  expressions; ``Global/Field`` feeds Haptotaxis (base64 ``Data``, or a ``value`` expression of the space
+  symbol). ``Description`` and ``Analysis`` (outputs only) are recorded in
   ``meta["ignored"]``.
 
 Anything else — any element that would change the dynamics — raises
@@ -212,7 +213,7 @@ def _read_field(ctx: _Ctx, el, shape, space_symbol) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------
 # directed motion directions
 # ------------------------------------------------------------------------------------------------------
-def _direction(ctx: _Ctx, el, size_xy):
+def _direction(ctx: _Ctx, el, size_xy, env=None):
     text = el.get("direction")
     if text is None:
         raise _err(ctx.path, f"{_xml_path(el)}: missing direction")
@@ -220,9 +221,10 @@ def _direction(ctx: _Ctx, el, size_xy):
         syms = symbols_of(text)
     except ExprError as e:
         raise _err(ctx.path, f"{_xml_path(el)}: cannot parse direction {text!r} ({e})") from None
+    base_env = dict(env if env is not None else ctx.env)
     cell_syms = {s for s in syms if s.startswith("cell.")}
     if not cell_syms:
-        v = ctx.vec(text, el, "direction")
+        v = ctx.vec(text, el, "direction", base_env)
         return {"mode": "constant", "vector": [v[1], v[0]]}
     if len(cell_syms) != 1 or next(iter(cell_syms)) not in ("cell.center.x", "cell.center.y"):
         raise _err(ctx.path, f"{_xml_path(el)}: DirectedMotion direction {text!r} depends on "
@@ -234,9 +236,9 @@ def _direction(ctx: _Ctx, el, size_xy):
     L = float(size_xy[axis_xyz])
 
     def f(p):
-        env = dict(ctx.env)
-        env[sym] = p
-        return ctx.vec(text, el, "direction", env)
+        e = dict(base_env)
+        e[sym] = p
+        return ctx.vec(text, el, "direction", e)
 
     grid = (np.arange(int(L * 8)) + 0.5) / 8.0
     vals = np.array([f(p) for p in grid])
@@ -584,19 +586,24 @@ def parse_model(path, *, seed: int | None = None) -> ParsedModel:
     hapto = {}      # field symbol -> mu array
     dm_strength, dm_dir, has_dm = np.zeros(nt), [None] * nt, False
     for t, ct in ([(0, medium_el)] if medium_el is not None else []) + [(i + 1, c) for i, c in enumerate(bio)]:
+        # constant cell properties feed this type's expressions (nothing imported can change them)
+        tenv = dict(ctx.env)
+        for c in _children(ct):
+            if c.tag in ("Property", "Constant"):
+                tenv[c.get("symbol")] = ctx.num(c.get("value"), c, "value", tenv)
         for c in _children(ct):
             if c.tag == "VolumeConstraint":
                 if t == 0:
                     raise _err(path, f"<{_xml_path(c)}>: a VolumeConstraint on the medium is not supported")
-                lam[t] = ctx.num(c.get("strength"), c, "strength")
-                tgt[t] = ctx.num(c.get("target"), c, "target")
+                lam[t] = ctx.num(c.get("strength"), c, "strength", tenv)
+                tgt[t] = ctx.num(c.get("target"), c, "target", tenv)
                 has_volume = True
             elif c.tag == "Haptotaxis":
                 sym = c.get("attractant")
                 if sym not in fields_el:
                     raise _err(path, f"<{_xml_path(c)}>: attractant {sym!r} is not a Global/Field (only field "
                                      "attractants can be imported)")
-                s = ctx.num(c.get("strength"), c, "strength")
+                s = ctx.num(c.get("strength"), c, "strength", tenv)
                 mu = hapto.setdefault(sym, np.zeros(nt))
                 if t == 0:
                     mu[1:] += s       # medium term folded into the biological types (+ a constant)
@@ -608,10 +615,10 @@ def parse_model(path, *, seed: int | None = None) -> ParsedModel:
                 for flag in ("protrusion", "retraction"):
                     if c.get(flag, "true").strip().lower() != "true":
                         raise _err(path, f"<{_xml_path(c)}>: {flag}='{c.get(flag)}' is not supported")
-                dm_strength[t] = ctx.num(c.get("strength"), c, "strength")
-                dm_dir[t] = _direction(ctx, c, (W, H))
+                dm_strength[t] = ctx.num(c.get("strength"), c, "strength", tenv)
+                dm_dir[t] = _direction(ctx, c, (W, H), tenv)
                 has_dm = True
-            elif c.tag == "Annotation":
+            elif c.tag in ("Annotation", "Property", "Constant"):
                 continue
             else:
                 raise _err(path, f"unsupported element <{_xml_path(c)}> (CellType {ct.get('name')!r})")
@@ -708,9 +715,9 @@ def _populations(ctx, root, shape, tindex, path):
     if root.find("CellPopulations") is None:
         return None
     for c in _children(root.find("CellPopulations")):
-        if c.tag not in ("Population", "BoundaryValue", "Annotation"):
-            raise _err(path, f"unsupported element <{_xml_path(c)}>")
-        if c.tag == "BoundaryValue":
+        if c.tag in ("BoundaryValue", "BoundaryValues") and not len(c):
+            continue   # empty, as in Morpheus checkpoints; boundary values matter only off a torus
+        if c.tag not in ("Population", "Annotation"):
             raise _err(path, f"unsupported element <{_xml_path(c)}>")
     lay = _Layout(ctx, shape)
     # explicit ids first, so that generated ids do not collide with them (Morpheus would refuse a clash)

@@ -134,12 +134,17 @@ def continue_from_checkpoint(checkpoint: Path, out: Path, *, stop_time: float, s
     return out
 
 
-def _stale_error(phi, terms, state, order, periodic):
+def _stale_error(phi, terms, state, order, periodic, sample=None, seed=0, device=None):
+    """Relative RMSE of the fields' ΔH against the terms' exact ΔH over the boundary attempts of ``state``
+    (a random sample of ``sample`` attempts when given)."""
     from .export import boundary_attempts, neural_delta
     sites, new = boundary_attempts(state, order, periodic)
     if len(sites) == 0:
         return 0.0
-    D = neural_delta(terms, state, sites, new, periodic=periodic)
+    if sample is not None and len(sites) > sample:
+        pick = np.random.default_rng(seed).choice(len(sites), size=sample, replace=False)
+        sites, new = sites[pick], new[pick]
+    D = neural_delta(terms, state, sites, new, periodic=periodic, device=device)
     W = state.shape[1]
     t_old = state.types[state.ids.ravel()[sites]]
     t_new = state.types[new]
@@ -154,8 +159,13 @@ def _stale_error(phi, terms, state, order, periodic):
 
 def run_hook(bundle, morpheus, *, mcs: int, refresh: int, init=None, frame: int = 0, seed: int = 1,
              workdir=None, out=None, cells_per_type: int = 20, timeout: float | None = None,
-             log=print) -> HookResult:
-    """Run ``bundle`` in Morpheus for ``mcs`` MCS in chunks of ``refresh`` MCS (see the module docstring)."""
+             field_attempts: int | None = None, device=None, log=print) -> HookResult:
+    """Run ``bundle`` in Morpheus for ``mcs`` MCS in chunks of ``refresh`` MCS (see the module docstring).
+
+    ``field_attempts`` bounds the network evaluations per refresh (see
+    :func:`morpheus_xml.export.neural_potential_fields`); the stale-field error is then measured on a random
+    sample of 200 attempts.
+    """
     from neuralcpm_plugin.bundle import ModelBundle, load_bundle
     if mcs < 1 or refresh < 1:
         raise ExportError(f"--mcs and --refresh must be >= 1, got {mcs} and {refresh}")
@@ -181,6 +191,10 @@ def run_hook(bundle, morpheus, *, mcs: int, refresh: int, init=None, frame: int 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     neural = ham.neural_terms()
+    if device is not None:
+        for term in neural:
+            term.to(device)
+    sample = 200 if field_attempts else None
     res = HookResult([state], [0], workdir=workdir)
     t = 0
     phi = None
@@ -193,8 +207,10 @@ def run_hook(bundle, morpheus, *, mcs: int, refresh: int, init=None, frame: int 
         model = cdir / "model.xml"
         if neural:
             if phi is not None:
-                res.stale_rel_rmse.append(_stale_error(phi, neural, state, lat.copy_order, lat.periodic))
-            phi, stats = neural_potential_fields(neural, state, n_types, order=lat.copy_order, periodic=lat.periodic)
+                res.stale_rel_rmse.append(_stale_error(phi, neural, state, lat.copy_order, lat.periodic, sample,
+                                                       seed + k, device))
+            phi, stats = neural_potential_fields(neural, state, n_types, order=lat.copy_order, periodic=lat.periodic,
+                                                 max_attempts=field_attempts, seed=seed + k, device=device)
             res.fresh_rel_rmse.append(stats["rel_rmse"])
         if checkpoint is None:
             root = build_xml(ham, state, mcs=step, seed=seed, record_every=step, save_interval=step,
@@ -223,7 +239,8 @@ def run_hook(bundle, morpheus, *, mcs: int, refresh: int, init=None, frame: int 
             msg += f", stale-field error of the previous chunk {res.stale_rel_rmse[-1]:.4g}"
         log(msg)
     if neural:
-        res.stale_rel_rmse.append(_stale_error(phi, neural, state, lat.copy_order, lat.periodic))
+        res.stale_rel_rmse.append(_stale_error(phi, neural, state, lat.copy_order, lat.periodic, sample, seed + k,
+                                               device))
     if out is not None:
         from neuralcpm_plugin.io import save_npz
         n = max(s.n_ids for s in res.states)
@@ -255,13 +272,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="morpheus_trajectory.npz", help="trajectory .npz (default %(default)s)")
     p.add_argument("--workdir", help="folder for the chunks' models and outputs (default <out>_chunks)")
     p.add_argument("--cells-per-type", type=int, default=20)
+    p.add_argument("--field-attempts", type=int, default=0,
+                   help="budget of network ΔH evaluations per refresh (0 = every boundary attempt)")
+    p.add_argument("--device", help="torch device for the network (e.g. cuda)")
     a = p.parse_args(argv)
     if not a.morpheus:
         print("error: no Morpheus executable: pass --morpheus PATH or set MORPHEUS_BIN", file=sys.stderr)
         return 2
     try:
         res = run_hook(a.bundle, a.morpheus, mcs=a.mcs, refresh=a.refresh, init=a.init, frame=a.frame, seed=a.seed,
-                       workdir=a.workdir, out=a.out, cells_per_type=a.cells_per_type)
+                       workdir=a.workdir, out=a.out, cells_per_type=a.cells_per_type,
+                       field_attempts=a.field_attempts or None, device=a.device)
     except NeuralCPMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -97,7 +97,7 @@ def _candidate_distribution(state, proposal, n_draws, seed=0):
     s = ExactSampler(state, None, seed=seed, terms=[], temperature=1.0, proposal=proposal)
     counts = {}
     for _ in range(n_draws):
-        done, pending, x, new, dh = K.sweep(s._ids, s._types, s._vol, s.pack.P, s._A, s._nb, s._nvalid, s._rng,
+        _done, pending, x, new, _dh = K.sweep(s._ids, s._types, s._vol, s.pack.P, s._A, s._nb, s._nvalid, s._rng,
                                             10**6, 1.0, 0 if proposal == "classic" else 1, True, s._bflag,
                                             s._blist, s._bpos, s._bcount, s.counters)
         assert pending == 1
@@ -109,7 +109,7 @@ def test_classic_proposal_is_uniform_over_ordered_unlike_pairs():
     """The first candidate of a classic sweep: target t, new id σ(s), uniform over ordered unlike (s, t)."""
     ids = np.array([[0, 0, 1, 1], [0, 2, 1, 1], [0, 2, 2, 0], [0, 0, 0, 0]], np.int32)
     state = CellState(ids, np.array([0, 1, 2]))
-    s, counts = _candidate_distribution(state, "classic", 30000)
+    _s, counts = _candidate_distribution(state, "classic", 30000)
     nb, _ = neighbour_table(state.shape, 2, True)
     flat = ids.ravel()
     expect = {}

@@ -21,8 +21,7 @@ from neuralcpm_plugin.lattice import CellState
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "morpheus"
 sys.path.insert(0, str(FIX))
-from morpheus_test_helpers import (ToyNeural, random_analytic_hamiltonian, random_attempts,  # noqa: E402
-                                   voronoi_state)
+from morpheus_test_helpers import ToyNeural, random_analytic_hamiltonian, random_attempts, voronoi_state
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 XSD = SHARED / "morpheus" / "morpheus-2.2.4-relaxed.xsd"
@@ -203,3 +202,20 @@ def test_export_refuses_what_morpheus_cannot_run():
         build_xml(big, st0)
     with pytest.raises(ExportError, match="shape"):
         build_xml(ham, voronoi_state((10, 12), 4, 2, rng))
+
+
+def test_neural_field_budget_uses_whole_sites_and_a_held_out_error_sample():
+    from morpheus_xml.export import boundary_attempts, neural_potential_fields
+    rng = np.random.default_rng(11)
+    shape = (14, 16)
+    toy = ToyNeural(2, shape, seed=2)
+    state = voronoi_state(shape, 7, 2, rng)
+    sites, _new = boundary_attempts(state, 2)
+    phi, stats = neural_potential_fields([toy], state, 2, max_attempts=60, holdout=80, seed=1)
+    assert stats["error_sample"] == "held-out" and stats["n_evaluated"] <= 60
+    assert stats["n_boundary_attempts"] == len(sites) and stats["n_attempts"] == 80
+    assert np.all(phi[0] == 0) and np.isfinite(stats["rel_rmse"])
+    _full, s_all = neural_potential_fields([toy], state, 2)
+    assert s_all["error_sample"] == "all boundary attempts" and s_all["n_evaluated"] == len(sites)
+    # more evaluations → a better fit at the initial state
+    assert s_all["rel_rmse"] <= stats["rel_rmse"] + 1e-12

@@ -28,7 +28,7 @@ from neuralcpm_plugin.hamiltonian.base import Hamiltonian, LatticeSpec
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "morpheus"
 sys.path.insert(0, str(FIX))
-from morpheus_test_helpers import ToyNeural, voronoi_state  # noqa: E402
+from morpheus_test_helpers import ToyNeural, voronoi_state
 
 
 def _fake(tmp_path) -> Path:

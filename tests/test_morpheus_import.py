@@ -23,7 +23,7 @@ P1 = sorted((FIX / "P1").glob("P1_run_*.xml"))
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 XSD = SHARED / "morpheus" / "morpheus-2.2.4-relaxed.xsd"
 sys.path.insert(0, str(FIX))
-from morpheus_test_helpers import random_attempts, voronoi_state  # noqa: E402
+from morpheus_test_helpers import random_attempts, voronoi_state
 
 # shared/reference-data/README.md, scenario P1 (J per unordered Moore pair)
 P1_J = np.array([[0.0, 0.625, 0.25], [0.625, 0.25, 1.125], [0.25, 1.125, 0.25]])
@@ -136,8 +136,8 @@ _MODEL = """<?xml version='1.0' encoding='UTF-8'?>
 </MorpheusModel>
 """
 
-CELLS = ('<Cell id="3"><Nodes>1, 1, 0;2, 1, 0;2, 2, 0</Nodes></Cell>'
-         '<Cell id="7"><Nodes>29, 5, 0;30, 5, 0;-1, 6, 0</Nodes></Cell>', '<Cell id="4"><Nodes>10, 10, 0</Nodes></Cell>')
+CELLS = (('<Cell id="3"><Nodes>1, 1, 0;2, 1, 0;2, 2, 0</Nodes></Cell>'
+         '<Cell id="7"><Nodes>29, 5, 0;30, 5, 0;-1, 6, 0</Nodes></Cell>'), '<Cell id="4"><Nodes>10, 10, 0</Nodes></Cell>')
 
 
 def _model(tmp_path, name="m.xml", glob="", ctA="", surface=None, popA=CELLS[0], popB=CELLS[1]):
@@ -312,3 +312,16 @@ def test_package_sampler_under_bipolar_model_produces_bipolar_organisation():
         r = np.hypot((w * np.cos(ang)).sum(), (w * np.sin(ang)).sum())
         spread[t] = 1 - r
     assert spread[1] < spread[2]
+
+
+def test_cell_type_properties_feed_expressions_and_checkpoint_boundary_values_are_accepted(tmp_path):
+    ctA = ('<Property symbol="s" value="0.25"/><DirectedMotion strength="2*s" direction="1, 0, 0"/>')
+    p = _model(tmp_path, ctA=ctA)
+    text = p.read_text().replace("</CellPopulations>", "<BoundaryValues/></CellPopulations>")
+    p.write_text(text)
+    dm = load_model(p).hamiltonian.term("directed_motion").spec()["params"]
+    assert dm["strength"] == [0.0, 0.5, 0.0]
+    assert dm["direction"][1] == {"mode": "constant", "vector": [0.0, 1.0]}
+    bad = _model(tmp_path, name="b.xml", ctA='<DirectedMotion strength="cell.volume" direction="1, 0, 0"/>')
+    with pytest.raises(ModelImportError, match="cell.volume"):
+        load_model(bad)

@@ -17,7 +17,7 @@ from neuralcpm_plugin.errors import DataError
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "morpheus"
 sys.path.insert(0, str(FIX))
-from morpheus_test_helpers import random_analytic_hamiltonian, voronoi_state  # noqa: E402
+from morpheus_test_helpers import random_analytic_hamiltonian, voronoi_state
 
 
 def _write_morpheus_tiff(path, frames, medium_id=7):

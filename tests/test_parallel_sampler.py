@@ -247,3 +247,45 @@ def test_cuda_step():
     assert st["attempts"] > 0
     _check_invariants(batch, 5)
     assert torch.equal(smp._mask, smp.boundary_mask(batch))
+
+
+@pytest.mark.parametrize("n_true,N", [(400, 4000), (30, 60)])   # rejection path, exact top-k path
+def test_draw_sites_uniform_without_replacement(n_true, N):
+    from neuralcpm_plugin.sampling.parallel import _draw_sites
+    B, P = 2000, 20
+    g = torch.Generator().manual_seed(0)
+    rows = torch.rand((1, N), generator=g).argsort(1)[0, :n_true]
+    mask = torch.zeros((B, N), dtype=torch.bool)
+    mask[:, rows] = True
+    sites, valid = _draw_sites(mask, P, g)
+    assert bool(valid.all()) and bool(mask.gather(1, sites).all())
+    srt = sites.sort(1).values
+    assert bool((srt[:, 1:] != srt[:, :-1]).all())                     # distinct within a chain
+    counts = torch.bincount(sites.flatten(), minlength=N)[rows].double()
+    expect = B * P / n_true
+    chi2 = float(((counts - expect) ** 2 / expect).sum())
+    dof = n_true - 1
+    assert abs(chi2 - dof) < 5 * math.sqrt(2 * dof)
+
+
+def test_numba_threads_match_serial():
+    """Threaded chains give the same result as serial ones (per-chain random streams). Run in a subprocess:
+    an OpenMP pool left behind in the test process would slow later torch work."""
+    import subprocess
+    import sys
+    code = """
+import torch, sys
+sys.path.insert(0, {here!r})
+from test_parallel_sampler import _torus_state, _ham
+from neuralcpm_plugin.hamiltonian.base import Batch
+from neuralcpm_plugin.sampling.parallel import ParallelSampler
+s = _torus_state(); ham = _ham(s.shape); out = []
+for threads in (False, True):
+    batch = Batch.from_states([s] * 3)
+    ParallelSampler(ham, 6, backend="numba", threads=threads).sweep(batch, 2.0, torch.Generator().manual_seed(4))
+    out.append(batch.ids.clone())
+print("SAME" if torch.equal(out[0], out[1]) else "DIFFERENT")
+""".format(here=str(__import__("pathlib").Path(__file__).parent))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().endswith("SAME")

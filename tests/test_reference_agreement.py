@@ -21,8 +21,8 @@ from neuralcpm_plugin.sampling.exact import ExactSampler
 FIX = Path(__file__).resolve().parent / "fixtures" / "reference"
 
 PARAMS = {  # shared/reference-data/README.md
-    "P1_morpheus": dict(J10=0.625, J20=0.25, J11=0.25, J22=0.25, J12=1.125, lam=0.5, target=100.0),
-    "P2_cc3d": dict(J10=2.0, J20=2.0, J11=1.0, J22=1.0, J12=1.6, lam=0.8, target=90.0),
+    "P1_morpheus": {"J10": 0.625, "J20": 0.25, "J11": 0.25, "J22": 0.25, "J12": 1.125, "lam": 0.5, "target": 100.0},
+    "P2_cc3d": {"J10": 2.0, "J20": 2.0, "J11": 1.0, "J22": 1.0, "J12": 1.6, "lam": 0.8, "target": 90.0},
 }
 CHECK_MCS = (100, 500, 1000)
 RUNS_PER_START = 2

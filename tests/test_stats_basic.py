@@ -38,8 +38,8 @@ def test_pair_counts_two_touching_squares():
     pc = pair_counts(s)
     # shared edge between rows 2 and 3, columns 1-2: 2 vertical + 2 diagonal pairs
     assert pc[(1, 2)] == 4
-    # a 2x2 square has 12 order-1 boundary pairs... in Moore: each square touches 20 outside sites' pairs;
-    # square 1: Moore pairs to outside = 4*8 - 12 (internal ordered) ... counted by hand below
+    # each site of a 2x2 square has 8 Moore neighbours, 3 inside the square: 4 * 5 = 20 outside pairs per
+    # square, 4 of which go to the other square
     assert pc[(0, 1)] == 20 - 4 and pc[(0, 2)] == 20 - 4
     assert pc[(1, 1)] == 0 and pc[(2, 2)] == 0
     assert (0, 0) not in pc

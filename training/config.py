@@ -22,7 +22,7 @@ top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), `
     (``max_iter``, ``tolerance``), stochastic Adam for neural ones (``steps``, ``lr``, ``sites_per_state``,
     ``states_per_step``).
 ``[pcd]`` : persistent contrastive divergence (paper §3.2, App. Table 7): ``batch``, ``iterations``, ``mcs``,
-    ``flips``, ``reset_prob``, ``alpha``, ``ema``, ``lr``, ``checkpoint_every``, ``plot_every``, divergence
+    ``flips``, ``reset_prob``, ``alpha``, ``ema``, ``lr``, ``checkpoint_every``, ``plot_every`` (0 = no plots), divergence
     guard ``energy_limit`` / ``lr_decay`` / ``max_rollbacks``, ``sampler`` ("parallel" = the paper's parallel
     sampler; "exact" = the classic sequential sampler of CC3D/Morpheus).
 ``[export]`` : ``cc3d`` / ``morpheus`` (bool: write the exports after training).

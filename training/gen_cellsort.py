@@ -156,6 +156,7 @@ def generate_cellsort(scenario: str = "a", scale: str = "cpu", n_snapshots: int 
                 bar.update(1)
     else:
         import torch
+
         from neuralcpm_plugin.hamiltonian.base import Batch
         from neuralcpm_plugin.sampling.parallel import ParallelSampler
         ps = ParallelSampler(ham, n_flips=int(n_flips))
@@ -173,7 +174,7 @@ def generate_cellsort(scenario: str = "a", scale: str = "cpu", n_snapshots: int 
     if bar is not None:
         bar.close()
     for s, st in zip(seeds, finals):
-        st.meta["mcs"] = int(round(total))
+        st.meta["mcs"] = round(total)
         st.meta["seed"] = s
     if report is not None:
         report.update({"checkpoints": checkpoints, "sorting_index": np.nanmean(si, 0).tolist(),

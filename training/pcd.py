@@ -430,7 +430,7 @@ class PCDTrainer:
                 csvf[0].close()
             for s, h in old.items():
                 signal.signal(s, h)
-        if status == "finished":
+        if status == "finished" and plot_every:
             self.plot()
         return {"status": status, "iteration": self.iteration, "rollbacks": self.rollbacks,
                 "seconds": time.perf_counter() - t0,

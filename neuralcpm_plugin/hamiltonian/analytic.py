@@ -488,8 +488,15 @@ class DirectedMotion(Term):
     flat (row-major) index; every site's coordinate is unwrapped to its image nearest r along each periodic
     axis (``x − L·round((x − r)/L)``, ties rounded half to even); C is the mean of those images, and the
     copied site x enters the formula through its image nearest r. For cells spanning less than half the
-    lattice along each axis this is the ordinary (unwrapped) centre of mass, which is what Morpheus tracks.
-    Non-periodic lattices use plain coordinates.
+    lattice along each axis this is the ordinary (unwrapped) centre of mass, so C_after − C_before is exactly
+    Morpheus's. Non-periodic lattices use plain coordinates.
+
+    Difference from Morpheus, for the band rule only: Morpheus stores each node at its source's stored position
+    plus the copy offset, unresolved (``CPM::Update::set``), so a cell's centre is continuous in time and may
+    leave [0, L) after the cell crosses the wrap; its band expression sees that unwrapped value. A snapshot
+    carries no such history, so here the centre is wrapped into [0, L) first. The two agree unless a cell's
+    centre has crossed the wrap (e.g. a type-1 cell sitting exactly on the x-wrap is pushed towards the band
+    from the other side).
 
     ``energy()`` raises :class:`NotImplementedError`: a Hamiltonian that contains this term has no energy,
     only ΔH (it can be sampled, not trained by contrastive divergence on H).

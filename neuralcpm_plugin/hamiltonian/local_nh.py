@@ -121,43 +121,66 @@ class LocalNHNumpy:
         return (self.k * self.s - 1) // 2
 
     # --- core: per-crop energy terms ------------------------------------------------------------
-    def _terms(self, lab, tcrop, nc, valid: bool):
-        """Σ of e(g) over the output points of one or more crops.
+    def _out_geometry(self, Pr, Pc, valid: bool):
+        """(patch indices [NO, k*k] read by each output's k×k conv, output patch indices [NO])."""
+        key = ("out", Pr, Pc, valid)
+        g = self._geom.get(key)
+        if g is None:
+            r = self.r
+            if valid:
+                orow, ocol = np.arange(r, Pr - r), np.arange(r, Pc - r)
+            else:
+                orow, ocol = np.arange(Pr), np.arange(Pc)
+            ri = (orow[:, None] + np.arange(-r, r + 1)[None]) % Pr  # [Po, k]
+            ci = (ocol[:, None] + np.arange(-r, r + 1)[None]) % Pc
+            gidx = (ri[:, None, :, None] * Pc + ci[None, :, None, :]).reshape(len(orow) * len(ocol), -1)
+            op = (orow[:, None] * Pc + ocol[None, :]).ravel()
+            g = (gidx, op)
+            self._geom[key] = g
+        return g
 
-        lab : int [M, Sr, Sc] local cell labels 0..nc-1 per site; tcrop : int [M, Sr, Sc] site types.
-        valid=True: the outputs are the interior patches (valid k×k conv); False: all patches, circular.
-        Returns [M] float64.
+    def _terms(self, lp, tp, nc: int, Pr: int, Pc: int, valid: bool):
+        """Σ of e(g) over the output patches of one or more crops.
+
+        lp : int [M, NP, s*s] local cell labels 0..nc-1 of the sites of each patch (patch-major order);
+        tp : int [M, NP, s*s] their types.  valid=True: the outputs are the interior patches (valid k×k
+        conv); False: all patches, circular.  Returns [M] float64 (without ``scale``).
+        The ghost (empty mask) is evaluated as an extra cell, column ``nc``.
         """
-        s, C, r, k = self.s, self.C, self.r, self.k
-        M, Sr, Sc = lab.shape
-        Pr, Pc = Sr // s, Sc // s
-        NP = Pr * Pc
-        lp = lab.reshape(M, Pr, s, Pc, s).transpose(0, 1, 3, 2, 4).reshape(M, NP, s * s)
-        tp = tcrop.reshape(M, Pr, s, Pc, s).transpose(0, 1, 3, 2, 4).reshape(M, NP, s * s)
-        tpart = self.Et[self._pos, tp].sum(-2) + self.b  # [M, NP, C]
+        M, NP, _ = lp.shape
+        C = self.C
+        gidx, op = self._out_geometry(Pr, Pc, valid)
+        silu = _silu_np
+        tpart = self.Et[self._pos, tp].sum(-2)
+        tpart += self.b  # [M, NP, C]
         oh = lp[..., None] == np.arange(nc)  # [M, NP, s*s, nc]
         inp = oh.any(2)  # [M, NP, nc]
-        mpart = np.swapaxes(oh, 2, 3).astype(np.float64) @ self.Em  # [M, NP, nc, C]
-        u = _silu_np(mpart + tpart[:, :, None])
-        ug = _silu_np(tpart)
-        psi = _silu_np(_silu_np(u @ self.W1 + self.b1) @ self.W2 + self.b2)
-        psig = _silu_np(_silu_np(ug @ self.W1 + self.b1) @ self.W2 + self.b2)
-        A = (inp[..., None] * (psi - psig[:, :, None])).sum(2).reshape(M, Pr, Pc, C)
-        if valid:
-            orow, ocol = np.arange(r, Pr - r), np.arange(r, Pc - r)
-        else:
-            orow, ocol = np.arange(Pr), np.arange(Pc)
-        ri = (orow[:, None] + np.arange(-r, r + 1)[None]) % Pr
-        ci = (ocol[:, None] + np.arange(-r, r + 1)[None]) % Pc
-        cols = A[:, ri[:, None, :, None], ci[None, :, None, :]]  # [M, Po, Qo, k, k, C]
-        NO = len(orow) * len(ocol)
-        CA = cols.reshape(M, NO, k * k * C) @ self.WA + self.bA  # [M, NO, C]
-        op = (orow[:, None] * Pc + ocol[None, :]).ravel()
-        v = _silu_np(_silu_np(u[:, op] @ self.Wu + CA[:, :, None]) @ self.W3 + self.b3)  # [M, NO, nc, C]
-        vg = _silu_np(_silu_np(ug[:, op] @ self.Wu + CA) @ self.W3 + self.b3)  # [M, NO, C]
-        rho = v @ self.Wo + self.bo
-        rhog = vg @ self.Wo + self.bo
-        return (inp[:, op] * (rho - rhog[..., None])).sum((1, 2))
+        pre = np.empty((M, NP, nc + 1, C))
+        np.matmul(np.swapaxes(oh, 2, 3).astype(np.float64), self.Em, out=pre[:, :, :nc])
+        pre[:, :, nc] = 0.0
+        pre += tpart[:, :, None]
+        u = silu(pre)  # [M, NP, nc+1, C]; column nc = ghost
+        psi = silu(silu(u @ self.W1 + self.b1) @ self.W2 + self.b2)
+        A = (inp[..., None] * (psi[:, :, :nc] - psi[:, :, nc:])).sum(2)  # [M, NP, C]
+        CA = A[:, gidx].reshape(M, len(op), -1) @ self.WA
+        CA += self.bA  # [M, NO, C]
+        h = u[:, op] @ self.Wu
+        h += CA[:, :, None]
+        v = silu(silu(h) @ self.W3 + self.b3)  # [M, NO, nc+1, C]
+        rho = v @ self.Wo  # the read-out bias cancels in ρ_c − ρ_∅
+        return (inp[:, op] * (rho[..., :nc] - rho[..., nc:])).sum((1, 2))
+
+    def _patch_order(self, Sr, Sc):
+        """Flat indices that reorder an (Sr, Sc) crop into patch-major order [NP, s*s]."""
+        key = ("po", Sr, Sc)
+        g = self._geom.get(key)
+        if g is None:
+            s = self.s
+            rr, cc = np.arange(Sr), np.arange(Sc)
+            idx = (rr[:, None] * Sc + cc[None]).reshape(Sr // s, s, Sc // s, s).transpose(0, 2, 1, 3)
+            g = idx.reshape((Sr // s) * (Sc // s), s * s)
+            self._geom[key] = g
+        return g
 
     # --- public API -------------------------------------------------------------------------------
     def energy(self, ids, types) -> float:
@@ -168,10 +191,13 @@ class LocalNHNumpy:
         Gh, Gw = ids.shape[0] // s, ids.shape[1] // s
         seen = ids[: Gh * s, : Gw * s]
         cells, lab = np.unique(seen, return_inverse=True)
-        lab = lab.reshape(seen.shape)
-        return self.scale * float(self._terms(lab[None], types[seen][None], len(cells), valid=False)[0])
+        po = self._patch_order(Gh * s, Gw * s)
+        lab = lab.reshape(-1)[po]
+        t = types[seen].reshape(-1)[po]
+        return self.scale * float(self._terms(lab[None], t[None], len(cells), Gh, Gw, valid=False)[0])
 
     def _crop_index(self, shape, site):
+        """Flat lattice indices of the crop around ``site`` in patch-major order, and the site's position."""
         s, r = self.s, self.r
         Gh, Gw = shape[0] // s, shape[1] // s
         i, j = int(site[0]), int(site[1])
@@ -182,15 +208,18 @@ class LocalNHNumpy:
             d = np.arange(-2 * r, 2 * r + 1)
             rows = (((gi + d) % Gh)[:, None] * s + np.arange(s)).ravel()
             cols = (((gj + d) % Gw)[:, None] * s + np.arange(s)).ravel()
-            g = (rows, cols)
-            if len(self._geom) > 100000:
+            flat = rows[:, None] * shape[1] + cols[None, :]
+            g = flat.reshape(-1)[self._patch_order(len(rows), len(cols))]
+            if len(self._geom) > 200000:
                 self._geom.clear()
             self._geom[key] = g
-        return g, 2 * r * s + i - gi * s, 2 * r * s + j - gj * s
+        n = 4 * r + 1  # crop side in patches
+        centre = (n * n) // 2  # the centre patch of the crop
+        return g, centre * s * s + (i - gi * s) * s + (j - gj * s)
 
     def delta(self, ids, types, site, new_id) -> float:
         """ΔH (float, scale included) of copying cell ``new_id`` into ``site`` = (row, col)."""
-        s, r = self.s, self.r
+        s = self.s
         H, W = ids.shape
         i, j = int(site[0]), int(site[1])
         old = ids[i, j]
@@ -203,14 +232,16 @@ class LocalNHNumpy:
             after = np.array(ids, copy=True)
             after[i, j] = new_id
             return self.energy(after, types) - self.energy(ids, types)
-        (rows, cols), ci, cj = self._crop_index((H, W), (i, j))
-        crop = ids[rows[:, None], cols[None, :]]
+        idx, c = self._crop_index((H, W), (i, j))
+        crop = ids.reshape(-1)[idx]  # [NP, s*s]
         cells, lab = np.unique(np.append(crop.ravel(), new_id), return_inverse=True)
-        lab = lab[:-1].reshape(crop.shape)
-        lab2 = np.stack([lab, lab])
-        lab2[1, ci, cj] = np.searchsorted(cells, new_id)
+        lab2 = np.empty((2,) + crop.shape, dtype=lab.dtype)
+        lab2[0] = lab[:-1].reshape(crop.shape)
+        lab2[1] = lab2[0]
+        lab2[1].flat[c] = lab[-1]
         t = np.asarray(types)[cells][lab2]
-        e = self._terms(lab2, t, len(cells), valid=True)
+        n = 2 * self.k - 1
+        e = self._terms(lab2, t, len(cells), n, n, valid=True)
         return self.scale * float(e[1] - e[0])
 
 

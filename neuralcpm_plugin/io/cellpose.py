@@ -17,6 +17,7 @@ import codecs
 import io
 import pickle
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,9 @@ _PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, Index
 def safe_unpickle(data: bytes, *, path=None):
     """Unpickle ``data`` with :class:`RestrictedUnpickler`; corrupt streams raise :class:`DataError`."""
     try:
-        return RestrictedUnpickler(io.BytesIO(data), path=path).load()
+        with warnings.catch_warnings():  # numpy warns about odd dtype arguments in corrupt streams
+            warnings.simplefilter("ignore")
+            return RestrictedUnpickler(io.BytesIO(data), path=path).load()
     except DataError:
         raise
     except MemoryError:

@@ -1,7 +1,9 @@
 """Integer label images in TIFF (tifffile) plus a cell-type map.
 
 * A 2-D image ``(H, W)`` is one frame; a 3-D stack ``(frames, H, W)`` is a time series of one lattice.
-  With ``ndim=3`` (3-D lattices) a ``(D, H, W)`` image is one frame and ``(frames, D, H, W)`` a series.
+  With ``ndim=3`` (3-D lattices) a ``(D, H, W)`` image is one frame and ``(frames, D, H, W)`` a series
+  (the frame/slice split comes from tifffile's shape metadata or ImageJ's frames/slices; without it all
+  pages form one 3-D frame).
 * Pixel values are cell ids (0 = medium), any integer dtype; integral float images are accepted.
   Interleaved colour images (RGB, axes ``YXS``) are refused; planar samples (``SYX``, which tifffile writes
   for a plain ``(3, H, W)`` stack unless ``photometric="minisblack"``) are read as frames.
@@ -30,9 +32,12 @@ __all__ = ["read_tiff", "save_tiff"]
 MAX_SITES = 2 ** 30
 """Largest number of pixels (all frames) a TIFF may declare; larger images are refused before reading."""
 
-# what tifffile raises on corrupt or unsupported files besides TiffFileError (found by fuzzing)
-_TIFF_ERRORS = (ValueError, struct.error, IndexError, KeyError, OverflowError, EOFError, NotImplementedError,
-                zlib.error)
+# what tifffile raises on corrupt or unsupported files besides TiffFileError (found by fuzzing): ValueError,
+# struct.error, IndexError, KeyError for bad tag values/offsets, TypeError for a tag with an unexpected count
+# (e.g. a tuple where tifffile expects one number), zlib.error / EOFError for corrupt compressed strips,
+# NotImplementedError for unsupported compressions, OverflowError for absurd sizes
+_TIFF_ERRORS = (ValueError, struct.error, IndexError, KeyError, TypeError, OverflowError, EOFError,
+                NotImplementedError, zlib.error)
 
 
 def read_tiff(path, *, types=None, n_types: int | None = None, ndim: int = 2) -> list[CellState]:
@@ -54,16 +59,26 @@ def read_tiff(path, *, types=None, n_types: int | None = None, ndim: int = 2) ->
     shape = None
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series
-            if not series:
+            # page by page (not tif.series: its generic series detection can loop forever on corrupt files)
+            pages = tif.pages
+            n = len(pages)
+            if n == 0:
                 raise DataError("the TIFF file holds no image", path=path)
-            if len(series) > 1:
-                shapes = ", ".join(str(tuple(s.shape)) for s in series[:4])
-                raise DataError(f"the TIFF file holds {len(series)} image series of different shapes ({shapes}); "
-                                "write the frames as one stack of equal-sized pages", path=path)
-            s = series[0]
-            shape, dtype, axes = tuple(s.shape), np.dtype(s.dtype), s.axes
-            if axes.endswith("S") and shape[-1] > 1:
+            first = pages[0]
+            pshape, axes = tuple(first.shape), first.axes
+            if first.dtype is None:
+                raise DataError("unsupported pixel format (sample format / bits per sample)", path=path)
+            dtype = np.dtype(first.dtype)
+            if not pshape or 0 in pshape:
+                raise DataError(f"empty image of shape {pshape}", path=path)
+            for i in range(1, n):
+                pg = pages[i]
+                if tuple(pg.shape) != pshape or pg.dtype != first.dtype:
+                    raise DataError(f"page {i} has shape {tuple(pg.shape)} and pixel type {pg.dtype} but page 0 has "
+                                    f"{pshape} and {dtype}; a label stack needs pages of one size and type",
+                                    path=path)
+            shape = (n, *pshape) if n > 1 else pshape
+            if axes.endswith("S") and pshape[-1] > 1:
                 raise DataError(f"a colour (RGB) image of shape {shape} (axes {axes}); a label image has one integer "
                                 "channel of cell ids", path=path)
             # planar samples (axes "SYX") are read as an ordinary leading axis: tifffile stores a plain
@@ -73,7 +88,9 @@ def read_tiff(path, *, types=None, n_types: int | None = None, ndim: int = 2) ->
             if int(np.prod(shape, dtype=np.float64)) > MAX_SITES:
                 raise DataError(f"the image of shape {shape} is larger than the limit of {MAX_SITES} pixels",
                                 path=path)
-            arr = s.asarray()
+            arr = np.stack([pages[i].asarray() for i in range(n)]) if n > 1 else first.asarray()
+            if len(pshape) == 2:
+                arr = _metadata_shape(tif, arr)
     except DataError:
         raise
     except FileNotFoundError:
@@ -98,6 +115,25 @@ def read_tiff(path, *, types=None, n_types: int | None = None, ndim: int = 2) ->
     if min(arr.shape) == 0:
         raise DataError(f"empty image of shape {tuple(arr.shape)}", path=path)
     return states_from_labels(arr, types, path=path, n_types=n_types, meta={"format": "tiff"})
+
+
+def _metadata_shape(tif, arr: np.ndarray) -> np.ndarray:
+    """Pages ``(n, H, W)`` (or one page) → the array shape recorded in tifffile's or ImageJ's metadata, when consistent.
+
+    tifffile writes one 2-D page per image plus the full shape as JSON; ImageJ hyperstacks record
+    frames/slices/channels. Without (consistent) metadata the pages are returned as they are.
+    """
+    shaped = tif.shaped_metadata
+    if shaped and len(shaped) == 1 and isinstance(shaped[0], dict):
+        want = tuple(int(x) for x in shaped[0].get("shape", ()))
+        if len(want) >= 2 and int(np.prod(want)) == arr.size:
+            return arr.reshape(want)
+    ij = tif.imagej_metadata
+    if ij and arr.ndim == 3:
+        tzc = tuple(int(ij.get(k, 1) or 1) for k in ("frames", "slices", "channels"))
+        if min(tzc) >= 1 and int(np.prod(tzc)) == arr.shape[0]:
+            return arr.reshape(*tzc, *arr.shape[1:])
+    return arr
 
 
 def save_tiff(path, states, *, type_map_path=None) -> tuple[Path, Path]:

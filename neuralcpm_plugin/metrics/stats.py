@@ -28,8 +28,17 @@ from numba import njit
 
 from ..lattice import CellState, _shift, half_offsets
 
-__all__ = ["pair_counts", "fragmented_fraction", "fragmented_cells", "component_counts", "mean_volume",
-           "n_cells", "sorting_index", "summary_stats", "summary_keys"]
+__all__ = [
+    "component_counts",
+    "fragmented_cells",
+    "fragmented_fraction",
+    "mean_volume",
+    "n_cells",
+    "pair_counts",
+    "sorting_index",
+    "summary_keys",
+    "summary_stats",
+]
 
 
 def _state(state) -> CellState:
@@ -118,7 +127,7 @@ def fragmented_cells(state, periodic: bool = True) -> np.ndarray:
 
 def n_cells(state) -> int:
     """Number of distinct non-zero ids on the lattice."""
-    return int(len(_state(state).cell_ids()))
+    return len(_state(state).cell_ids())
 
 
 def fragmented_fraction(state, periodic: bool = True) -> float:

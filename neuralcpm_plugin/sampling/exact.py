@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..lattice import CellState, neighbour_offsets
 from . import _kernels as K
 
-__all__ = ["ExactSampler", "ExactResult", "run_exact", "compiled_delta", "ANALYTIC_KINDS"]
+__all__ = ["ANALYTIC_KINDS", "ExactResult", "ExactSampler", "compiled_delta", "run_exact"]
 
 ANALYTIC_KINDS = ("contact", "volume", "external", "directed_motion", "surface")
 _PROPOSALS = {"classic": 0, "boundary": 1}
@@ -147,7 +147,6 @@ def pack_params(terms, shape, periodic: bool, n_t1: int, contact_order_default: 
     """
     shape = tuple(int(s) for s in shape)
     nd = len(shape)
-    n = int(np.prod(shape))
     contact = []
     lam = np.zeros(n_t1)
     lamv = np.zeros(n_t1)
@@ -159,7 +158,7 @@ def pack_params(terms, shape, periodic: bool, n_t1: int, contact_order_default: 
     dm_vec = np.zeros((n_t1, nd))
     dm_band = np.zeros((n_t1, 3))
     dm_strength = np.zeros(n_t1)
-    has = dict(contact=False, volume=False, external=False, surface=False, dm=False)
+    has = {"contact": False, "volume": False, "external": False, "surface": False, "dm": False}
     kinds = []
     for spec, tensors in terms:
         kind = spec["kind"]
@@ -411,7 +410,7 @@ class ExactSampler:
 
     def step(self, mcs: float = 1.0) -> dict:
         """Advance by ``mcs`` Monte Carlo steps (``round(mcs · N)`` attempts); returns :meth:`stats`."""
-        n = int(round(float(mcs) * self.n_sites))
+        n = round(float(mcs) * self.n_sites)
         self.attempts(n)
         self.mcs_done += float(mcs)
         return self.stats()

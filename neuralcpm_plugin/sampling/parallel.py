@@ -255,9 +255,19 @@ class ParallelSampler:
         batch.volumes.scatter_add_(1, old, -acc_l)
         batch.volumes.scatter_add_(1, new, acc_l)
         ids.scatter_(1, sites, torch.where(acc, new, old))
-        # boundary flags can change only at the drawn sites and their neighbours
-        touched = torch.cat([sites, torch.where(nbr >= 0, nbr, sites[..., None]).view(B, -1)], 1)
-        mask.scatter_(1, touched, _boundary_of(ids, tab, touched))
+        # boundary flags can change only at the changed sites and their neighbours
+        bi, pi = acc.nonzero(as_tuple=True)
+        if bi.numel():
+            x = sites[bi, pi]
+            xn = nbr[bi, pi]
+            touched = torch.cat([x[:, None], torch.where(xn >= 0, xn, x[:, None])], 1)  # [M, K+1]
+            tn = _rows(tab, touched)  # [M, K+1, K]
+            flat = ids.reshape(-1)
+            base = (bi * N)[:, None]
+            own = flat[base + touched]
+            nb = flat[(base[..., None] + tn.clamp(min=0)).reshape(-1)].view(tn.shape)
+            flag = ((nb != own[..., None]) & (tn >= 0)).any(-1)
+            mask.view(-1)[(base + touched).reshape(-1)] = flag.reshape(-1)
         self._remember(batch, "torch")
         if self.record:
             self.last = {"sites": sites.clone(), "new_ids": new.clone(), "old_ids": old.clone(),
