@@ -31,7 +31,7 @@ def test_two_processes_hold_half_the_chains_each_and_match_one_process(tmp_path)
     cfg = tmp_path / "c.toml"
     cfg.write_text(to_toml(load_config(None, dict(over, out=str(two)))))
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "training.fit", "--config", str(cfg), "--no-progress"],
                        cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     if r.returncode != 0 and "gloo" in r.stderr.lower() and "unavailable" in r.stderr.lower():

@@ -13,11 +13,10 @@ argument or a sidecar ``<name>_seg.types.json`` / ``<name>.types.json`` (see :mo
 
 from __future__ import annotations
 
-import codecs
 import io
+import math
 import pickle
-import struct
-import warnings
+import re
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +28,6 @@ from .typemap import states_from_labels
 
 __all__ = ["RestrictedUnpickler", "read_cellpose", "safe_unpickle"]
 
-try:  # numpy >= 2
-    from numpy._core.multiarray import _reconstruct, scalar
-    from numpy._core.numeric import _frombuffer
-except ImportError:  # pragma: no cover - numpy 1.x
-    from numpy.core.multiarray import _reconstruct, scalar
-    from numpy.core.numeric import _frombuffer
-
 MAX_BYTES = 2 ** 32
 """Largest ``_seg.npy`` file the reader accepts (bytes)."""
 
@@ -43,33 +35,130 @@ _EXPORT_HINT = ("export the masks as a TIFF label image instead, e.g. "
                 "tifffile.imwrite('masks.tif', numpy.load(path, allow_pickle=True).item()['masks']) "
                 "on a file you trust")
 
+# Plain dtypes an array in a pickle may have (numpy's own pickle codes): bool, ints, floats, complex,
+# object (for the dict holder and lists of objects), fixed-length strings/bytes.
+_DTYPE_CODE = re.compile(r"^(b1|[iu][1248]|f[248]|c(8|16)|O8?|[US]\d{1,7})$")
+_MAX_DEPTH = 64
+
+
+class _Refused(pickle.UnpicklingError):
+    """A pickle stream asking for something the restricted unpickler does not build."""
+
+
+class _DtypeStub:
+    """Stands in for ``numpy.dtype(code, align, copy)`` + ``__setstate__``; builds only plain dtypes."""
+
+    def __init__(self, code="", align=False, copy=True, *rest):
+        if not isinstance(code, str) or not _DTYPE_CODE.match(code):
+            raise _Refused(f"refused dtype {code!r}")
+        self.code = code
+        self.order = "="
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) < 5 or any(x is not None for x in state[2:5]):
+            raise _Refused("refused a structured or sub-array dtype")
+        if state[1] in ("<", ">"):
+            self.order = state[1]
+
+    def build(self) -> np.dtype:
+        d = np.dtype(self.code)
+        if self.order in ("<", ">") and d.kind not in "bOS":
+            d = d.newbyteorder(self.order)
+        return d
+
+
+class _ArrayStub:
+    """Stands in for ``numpy.core.multiarray._reconstruct(ndarray, ...)`` + ``ndarray.__setstate__``."""
+
+    def __init__(self):
+        self.state = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+_NDARRAY = object()  # stands in for the class numpy.ndarray (only ever passed to _reconstruct)
+
+
+def _reconstruct_stub(cls, shape=None, code=None):
+    if cls is not _NDARRAY:
+        raise _Refused("refused an ndarray subclass")
+    return _ArrayStub()
+
+
+def _check_shape(shape) -> tuple[int, ...]:
+    if not isinstance(shape, tuple) or len(shape) > 32 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2 ** 40 for n in shape):
+        raise _Refused(f"bad array shape {shape!r}")
+    return shape
+
+
+def _from_bytes(raw, dtype: np.dtype, shape, fortran: bool) -> np.ndarray:
+    if not isinstance(raw, (bytes, bytearray)):
+        raise _Refused(f"array data must be bytes, got {type(raw).__name__}")
+    count = math.prod(shape)
+    if count * dtype.itemsize != len(raw):
+        raise _Refused(f"array data has {len(raw)} bytes, expected {count * dtype.itemsize} for shape {shape} "
+                       f"of {dtype}")
+    return np.frombuffer(bytes(raw), dtype=dtype).reshape(shape, order="F" if fortran else "C").copy(order="K")
+
+
+def _scalar_stub(dtype, raw=None):
+    if not isinstance(dtype, _DtypeStub):
+        raise _Refused("bad numpy scalar")
+    d = dtype.build()
+    if d.kind == "O":
+        return raw
+    return _from_bytes(raw, d, (), False)[()]
+
+
+def _frombuffer_stub(buf, dtype, shape, order="C"):
+    if not isinstance(dtype, _DtypeStub) or dtype.build().kind == "O":
+        raise _Refused("bad array buffer")
+    return _from_bytes(buf, dtype.build(), _check_shape(shape), order == "F")
+
 
 def _latin1_encode(obj, encoding="latin1", errors="strict"):
     """``_codecs.encode`` as used by protocol-2 pickles for ``bytes``; only the latin-1 codec."""
-    if codecs.lookup(encoding).name != "iso8859-1":
-        raise pickle.UnpicklingError(f"refused codec {encoding!r}")
-    return codecs.encode(obj, "latin1", errors)
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "iso8859-1") or errors != "strict":
+        raise _Refused(f"refused codec call encode({type(obj).__name__}, {encoding!r})")
+    return obj.encode("latin1")
+
+
+def _bytearray_stub(data=b"", encoding=None):
+    """``bytearray`` from bytes or a latin-1 string only (never ``bytearray(n)``, which allocates n bytes)."""
+    if isinstance(data, (bytes, bytearray)) and encoding is None:
+        return bytearray(data)
+    if isinstance(data, str) and encoding in ("latin1", "latin-1", "iso8859-1"):
+        return bytearray(data.encode("latin1"))
+    raise _Refused("refused a bytearray call")
 
 
 _SAFE_GLOBALS = {}
 for _mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
-    _SAFE_GLOBALS[(_mod, "_reconstruct")] = _reconstruct
-    _SAFE_GLOBALS[(_mod, "scalar")] = scalar
+    _SAFE_GLOBALS[(_mod, "_reconstruct")] = _reconstruct_stub
+    _SAFE_GLOBALS[(_mod, "scalar")] = _scalar_stub
 for _mod in ("numpy._core.numeric", "numpy.core.numeric"):
-    _SAFE_GLOBALS[(_mod, "_frombuffer")] = _frombuffer
-_SAFE_GLOBALS[("numpy", "ndarray")] = np.ndarray
-_SAFE_GLOBALS[("numpy", "dtype")] = np.dtype
+    _SAFE_GLOBALS[(_mod, "_frombuffer")] = _frombuffer_stub
+_SAFE_GLOBALS[("numpy", "ndarray")] = _NDARRAY
+_SAFE_GLOBALS[("numpy", "dtype")] = _DtypeStub
 for _mod in ("builtins", "__builtin__"):
-    for _name, _obj in (("complex", complex), ("set", set), ("frozenset", frozenset), ("slice", slice),
-                        ("bytearray", bytearray)):
+    for _name, _obj in (("complex", complex), ("set", set), ("frozenset", frozenset), ("bytearray", _bytearray_stub)):
         _SAFE_GLOBALS[(_mod, _name)] = _obj
 _SAFE_GLOBALS[("_codecs", "encode")] = _latin1_encode
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only numpy array/dtype/scalar constructors and plain builtins.
+class RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001  (the pure-Python unpickler, see below)
+    """An unpickler that admits only numpy arrays/dtypes/scalars and plain Python containers.
 
-    Any other global (``os.system``, ``builtins.eval``, arbitrary classes) raises :class:`DataError`.
+    numpy objects are never built by the pickle machinery: stand-ins record the constructor arguments and
+    :func:`safe_unpickle` builds the arrays afterwards with ``numpy.frombuffer`` from validated dtypes,
+    shapes and byte counts. Any other global (``os.system``, ``builtins.eval``, arbitrary classes) raises
+    :class:`DataError`.
+
+    It derives from the pure-Python unpickler: the C one (``_pickle``) allocates its memo table by the largest
+    memo index in the stream (a corrupt ``LONG_BINPUT`` asks for gigabytes and hangs) and misbehaves on some
+    corrupt ``BYTEARRAY8`` streams; the Python one keeps the memo in a dict and only reads what is there.
     """
 
     def __init__(self, file, *, path=None):
@@ -87,19 +176,48 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise DataError(f"refused a persistent pickle id; {_EXPORT_HINT}", path=self._path)
 
 
-# what pickle / numpy raise on a corrupt pickle stream (found by fuzzing)
+def _materialise(obj, depth: int = 0):
+    """Replace the stand-ins in an unpickled object by real numpy arrays (validated)."""
+    if depth > _MAX_DEPTH:
+        raise _Refused("nesting too deep")
+    if isinstance(obj, _ArrayStub):
+        st = obj.state
+        if not isinstance(st, tuple) or len(st) != 5 or not isinstance(st[2], _DtypeStub):
+            raise _Refused("bad array state")
+        _, shape, dtype, fortran, raw = st
+        shape, dtype = _check_shape(shape), dtype.build()
+        if dtype.kind == "O":
+            if not isinstance(raw, list) or len(raw) != math.prod(shape):
+                raise _Refused("bad object-array state")
+            out = np.empty(len(raw), dtype=object)
+            for i, x in enumerate(raw):
+                out[i] = _materialise(x, depth + 1)
+            return out.reshape(shape, order="F" if fortran else "C")
+        return _from_bytes(raw, dtype, shape, bool(fortran))
+    if isinstance(obj, (_DtypeStub,)):
+        return obj.build()
+    if isinstance(obj, dict):
+        return {k: _materialise(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_materialise(v, depth + 1) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_materialise(v, depth + 1) for v in obj)
+    return obj
+
+
+# what the pickle machinery raises on a corrupt stream (found by fuzzing); _Refused is an UnpicklingError
 _PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, OverflowError,
-                  struct.error, AttributeError, RecursionError)
+                  AttributeError, RecursionError)
 
 
 def safe_unpickle(data: bytes, *, path=None):
-    """Unpickle ``data`` with :class:`RestrictedUnpickler`; corrupt streams raise :class:`DataError`."""
+    """Unpickle ``data`` with :class:`RestrictedUnpickler` and build its arrays; errors are :class:`DataError`."""
     try:
-        with warnings.catch_warnings():  # numpy warns about odd dtype arguments in corrupt streams
-            warnings.simplefilter("ignore")
-            return RestrictedUnpickler(io.BytesIO(data), path=path).load()
+        return _materialise(RestrictedUnpickler(io.BytesIO(data), path=path).load())
     except DataError:
         raise
+    except _Refused as e:
+        raise DataError(f"refused pickle content ({e}); {_EXPORT_HINT}", path=path) from None
     except MemoryError:
         raise DataError("corrupt pickle payload (it asks for more memory than is available)", path=path) from None
     except _PICKLE_ERRORS as e:

@@ -217,7 +217,7 @@ def dm_init(ids, n_ids, P, A):
 # ----------------------------------------------------------------------------------------------------------
 # ΔH of one copy attempt
 # ----------------------------------------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def delta_analytic(x, new, ids, types, vol, P, A):
     """ΔH of copying cell ``new`` into flat site ``x`` (its current id is overwritten), analytic terms only.
 
@@ -333,7 +333,7 @@ def _dm_delta(x, old, new, types, vol, P, A):
 # ----------------------------------------------------------------------------------------------------------
 # applying a copy (incremental bookkeeping)
 # ----------------------------------------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def apply_copy(x, new, ids, vol, P, A, track_boundary, bnb, bflag, blist, bpos, bcount):
     """Set ``ids[x] = new`` and update volumes, surfaces, centre sums and (optionally) the boundary set."""
     old = ids[x]
@@ -360,12 +360,30 @@ def apply_copy(x, new, ids, vol, P, A, track_boundary, bnb, bflag, blist, bpos, 
     vol[new] += 1
     if P[12]:
         _dm_move(x, old, new, P, A)
-    if track_boundary:
-        _update_boundary(x, ids, bnb, bflag, blist, bpos, bcount)
+    if track_boundary:  # bflag = number of unlike copy neighbours, kept incrementally
+        c = 0
         for j in range(bnb.shape[1]):
             y = bnb[x, j]
-            if y >= 0:
-                _update_boundary(y, ids, bnb, bflag, blist, bpos, bcount)
+            if y < 0:
+                continue
+            idy = ids[y]
+            if idy != new:
+                c += 1
+            if y == x:
+                continue
+            if idy == old:
+                bflag[y] += 1
+                if bflag[y] == 1:
+                    _bset_add(y, blist, bpos, bcount)
+            elif idy == new:
+                bflag[y] -= 1
+                if bflag[y] == 0:
+                    _bset_remove(y, blist, bpos, bcount)
+        bflag[x] = c
+        if c > 0 and bpos[x] < 0:
+            _bset_add(x, blist, bpos, bcount)
+        elif c == 0 and bpos[x] >= 0:
+            _bset_remove(x, blist, bpos, bcount)
 
 
 @njit(cache=True)
@@ -412,36 +430,38 @@ def _dm_move(x, old, new, P, A):
                 cm_sum[new, a] += _min_image(np.float64(coords[x, a] - coords[r, a]), shape[a], periodic)
 
 
-@njit(cache=True)
-def _update_boundary(y, ids, bnb, bflag, blist, bpos, bcount):
-    c = ids[y]
-    isb = False
-    for j in range(bnb.shape[1]):
-        z = bnb[y, j]
-        if z >= 0 and ids[z] != c:
-            isb = True
-            break
-    if isb and bflag[y] == 0:
-        bflag[y] = 1
-        bpos[y] = bcount[0]
-        blist[bcount[0]] = y
-        bcount[0] += 1
-    elif (not isb) and bflag[y] == 1:
-        bflag[y] = 0
-        k = bpos[y]
-        last = blist[bcount[0] - 1]
-        blist[k] = last
-        bpos[last] = k
-        bcount[0] -= 1
+@njit(cache=True, inline="always")
+def _bset_add(y, blist, bpos, bcount):
+    bpos[y] = bcount[0]
+    blist[bcount[0]] = y
+    bcount[0] += 1
+
+
+@njit(cache=True, inline="always")
+def _bset_remove(y, blist, bpos, bcount):
+    k = bpos[y]
+    last = blist[bcount[0] - 1]
+    blist[k] = last
+    bpos[last] = k
+    bpos[y] = -1
+    bcount[0] -= 1
 
 
 @njit(cache=True)
 def init_boundary(ids, bnb, bflag, blist, bpos, bcount):
+    """Boundary set of the copy neighbourhood: ``bflag[y]`` = number of neighbours of y with another id,
+    ``blist[:bcount[0]]`` the sites with ``bflag > 0`` (``bpos`` their positions, -1 for others)."""
     bcount[0] = 0
     for y in range(ids.shape[0]):
-        bflag[y] = 0
-    for y in range(ids.shape[0]):
-        _update_boundary(y, ids, bnb, bflag, blist, bpos, bcount)
+        c = 0
+        for j in range(bnb.shape[1]):
+            z = bnb[y, j]
+            if z >= 0 and ids[z] != ids[y]:
+                c += 1
+        bflag[y] = c
+        bpos[y] = -1
+        if c > 0:
+            _bset_add(y, blist, bpos, bcount)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -484,12 +504,7 @@ def sweep(ids, types, vol, P, A, nb, nvalid, rng, n_attempts, inv_t, proposal, s
                 continue
             x = blist[_below(r >> np.uint64(32), nbnd)]
             cx = ids[x]
-            m = 0
-            for j in range(nvalid[x]):
-                if ids[nb[x, j]] != cx:
-                    m += 1
-            if m == 0:
-                continue
+            m = bflag[x]
             pick = _below(r & np.uint64(0xFFFFFFFF), m)
             new = cx
             for j in range(nvalid[x]):

@@ -359,9 +359,9 @@ class ExactSampler:
         self._vol = np.bincount(self._ids, minlength=self.n_ids).astype(np.int64)
         self._A = _per_cell_state(self.pack, self._ids, self.n_ids, self._vol)
         self._nb, self._nvalid = neighbour_table(self.shape, self.copy_order, self.periodic, valid_first=True)
-        self._bflag = np.zeros(self.n_sites, np.uint8)
+        self._bflag = np.zeros(self.n_sites, np.int32)
         self._blist = np.zeros(self.n_sites, np.int32)
-        self._bpos = np.zeros(self.n_sites, np.int32)
+        self._bpos = np.full(self.n_sites, -1, np.int32)
         self._bcount = np.zeros(1, np.int64)
         if self.proposal == "boundary":
             K.init_boundary(self._ids, self._nb, self._bflag, self._blist, self._bpos, self._bcount)
