@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -166,6 +167,12 @@ def load_bundle(path, *, device=None) -> ModelBundle:
         raise BundleError(f"{where}: unknown bundle format version {version!r}; this package reads version "
                           f"{FORMAT_VERSION} (upgrade neuralcpm-plugin to read newer bundles)")
     lat = _require(doc, "lattice", dict, where)
+    if not isinstance(lat.get("periodic", True), bool):
+        raise BundleError(f"{where}: lattice 'periodic' must be true or false, got {lat['periodic']!r}")
+    for key in ("copy_order", "contact_order"):
+        v = lat.get(key, 2)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise BundleError(f"{where}: lattice {key!r} must be an integer >= 1, got {v!r}")
     try:
         lattice = LatticeSpec.from_json(lat)
     except (KeyError, TypeError, ValueError) as e:
@@ -173,7 +180,7 @@ def load_bundle(path, *, device=None) -> ModelBundle:
     if len(lattice.shape) not in (2, 3) or min(lattice.shape) < 1:
         raise BundleError(f"{where}: lattice shape must be 2-D or 3-D and positive, got {list(lattice.shape)}")
     temperature = _require(doc, "temperature", (int, float), where)
-    if not temperature > 0:
+    if isinstance(temperature, bool) or not (temperature > 0 and math.isfinite(temperature)):
         raise BundleError(f"{where}: temperature must be > 0, got {temperature}")
     type_names = _require(doc, "type_names", list, where)
     if not type_names or not all(isinstance(t, str) for t in type_names):

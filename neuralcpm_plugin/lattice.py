@@ -223,7 +223,7 @@ def _types_from_maps(ids, type_map, *, path=None, frame=None):
     bad = np.nonzero(present & (lo != hi))[0]
     if bad.size:
         c = int(bad[0])
-        raise DataError(f"cell id {c} carries two types ({int(lo[c])} and {int(hi[c])}) in the type map",
+        raise DataError(f"cell id {c} has sites of two types ({int(lo[c])} and {int(hi[c])}); a cell has one type",
                         path=path, frame=frame)
     types[present] = lo[present]
     if present[0] and types[0] != 0:

@@ -173,7 +173,7 @@ def test_from_maps_and_channels_round_trip():
 
 def test_from_maps_errors():
     ids = np.array([[0, 1, 1], [2, 2, 0]])
-    with pytest.raises(DataError, match=r"f\.npz, frame 4: cell id 1 carries two types \(1 and 2\)"):
+    with pytest.raises(DataError, match=r"f\.npz, frame 4: cell id 1 has sites of two types \(1 and 2\)"):
         CellState.from_maps(ids, np.array([[0, 1, 2], [1, 1, 0]]), path="f.npz", frame=4)
     with pytest.raises(DataError, match=r"medium sites \(id 0\) carry type 2, expected 0"):
         CellState.from_maps(ids, np.array([[2, 1, 1], [1, 1, 2]]))
@@ -258,7 +258,7 @@ def test_states_from_channels_errors():
         states_from_channels(np.zeros((3, 3, 4, 5), int))
     with pytest.raises(DataError, match=r"the file holds no frames"):
         states_from_channels(np.zeros((0, 2, 4, 5), int))
-    with pytest.raises(DataError, match=r"frame 1: cell id 1 carries two types"):
+    with pytest.raises(DataError, match=r"frame 1: cell id 1 has sites of two types"):
         d = np.zeros((2, 2, 3, 3), int)
         d[1, 0, 0, :2] = 1
         d[1, 1, 0, 0], d[1, 1, 0, 1] = 1, 2

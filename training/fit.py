@@ -160,19 +160,22 @@ def _generate(cfg: dict, run_dir: Path):
         opts["progress"] = True
     if out.exists() and g["cache"]:
         _say(f"data: using the cached {out}")
-        return out
+        return out, None
     _say(f"data: generating with {modname}.generate_{name}({', '.join(f'{k}={v!r}' for k, v in opts.items())})")
     t0 = time.perf_counter()
     res = fn(out, **opts) if "out" in params else fn(**opts)
     _say(f"data: generated in {time.perf_counter() - t0:.1f} s")
+    truth_ham = None
+    if isinstance(res, tuple) and len(res) == 2 and isinstance(res[0], (list, tuple)):
+        res, truth_ham = res          # (states, the Hamiltonian that made them)
     if isinstance(res, (str, os.PathLike)):
-        return Path(res)
+        return Path(res), truth_ham
     if isinstance(res, (list, tuple)) and res and hasattr(res[0], "ids"):
         from neuralcpm_plugin.io.npz import save_npz
-        return save_npz(out, list(res))
+        return save_npz(out, list(res)), truth_ham
     if hasattr(res, "path"):
-        return Path(res.path)
-    return out
+        return Path(res.path), truth_ham
+    return out, truth_ham
 
 
 def load_training_data(cfg: dict, run_dir: Path):
@@ -180,8 +183,9 @@ def load_training_data(cfg: dict, run_dir: Path):
     from neuralcpm_plugin.io import load_dataset
     path = cfg["data"]["path"]
     generated = not path
+    truth_ham = None
     if generated:
-        path = _generate(cfg, run_dir)
+        path, truth_ham = _generate(cfg, run_dir)
     else:
         p = Path(path)
         if not p.exists() and not any(c in str(path) for c in "*?["):
@@ -208,14 +212,25 @@ def load_training_data(cfg: dict, run_dir: Path):
                         frame=states[bad].meta.get("frame"))
     files = sorted({str(s.meta.get("path")) for s in states})
     meta = _npz_meta(files[0]) if len(files) == 1 and files[0].endswith(".npz") else {}
-    return states, {"path": str(path), "generated": generated, "files": files, "meta": meta}
+    info = {"path": str(path), "generated": generated, "files": files, "meta": meta}
+    if truth_ham is not None:
+        info["truth_hamiltonian"] = truth_ham
+    return states, info
 
 
 # ------------------------------------------------------------------------------------------------ truth
 def _truth_from(spec: str | None, data_info: dict) -> dict | None:
-    from neuralcpm_plugin.metrics.params import KNOWN_TRUTHS, truth_from_source
+    from neuralcpm_plugin.metrics.params import KNOWN_TRUTHS, param_names, param_vector, truth_from_source
     if spec:
         return truth_from_source(spec)
+    th = data_info.get("truth_hamiltonian")
+    if th is not None:
+        try:
+            v = param_vector(th)
+            return {"vector": v.tolist(), "names": param_names(th.term("contact").n_types),
+                    "source": f"the generator's Hamiltonian ({data_info['path']})"}
+        except (ValueError, AttributeError):
+            pass
     meta = data_info.get("meta") or {}
     pp = meta.get("params_paper_scale") or meta.get("params")
     if isinstance(pp, dict) and ("J" in pp or "J_pairs" in pp):
@@ -507,6 +522,7 @@ def fit(cfg: dict, *, resume: bool = False, truth_spec: str | None = None, progr
          f"(data mean), T = {ham.temperature}; objective: {objective}")
 
     from neuralcpm_plugin.bundle import _package_version
+    data_info.pop("truth_hamiltonian", None)
     provenance = {"data_sha256": dhash, "data": data_info["path"], "data_files": data_info["files"][:50],
                   "n_states": len(states), "config": cfg, "seed": seed, "objective": objective,
                   "model_kind": cfg["model"]["kind"], "package_version": _package_version(),

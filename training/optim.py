@@ -65,8 +65,11 @@ class Adam:
         for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq)):
             m.copy_(tensors[f"{prefix}{i}.exp_avg"])
             v.copy_(tensors[f"{prefix}{i}.exp_avg_sq"])
-        self.step_count = int(meta["step"])
-        g = dict(meta["param_groups"][0])
+        if "step" in meta:
+            self.step_count = int(meta["step"])
+        else:  # checkpoints written through torch.optim.Adam's state_dict (per-parameter step tensors)
+            self.step_count = int(float(tensors[f"{prefix}0.step"]))
+        g = {k: v for k, v in dict(meta["param_groups"][0]).items() if k in ("lr", "betas", "eps")}
         g["betas"] = tuple(g["betas"])
         self.param_groups = [g]
 

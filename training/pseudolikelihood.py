@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from neuralcpm_plugin.errors import ConfigError
 from neuralcpm_plugin.hamiltonian.base import Batch
 from neuralcpm_plugin.lattice import _shift, neighbour_offsets
 
@@ -147,10 +148,42 @@ def _nll_from_delta(c: Candidates, dH: torch.Tensor, T: float, proposal_aware: b
     return nll.mean() if nll.numel() else torch.zeros((), dtype=logit.dtype, device=logit.device)
 
 
+def _energy_difference(term, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, chunk: int = 256):
+    """ΔH of ``term`` as H(after) − H(before) through its differentiable ``energy`` (neural terms, whose
+    batched ``delta`` reuses cached activations without gradients)."""
+    B, P = sites.shape
+    e0 = term.energy(batch).to(torch.float64)                       # [B]
+    flat_b = torch.arange(B, device=sites.device).repeat_interleave(P)
+    flat_s = sites.reshape(-1)
+    flat_n = new_ids.reshape(-1)
+    out = []
+    for i in range(0, B * P, chunk):
+        bb, ss, nn_ = flat_b[i:i + chunk], flat_s[i:i + chunk], flat_n[i:i + chunk]
+        ids = batch.ids[bb].clone()
+        ids.view(len(bb), -1).scatter_(1, ss[:, None], nn_[:, None])
+        sub = Batch(ids, batch.types[bb], batch.volumes[bb].clone(), batch.periodic)
+        sub.recount_volumes()
+        out.append(term.energy(sub).to(torch.float64) - e0[bb])
+    return torch.cat(out).view(B, P)
+
+
+def _delta_with_grad(hamiltonian, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(sites.shape, dtype=torch.float64, device=batch.device)
+    for t in hamiltonian.terms:
+        if t.analytic:
+            out = out + t.delta(batch, sites, new_ids).to(torch.float64)
+        else:
+            out = out + _energy_difference(t, batch, sites, new_ids)
+    return out
+
+
 def pl_nll(hamiltonian, cands: Candidates, *, proposal_aware: bool = True, params=None) -> torch.Tensor:
-    """Mean negative log pseudo-likelihood per boundary site (differentiable in the parameters)."""
+    """Mean negative log pseudo-likelihood per boundary site (differentiable in the parameters).
+
+    Analytic terms use the batched ``delta``; neural terms ``energy(after) − energy(before)`` (differentiable).
+    """
     with using_params(hamiltonian, params or {}):
-        dH = hamiltonian.delta(cands.batch, cands.sites, cands.new_ids)
+        dH = _delta_with_grad(hamiltonian, cands.batch, cands.sites, cands.new_ids)
     return _nll_from_delta(cands, dH.to(torch.float64), hamiltonian.temperature, proposal_aware)
 
 
@@ -255,7 +288,7 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
     pmap = param_map or ParamMap(hamiltonian, share_lambda=share_lambda)
     free = pmap.parameters()
     if not free:
-        raise ValueError("the model has no learnable parameter (everything frozen?)")
+        raise ConfigError("the model has no learnable parameter (a frozen prior and nothing else?); nothing to fit")
     n_ids = max(s.n_ids for s in states)
     history = []
     if stochastic is None:

@@ -85,7 +85,8 @@ def load_states(path, *, types=None, n_types: int | None = None, shape=None, ndi
     types : optional
         For label images (TIFF, cellpose): the cell-type map — dict ``{id: type}``, per-id table, one int for
         all cells, or a JSON/CSV file; default the sidecar ``<stem>.types.json|csv``. For PIFF: a dict
-        ``{type name: number}``. Ignored for ``.npz`` (which carries its types).
+        ``{type name: number}`` (other forms are ignored for PIFF). Ignored for ``.npz`` (which carries its
+        types).
     n_types : int, optional
         Declared number of biological types; a cell of a higher type is an error.
     shape : tuple, optional
@@ -110,5 +111,7 @@ def load_states(path, *, types=None, n_types: int | None = None, shape=None, ndi
         return read_tiff(path, types=types, n_types=n_types, ndim=ndim)
     if fmt == "cellpose":
         return read_cellpose(path, types=types, n_types=n_types)
-    return read_piff(path, types=types if isinstance(types, dict) else None, shape=shape, n_types=n_types)
+    # for PIFF only a {type name: number} map applies (an {id: type} map for label images is ignored)
+    names = types if isinstance(types, dict) and types and all(isinstance(k, str) for k in types) else None
+    return read_piff(path, types=names, shape=shape, n_types=n_types)
 

@@ -136,7 +136,7 @@ def read_piff(path, *, types: dict | None = None, shape=None, n_types: int | Non
         key = tname.lower()
         if key not in name_map:
             if not auto:
-                known = ", ".join(sorted(name_map))
+                known = ", ".join(display[v] for v in sorted(display))
                 raise DataError(f"line {lineno}: unknown cell type {tname!r} (known from {src}: {known})",
                                 path=path)
             name_map[key] = max(name_map.values()) + 1

@@ -175,7 +175,7 @@ def _normalise(types, *, path=None):
 def _lookup(spec, cells: np.ndarray, *, path=None, frame=None) -> np.ndarray:
     """Types of the (non-zero) cell ids ``cells`` under a normalised type map."""
     kind, value, source = spec
-    src = f" in the type map {source}" if source else " in the type map"
+    src = f" in the type map {source}" if source else " in the types= map"
     if kind == "const":
         return np.full(len(cells), value, dtype=np.int64)
     if kind == "dict":
@@ -245,7 +245,9 @@ def states_from_labels(stack, types, *, path, n_types: int | None = None, meta: 
     from ..lattice import MAX_TABLE, CellState, _as_int_array, _check_id_range
 
     path = Path(path)
-    stack = _as_int_array(stack, "cell ids", path=path)
+    stack = np.asarray(stack)
+    if not (stack.dtype != bool and np.issubdtype(stack.dtype, np.integer)):
+        stack = np.stack([_as_int_array(stack[f], "cell ids", path=path, frame=f) for f in range(stack.shape[0])])
     for f in range(stack.shape[0]):
         _check_id_range(stack[f], "cell id", path=path, frame=f)
     if types is None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-_U1 = np.uint64(1)
 _TWO53 = 1.0 / 9007199254740992.0
 
 
