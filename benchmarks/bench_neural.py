@@ -43,14 +43,18 @@ CHAINS = 16
 P = 50
 
 
-def mnist_like_state(rng, shape=SHAPE, n_cells=N_CELLS, radius=30.0, cell_r=5.6):
+def mnist_like_state(rng, shape=SHAPE, n_cells=N_CELLS, radius=45.0, cell_r=6.0, spacing=7.5):
     """50 compact cells (~100 sites) packed in a disc, types 1/2 half-half; Voronoi within cell_r of seeds."""
     H, W = shape
     pts = []
-    while len(pts) < n_cells:
+    for _ in range(200_000):
         p = rng.uniform(-radius, radius, 2)
-        if np.hypot(*p) < radius and all(np.hypot(*(p - q)) > 8.0 for q in pts):
+        if np.hypot(*p) < radius and all(np.hypot(*(p - q)) > spacing for q in pts):
             pts.append(p)
+            if len(pts) == n_cells:
+                break
+    else:
+        raise RuntimeError("could not place the cells")
     pts = np.array(pts) + np.array([H / 2, W / 2])
     yy, xx = np.mgrid[:H, :W]
     best = np.full((H, W), np.inf)
@@ -215,7 +219,7 @@ def memory(which):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None):
+def main(argv=None):  # noqa: C901
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and checks")
     ap.add_argument("--only", choices=["global", "local", "memory"], default=None)

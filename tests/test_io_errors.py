@@ -23,6 +23,7 @@ from neuralcpm_plugin.io import (
     read_piff,
     read_tiff,
     read_type_map,
+    safe_unpickle,
     save_npz,
     save_piff,
     save_tiff,
@@ -412,3 +413,56 @@ def test_dataset_errors(tmp_path):
     ds = load_dataset([tmp_path / "a.npz", tmp_path / "a.npz"])
     assert len(ds) == 4 and ds[0] == ds[2]
     _err(load_dataset, tmp_path, n_types=0, match=r"a\.npz, frame 0: cell \d has type \d, outside the declared range")
+
+
+# ------------------------------------------------------------------ size limits and rarer paths
+def test_size_limits(tmp_path, monkeypatch):
+    from neuralcpm_plugin.io import cellpose as cp_mod
+    from neuralcpm_plugin.io import npz as npz_mod
+    from neuralcpm_plugin.io import piff as piff_mod
+    from neuralcpm_plugin.io import tiff as tiff_mod
+
+    s = _state((8, 8))
+    save_npz(tmp_path / "a.npz", [s])
+    save_tiff(tmp_path / "a.tif", [s, s])
+    np.save(tmp_path / "a_seg.npy", {"masks": s.ids})
+    save_piff(tmp_path / "a.piff", s, ["Medium", "A", "B"])
+    monkeypatch.setattr(npz_mod, "MAX_BYTES", 100)
+    _err(read_npz, tmp_path / "a.npz", match=r"member 'data\.npy' is \d+ bytes uncompressed, more than the limit 100")
+    monkeypatch.setattr(tiff_mod, "MAX_SITES", 100)
+    _err(read_tiff, tmp_path / "a.tif", match=r"the image of shape \(2, 8, 8\) is larger than the limit of 100 pixels")
+    monkeypatch.setattr(cp_mod, "MAX_BYTES", 100)
+    _err(read_cellpose, tmp_path / "a_seg.npy", types=1, match=r"the file is \d+ bytes, more than the limit 100")
+    monkeypatch.setattr(piff_mod, "MAX_SITES", 10)
+    _err(read_piff, tmp_path / "a.piff", shape=(8, 8), match=r"lattice shape \(8, 8\) is larger than the limit of 10")
+    monkeypatch.undo()
+    _err(read_piff, tmp_path / "a.piff", shape=(0, 8), match=r"bad lattice shape \(0, 8\)")
+
+
+def test_tiff_pages_of_different_shapes(tmp_path):
+    with tifffile.TiffWriter(tmp_path / "m.tif") as w:
+        w.write(np.zeros((4, 5), np.uint16), photometric="minisblack")
+        w.write(np.zeros((6, 5), np.uint16), photometric="minisblack")
+    _err(read_tiff, tmp_path / "m.tif", types=1, match=r"page 1 has shape \(6, 5\) and pixel type uint16 but page 0 "
+                                                         r"has \(4, 5\) and uint16; a label stack needs pages of one")
+
+
+def test_cellpose_refused_content(tmp_path):
+    structured = np.zeros(3, dtype=[("a", "<i4"), ("b", "<f4")])
+    p = _seg(tmp_path / "s_seg.npy", {"masks": np.zeros((2, 2), np.uint16), "x": structured})
+    _err(read_cellpose, p, types=1, match=r"refused pickle content \(refused (dtype|a structured)")
+    p = _seg(tmp_path / "m_seg.npy", {"masks": np.ma.masked_array(np.zeros((2, 2), np.uint16))})
+    _err(read_cellpose, p, types=1, match=r"refused to unpickle numpy\.ma\.core\._mareconstruct")
+    np.save(tmp_path / "v_seg.npy", structured)  # a plain (non-pickled) structured array
+    _err(read_cellpose, tmp_path / "v_seg.npy", types=1, match=r"'masks' must be an integer label image, got dtype")
+    # bytearray(n) would allocate n bytes: refused
+    bomb = (b"\x80\x02c__builtin__\nbytearray\nJ\x00\x00\x00\x40\x85R.")
+    _err(safe_unpickle, bomb, path="b_seg.npy",
+         match=r"b_seg\.npy: refused pickle content \(refused a bytes/bytearray call\)")
+
+
+def test_cc3dml_bad_celltype(tmp_path):
+    (tmp_path / "c.piff").write_text("1 A 0 1 0 1 0 0\n")
+    (tmp_path / "c.xml").write_text('<CompuCell3D><Plugin Name="CellType"><CellType TypeName="A" TypeId="x"/>'
+                                    "</Plugin></CompuCell3D>")
+    _err(read_piff, tmp_path / "c.piff", match=r"c\.xml: bad CellType entry")
