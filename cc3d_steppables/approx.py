@@ -141,7 +141,8 @@ def measure_error(hamiltonian, nh_terms, state: CellState, *, k: int = 10, mcs: 
     """Relative RMSE of the field approximation on roll-outs of the exported dynamics (see module doc).
 
     Returns {"rel_rmse", "rmse", "std_exact", "n", "k", "mcs", "update_s" (seconds per field update),
-    "rel_rmse_at_update" (error right after an update, age 0)}.
+    "rel_rmse_at_update" (error right after an update, age 0), "by_age" (list of {"age_mcs", "n", "rel_rmse"}:
+    the relative error by time since the last update, to choose k)}.
     """
     from neuralcpm_plugin.sampling.exact import ExactSampler
     lat = hamiltonian.lattice
@@ -158,6 +159,7 @@ def measure_error(hamiltonian, nh_terms, state: CellState, *, k: int = 10, mcs: 
     sub = max(1, int(samples_per_interval))
     per_sample = max(1, int(np.ceil(n_attempts / (n_updates * sub))))
     approx_all, exact_all, age0 = [], [], []
+    by_age = [([], []) for _ in range(sub)]
     upd_times = []
     for _ in range(n_updates):
         t0 = time.perf_counter()
@@ -178,6 +180,8 @@ def measure_error(hamiltonian, nh_terms, state: CellState, *, k: int = 10, mcs: 
             ap = np.array([ft.delta_np(cs, np.unravel_index(int(x), ids.shape), int(c)) for x, c in zip(s, a)])
             approx_all.append(ap)
             exact_all.append(ex)
+            by_age[j][0].append(ap)
+            by_age[j][1].append(ex)
             if j == 0:
                 age0.append((ap, ex))
         sampler.step(k / sub)
@@ -188,6 +192,12 @@ def measure_error(hamiltonian, nh_terms, state: CellState, *, k: int = 10, mcs: 
     a0 = np.concatenate([a for a, _ in age0])
     e0 = np.concatenate([e for _, e in age0])
     rmse0 = float(np.sqrt(np.mean((a0 - e0) ** 2)))
+    ages = []
+    for j, (aps, exs) in enumerate(by_age):
+        if aps:
+            a, e = np.concatenate(aps), np.concatenate(exs)
+            ages.append({"age_mcs": j * k / sub, "n": len(e),
+                         "rel_rmse": float(np.sqrt(np.mean((a - e) ** 2))) / std if std > 0 else float("nan")})
     return {"rel_rmse": rmse / std if std > 0 else float("nan"), "rmse": rmse, "std_exact": std, "n": len(ex),
             "k": k, "mcs": float(n_updates * k), "update_s": float(np.median(upd_times)),
-            "rel_rmse_at_update": rmse0 / std if std > 0 else float("nan")}
+            "rel_rmse_at_update": rmse0 / std if std > 0 else float("nan"), "by_age": ages}

@@ -91,6 +91,13 @@ class ExportResult:
                          f"over {e['n']} copy attempts from roll-outs ({e['rel_rmse_at_update']:.3f} right after an "
                          f"update); one field update takes {e['update_s']:.3g} s here (≈ {e['update_s'] / e['k']:.3g} "
                          f"s per MCS, needs torch + this package inside CC3D, else the fields stay as exported)")
+            if e.get("by_age"):
+                lines.append("  relative ΔH error by MCS since the last field update: " + ", ".join(
+                    f"{a['age_mcs']:g} MCS: {a['rel_rmse']:.3f}" for a in e["by_age"]))
+            if not e["rel_rmse"] < 0.5:
+                lines.append(f"  WARNING: the field approximation is poor for this model at k = {e['k']} MCS (relative "
+                             "error >= 0.5); lower --nh-recompute-every (see the error by age), or train a local NH "
+                             "(exact inside CC3D)")
         if self.cost:
             c = self.cost
             if c.get("python_us_per_call") is not None:

@@ -148,7 +148,8 @@ class _Renderer:
             self.plotter.remove_actor(self.text)
             self.text = None
         if title:
-            self.text = self.plotter.add_text(title, position="upper_left", font_size=10, color="black")
+            colour = "white" if len(self.shape) == 2 else "black"   # 2-D pictures fill the window (dark medium)
+            self.text = self.plotter.add_text(title, position="upper_left", font_size=10, color=colour)
         self.plotter.render()
         return np.asarray(self.plotter.screenshot(None, return_img=True))
 

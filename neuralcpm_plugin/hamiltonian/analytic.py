@@ -91,6 +91,12 @@ def _lut(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, idx.reshape(-1)).view(idx.shape)
 
 
+def _site_coords(shape, device) -> torch.Tensor:
+    """``[n_sites, ndim]`` float64 coordinates of the sites in row-major order."""
+    grids = torch.meshgrid(*[torch.arange(n, dtype=_F64, device=device) for n in shape], indexing="ij")
+    return torch.stack([g.reshape(-1) for g in grids], -1)
+
+
 def _periodic_np(term, state, cache) -> bool:
     if cache is not None and "periodic" in cache:
         return bool(cache["periodic"])
@@ -565,7 +571,7 @@ class DirectedMotion(Term):
         ref = torch.full((B, C), N, dtype=torch.long, device=ids.device)
         ref = ref.scatter_reduce(1, ids, ar.expand(B, N), reduce="amin", include_self=True)
         ref = ref.clamp(max=N - 1)
-        coords = torch.stack(torch.unravel_index(ar, shape), -1).to(_F64)  # [N, d]
+        coords = _site_coords(shape, ids.device)  # [N, d]
         refc = coords[ref]  # [B, C, d]
         site_ref = refc.gather(1, ids[..., None].expand(B, N, len(shape)))  # [B, N, d]
         x = coords[None].expand(B, N, len(shape))

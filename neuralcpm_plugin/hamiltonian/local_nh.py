@@ -94,6 +94,8 @@ class LocalNHNumpy:
         self.Em = np.ascontiguousarray(ew[:, 0].reshape(C, s * s).T)  # [s*s, C]
         # type table: Et[pos, type, C]
         self.Et = np.ascontiguousarray(ew[:, 1:].reshape(C, T + 1, s * s).transpose(2, 1, 0))
+        self.Et_flat = np.ascontiguousarray(self.Et.reshape(s * s * (T + 1), C))
+        self._types = np.arange(T + 1)
         self.b = f("embed.bias")
         self.W1, self.b1 = f("psi1.weight").T.copy(), f("psi1.bias")
         self.W2, self.b2 = f("psi2.weight").T.copy(), f("psi2.bias")
@@ -105,6 +107,18 @@ class LocalNHNumpy:
         self.Wo = f("out.weight")[0].copy()
         self.bo = float(f("out.bias")[0])
         self._pos = np.arange(s * s)
+        # pattern tables: the mask embedding of any occupancy pattern of a chunk of ≤ 16 patch positions
+        nq = -(-(s * s) // 16)
+        size = -(-(s * s) // nq)
+        self._chunk_w, self._tabm = [], []
+        for q in range(nq):
+            pos = np.arange(q * size, min((q + 1) * size, s * s))
+            w = np.zeros(s * s)
+            w[pos] = 2.0 ** np.arange(pos.size)
+            bits = (np.arange(2 ** pos.size)[:, None] >> np.arange(pos.size)[None]) & 1
+            self._chunk_w.append(w)
+            self._tabm.append(np.ascontiguousarray(bits.astype(np.float64) @ self.Em[pos]))
+        self._mnp = np.arange(4 * 25 * 25)  # grows on demand (see _terms)
         self._geom = {}
 
     @classmethod
@@ -122,7 +136,8 @@ class LocalNHNumpy:
 
     # --- core: per-crop energy terms ------------------------------------------------------------
     def _out_geometry(self, Pr, Pc, valid: bool):
-        """(patch indices [NO, k*k] read by each output's k×k conv, output patch indices [NO])."""
+        """(patch indices [NO, k*k] read by each output's k×k conv, output patches [NO], is-output [NP],
+        output index of each patch [NP] (-1 if not an output))."""
         key = ("out", Pr, Pc, valid)
         g = self._geom.get(key)
         if g is None:
@@ -135,9 +150,11 @@ class LocalNHNumpy:
             ci = (ocol[:, None] + np.arange(-r, r + 1)[None]) % Pc
             gidx = (ri[:, None, :, None] * Pc + ci[None, :, None, :]).reshape(len(orow) * len(ocol), -1)
             op = (orow[:, None] * Pc + ocol[None, :]).ravel()
-            g = (gidx, op)
+            oidx = np.full(Pr * Pc, -1)
+            oidx[op] = np.arange(op.size)
+            g = (gidx, op, oidx >= 0, oidx)
             self._geom[key] = g
-        return g
+        return g[:3]
 
     def _terms(self, lp, tp, nc: int, Pr: int, Pc: int, valid: bool):
         """Σ of e(g) over the output patches of one or more crops.
@@ -145,30 +162,52 @@ class LocalNHNumpy:
         lp : int [M, NP, s*s] local cell labels 0..nc-1 of the sites of each patch (patch-major order);
         tp : int [M, NP, s*s] their types.  valid=True: the outputs are the interior patches (valid k×k
         conv); False: all patches, circular.  Returns [M] float64 (without ``scale``).
-        The ghost (empty mask) is evaluated as an extra cell, column ``nc``.
+        Only the occupied (crop, patch, cell) rows are evaluated; the ghost once per (crop, patch).
         """
         M, NP, _ = lp.shape
         C = self.C
-        gidx, op = self._out_geometry(Pr, Pc, valid)
+        if self._mnp.size < M * NP:
+            self._mnp = np.arange(M * NP)
+        gidx, op, isout = self._out_geometry(Pr, Pc, valid)
+        NO = len(op)
         silu = _silu_np
-        tpart = self.Et[self._pos, tp].sum(-2)
-        tpart += self.b  # [M, NP, C]
-        oh = lp[..., None] == np.arange(nc)  # [M, NP, s*s, nc]
-        inp = oh.any(2)  # [M, NP, nc]
-        pre = np.empty((M, NP, nc + 1, C))
-        np.matmul(np.swapaxes(oh, 2, 3).astype(np.float64), self.Em, out=pre[:, :, :nc])
-        pre[:, :, nc] = 0.0
-        pre += tpart[:, :, None]
-        u = silu(pre)  # [M, NP, nc+1, C]; column nc = ghost
+        toh = (tp[..., None] == self._types).reshape(M * NP, -1).astype(np.float64)  # [M*NP, s*s*(T+1)]
+        tpart = toh @ self.Et_flat
+        tpart += self.b  # [M*NP, C]
+        # occupancy bit patterns of every (crop, patch, cell): one bincount per chunk of ≤ 16 positions
+        key = (self._mnp[: M * NP].reshape(M, NP, 1) * nc + lp).reshape(-1)
+        n_slots = M * NP * nc
+        R = np.flatnonzero(np.bincount(key, minlength=n_slots))  # occupied slots, sorted by (crop, patch)
+        mp = R // nc
+        nR = R.size
+        pre = np.empty((nR + M * NP, C))
+        pre[:nR] = tpart[mp]
+        for q, (w, tab) in enumerate(zip(self._chunk_w, self._tabm)):
+            wt = self._geom.get(("w", q, M * NP))
+            if wt is None:
+                wt = self._geom[("w", q, M * NP)] = np.tile(w, M * NP)
+            pat = np.bincount(key, weights=wt, minlength=n_slots)[R].astype(np.int64)
+            pre[:nR] += tab[pat]
+        pre[nR:] = tpart
+        u = silu(pre)  # rows: occupied cells, then the ghost of every (crop, patch)
         psi = silu(silu(u @ self.W1 + self.b1) @ self.W2 + self.b2)
-        A = (inp[..., None] * (psi[:, :, :nc] - psi[:, :, nc:])).sum(2)  # [M, NP, C]
-        CA = A[:, gidx].reshape(M, len(op), -1) @ self.WA
-        CA += self.bA  # [M, NO, C]
-        h = u[:, op] @ self.Wu
-        h += CA[:, :, None]
-        v = silu(silu(h) @ self.W3 + self.b3)  # [M, NO, nc+1, C]
-        rho = v @ self.Wo  # the read-out bias cancels in ρ_c − ρ_∅
-        return (inp[:, op] * (rho[..., :nc] - rho[..., nc:])).sum((1, 2))
+        full = np.zeros((n_slots, C))
+        full[R] = psi[:nR]
+        full[R] -= psi[nR:][mp]
+        A = full.reshape(M * NP, nc, C).sum(1)
+        mI = mp // NP
+        pI = mp - mI * NP
+        CA = A.reshape(M, NP, C)[:, gidx].reshape(M * NO, -1) @ self.WA
+        CA += self.bA  # [M*NO, C]
+        sel = np.flatnonzero(isout[pI])  # occupied rows at output patches
+        orow = mI[sel] * NO + self._geom[("out", Pr, Pc, valid)][3][pI[sel]]
+        ug = u[nR:].reshape(M, NP, C)[:, op].reshape(M * NO, C)
+        h = np.concatenate([u[sel], ug]) @ self.Wu
+        h[: sel.size] += CA[orow]
+        h[sel.size:] += CA
+        rho = silu(silu(h) @ self.W3 + self.b3) @ self.Wo  # the read-out bias cancels in ρ_c − ρ_∅
+        contrib = rho[: sel.size] - rho[sel.size:][orow]
+        return np.bincount(mI[sel], weights=contrib, minlength=M)
 
     def _patch_order(self, Sr, Sc):
         """Flat indices that reorder an (Sr, Sc) crop into patch-major order [NP, s*s]."""
@@ -233,12 +272,16 @@ class LocalNHNumpy:
             after[i, j] = new_id
             return self.energy(after, types) - self.energy(ids, types)
         idx, c = self._crop_index((H, W), (i, j))
-        crop = ids.reshape(-1)[idx]  # [NP, s*s]
-        cells, lab = np.unique(np.append(crop.ravel(), new_id), return_inverse=True)
-        lab2 = np.empty((2,) + crop.shape, dtype=lab.dtype)
-        lab2[0] = lab[:-1].reshape(crop.shape)
+        crop = ids.reshape(-1)[idx]  # [NP, s*s] cell ids of the crop, patch-major
+        cnt = np.bincount(crop.ravel(), minlength=int(new_id) + 1)
+        cnt[new_id] += 1
+        cells = np.flatnonzero(cnt)
+        lut = np.empty(cnt.size, dtype=np.int64)
+        lut[cells] = np.arange(cells.size)
+        lab2 = np.empty((2,) + crop.shape, dtype=np.int64)
+        lab2[0] = lut[crop]
         lab2[1] = lab2[0]
-        lab2[1].flat[c] = lab[-1]
+        lab2[1].flat[c] = lut[new_id]
         t = np.asarray(types)[cells][lab2]
         n = 2 * self.k - 1
         e = self._terms(lab2, t, len(cells), n, n, valid=True)

@@ -15,16 +15,22 @@ One step, for every chain independently (``../shared/SPEC.md`` → Sampler):
 6. all accepted copies are applied at once (the drawn sites are distinct, so no two write the same site);
    volumes are updated incrementally, and so is the boundary set.
 
-This is not detailed balance (the paper says so). ``m`` MCS = ``round(m·H·W/P)`` steps.
+This is not detailed balance (the paper says so), and the boundary proposal itself carries no Hastings
+correction: even with P = 1 the stationary statistics differ from the classic sampler's (``python
+benchmarks/bench_parallel.py --drift --vs-exact`` measures it against the reference runs). ``m`` MCS =
+``round(m·H·W/P)`` steps.
 
 Two back ends, same algorithm:
 
 * ``"torch"`` — any Hamiltonian (neural terms included), CPU or CUDA, vectorised over chains and proposals;
   random numbers from the ``torch.Generator`` passed to :meth:`ParallelSampler.step`.
 * ``"numba"`` — CPU fast path for purely analytic Hamiltonians made of ``contact``, ``volume`` and
-  ``external`` terms: one compiled loop per chain (chains in parallel threads), per-chain splitmix64 random
-  streams seeded from the torch generator. Same proposal and acceptance rules, different random streams.
-  ``backend="auto"`` (default) picks it whenever it applies.
+  ``external`` terms: one compiled loop per chain (serial by default; ``threads=True`` runs chains in numba
+  threads), per-chain splitmix64 random streams seeded from the torch generator, the boundary set kept as an
+  index list with positions (O(1) insert/remove), P distinct sites by a partial Fisher–Yates shuffle of it.
+  Same proposal and acceptance rules as the torch back end, different random streams (results agree in
+  distribution, not bit for bit). ``backend="auto"`` (default) picks it whenever it applies.
+  Sites of the torch back end: see :func:`_draw_sites`.
 
 Both are deterministic given the generator's seed. The sampler caches the boundary set of the batch it last
 touched; it notices a replaced ``batch.ids`` tensor or in-place torch writes to it (tensor version counter),
@@ -156,6 +162,13 @@ class ParallelSampler:
         if batch.device.type != "cpu":
             if self.backend == "numba":
                 raise ConfigError("backend='numba' runs on CPU batches only")
+            return False
+        layout_ok = all(t.dtype == torch.int64 and t.is_contiguous() and not t.requires_grad
+                        for t in (batch.ids, batch.types, batch.volumes))
+        if not layout_ok:
+            if self.backend == "numba":
+                raise ConfigError("backend='numba' needs contiguous int64 ids, types and volumes "
+                                  "(Batch.from_states makes them)")
             return False
         return self.numba_capable()
 
