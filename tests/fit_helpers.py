@@ -49,4 +49,4 @@ def run_fit(args, *, cwd=None, timeout=120, env=None) -> subprocess.CompletedPro
     if env:
         e.update(env)
     return subprocess.run([sys.executable, "-m", "training.fit", *args], cwd=cwd or ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=e)
+                          text=True, timeout=timeout, env=e, check=False)

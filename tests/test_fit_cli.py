@@ -4,9 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
 from fit_helpers import SHARED, block_states, write_npz
-from neuralcpm_plugin.errors import ConfigError, DataError
+
 from neuralcpm_plugin.lattice import CellState
 from training.fit import main
 
@@ -20,7 +19,7 @@ def _run(argv, capsys):
 def test_pl_fit_writes_bundle_with_provenance_and_evaluate_prints_rmse(tmp_path, capsys):
     data = write_npz(tmp_path / "d.npz", block_states(4, size=24))
     out = tmp_path / "run"
-    code, so, se = _run(["--data", str(data), "--out", str(out), "--no-export", "--threads", "1",
+    code, _, se = _run(["--data", str(data), "--out", str(out), "--no-export", "--threads", "1",
                          "--truth", "P1"], capsys)
     assert code == 0, se
     mj = json.loads((out / "model" / "model.json").read_text())
@@ -43,7 +42,7 @@ def test_reference_data_fit_reports_recovery(tmp_path, capsys):
     if not p1.exists():
         pytest.skip("../shared/reference-data is not there")
     out = tmp_path / "p1"
-    code, so, se = _run(["--data", str(p1), "--frames", "final", "--out", str(out), "--no-export",
+    code, _, se = _run(["--data", str(p1), "--frames", "final", "--out", str(out), "--no-export",
                          "--threads", "1"], capsys)
     assert code == 0, se
     s = json.loads((out / "summary.json").read_text())
@@ -52,7 +51,7 @@ def test_reference_data_fit_reports_recovery(tmp_path, capsys):
 
 def test_empty_dataset_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code, so, se = _run(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), "--no-export"], capsys)
+    code, _, se = _run(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), "--no-export"], capsys)
     assert code == 2 and "empty dataset" in se and str(tmp_path / "empty") in se
     assert not (tmp_path / "r" / "model").exists()
 
@@ -62,7 +61,7 @@ def test_mixed_lattice_sizes_are_a_clear_error(tmp_path, capsys):
     d.mkdir()
     write_npz(d / "a.npz", block_states(2, size=24))
     write_npz(d / "b.npz", block_states(2, size=30))
-    code, so, se = _run(["--data", str(d), "--out", str(tmp_path / "r"), "--no-export"], capsys)
+    code, _, se = _run(["--data", str(d), "--out", str(tmp_path / "r"), "--no-export"], capsys)
     assert code == 2 and "shape" in se and "a.npz" in se and "b.npz" in se
     assert not (tmp_path / "r" / "model").exists()
 
@@ -70,7 +69,7 @@ def test_mixed_lattice_sizes_are_a_clear_error(tmp_path, capsys):
 def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[pcd]\nbacth = 16\n')
-    code, so, se = _run(["--config", str(cfg)], capsys)
+    code, _, se = _run(["--config", str(cfg)], capsys)
     assert code == 2 and "pcd.bacth" in se and "bad.toml" in se
 
 
@@ -79,12 +78,12 @@ def test_model_data_type_count_mismatch_is_a_clear_error(tmp_path, capsys):
     states = block_states(2, size=24, n_types=3)
     data = write_npz(tmp_path / "three.npz", states)
     if prior:
-        code, so, se = _run(["--data", str(data), "--prior", str(prior[0]), "--out", str(tmp_path / "r"),
+        code, _, se = _run(["--data", str(data), "--prior", str(prior[0]), "--out", str(tmp_path / "r"),
                              "--no-export"], capsys)
         assert code == 2 and "2 cell types" in se and "3" in se and "incompatible" in se
     cfg = tmp_path / "nn.toml"
     cfg.write_text('[model]\nkind = "nh"\nneural = { n_types = 2 }\n')
-    code, so, se = _run(["--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "r2"), "--no-export"],
+    code, _, se = _run(["--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "r2"), "--no-export"],
                         capsys)
     assert code == 2 and "3 cell types" in se
     assert not (tmp_path / "r" / "model").exists() and not (tmp_path / "r2" / "model").exists()
@@ -92,13 +91,13 @@ def test_model_data_type_count_mismatch_is_a_clear_error(tmp_path, capsys):
 
 def test_resume_without_checkpoint_and_missing_data_are_errors(tmp_path, capsys):
     data = write_npz(tmp_path / "d.npz", block_states(2, size=24))
-    code, so, se = _run(["--data", str(data), "--objective", "pcd", "--out", str(tmp_path / "r"), "--resume"], capsys)
+    code, _, se = _run(["--data", str(data), "--objective", "pcd", "--out", str(tmp_path / "r"), "--resume"], capsys)
     assert code == 2 and "no checkpoint" in se
-    code, so, se = _run(["--data", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "r")], capsys)
+    code, _, se = _run(["--data", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and "nope.npz" in se
 
 
 def test_state_without_cells_is_rejected(tmp_path, capsys):
     data = write_npz(tmp_path / "d.npz", [CellState(np.zeros((10, 10), np.int32), np.array([0], np.int32))])
-    code, so, se = _run(["--data", str(data), "--out", str(tmp_path / "r"), "--no-export"], capsys)
+    code, _, se = _run(["--data", str(data), "--out", str(tmp_path / "r"), "--no-export"], capsys)
     assert code == 2 and "no cell" in se

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from fit_helpers import ROOT, block_states, write_npz
+
 from training.checkpoint import load_checkpoint
 from training.config import load_config, to_toml
 from training.fit import fit
@@ -33,7 +33,7 @@ def test_two_processes_hold_half_the_chains_each_and_match_one_process(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "training.fit", "--config", str(cfg), "--no-progress"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+                       cwd=ROOT, capture_output=True, text=True, timeout=240, env=env, check=False)
     if r.returncode != 0 and "gloo" in r.stderr.lower() and "unavailable" in r.stderr.lower():
         pytest.skip("torch.distributed gloo is not available here")
     assert r.returncode == 0, r.stderr[-3000:]

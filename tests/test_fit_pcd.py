@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from fit_helpers import ROOT, block_states, write_npz
+
 from training.checkpoint import load_checkpoint
 from training.config import load_config
 from training.fit import fit
@@ -131,7 +131,7 @@ def test_divergence_guard_rolls_back_and_lowers_the_learning_rate(tmp_path, data
     assert s["status"] == "finished" and s["rollbacks"] == 1
     log = (out / "train.log").read_text()
     assert "divergence guard" in log and "rolled back to iteration 4" in log
-    t, m = _ckpt(out)
+    _, m = _ckpt(out)
     assert m["lr_scale"] == 0.5 and m["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.01)
 
 
@@ -171,3 +171,13 @@ def test_pcd_moves_parameters_towards_data(tmp_path, data):
     J = load_bundle(out / "model").hamiltonian.term("contact").J
     assert float(J[1, 0]) < 3.0 and float(J[2, 0]) < 3.0
     assert np.isfinite(J.detach().numpy()).all()
+
+
+@pytest.mark.parametrize("chain_rng", ["batched", "per_chain"])
+def test_stop_and_resume_in_process_matches_uninterrupted(tmp_path, data, chain_rng):
+    ref = tmp_path / "ref"
+    fit(_cfg(tmp_path, data, ref, iterations=6, chain_rng=chain_rng, checkpoint_every=3), progress=False)
+    run = tmp_path / "split"
+    fit(_cfg(tmp_path, data, run, iterations=3, chain_rng=chain_rng, checkpoint_every=3), progress=False)
+    fit(_cfg(tmp_path, data, run, iterations=6, chain_rng=chain_rng, checkpoint_every=3), resume=True, progress=False)
+    _same(_ckpt(ref)[0], _ckpt(run)[0])

@@ -34,7 +34,17 @@ def _toy(n=90, seed=0):
     return maps, labels
 
 
-def test_classifier_learns_and_roundtrips(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One torch thread: small models train much faster on a busy machine than with spinning worker threads."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_classifier_learns_and_roundtrips(tmp_path, one_thread):
     maps, labels = _toy()
     model, info = train_classifier(maps, labels, steps=120, batch_size=32, seed=1,
                                    config=ClassifierConfig(n_types=2, n_classes=10, channels=(8, 16), mlp=(32, 16)))

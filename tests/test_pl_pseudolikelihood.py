@@ -6,9 +6,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
 from fit_helpers import SHARED, block_states
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from neuralcpm_plugin.hamiltonian.analytic import cellsort_hamiltonian
 from neuralcpm_plugin.hamiltonian.base import LatticeSpec
 from neuralcpm_plugin.lattice import CellState, neighbour_offsets, states_from_channels
@@ -56,7 +57,7 @@ def test_candidate_sets_match_brute_force(state):
         if g == S:
             continue
         site = int(c.sites[0, p])
-        got.setdefault(site, (int(own_k[g]), {}))[1][int(c.new_ids[0, p])] = int(round(float(torch.exp(c.log_k[0, p]))))
+        got.setdefault(site, (int(own_k[g]), {}))[1][int(c.new_ids[0, p])] = round(float(torch.exp(c.log_k[0, p])))
     assert got == want
     assert c.n_sites == len(want)
 
@@ -123,7 +124,7 @@ def test_recovers_real_simulator_parameters_at_T1(name, key):
     t0 = time.perf_counter()
     res = fit_pl(ham, states)
     dt = time.perf_counter() - t0
-    r1, rs, ts = param_rmse(param_vector(ham), KNOWN_TRUTHS[key]["vector"])
+    r1, _, ts = param_rmse(param_vector(ham), KNOWN_TRUTHS[key]["vector"])
     assert r1 <= 0.04, (r1, param_vector(ham))
     assert abs(ts - 1.0) < 0.05          # the temperature scale is identified
     assert dt < 60 and res.method.startswith("convex")

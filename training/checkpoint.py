@@ -23,8 +23,14 @@ from safetensors.torch import load_file, save_file
 
 from neuralcpm_plugin.errors import ConfigError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "optimizer_to_tensors", "optimizer_from_tensors",
-           "CHECKPOINT_TENSORS", "CHECKPOINT_JSON"]
+__all__ = [
+    "CHECKPOINT_JSON",
+    "CHECKPOINT_TENSORS",
+    "load_checkpoint",
+    "optimizer_from_tensors",
+    "optimizer_to_tensors",
+    "save_checkpoint",
+]
 
 CHECKPOINT_TENSORS = "state.safetensors"
 CHECKPOINT_JSON = "state.json"
@@ -78,7 +84,7 @@ def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
         raise ConfigError(f"{jp}: not a version-{VERSION} {FORMAT} file")
     try:
         tensors = load_file(str(tp), device="cpu")
-    except Exception as e:  # safetensors' own error types
+    except Exception as e:  # noqa: BLE001 - safetensors' own error types
         raise ConfigError(f"{tp}: corrupt checkpoint tensors ({e})") from None
     return tensors, meta
 

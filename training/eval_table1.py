@@ -387,6 +387,7 @@ def add_common_arguments(p: argparse.ArgumentParser, default_data: str) -> None:
     p.add_argument("--sampler", choices=["parallel", "exact"], default="parallel")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--out", default=None, help="write the table (.md) and the numbers (.json) here")
     p.add_argument("--gif", default=None, help="folder for one roll-out GIF per run")
 
@@ -398,6 +399,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def overrides_of(args) -> dict:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(int(args.threads))
     return {"trajectories": args.trajectories, "frames": args.frames, "mcs_per_frame": args.mcs_per_frame,
             "flips": args.flips, "every": args.every, "chains": args.chains}
 

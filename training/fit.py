@@ -33,7 +33,7 @@ from neuralcpm_plugin.errors import ConfigError, DataError, NeuralCPMError
 
 from .config import MODEL_KINDS, OBJECTIVES, list_presets, load_config, to_toml
 
-__all__ = ["main", "build_parser", "build_model", "load_training_data", "fit"]
+__all__ = ["build_model", "build_parser", "fit", "load_training_data", "main"]
 
 _NEURAL_KIND = {"nh": "nh", "nh-closure": "nh", "local-nh": "local_nh", "local-nh-closure": "local_nh",
                 "cnn": "cnn", "nh1-cnn": "nh1_cnn"}
@@ -246,7 +246,7 @@ def _truth_from(spec: str | None, data_info: dict) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------ model
-def _load_prior(path: str):
+def _load_prior(path: str, learnable: bool = True):
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{path}: prior model not found")
@@ -265,7 +265,8 @@ def _load_prior(path: str):
         except (ModuleNotFoundError, AttributeError):
             raise ConfigError(f"{path}: importing {'Morpheus' if modname == 'morpheus_xml' else 'CompuCell3D'} "
                               f"models ({modname}.load_model) is not in this version of the package yet") from None
-    imported = load(p)
+    kw = {"learnable": learnable} if "learnable" in inspect.signature(load).parameters else {}
+    imported = load(p, **kw)
     return getattr(imported, "hamiltonian", imported)
 
 
@@ -283,7 +284,7 @@ def build_model(cfg: dict, states, *, seed: int = 0):
     analytic_terms = []
     needs_analytic = kind in ("analytic", "nh-closure", "local-nh-closure")
     if m["prior"]:
-        prior = _load_prior(m["prior"])
+        prior = _load_prior(m["prior"], learnable=not m["freeze_prior"])
         pt = prior.n_types if getattr(prior, "type_names", None) else None
         if pt is not None and pt != n_types:
             raise ConfigError(f"the prior {m['prior']} has {pt} cell types ({', '.join(prior.type_names[1:])}), "
@@ -308,8 +309,13 @@ def build_model(cfg: dict, states, *, seed: int = 0):
         tgt = [0.0] + [v_star] * n_types
         analytic_terms = [ContactEnergy(J, lattice.contact_order, periodic=True),
                           VolumeConstraint(lam, tgt, learnable=True, learn_target=False, periodic=True)]
+    vol = next((t for t in analytic_terms if t.kind == "volume"), None)
+    v_note = "data mean" if not m["prior"] else "from the prior"
+    if m["prior"] and vol is not None:
+        v_star = float(np.mean(vol.spec()["params"]["target"][1:]))
+    info = {"V*": v_star, "V*_source": v_note}
     if kind == "analytic":
-        return Hamiltonian(analytic_terms, lattice, float(m["temperature"]), type_names), {"V*": v_star}
+        return Hamiltonian(analytic_terms, lattice, float(m["temperature"]), type_names), info
     nkind = _NEURAL_KIND[kind]
     try:
         cls = term_class(nkind)
@@ -326,7 +332,7 @@ def build_model(cfg: dict, states, *, seed: int = 0):
     except TypeError:
         neural = cls(ncfg)
     if not kind.endswith("closure"):
-        return Hamiltonian([neural], lattice, float(m["temperature"]), type_names), {"V*": v_star}
+        return Hamiltonian([neural], lattice, float(m["temperature"]), type_names), info
     try:
         from neuralcpm_plugin.hamiltonian.closure import closure_hamiltonian
     except ModuleNotFoundError:
@@ -334,7 +340,7 @@ def build_model(cfg: dict, states, *, seed: int = 0):
                           "which is not in this version of the package yet") from None
     ham = closure_hamiltonian(analytic_terms, [neural], lattice, float(m["temperature"]), type_names,
                               w_a=float(m["w_a"]), w_n=float(m["w_n"]))
-    return ham, {"V*": v_star}
+    return ham, info
 
 
 def _check_compatible(ham, states):
@@ -519,7 +525,7 @@ def fit(cfg: dict, *, resume: bool = False, truth_spec: str | None = None, progr
         if truth is not None:
             (run_dir / "truth.json").write_text(json.dumps(truth, indent=1))
     _say(f"model: {cfg['model']['kind']} ({', '.join(t.kind for t in ham.terms)}), V* = {info['V*']:.2f} "
-         f"(data mean), T = {ham.temperature}; objective: {objective}")
+         f"({info['V*_source']}), T = {ham.temperature}; objective: {objective}")
 
     from neuralcpm_plugin.bundle import _package_version
     data_info.pop("truth_hamiltonian", None)
@@ -601,8 +607,8 @@ def main(argv=None) -> int:
             import torch.distributed as tdist
             if tdist.is_available() and tdist.is_initialized():
                 tdist.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
+        except Exception as e:  # noqa: BLE001 - best effort at exit
+            print(f"note: torch.distributed shutdown: {e}", file=sys.stderr)
     return int(summary.get("exit_code", 0))
 
 

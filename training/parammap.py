@@ -25,7 +25,7 @@ __all__ = ["ParamMap", "using_params"]
 
 
 class _Entry:
-    __slots__ = ("name", "free", "index", "mirror", "base", "owned")
+    __slots__ = ("base", "free", "index", "mirror", "name", "owned")
 
     def __init__(self, name, free, index=None, mirror=None, base=None, owned=True):
         self.name = name          # parameter name in the Hamiltonian

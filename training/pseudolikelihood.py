@@ -38,7 +38,7 @@ from neuralcpm_plugin.lattice import _shift, neighbour_offsets
 from .optim import Adam, newton_minimize
 from .parammap import ParamMap, using_params
 
-__all__ = ["Candidates", "build_candidates", "pl_nll", "fit_pl", "PLResult"]
+__all__ = ["Candidates", "PLResult", "build_candidates", "fit_pl", "pl_nll"]
 
 
 @dataclass
@@ -90,8 +90,8 @@ def _state_candidates(ids: np.ndarray, offs: np.ndarray, periodic: bool, rng=Non
     counts = (srt[:, :, None] == srt[:, None, :]).sum(2)
     g, k = np.nonzero(cand)
     rank = np.cumsum(cand, axis=1)          # slot of a candidate = its rank among the site's candidates
-    return dict(sites=sites[g], new_ids=srt[g, k], log_k=np.log(counts[g, k]), group=g, slot=rank[g, k],
-                own_log_k=np.log(k_own[sites]), n_groups=len(sites))
+    return {"sites": sites[g], "new_ids": srt[g, k], "log_k": np.log(counts[g, k]), "group": g,
+            "slot": rank[g, k], "own_log_k": np.log(k_own[sites]), "n_groups": len(sites)}
 
 
 def build_candidates(states, *, copy_order: int = 2, periodic: bool = True, device=None, n_ids=None,
@@ -126,7 +126,7 @@ def build_candidates(states, *, copy_order: int = 2, periodic: bool = True, devi
         own[b, : p["n_groups"]] = p["own_log_k"]
         gmask[b, : p["n_groups"]] = True
     batch = Batch.from_states(states, n_ids=n_ids, device=device, periodic=periodic)
-    t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+    t = lambda a: torch.as_tensor(a, device=device)
     return Candidates(batch, t(sites), t(new_ids), t(log_k), t(group), t(slot), t(own), t(gmask),
                       int(slot.max()) + 1)
 

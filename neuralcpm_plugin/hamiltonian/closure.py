@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import ConfigError
 from .base import Hamiltonian, LatticeSpec
 
-__all__ = ["closure_hamiltonian", "tie_closure_scales", "closure_weights"]
+__all__ = ["closure_hamiltonian", "closure_weights", "tie_closure_scales"]
 
 
 def _share(terms, param: nn.Parameter, what: str):

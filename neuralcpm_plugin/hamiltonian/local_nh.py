@@ -41,9 +41,9 @@ except ImportError:  # this file loaded on its own (inside a host tool, without 
     class BundleError(ValueError):
         """Weights that do not match the configuration."""
 
-__all__ = ["LocalNeuralHamiltonian", "LocalNHNumpy", "LOCAL_NH_DEFAULTS"]  # LocalNeuralHamiltonian needs torch
+__all__ = ["LOCAL_NH_DEFAULTS", "LocalNHNumpy", "LocalNeuralHamiltonian"]  # LocalNeuralHamiltonian needs torch
 
-LOCAL_NH_DEFAULTS = dict(n_types=2, stride=4, channels=16, kernel=3, dtype="float64")
+LOCAL_NH_DEFAULTS = {"n_types": 2, "stride": 4, "channels": 16, "kernel": 3, "dtype": "float64"}
 
 
 def _complete(config):
@@ -87,7 +87,7 @@ class LocalNHNumpy:
         self.scale = float(scale)
         s, C, k, T = cfg["stride"], cfg["channels"], cfg["kernel"], cfg["n_types"]
         self.s, self.C, self.k, self.r, self.T = s, C, k, k // 2, T
-        f = lambda name: np.asarray(arrays[name], dtype=np.float64)  # noqa: E731
+        f = lambda name: np.asarray(arrays[name], dtype=np.float64)
         ew = f("embed.weight")  # [C, 2+T, s, s]
         if ew.shape != (C, 2 + T, s, s):
             raise BundleError(f"local_nh: embed.weight has shape {ew.shape}, expected {(C, 2 + T, s, s)}")
@@ -122,12 +122,12 @@ class LocalNHNumpy:
         self._geom = {}
 
     @classmethod
-    def from_torch(cls, term) -> "LocalNHNumpy":
+    def from_torch(cls, term) -> LocalNHNumpy:
         arrays = {k: v.detach().cpu().double().numpy() for k, v in term.tensors().items()}
         return cls(term.config, arrays, term.scale_value())
 
     @classmethod
-    def from_arrays(cls, config: dict, arrays: dict, scale: float = 1.0) -> "LocalNHNumpy":
+    def from_arrays(cls, config: dict, arrays: dict, scale: float = 1.0) -> LocalNHNumpy:
         return cls(config, arrays, scale)
 
     @property
@@ -355,14 +355,14 @@ if torch is not None:
                 raise ConfigError(f"local_nh: the states hold cell type {int(types.max())} but the network was "
                                   f"built for types 0..{self.config['n_types']}")
 
-        def _terms(self, lab, tmap, nc: int, valid: bool):
-            """Torch twin of :meth:`LocalNHNumpy._terms` (sparse over the occupied (cell, patch) pairs).
+        def _stage1(self, lab, tmap, nc: int):
+            """Per-patch quantities of crops: lab, tmap long [M, Sr, Sc] (Sr, Sc multiples of s).
 
-            lab, tmap : long [M, Sr, Sc] → [M] (network dtype).
+            Returns ``(tpart [M*NP, C] type part + bias, mpR [nR] crop*NP + patch of each occupied
+            (crop, patch, cell) row, uR [nR, C] its per-cell features, A [M*NP, C] aggregate)``.
             """
             cfg = self.config
-            s, C, k, T = cfg["stride"], cfg["channels"], cfg["kernel"], cfg["n_types"]
-            r = k // 2
+            s, C, T = cfg["stride"], cfg["channels"], cfg["n_types"]
             M, Sr, Sc = lab.shape
             Pr, Pc = Sr // s, Sc // s
             NP = Pr * Pc
@@ -377,11 +377,10 @@ if torch is not None:
             q = pos // 8
             bit = torch.bitwise_left_shift(torch.ones_like(pos), pos % 8)
             W = self.embed.weight
-            wpos = torch.cat([W[:, :, :, :].reshape(C, 2 + T, s * s),
+            wpos = torch.cat([W.reshape(C, 2 + T, s * s),
                               torch.zeros((C, 2 + T, nq * 8 - s * s), dtype=dt, device=dev)], 2)
             bits = ((torch.arange(256, device=dev)[:, None] >> torch.arange(8, device=dev)) & 1).to(dt)  # [256, 8]
             tab = torch.einsum("pb,cjqb->jqpc", bits, wpos.view(C, 2 + T, nq, 8))  # [2+T, nq, 256, C]
-
             mbase = torch.arange(M, device=dev)[:, None] * NP + pidx[None]  # [M, S]
             # type part (shared by all cells of a patch, and the ghost)
             k2 = ((mbase * (T + 1) + tmap.reshape(M, -1)) * nq + q[None]).reshape(-1)
@@ -402,27 +401,71 @@ if torch is not None:
             psiR = F.silu(self.psi2(F.silu(self.psi1(uR))))
             psig = F.silu(self.psi2(F.silu(self.psi1(ug))))
             A = torch.zeros((M * NP, C), dtype=dt, device=dev).index_add(0, mpR, psiR - psig[mpR])
-            A = A.view(M, Pr, Pc, C).permute(0, 3, 1, 2)
-            if not valid:
-                A = F.pad(A, (r, r, r, r), mode="circular")
-            CA = F.conv2d(A, self.phi_a.weight, self.phi_a.bias)  # [M, C, Po, Qo]
-            Po, Qo = CA.shape[-2:]
-            NO = Po * Qo
-            CA = CA.permute(0, 2, 3, 1).reshape(M * NO, C)
+            return tpart, mpR, uR, A
+
+        def _stage2(self, tpart, mpR, uR, A, M: int, Pr: int, Pc: int, valid: bool):
+            """Σ_g Σ_c in_c(g)·(ρ_c(g) − ρ_∅(g)) over the output patches → [M]."""
+            cfg = self.config
+            C, k = cfg["channels"], cfg["kernel"]
+            r = k // 2
+            NP = Pr * Pc
+            dev, dt = A.device, A.dtype
+            # k×k conv of A at the output patches as one gather + matmul (valid: interior; else circular)
             off = r if valid else 0
-            prow, pcol = torch.arange(Pr, device=dev) - off, torch.arange(Pc, device=dev) - off
-            okr, okc = (prow >= 0) & (prow < Po), (pcol >= 0) & (pcol < Qo)
-            outidx = torch.where(okr[:, None] & okc[None], prow[:, None] * Qo + pcol[None], -1).reshape(-1)  # [NP]
+            orow = torch.arange(off, Pr - off, device=dev)
+            ocol = torch.arange(off, Pc - off, device=dev)
+            NO = orow.numel() * ocol.numel()
+            dk = torch.arange(-r, r + 1, device=dev)
+            ri = (orow[:, None] + dk) % Pr
+            ci = (ocol[:, None] + dk) % Pc
+            gidx = (ri[:, None, :, None] * Pc + ci[None, :, None, :]).reshape(NO, k * k)
+            WA = self.phi_a.weight.permute(2, 3, 1, 0).reshape(k * k * C, C)
+            CA = torch.addmm(self.phi_a.bias, A.view(M, NP, C)[:, gidx].reshape(M * NO, k * k * C), WA)
+            opatch = (orow[:, None] * Pc + ocol[None]).reshape(-1)
+            outidx = torch.full((NP,), -1, dtype=torch.long, device=dev)
+            outidx[opatch] = torch.arange(NO, device=dev)
             mR = mpR // NP
             oR = outidx[mpR % NP]
             sel = oR >= 0
-            gidx = mR[sel] * NO + oR[sel]
-            h = F.silu(self.phi_u(uR[sel]) + CA[gidx])
+            g = mR[sel] * NO + oR[sel]
+            h = F.silu(self.phi_u(uR[sel]) + CA[g])
             rho = self.out(F.silu(self.phi2(h)))[:, 0]
-            opatch = torch.nonzero(outidx >= 0)[:, 0]
-            ugo = ug.view(M, NP, C)[:, opatch].reshape(M * NO, C)
+            ugo = F.silu(tpart.view(M, NP, C)[:, opatch].reshape(M * NO, C))
             rhog = self.out(F.silu(self.phi2(F.silu(self.phi_u(ugo) + CA))))[:, 0]
-            return torch.zeros(M, dtype=dt, device=dev).index_add(0, mR[sel], rho - rhog[gidx])
+            return torch.zeros(M, dtype=dt, device=dev).index_add(0, mR[sel], rho - rhog[g])
+
+        def _terms(self, lab, tmap, nc: int, valid: bool):
+            """Torch twin of :meth:`LocalNHNumpy._terms` (sparse over the occupied (cell, patch) pairs).
+
+            lab, tmap : long [M, Sr, Sc] → [M] (network dtype).
+            """
+            s = self.config["stride"]
+            M, Sr, Sc = lab.shape
+            return self._stage2(*self._stage1(lab, tmap, nc), M, Sr // s, Sc // s, valid)
+
+        def _crop_delta(self, lab_b, tb, lab_c, tc, nc: int):
+            """e(after) − e(before) of crops that differ only in their centre patch.
+
+            lab_b, tb : [n, S, S] before-state crops; lab_c, tc : [n, s, s] the after-state centre patch.
+            """
+            s = self.config["stride"]
+            n, S, _ = lab_b.shape
+            P = S // s
+            NP = P * P
+            c = NP // 2
+            tp_b, mp_b, u_b, A_b = self._stage1(lab_b, tb, nc)
+            tp_c, mp_c, u_c, A_c = self._stage1(lab_c, tc, nc)  # one patch per crop: mp_c = crop index
+            centre = torch.arange(n, device=lab_b.device) * NP + c
+            tp_a = tp_b.clone()
+            tp_a[centre] = tp_c
+            A_a = A_b.clone()
+            A_a[centre] = A_c
+            keep = (mp_b % NP) != c
+            mp_a = torch.cat([mp_b[keep], mp_c * NP + c])
+            u_a = torch.cat([u_b[keep], u_c])
+            e_b = self._stage2(tp_b, mp_b, u_b, A_b, n, P, P, True)
+            e_a = self._stage2(tp_a, mp_a, u_a, A_a, n, P, P, True)
+            return e_a - e_b
 
         # --- the three forms of the ΔH interface ----------------------------------------------
         def energy(self, batch: Batch) -> torch.Tensor:
@@ -444,9 +487,12 @@ if torch is not None:
             e = self._terms(lab, tmap, nc, valid=False)
             return e.to(torch.float64) * self.scale
 
-        @torch.no_grad()
         def delta(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, *, chunk: int = 4096):
-            """ΔH [B, P] float64 (scale included) from crops around each proposal (batched)."""
+            """ΔH [B, P] float64 (scale included) from crops around each proposal (batched).
+
+            Differentiable in the parameters when gradients are enabled (e.g. for a pseudo-likelihood fit);
+            samplers call it under ``torch.no_grad()``.
+            """
             self._check_types(batch.types)
             cfg = self.config
             s, k = cfg["stride"], cfg["kernel"]
@@ -489,26 +535,28 @@ if torch is not None:
                 lab_b = lab[:, :-1].view(n, n_crop, n_crop)
                 ci = 2 * r * s + i - gi * s
                 cj = 2 * r * s + j - gj * s
-                lab_a = lab_b.clone()
-                lab_a[torch.arange(n, device=dev), ci, cj] = lab[:, -1]
                 types_b = batch.types[b]
                 tb = types_b.gather(1, crop.reshape(n, -1)).view(n, n_crop, n_crop)
-                ta = tb.clone()
-                ta[torch.arange(n, device=dev), ci, cj] = types_b.gather(1, nid[:, None])[:, 0]
-                e = self._terms(torch.cat([lab_b, lab_a]), torch.cat([tb, ta]), nc, valid=True)
-                out[b, p] = (e[n:] - e[:n]).to(torch.float64)
+                # the after state's centre patch
+                c0 = 2 * r * s
+                ar = torch.arange(n, device=dev)
+                lab_c = lab_b[:, c0:c0 + s, c0:c0 + s].clone()
+                lab_c[ar, ci - c0, cj - c0] = lab[:, -1]
+                tc = tb[:, c0:c0 + s, c0:c0 + s].clone()
+                tc[ar, ci - c0, cj - c0] = types_b.gather(1, nid[:, None])[:, 0]
+                dlt = self._crop_delta(lab_b, tb, lab_c, tc, nc)
+                out[b, p] = dlt.to(torch.float64)
             return out * self.scale
 
         def _delta_full(self, batch, sites, new_ids, todo):
             B, P = sites.shape
-            with torch.no_grad():
-                base = self.energy(batch)
-                out = torch.zeros((B, P), dtype=torch.float64, device=batch.device)
-                for b, p in zip(*torch.nonzero(todo, as_tuple=True)):
-                    ids = batch.ids[b:b + 1].clone()
-                    ids.view(1, -1)[0, sites[b, p]] = new_ids[b, p]
-                    sub = Batch(ids, batch.types[b:b + 1], batch.volumes[b:b + 1], batch.periodic)
-                    out[b, p] = self.energy(sub)[0] - base[b]
+            base = self.energy(batch)
+            out = torch.zeros((B, P), dtype=torch.float64, device=batch.device)
+            for b, p in zip(*torch.nonzero(todo, as_tuple=True)):
+                ids = batch.ids[b:b + 1].clone()
+                ids.view(1, -1)[0, sites[b, p]] = new_ids[b, p]
+                sub = Batch(ids, batch.types[b:b + 1], batch.volumes[b:b + 1], batch.periodic)
+                out[b, p] = self.energy(sub)[0] - base[b]
             return out
 
         def numpy_evaluator(self) -> LocalNHNumpy:

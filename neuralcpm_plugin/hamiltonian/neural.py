@@ -33,6 +33,7 @@ the second layer, and the (low-resolution) remaining layers are evaluated for al
 from __future__ import annotations
 
 import copy
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -42,40 +43,47 @@ from torch import nn
 from ..errors import BundleError, ConfigError
 from .base import Batch, LatticeSpec, Term, register_term
 
-__all__ = ["NeuralHamiltonian", "CNNHamiltonian", "NH1CNNHamiltonian", "NH_PRESETS", "CNN_PRESETS",
-           "NH1CNN_PRESETS", "present_ids"]
+__all__ = [
+    "CNN_PRESETS",
+    "NH1CNN_PRESETS",
+    "NH_PRESETS",
+    "CNNHamiltonian",
+    "NH1CNNHamiltonian",
+    "NeuralHamiltonian",
+    "present_ids",
+]
 
 _silu = F.silu
 
 # ------------------------------------------------------------------------------------------- presets
 NH_PRESETS = {
     # reference code configs/experiment_1.py "nh"/"nch"
-    "mnist": dict(n_types=2, embed_stride=3, hidden=[8, 16, 32, 32], edge=[8, 16, 32, 32], pools=[3, 2, 1, 1],
-                  agg_channels=32, mlp=[32, 32]),
+    "mnist": {"n_types": 2, "embed_stride": 3, "hidden": [8, 16, 32, 32], "edge": [8, 16, 32, 32],
+              "pools": [3, 2, 1, 1], "agg_channels": 32, "mlp": [32, 32]},
     # reference code configs/experiment_2.py "nch"
-    "bipolar": dict(n_types=2, embed_stride=5, hidden=[16, 32, 32, 64, 64, 64], edge=[16, 32, 32, 64, 64, 64],
-                    pools=[2, 1, 2, 1, 2, 1], agg_channels=32, mlp=[32, 32]),
+    "bipolar": {"n_types": 2, "embed_stride": 5, "hidden": [16, 32, 32, 64, 64, 64],
+                "edge": [16, 32, 32, 64, 64, 64], "pools": [2, 1, 2, 1, 2, 1], "agg_channels": 32, "mlp": [32, 32]},
 }
 NH1CNN_PRESETS = {
     # reference code configs/experiment_1.py "shallow_nh"
-    "mnist": dict(n_types=2, embed_stride=3, hidden=[8], edge=[8], pools=[3], agg_channels=32,
-                  conv_hidden=[32, 64, 128], conv_pools=[1, 2, 2], conv_layers=2, mlp=[32, 32]),
-    "bipolar": dict(n_types=2, embed_stride=5, hidden=[16], edge=[16], pools=[2], agg_channels=32,
-                    conv_hidden=[32, 64, 128], conv_pools=[1, 2, 2], conv_layers=2, mlp=[32, 32]),
+    "mnist": {"n_types": 2, "embed_stride": 3, "hidden": [8], "edge": [8], "pools": [3], "agg_channels": 32,
+              "conv_hidden": [32, 64, 128], "conv_pools": [1, 2, 2], "conv_layers": 2, "mlp": [32, 32]},
+    "bipolar": {"n_types": 2, "embed_stride": 5, "hidden": [16], "edge": [16], "pools": [2], "agg_channels": 32,
+                "conv_hidden": [32, 64, 128], "conv_pools": [1, 2, 2], "conv_layers": 2, "mlp": [32, 32]},
 }
 CNN_PRESETS = {
     # reference code configs/experiment_1.py "conv_ham"
-    "mnist": dict(n_types=2, n_ids=51, embed_stride=3, hidden=[16, 16, 32, 32, 64, 64, 128],
-                  pools=[1, 2, 1, 2, 1, 2, 1], conv_layers=2, agg_channels=64, mlp=[32, 32]),
-    "bipolar": dict(n_types=2, n_ids=41, embed_stride=5, hidden=[16, 16, 32, 32, 64, 64, 128],
-                    pools=[1, 2, 1, 2, 1, 2, 1], conv_layers=2, agg_channels=64, mlp=[32, 32]),
+    "mnist": {"n_types": 2, "n_ids": 51, "embed_stride": 3, "hidden": [16, 16, 32, 32, 64, 64, 128],
+              "pools": [1, 2, 1, 2, 1, 2, 1], "conv_layers": 2, "agg_channels": 64, "mlp": [32, 32]},
+    "bipolar": {"n_types": 2, "n_ids": 41, "embed_stride": 5, "hidden": [16, 16, 32, 32, 64, 64, 128],
+                "pools": [1, 2, 1, 2, 1, 2, 1], "conv_layers": 2, "agg_channels": 64, "mlp": [32, 32]},
 }
 
-_NH_DEFAULTS = dict(n_types=2, embed_stride=3, hidden=[8], edge=None, pools=None, agg_channels=32,
-                    conv_hidden=[], conv_pools=None, conv_layers=2, mlp=[32, 32], padding="circular",
-                    phi_final_activation=False, dtype="float32")
-_CNN_DEFAULTS = dict(n_types=2, n_ids=51, embed_stride=3, hidden=[16], pools=None, conv_layers=2, agg_channels=64,
-                     mlp=[32, 32], padding="circular", dtype="float32")
+_NH_DEFAULTS = {"n_types": 2, "embed_stride": 3, "hidden": [8], "edge": None, "pools": None, "agg_channels": 32,
+                "conv_hidden": [], "conv_pools": None, "conv_layers": 2, "mlp": [32, 32], "padding": "circular",
+                "phi_final_activation": False, "dtype": "float32"}
+_CNN_DEFAULTS = {"n_types": 2, "n_ids": 51, "embed_stride": 3, "hidden": [16], "pools": None, "conv_layers": 2,
+                 "agg_channels": 64, "mlp": [32, 32], "padding": "circular", "dtype": "float32"}
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -226,8 +234,8 @@ class _NHLayer(nn.Module):
 # ------------------------------------------------------------------------------------------- common Term base
 class _NeuralTerm(Term):
     analytic = False
-    _presets: dict = {}
-    _defaults: dict = {}
+    _presets: ClassVar[dict] = {}
+    _defaults: ClassVar[dict] = {}
 
     def __init__(self, config=None, *, preset=None, scale=1.0, learn_scale=False, seed=None):
         super().__init__(scale, learn_scale)
@@ -275,24 +283,24 @@ class _NeuralTerm(Term):
 
     # --- ΔH by full recomputation (generic; exact) ---------------------------------------------
     def delta_full(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, chunk: int = 64):
-        """ΔH by evaluating every proposed state in full (batched in chunks of ``chunk`` states)."""
+        """ΔH by evaluating every proposed state in full (batched in chunks of ``chunk`` states).
+
+        Differentiable in the parameters when gradients are enabled (samplers call it under no_grad).
+        """
         B, P = sites.shape
-        with torch.no_grad():
-            base = self.energy(batch)
-            out = torch.empty((B, P), dtype=torch.float64, device=batch.device)
-            flat_ids = batch.ids.flatten(1)
-            bi = torch.arange(B, device=batch.device)[:, None].expand(B, P).reshape(-1)
-            s = sites.reshape(-1)
-            nid = new_ids.reshape(-1).to(flat_ids.dtype)
-            res = []
-            for lo in range(0, B * P, chunk):
-                sl = slice(lo, lo + chunk)
-                ids = flat_ids[bi[sl]].clone()
-                ids[torch.arange(ids.shape[0], device=ids.device), s[sl]] = nid[sl]
-                sub = Batch(ids.view(-1, *batch.shape), batch.types[bi[sl]], batch.volumes[bi[sl]], batch.periodic)
-                res.append(self.energy(sub))
-            out = torch.cat(res).view(B, P) - base[:, None]
-        return out
+        base = self.energy(batch)
+        flat_ids = batch.ids.flatten(1)
+        bi = torch.arange(B, device=batch.device)[:, None].expand(B, P).reshape(-1)
+        s = sites.reshape(-1)
+        nid = new_ids.reshape(-1).to(flat_ids.dtype)
+        res = []
+        for lo in range(0, B * P, chunk):
+            sl = slice(lo, lo + chunk)
+            ids = flat_ids[bi[sl]].clone()
+            ids[torch.arange(ids.shape[0], device=ids.device), s[sl]] = nid[sl]
+            sub = Batch(ids.view(-1, *batch.shape), batch.types[bi[sl]], batch.volumes[bi[sl]], batch.periodic)
+            res.append(self.energy(sub))
+        return torch.cat(res).view(B, P) - base[:, None]
 
     def delta(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
         return self.delta_full(batch, sites, new_ids)
@@ -440,7 +448,6 @@ class NeuralHamiltonian(_NeuralTerm):
         d = 2 * (4 + (p1 - 1) + 2) + 1
         return min(shape[0] // s, shape[1] // s) >= d
 
-    @torch.no_grad()
     def delta_incremental(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, *, chunk: int = 16):
         """ΔH reusing activations outside each proposal's region of influence (exact up to float rounding).
 
@@ -533,7 +540,8 @@ class NeuralHamiltonian(_NeuralTerm):
             z = L0.down(both)
             ps = _silu(F.conv2d(_silu(F.conv2d(z, L0.psi1.weight, L0.psi1.bias)), L0.psi2.weight, L0.psi2.bias))
             ps = ps.view(n, 2, K, *ps.shape[1:])  # [n, 2, K, E, 5, 5]
-            dS = (ps[:, 1] * pres_a[:, :, None, None, None]).sum(1) - (ps[:, 0] * pres[b][:, :, None, None, None]).sum(1)
+            w_a, w_b = pres_a[:, :, None, None, None], pres[b][:, :, None, None, None]
+            dS = (ps[:, 1] * w_a).sum(1) - (ps[:, 0] * w_b).sum(1)
             # aggregate crop (radius rx), patched
             Sb = S1[b]
             E = Sb.shape[1]
@@ -572,8 +580,8 @@ class NeuralHamiltonian(_NeuralTerm):
             x2n[nn_i, qi[:, :, None], qj[:, None, :]] = blk.permute(0, 3, 4, 1, 2)
             x2n = x2n.permute(0, 3, 4, 1, 2)[..., :h2, :w2]
             e_after = self._readout(self._run_layers(x2n.contiguous(), pres_a, 1), pres_a)
-            out[b, pp] = (e_after - base_nn[b]).to(torch.float64)
-        return out * self.scale
+            out[b, pp] = (e_after - base_nn[b]).to(torch.float64) * self.scale
+        return out
 
 
 # ------------------------------------------------------------------------------------------- baselines

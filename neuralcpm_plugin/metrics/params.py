@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["param_rmse", "param_vector", "param_names", "PAPER_J_FACTOR", "KNOWN_TRUTHS", "truth_from_source"]
+__all__ = ["KNOWN_TRUTHS", "PAPER_J_FACTOR", "param_names", "param_rmse", "param_vector", "truth_from_source"]
 
 PAPER_J_FACTOR = 4.0
 
@@ -149,13 +149,13 @@ def truth_from_source(spec, *, scaling: str = "per_pair", source: str | None = N
             lam_a = np.asarray(lam, dtype=np.float64).reshape(-1)
             lam_v = lam_a if lam_a.size > 1 else np.array([0.0] + [float(lam_a[0])] * n)
             v = _from_arrays(J, lam_v, n, "per_pair")
-        n_types = int(round((np.sqrt(8 * len(v) + 1) - 3) / 2)) if len(v) > 1 else 1
+        n_types = round((np.sqrt(8 * len(v) + 1) - 3) / 2) if len(v) > 1 else 1
         return {"vector": v.tolist(), "names": param_names(n_types), "source": source or "given parameters"}
     p = Path(spec)
     if p.is_dir() or p.name == "model.json":
         from ..bundle import load_bundle
         v = param_vector(load_bundle(p))
-        return {"vector": v.tolist(), "names": param_names(len(v) and int(round((np.sqrt(8 * len(v) + 1) - 3) / 2))),
+        return {"vector": v.tolist(), "names": param_names(round((np.sqrt(8 * len(v) + 1) - 3) / 2)),
                 "source": f"bundle {p}"}
     if p.suffix.lower() == ".json":
         import json
