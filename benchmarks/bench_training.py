@@ -58,11 +58,46 @@ def bench(kind: str, states, repeats: int, log=print):
     return med
 
 
+def bench_extrapolated(kind: str, states, n_steps: int, log=print):
+    """Time ``n_steps`` sampler steps on the 16-chain batch and one energy+gradient evaluation; extrapolate."""
+    from neuralcpm_plugin.hamiltonian.base import Batch
+    from neuralcpm_plugin.sampling.parallel import ParallelSampler
+    from training.config import load_config
+    from training.fit import build_model
+    from training.parammap import ParamMap, using_params
+    cfg = load_config("mnist", {"model": {"kind": kind, "neural": {} if kind.startswith("local") or
+                                          kind == "analytic" else {"preset": "mnist"}}})
+    ham, _ = build_model(cfg, states, seed=0)
+    p = cfg["pcd"]
+    batch = Batch.from_states(states)
+    sampler = ParallelSampler(ham, int(p["flips"]))
+    g = torch.Generator().manual_seed(0)
+    steps = []
+    for _ in range(n_steps):
+        t0 = time.perf_counter()
+        sampler.step(batch, g)
+        steps.append(time.perf_counter() - t0)
+    pm = ParamMap(ham)
+    pos = Batch.from_states(states)
+    t0 = time.perf_counter()
+    with using_params(ham, pm.functional_params()):
+        loss = ham.energy(pos).mean() - ham.energy(batch).mean()
+    loss.backward()
+    t_grad = time.perf_counter() - t0
+    per_it = round(p["mcs"] * batch.ids[0].numel() / p["flips"])
+    step = statistics.median(steps)
+    log(f"{kind:>18}: sampler step {step:.3f} s (median of {n_steps}, 16 chains x {p['flips']} proposals), "
+        f"energies + gradient {t_grad:.2f} s -> one iteration ≈ {per_it} x {step:.3f} + {t_grad:.2f} = "
+        f"{per_it * step + t_grad:.1f} s (extrapolated from measured steps)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="analytic,local-nh-closure,nh-closure")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--extrapolate", type=int, default=0,
+                   help="time this many sampler steps and extrapolate one iteration (for slow models)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -71,7 +106,10 @@ def main(argv=None):
     print(f"16 states 100x100, {len(states[0].cell_ids())} cells, made in {time.perf_counter() - t0:.1f} s; "
           f"torch threads {torch.get_num_threads()}")
     for kind in a.models.split(","):
-        bench(kind.strip(), states, a.repeats if kind != "nh-closure" else max(1, min(a.repeats, 2)))
+        if a.extrapolate:
+            bench_extrapolated(kind.strip(), states, a.extrapolate)
+        else:
+            bench(kind.strip(), states, a.repeats)
 
 
 if __name__ == "__main__":

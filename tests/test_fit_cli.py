@@ -101,3 +101,20 @@ def test_state_without_cells_is_rejected(tmp_path, capsys):
     data = write_npz(tmp_path / "d.npz", [CellState(np.zeros((10, 10), np.int32), np.array([0], np.int32))])
     code, _, se = _run(["--data", str(data), "--out", str(tmp_path / "r"), "--no-export"], capsys)
     assert code == 2 and "no cell" in se
+
+
+def test_default_flow_generates_data_fits_and_exports(tmp_path, capsys):
+    pytest.importorskip("training.gen_cellsort")
+    cfg = tmp_path / "small.toml"
+    cfg.write_text('preset = "default"\n[generate]\ndataset = "cellsort"\n'
+                   'options = { scenario = "b", scale = "cpu", n_snapshots = 4, size = 24, cells = 6, target = 40.0, '
+                   'radius = 8.0, mcs = 30, proposal = "classic" }\n')
+    out = tmp_path / "run"
+    code, so, se = _run(["--config", str(cfg), "--out", str(out), "--threads", "1", "--no-progress"], capsys)
+    assert code == 0, se
+    assert (out / "data.npz").exists() and (out / "model" / "model.json").exists()
+    truth = json.loads((out / "truth.json").read_text())
+    assert "generator" in truth["source"] and len(truth["vector"]) == 6
+    assert "bundle:" in so and "python -m training.evaluate params" in so
+    # the exporters run when they are installed, and say so when they are not
+    assert ("CC3D project" in so or "CC3D export" in so) and ("Morpheus" in so)

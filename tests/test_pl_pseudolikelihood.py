@@ -98,9 +98,9 @@ def test_param_map_keeps_constraints_and_skips_frozen():
         for p in pm.parameters():
             p.add_(torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape) * 0.1)
     pm.sync()
-    Jt = ham.term("contact").J
+    Jt = ham.term("contact").J.detach()
     assert torch.equal(Jt, Jt.T) and float(Jt[0, 0]) == 0.0
-    lam = ham.term("volume").lam
+    lam = ham.term("volume").lam.detach()
     assert float(lam[1]) == float(lam[2])
     ham.term("volume").lam.requires_grad_(False)
     assert ParamMap(ham).n_free() == 5
@@ -153,3 +153,17 @@ def test_stochastic_version_approaches_the_convex_optimum():
     res = fit_pl(ham, states, stochastic=True, steps=150, lr=0.05, sites_per_state=300, states_per_step=2, seed=1)
     assert res.method == "stochastic Adam"
     assert np.linalg.norm(param_vector(ham) - target) < 0.35 * start
+
+
+@settings(max_examples=20, deadline=None)
+@given(small_states())
+def test_boundary_proposal_weights_are_k_times_K_minus_k(state):
+    c = build_candidates([state], proposal="classic")
+    b = build_candidates([state], proposal="boundary")
+    k, ko = torch.exp(c.log_k), torch.exp(c.own_log_k)
+    real = c.group < c.group_mask.shape[1]
+    assert torch.allclose(b.log_k[real], torch.log(k[real]) + torch.log(8 - k[real]))
+    m = c.group_mask
+    assert torch.allclose(b.own_log_k[m], torch.log(ko[m]) + torch.log(8 - ko[m]))
+    with pytest.raises(ValueError, match="proposal"):
+        build_candidates([state], proposal="metropolis")

@@ -20,7 +20,8 @@ top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), `
 ``[objective]`` : ``name`` ("pl" or "pcd").
 ``[pl]`` : the proposal-aware pseudo-likelihood (SPEC.md); convex L-BFGS for analytic models
     (``max_iter``, ``tolerance``), stochastic Adam for neural ones (``steps``, ``lr``, ``sites_per_state``,
-    ``states_per_step``).
+    ``states_per_step``); ``proposal`` = the copy proposals of the dynamics that made the data ("classic":
+    CC3D/Morpheus; "boundary": the paper's generators).
 ``[pcd]`` : persistent contrastive divergence (paper §3.2, App. Table 7): ``batch``, ``iterations``, ``mcs``,
     ``flips``, ``reset_prob``, ``alpha``, ``ema``, ``lr``, ``checkpoint_every``, ``plot_every`` (0 = no plots), divergence
     guard ``energy_limit`` / ``lr_decay`` / ``max_rollbacks``, ``sampler`` ("parallel" = the paper's parallel
@@ -82,7 +83,7 @@ DEFAULTS: dict = {
     },
     "objective": {"name": "pl"},
     "pl": {"max_iter": 200, "tolerance": 1e-10, "steps": 200, "lr": 1e-2, "sites_per_state": 256,
-           "states_per_step": 4},
+           "states_per_step": 4, "proposal": "classic"},
     "pcd": {
         "batch": 16,
         "iterations": 10000,
@@ -191,7 +192,8 @@ def validate(cfg: dict, *, where: str = "") -> dict:
               (m["temperature"] > 0, "model.temperature must be > 0"),
               (m["copy_order"] >= 1 and m["contact_order"] >= 1, "neighbourhood orders must be >= 1"),
               (cfg["pl"]["max_iter"] >= 1, "pl.max_iter must be >= 1"),
-              (cfg["pl"]["sites_per_state"] >= 1, "pl.sites_per_state must be >= 1")]
+              (cfg["pl"]["sites_per_state"] >= 1, "pl.sites_per_state must be >= 1"),
+              (cfg["pl"]["proposal"] in ("classic", "boundary"), "pl.proposal must be 'classic' or 'boundary'")]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(where + msg)

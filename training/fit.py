@@ -506,7 +506,7 @@ def fit(cfg: dict, *, resume: bool = False, truth_spec: str | None = None, progr
     if resume and objective == "pcd" and not (run_dir / "checkpoint").exists():
         raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoint'}")
 
-    if rank == 0 and (run_dir / "data.npz").exists() and resume:
+    if (run_dir / "data.npz").exists() and resume and not cfg["data"]["path"]:
         cfg = dict(cfg, data=dict(cfg["data"], path=str(run_dir / "data.npz")))
     states, data_info = load_training_data(cfg, run_dir) if rank == 0 or cfg["data"]["path"] else (None, None)
     if dist is not None and not cfg["data"]["path"]:
@@ -544,7 +544,7 @@ def fit(cfg: dict, *, resume: bool = False, truth_spec: str | None = None, progr
         res = fit_pl(ham, states, share_lambda=cfg["model"]["share_lambda"], max_iter=pl["max_iter"],
                      tolerance=pl["tolerance"], steps=pl["steps"], lr=pl["lr"], sites_per_state=pl["sites_per_state"],
                      states_per_step=pl["states_per_step"], seed=seed, device=device, log=_say,
-                     progress=progress)
+                     progress=progress, proposal=pl["proposal"])
         provenance["pl"] = {"nll": res.nll, "iterations": res.iterations, "method": res.method,
                             "sites": res.n_sites, "seconds": round(res.seconds, 3)}
         summary["fit_seconds"] = res.seconds

@@ -72,7 +72,23 @@ class Candidates:
         return int((self.group < self.group_mask.shape[1]).sum())
 
 
-def _state_candidates(ids: np.ndarray, offs: np.ndarray, periodic: bool, rng=None, max_sites=None):
+def _log_weight(k: np.ndarray, K: int, proposal: str) -> np.ndarray:
+    """Log proposal weight of a value held by ``k`` of the site's ``K`` copy neighbours.
+
+    classic (random site, random neighbour): w = k.  boundary (random boundary site, random neighbour of another
+    cell — the exact sampler's ``proposal="boundary"`` and, one flip at a time, the parallel sampler): the
+    proposal a → c has probability ∝ k_c / (K − k_a), and detailed balance at the site holds with
+    w = k (K − k) (changes of the boundary-set size are neglected).
+    """
+    if proposal == "classic":
+        return np.log(k)
+    if proposal == "boundary":
+        return np.log(k) + np.log(K - k)
+    raise ValueError(f"proposal must be 'classic' or 'boundary', got {proposal!r}")
+
+
+def _state_candidates(ids: np.ndarray, offs: np.ndarray, periodic: bool, rng=None, max_sites=None,
+                      proposal: str = "classic"):
     K = len(offs)
     nb = np.stack([_shift(ids, o, periodic, fill=-1) for o in offs]).reshape(K, -1)
     own = ids.reshape(-1)
@@ -90,17 +106,20 @@ def _state_candidates(ids: np.ndarray, offs: np.ndarray, periodic: bool, rng=Non
     counts = (srt[:, :, None] == srt[:, None, :]).sum(2)
     g, k = np.nonzero(cand)
     rank = np.cumsum(cand, axis=1)          # slot of a candidate = its rank among the site's candidates
-    return {"sites": sites[g], "new_ids": srt[g, k], "log_k": np.log(counts[g, k]), "group": g,
-            "slot": rank[g, k], "own_log_k": np.log(k_own[sites]), "n_groups": len(sites)}
+    return {"sites": sites[g], "new_ids": srt[g, k], "log_k": _log_weight(counts[g, k], K, proposal), "group": g,
+            "slot": rank[g, k], "own_log_k": _log_weight(k_own[sites], K, proposal), "n_groups": len(sites)}
 
 
 def build_candidates(states, *, copy_order: int = 2, periodic: bool = True, device=None, n_ids=None,
-                     max_sites_per_state: int | None = None, rng: np.random.Generator | None = None
-                     ) -> Candidates:
-    """Candidate sets of the boundary sites of ``states`` (optionally a random subset per state)."""
+                     max_sites_per_state: int | None = None, rng: np.random.Generator | None = None,
+                     proposal: str = "classic") -> Candidates:
+    """Candidate sets of the boundary sites of ``states`` (optionally a random subset per state).
+
+    ``log_k`` / ``own_log_k`` hold the log proposal weights of :func:`_log_weight` for ``proposal``.
+    """
     states = list(states)
     offs = neighbour_offsets(copy_order, states[0].ndim)
-    per = [_state_candidates(s.ids, offs, periodic, rng, max_sites_per_state) for s in states]
+    per = [_state_candidates(s.ids, offs, periodic, rng, max_sites_per_state, proposal) for s in states]
     B = len(states)
     S = max(1, max(p["n_groups"] for p in per))
     P = max(1, max(len(p["sites"]) for p in per))
@@ -268,7 +287,8 @@ def _dense_linear_problem(c: Candidates, c0: torch.Tensor, F: torch.Tensor, T: f
 def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bool = True,
            max_iter: int = 200, tolerance: float = 1e-10, stochastic: bool | None = None, steps: int = 200,
            lr: float = 1e-2, sites_per_state: int = 256, states_per_step: int = 4, seed: int = 0,
-           device=None, log=None, progress: bool = False, param_map: ParamMap | None = None) -> PLResult:
+           device=None, log=None, progress: bool = False, param_map: ParamMap | None = None,
+           proposal: str = "classic") -> PLResult:
     """Fit ``hamiltonian`` (in place) to ``states`` by the proposal-aware pseudo-likelihood.
 
     Parameters
@@ -277,6 +297,10 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
         Its learnable parameters (``requires_grad``) are fitted; frozen ones (a frozen prior) are kept.
     states : list of CellState
         Data states, one lattice shape.
+    proposal : {"classic", "boundary"}
+        The copy-proposal scheme of the dynamics that made the data: "classic" (CompuCell3D, Morpheus: random
+        site, random neighbour; the default) or "boundary" (random boundary site, random neighbour of another
+        cell: the paper's generator / parallel sampler).
     stochastic : bool, optional
         Force the stochastic (Adam, sampled sites) or the convex (Newton, all sites) solver; by default the
         convex one is used when ΔH is linear in the free parameters (analytic terms), else the stochastic one.
@@ -295,7 +319,7 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
         stochastic = not getattr(hamiltonian, "is_analytic", False)
     if not stochastic:
         cands = build_candidates(states, copy_order=lat.copy_order, periodic=lat.periodic, device=device,
-                                 n_ids=n_ids)
+                                 n_ids=n_ids, proposal=proposal)
         tab = _linear_tabulate(hamiltonian, pmap, cands)
         if tab is None:
             stochastic = True
@@ -328,7 +352,8 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
     for step in it:
         pick = rng.choice(len(states), size=min(states_per_step, len(states)), replace=False)
         cands = build_candidates([states[i] for i in pick], copy_order=lat.copy_order, periodic=lat.periodic,
-                                 device=device, n_ids=n_ids, max_sites_per_state=sites_per_state, rng=rng)
+                                 device=device, n_ids=n_ids, max_sites_per_state=sites_per_state, rng=rng,
+                                 proposal=proposal)
         opt.zero_grad()
         loss = pl_nll(hamiltonian, cands, proposal_aware=proposal_aware, params=pmap.functional_params())
         loss.backward()

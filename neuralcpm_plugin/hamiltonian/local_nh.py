@@ -12,6 +12,8 @@ C channels, T biological types; sites beyond G·s are not seen, as in the NH)::
     ρ_c(g) = w_o · v_c(g) + b_o                                      read-out
     H = scale · Σ_g Σ_c in_c(g) · (ρ_c(g) − ρ_∅(g))
 
+(the k×k convolution is on A only: a cell's own features enter its term at its own patch, other cells
+enter through the aggregate of the patches around it; all sums run over ids present — medium included).
 Every term e(g) reads only the (k·s)×(k·s) sites of the patches around g (receptive-field radius
 R = (k·s − 1)//2 sites; default s = 4, k = 3: a 12×12 window, R = 5) and a cell absent from that window
 contributes exactly nothing (the gates are 0).  H is invariant to any relabelling of ids and to periodic
@@ -19,11 +21,13 @@ shifts by multiples of s on lattices divisible by s.
 
 ΔH of copying cell ``b`` into site x (in patch g0): only u(g0), A(g0) change, hence only e(g) for
 g ∈ g0 ± r; they are evaluated from the crop of (2k−1)×(2k−1) patches around g0 holding just the cells
-present in it, before and after.  Three implementations of the same formula:
+present in it, before and after (torch: the after state recomputes only the centre patch).  Occupancy
+of a patch by a cell is a bit pattern whose embedding is a table lookup, and only occupied
+(patch, cell) pairs are evaluated.  Implementations of the same formula:
 
 * :meth:`LocalNeuralHamiltonian.energy` / :meth:`~LocalNeuralHamiltonian.delta` — torch, batched;
-* :class:`LocalNHNumpy` — pure numpy float64 (no torch import needed), for host tools (CompuCell3D);
-  :meth:`LocalNeuralHamiltonian.delta_np` uses it.
+* :class:`LocalNHNumpy` — pure numpy float64 (no torch import needed; this file can be loaded on its own,
+  without the package), for host tools (CompuCell3D); :meth:`LocalNeuralHamiltonian.delta_np` uses it.
 """
 
 from __future__ import annotations

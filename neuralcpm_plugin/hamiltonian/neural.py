@@ -240,7 +240,6 @@ class _NeuralTerm(Term):
     def __init__(self, config=None, *, preset=None, scale=1.0, learn_scale=False, seed=None):
         super().__init__(scale, learn_scale)
         self.config = _complete_config(config, preset, self._presets, self._defaults, self.kind)
-        self._seed = seed
 
     def _finish_init(self, seed):
         if seed is not None:
