@@ -501,7 +501,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output directory for the CC3D project")
     ap.add_argument("--init", default=None, help="initial state: snapshot file (.npz, PIFF, ...); default: a "
                                                  "layout like the training data")
-    ap.add_argument("--init-frame", type=int, default=0, help="frame of --init to start from (default 0)")
+    ap.add_argument("--init-frame", "--frame", dest="init_frame", type=int, default=0,
+                    help="frame of --init to start from (default 0)")
     ap.add_argument("--mcs", type=int, default=1000, help="Monte Carlo steps to run (default 1000)")
     ap.add_argument("--seed", type=int, default=1, help="CC3D RandomSeed (default 1)")
     ap.add_argument("--name", default="NeuralCPM", help="project name (default NeuralCPM)")

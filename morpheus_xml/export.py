@@ -570,7 +570,7 @@ def main(argv=None) -> int:
     p.add_argument("bundle", help="model bundle directory (model.json + weights.safetensors)")
     p.add_argument("--out", required=True, help="output .xml")
     p.add_argument("--init", help="initial state: a snapshot file (npz, TIFF, PIFF, ...) or a Morpheus checkpoint")
-    p.add_argument("--frame", type=int, default=0, help="frame of --init (default 0)")
+    p.add_argument("--frame", "--init-frame", dest="frame", type=int, default=0, help="frame of --init (default 0)")
     p.add_argument("--mcs", type=int, default=1000, help="MCS to simulate (StopTime), default 1000")
     p.add_argument("--seed", type=int, default=1, help="Morpheus RandomSeed (and default-layout seed), default 1")
     p.add_argument("--record-every", type=int, help="TiffPlotter/Logger interval in MCS (default mcs/20)")

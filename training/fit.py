@@ -396,7 +396,7 @@ def _export(run_dir: Path, bundle_dir: Path, cfg: dict, init_state) -> list[str]
                     res if isinstance(res, (str, os.PathLike)) else out)
                 summary = res.summary() if hasattr(res, "summary") else f"Morpheus model: {path}"
                 lines.append(summary)
-                lines.append(f"run: morpheus -file {path}   (or: python -m morpheus_xml.run {bundle_dir} "
+                lines.append(f"run: morpheus --file {path} --outdir OUTDIR   (or: python -m morpheus_xml.run {bundle_dir} "
                              "--morpheus PATH_TO_MORPHEUS)")
             except NeuralCPMError as e:
                 lines.append(f"Morpheus export failed: {e}")
