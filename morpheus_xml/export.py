@@ -494,6 +494,32 @@ def load_initial_state(path, frame: int = 0) -> CellState:
     return states[frame]
 
 
+def resolve_model_and_state(bundle, init, frame: int = 0, *, cells_per_type: int = 20, seed: int = 1):
+    """``(hamiltonian, n_types, initial state)`` from a bundle (or its path, or a Hamiltonian) and ``init``.
+
+    ``init``: a CellState, a snapshot file (frame ``frame``), or None for the default layout
+    (``cells_per_type`` cells per type at the volume term's target volumes, seeded by ``seed``).
+    """
+    from neuralcpm_plugin.bundle import ModelBundle, load_bundle
+    if isinstance(bundle, (str, Path)):
+        bundle = load_bundle(bundle)
+    ham = bundle.hamiltonian if isinstance(bundle, ModelBundle) else bundle
+    n_types = len(ham.type_names) - 1 if ham.type_names else 0
+    for t in ham.analytic_terms():
+        n_types = max(n_types, getattr(t, "n_types", 0))
+    if init is None:
+        targets = np.full(n_types + 1, 25.0)
+        vol = ham.term("volume")
+        if vol is not None:
+            targets[: vol.target.shape[0]] = vol.target.detach().cpu().numpy()
+        state = default_layout(ham.lattice.shape, n_types, targets, cells_per_type=cells_per_type, seed=seed)
+    elif isinstance(init, CellState):
+        state = init
+    else:
+        state = load_initial_state(init, frame)
+    return ham, n_types, state
+
+
 def export_model(bundle, out, *, init=None, frame: int = 0, mcs: int = 1000, seed: int = 1,
                  record_every: int | None = None, save_interval: int | None = None, cells_per_type: int = 20,
                  title: str = "neuralcpm", start_time: float = 0.0, field_attempts: int | None = None,
@@ -515,24 +541,8 @@ def export_model(bundle, out, *, init=None, frame: int = 0, mcs: int = 1000, see
     device : str, optional
         Torch device for the network evaluations (e.g. ``"cuda"``).
     """
-    from neuralcpm_plugin.bundle import ModelBundle, load_bundle
-    if isinstance(bundle, (str, Path)):
-        bundle = load_bundle(bundle)
-    ham = bundle.hamiltonian if isinstance(bundle, ModelBundle) else bundle
+    ham, n_types, state = resolve_model_and_state(bundle, init, frame, cells_per_type=cells_per_type, seed=seed)
     lat = ham.lattice
-    n_types = len(ham.type_names) - 1 if ham.type_names else 0
-    for t in ham.analytic_terms():
-        n_types = max(n_types, getattr(t, "n_types", 0))
-    if init is None:
-        targets = np.full(n_types + 1, 25.0)
-        vol = ham.term("volume")
-        if vol is not None:
-            targets[: vol.target.shape[0]] = vol.target.detach().cpu().numpy()
-        state = default_layout(lat.shape, n_types, targets, cells_per_type=cells_per_type, seed=seed)
-    elif isinstance(init, CellState):
-        state = init
-    else:
-        state = load_initial_state(init, frame)
     if tuple(state.shape) != tuple(lat.shape):
         raise ExportError(f"the initial state has shape {state.shape}, the model's lattice {tuple(lat.shape)}")
     report = ExportReport(Path(out), len(state.cell_ids()), [], bool(ham.neural_terms()))

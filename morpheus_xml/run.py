@@ -35,7 +35,7 @@ from lxml import etree
 
 from neuralcpm_plugin.errors import ExportError, NeuralCPMError
 
-from .export import build_xml, default_layout, load_initial_state, neural_potential_fields
+from .export import build_xml, neural_potential_fields, resolve_model_and_state
 from .readers import checkpoint_time, read_checkpoint
 
 __all__ = ["HookResult", "continue_from_checkpoint", "main", "run_hook", "run_morpheus"]
@@ -166,26 +166,10 @@ def run_hook(bundle, morpheus, *, mcs: int, refresh: int, init=None, frame: int 
     :func:`morpheus_xml.export.neural_potential_fields`); the stale-field error is then measured on a random
     sample of 200 attempts.
     """
-    from neuralcpm_plugin.bundle import ModelBundle, load_bundle
     if mcs < 1 or refresh < 1:
         raise ExportError(f"--mcs and --refresh must be >= 1, got {mcs} and {refresh}")
-    if isinstance(bundle, (str, Path)):
-        bundle = load_bundle(bundle)
-    ham = bundle.hamiltonian if isinstance(bundle, ModelBundle) else bundle
+    ham, n_types, state = resolve_model_and_state(bundle, init, frame, cells_per_type=cells_per_type, seed=seed)
     lat = ham.lattice
-    n_types = len(ham.type_names) - 1 if ham.type_names else 0
-    for t in ham.analytic_terms():
-        n_types = max(n_types, getattr(t, "n_types", 0))
-    if init is None:
-        targets = np.full(n_types + 1, 25.0)
-        vol = ham.term("volume")
-        if vol is not None:
-            targets[: vol.target.shape[0]] = vol.target.detach().cpu().numpy()
-        state = default_layout(lat.shape, n_types, targets, cells_per_type=cells_per_type, seed=seed)
-    elif hasattr(init, "ids"):
-        state = init
-    else:
-        state = load_initial_state(init, frame)
     if workdir is None:
         workdir = Path(out).with_name(Path(out).stem + "_chunks") if out is not None else Path("morpheus_chunks")
     workdir = Path(workdir)

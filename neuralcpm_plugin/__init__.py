@@ -3,11 +3,20 @@
 Public names are re-exported here; see the README for a tutorial.
 """
 
-from .errors import BundleError, ConfigError, DataError, ExportError, ModelImportError, NeuralCPMError
-from .lattice import (CellState, boundary_mask, half_offsets, neighbour_offsets, relabel, states_from_channels,
-                      states_to_channels, validate_state, volumes)
-from .hamiltonian import Batch, Hamiltonian, LatticeSpec, Term, register_term
 from .bundle import ModelBundle, load_bundle, save_bundle
+from .errors import BundleError, ConfigError, DataError, ExportError, ModelImportError, NeuralCPMError
+from .hamiltonian import Batch, Hamiltonian, LatticeSpec, Term, register_term
+from .lattice import (
+                      CellState,
+                      boundary_mask,
+                      half_offsets,
+                      neighbour_offsets,
+                      relabel,
+                      states_from_channels,
+                      states_to_channels,
+                      validate_state,
+                      volumes,
+)
 
 __version__ = "0.1.0"
 

@@ -39,7 +39,8 @@ from scipy import ndimage
 from neuralcpm_plugin.errors import ConfigError, DataError
 from neuralcpm_plugin.hamiltonian.analytic import from_paper_scale, reference_lambda
 from neuralcpm_plugin.hamiltonian.base import LatticeSpec
-from neuralcpm_plugin.lattice import CellState
+
+from .gen_cellsort import init_points
 
 __all__ = ["SCALES", "add_arguments", "digit_field", "generate_mnist", "init_points", "load_digits",
            "mnist_hamiltonian", "run"]
@@ -81,21 +82,6 @@ def digit_field(image: np.ndarray, shape) -> np.ndarray:
         out[:h, :w] = f[:h, :w]
         f = out
     return f
-
-
-def init_points(rng: np.random.Generator, shape, n_cells: int, radius: float) -> CellState:
-    """Single-pixel cells at distinct random sites with distance < ``radius`` from the centre (H//2, W//2);
-    ids 1..n, the first half type 1, the rest type 2 (the authors' ``get_points_init_state_numpy``)."""
-    yy, xx = np.indices(shape)
-    cy, cx = shape[0] // 2, shape[1] // 2
-    cand = np.flatnonzero(((yy - cy) ** 2 + (xx - cx) ** 2).ravel() < radius ** 2)
-    if len(cand) < n_cells:
-        raise ConfigError(f"{n_cells} cells do not fit in a disc of radius {radius} ({len(cand)} sites)")
-    pick = rng.choice(cand, size=n_cells, replace=False)
-    ids = np.zeros(int(np.prod(shape)), np.int32)
-    ids[pick] = np.arange(1, n_cells + 1)
-    types = np.concatenate([[0], (np.arange(n_cells) // (n_cells / 2)).astype(np.int32) + 1]).astype(np.int32)
-    return CellState(ids.reshape(shape), types)
 
 
 def mnist_hamiltonian(field: np.ndarray, *, j12: float = 8.0, target: float | None = None,

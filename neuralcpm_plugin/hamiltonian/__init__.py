@@ -1,7 +1,7 @@
 """Hamiltonians: analytic terms, neural terms and their sums (see :mod:`.base` for the interface)."""
 
-from .base import TERM_KINDS, Batch, Hamiltonian, LatticeSpec, Term, deletion_mask, register_term, term_class
 from . import _register_builtin  # noqa: F401  (registers the built-in term kinds)
+from .base import TERM_KINDS, Batch, Hamiltonian, LatticeSpec, Term, deletion_mask, register_term, term_class
 
-__all__ = ["Batch", "Hamiltonian", "LatticeSpec", "Term", "TERM_KINDS", "deletion_mask", "register_term",
+__all__ = ["TERM_KINDS", "Batch", "Hamiltonian", "LatticeSpec", "Term", "deletion_mask", "register_term",
            "term_class"]

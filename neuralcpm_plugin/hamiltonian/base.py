@@ -34,10 +34,18 @@ from torch import nn
 
 from ..errors import BundleError
 
-__all__ = ["Batch", "Term", "Hamiltonian", "register_term", "term_class", "TERM_KINDS", "LatticeSpec",
-           "deletion_mask"]
+__all__ = [
+    "TERM_KINDS",
+    "Batch",
+    "Hamiltonian",
+    "LatticeSpec",
+    "Term",
+    "deletion_mask",
+    "register_term",
+    "term_class",
+]
 
-TERM_KINDS: dict[str, type["Term"]] = {}
+TERM_KINDS: dict[str, type[Term]] = {}
 
 
 def register_term(cls):
@@ -48,7 +56,7 @@ def register_term(cls):
     return cls
 
 
-def term_class(kind: str) -> type["Term"]:
+def term_class(kind: str) -> type[Term]:
     # importing the submodules registers the built-in kinds
     from . import _register_builtin  # noqa: F401
     try:
@@ -78,11 +86,11 @@ class LatticeSpec:
                 "contact_order": self.contact_order}
 
     @classmethod
-    def from_json(cls, d: dict) -> "LatticeSpec":
+    def from_json(cls, d: dict) -> LatticeSpec:
         return cls(tuple(int(x) for x in d["shape"]), bool(d.get("periodic", True)),
                    int(d.get("copy_order", 2)), int(d.get("contact_order", 2)))
 
-    def with_shape(self, shape) -> "LatticeSpec":
+    def with_shape(self, shape) -> LatticeSpec:
         return replace(self, shape=tuple(shape))
 
 
@@ -101,7 +109,7 @@ class Batch:
     periodic: bool = True
 
     @classmethod
-    def from_states(cls, states, *, n_ids: int | None = None, device=None, periodic: bool = True) -> "Batch":
+    def from_states(cls, states, *, n_ids: int | None = None, device=None, periodic: bool = True) -> Batch:
         states = list(states)
         c = max(s.n_ids for s in states) if n_ids is None else int(n_ids)
         ids = torch.as_tensor(np.stack([s.ids for s in states]).astype(np.int64), device=device)
@@ -135,7 +143,7 @@ class Batch:
         types = self.types.cpu().numpy().astype(np.int32)
         return [CellState(ids[b], types[b]) for b in range(self.B)]
 
-    def clone(self) -> "Batch":
+    def clone(self) -> Batch:
         return Batch(self.ids.clone(), self.types.clone(), self.volumes.clone(), self.periodic)
 
 
@@ -182,7 +190,7 @@ class Term(nn.Module):
         return {}
 
     @classmethod
-    def from_spec(cls, spec: dict, tensors: dict[str, torch.Tensor], lattice: LatticeSpec) -> "Term":
+    def from_spec(cls, spec: dict, tensors: dict[str, torch.Tensor], lattice: LatticeSpec) -> Term:
         raise NotImplementedError  # pragma: no cover
 
     def scale_value(self) -> float:
