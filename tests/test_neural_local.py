@@ -178,7 +178,7 @@ def test_batched_delta_many_chains_and_fallback(term):
     ev = term.numpy_evaluator()
     for p in range(len(ss)):
         assert ev.delta(small.ids, small.types, divmod(int(ss[p]), 12), int(nn_[p])) == pytest.approx(
-            float(ds[p]), abs=1e-9)
+            float(ds[p].detach()), abs=1e-9)
 
 
 def test_delta_np_interface_and_cache_invalidation(term):
@@ -193,7 +193,7 @@ def test_delta_np_interface_and_cache_invalidation(term):
         term.phi2.weight.mul_(1.5)
     d1 = term.delta_np(s, ij, int(new[0]))
     d1t = term.delta(Batch.from_states([s]), torch.as_tensor(sites[:1])[None], torch.as_tensor(new[:1])[None])
-    assert d1 == pytest.approx(float(d1t[0, 0]), abs=1e-9) and d1 != d0
+    assert d1 == pytest.approx(float(d1t[0, 0].detach()), abs=1e-9) and d1 != d0
     with torch.no_grad():
         term.phi2.weight.div_(1.5)
 
