@@ -188,6 +188,10 @@ def run_hook(bundle, morpheus, *, mcs: int, refresh: int, init=None, frame: int 
         step = min(refresh, mcs - t)
         cdir = workdir / f"chunk_{k:03d}"
         cdir.mkdir(parents=True, exist_ok=True)
+        # Morpheus appends to an existing timelapse TIFF and leaves old checkpoints: clear what an earlier
+        # run of the hook left in this chunk folder (the folder belongs to the hook).
+        for stale in [*cdir.glob("*.xml.gz"), *cdir.glob("*.tif"), *cdir.glob("*.csv")]:
+            stale.unlink()
         model = cdir / "model.xml"
         if neural:
             if phi is not None:

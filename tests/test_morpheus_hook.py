@@ -81,6 +81,18 @@ def test_hook_runs_three_chunks_and_refreshes_fields(tmp_path):
     assert parse_model(res.workdir / "chunk_001" / "model.xml").state == res.states[1]
 
 
+def test_hook_reruns_in_a_used_workdir(tmp_path):
+    """Morpheus appends to old TIFFs and leaves old checkpoints: a second run in the same folder must not
+    pick up the first run's checkpoint (seen with real Morpheus 2.2.4)."""
+    ham = _p1_like((12, 12))
+    state = voronoi_state((12, 12), 4, 2, np.random.default_rng(0))
+    w = tmp_path / "w"
+    first = run_hook(ham, _fake(tmp_path), mcs=4, refresh=2, init=state, workdir=w)
+    assert first.mcs == [0, 2, 4]
+    again = run_hook(ham, _fake(tmp_path), mcs=2, refresh=1, init=state, workdir=w)
+    assert again.mcs == [0, 1, 2] and len(again.states) == 3
+
+
 def test_hook_reports_a_morpheus_failure_despite_exit_status_0(tmp_path, monkeypatch):
     ham = _p1_like((12, 12))
     state = voronoi_state((12, 12), 4, 2, np.random.default_rng(0))
