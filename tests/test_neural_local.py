@@ -251,3 +251,67 @@ def test_delta_is_differentiable_for_pseudo_likelihood():
     d = t.delta(Batch.from_states([s]), torch.as_tensor(sites)[None], torch.as_tensor(new)[None])
     d.sum().backward()
     assert t.psi1.weight.grad is not None and t.psi1.weight.grad.abs().sum() > 0
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                              HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 100_000), cfg=st.sampled_from([SMALL, {"stride": 4, "channels": 5, "kernel": 3},
+                                                          {"stride": 2, "channels": 4, "kernel": 5}]),
+       shape=st.sampled_from([(24, 27), (21, 26), (30, 20)]))
+def test_crop_and_lattice_methods_agree_with_full_recomputation(seed, cfg, shape):
+    """Property: both batched torch paths ("crop", "lattice") and numpy give H(after) − H(before), several
+    chains at once, on lattices not divisible by the stride (unseen rows/columns included)."""
+    rng = np.random.default_rng(seed)
+    t = make_term(cfg, seed=seed % 7)
+    states = [rand_state(shape, int(rng.integers(3, 10)), rng) for _ in range(2)]
+    S, N = zip(*[proposals(s, 4, rng) for s in states])
+    sites, new = torch.as_tensor(np.stack(S)), torch.as_tensor(np.stack(N))
+    batch = Batch.from_states(states)
+    with torch.no_grad():
+        dc = t.delta(batch, sites, new, method="crop", chunk=3).numpy()
+        dl = t.delta(batch, sites, new, method="lattice").numpy()
+        full = t._delta_full(batch, sites, new, torch.ones_like(sites, dtype=torch.bool)).numpy()
+    tol = 1e-9 * max(1.0, np.abs(full).max())
+    np.testing.assert_allclose(dc, full, rtol=0, atol=tol)
+    np.testing.assert_allclose(dl, full, rtol=0, atol=tol)
+    ev = t.numpy_evaluator()
+    for b, s in enumerate(states):
+        for p in range(sites.shape[1]):
+            dn = ev.delta(s.ids.astype(np.int32), s.types, divmod(int(sites[b, p]), shape[1]), int(new[b, p]))
+            assert dn == pytest.approx(full[b, p], abs=tol)
+    assert np.abs(full).max() > 1e-4  # not vacuous
+
+
+def test_delta_methods_same_gradients_and_bad_method(term):
+    rng = np.random.default_rng(21)
+    s = rand_state((24, 24), 6, rng)
+    sites, new = proposals(s, 6, rng)
+    args = (Batch.from_states([s]), torch.as_tensor(sites)[None], torch.as_tensor(new)[None])
+    grads = []
+    for method in ("crop", "lattice"):
+        t = make_term(seed=4)
+        t.delta(*args, method=method).sum().backward()
+        grads.append({k: p.grad.clone() for k, p in t.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "phi_a.weight" in grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ConfigError):
+        term.delta(*args, method="fast")
+
+
+def test_numpy_delta_new_cell_and_types_change(term):
+    """A copy of an id absent from the crop, and a change of the types table, are seen by the numpy ΔH."""
+    rng = np.random.default_rng(22)
+    s = rand_state((24, 24), 5, rng)
+    ev = term.numpy_evaluator()
+    types = np.concatenate([s.types, [1]])
+    new_id = len(s.types)  # a cell that exists nowhere on the lattice
+    after = s.ids.copy()
+    after[4, 7] = new_id
+    ref = energy(term, [CellState(after, types)])[0] - energy(term, [CellState(s.ids, types)])[0]
+    assert ev.delta(s.ids, types, (4, 7), new_id) == pytest.approx(ref, abs=1e-9 * max(1, abs(ref)))
+    types2 = types.copy()
+    types2[new_id] = 2
+    ref2 = energy(term, [CellState(after, types2)])[0] - energy(term, [CellState(s.ids, types2)])[0]
+    assert ev.delta(s.ids, types2, (4, 7), new_id) == pytest.approx(ref2, abs=1e-9 * max(1, abs(ref2)))
+    assert abs(ref2 - ref) > 1e-9

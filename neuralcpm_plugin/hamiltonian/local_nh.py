@@ -20,10 +20,17 @@ contributes exactly nothing (the gates are 0).  H is invariant to any relabellin
 shifts by multiples of s on lattices divisible by s.
 
 ΔH of copying cell ``b`` into site x (in patch g0): only u(g0), A(g0) change, hence only e(g) for
-g ∈ g0 ± r; they are evaluated from the crop of (2k−1)×(2k−1) patches around g0 holding just the cells
-present in it, before and after (torch: the after state recomputes only the centre patch).  Occupancy
-of a patch by a cell is a bit pattern whose embedding is a table lookup, and only occupied
-(patch, cell) pairs are evaluated.  Implementations of the same formula:
+g ∈ g0 ± r (the k×k "output" patches), which read the (2k−1)×(2k−1) patches around g0.  Evaluations:
+
+* numpy (:meth:`LocalNHNumpy.delta`, one attempt): the crop's patches plus the after-state centre patch are
+  stacked; the cells of a patch are its distinct ids (equality masks, no relabelling); stage 2 runs only on
+  the output patches' rows, before and after, in one pass (≈ 50 small numpy calls per attempt);
+* torch, ``method="lattice"`` (default when the proposals' crops hold more patches than the lattices):
+  per-patch u, A, conv(A) and e(g) of every lattice once, then per proposal only the after-state centre
+  patch, conv(A) at the outputs updated by ΔA(g0), and the outputs' e(g) after;
+* torch, ``method="crop"``: before and after from the stacked crop of each proposal.
+
+Implementations of the same formula:
 
 * :meth:`LocalNeuralHamiltonian.energy` / :meth:`~LocalNeuralHamiltonian.delta` — torch, batched;
 * :class:`LocalNHNumpy` — pure numpy float64 (no torch import needed; this file can be loaded on its own,
@@ -72,6 +79,13 @@ def _complete(config):
 # =========================================================================================== numpy
 def _silu_np(x):
     return x / (1.0 + np.exp(-x))
+
+
+def _nsilu(y):
+    """−SiLU(−y) = y / (1 + e^y), in three ufunc calls (bitwise equal to −_silu_np(−y))."""
+    t = np.exp(y)
+    t += 1.0
+    return np.divide(y, t, out=t)
 
 
 class LocalNHNumpy:
@@ -124,6 +138,50 @@ class LocalNHNumpy:
             self._tabm.append(np.ascontiguousarray(bits.astype(np.float64) @ self.Em[pos]))
         self._mnp = np.arange(4 * 25 * 25)  # grows on demand (see _terms)
         self._geom = {}
+        self._init_delta_tables()
+
+    def _init_delta_tables(self):
+        """Per-evaluator constants of :meth:`delta`: crop geometry (index arrays), the type one-hot table."""
+        s, k, r, T = self.s, self.k, self.r, self.T
+        ss = s * s
+        n = 2 * k - 1  # crop side in patches
+        NP = n * n
+        c = NP // 2
+        self._d_NP, self._d_c = NP, c
+        orow = np.arange(r, n - r)  # the k×k output patches (those whose term can change)
+        ri = orow[:, None] + np.arange(-r, r + 1)[None]
+        gidx = (ri[:, None, :, None] * n + ri[None, :, None, :]).reshape(orow.size * orow.size, k * k)
+        op = (orow[:, None] * n + orow[None, :]).ravel()
+        NO = op.size
+        # stacked patches: rows 0..NP-1 the before crop, row NP the after-state centre patch
+        self._d_rows = np.r_[np.arange(NP), c]
+        after = np.arange(NP)
+        after[c] = NP
+        self._d_gidx = np.concatenate([gidx, after[gidx]])  # [2*NO, k*k] aggregates read by each output
+        D = 2 * NO  # a dummy output row: patches that are not outputs (weight 0)
+        oidx = np.full(NP + 1, D)
+        oidx[op] = np.arange(NO)
+        oB = oidx.copy()
+        oB[NP] = D
+        oA = np.where(oidx < D, oidx + NO, D)
+        oA[c], oA[NP] = D, oidx[c] + NO
+        self._d_oB, self._d_oA = oB, oA  # output row (before / after) of each stacked patch
+        self._d_wB, self._d_wA = -(oB < D).astype(np.float64), (oA < D).astype(np.float64)
+        self._d_pcol = np.arange(NP + 1)[:, None]
+        self._d_ghost = np.concatenate([op, after[op]])  # ghost rows of the outputs, before then after
+        self._d_NO = NO
+        self._d_ar = np.arange(ss)
+        self._d_ss = ss
+        self._d_eyeT = np.eye(T + 1)
+        self._d_arR = np.arange(4 * NP * ss)  # ≥ any number of rows
+        self._d_oBA = np.concatenate([oB, oA])  # output row of a (stacked patch, before/after) pair
+        self._d_wBA = np.concatenate([self._d_wB, self._d_wA])
+        self._d_ar2 = np.arange(2 * NO)
+        # negated tables: the network is evaluated on y = −z (exactly: negation commutes with every
+        # product and sum), so that SiLU(z) = −y/(1+e^y) costs three ufunc calls (see _nsilu)
+        self._n_Em = -self.Em
+        self._n_Et = -(self.Et_flat + self.b / ss)  # every site has exactly one type: the bias rides along
+        self._n_b1, self._n_b2, self._n_bA, self._n_b3 = -self.b1, -self.b2, -self.bA, -self.b3
 
     @classmethod
     def from_torch(cls, term) -> LocalNHNumpy:
@@ -240,7 +298,9 @@ class LocalNHNumpy:
         return self.scale * float(self._terms(lab[None], t[None], len(cells), Gh, Gw, valid=False)[0])
 
     def _crop_index(self, shape, site):
-        """Flat lattice indices of the crop around ``site`` in patch-major order, and the site's position."""
+        """Flat lattice indices [NP+1, s*s] of the crop around ``site`` in patch-major order followed by its
+        centre patch once more (the stacked patches of :meth:`_crop_delta`), and the site's position in the
+        centre patch."""
         s, r = self.s, self.r
         Gh, Gw = shape[0] // s, shape[1] // s
         i, j = int(site[0]), int(site[1])
@@ -253,12 +313,11 @@ class LocalNHNumpy:
             cols = (((gj + d) % Gw)[:, None] * s + np.arange(s)).ravel()
             flat = rows[:, None] * shape[1] + cols[None, :]
             g = flat.reshape(-1)[self._patch_order(len(rows), len(cols))]
+            g = g[self._d_rows]  # stacked: the crop's patches, then its centre patch again (the after state)
             if len(self._geom) > 200000:
                 self._geom.clear()
             self._geom[key] = g
-        n = 4 * r + 1  # crop side in patches
-        centre = (n * n) // 2  # the centre patch of the crop
-        return g, centre * s * s + (i - gi * s) * s + (j - gj * s)
+        return g, (i - gi * s) * s + (j - gj * s)
 
     def delta(self, ids, types, site, new_id) -> float:
         """ΔH (float, scale included) of copying cell ``new_id`` into ``site`` = (row, col)."""
@@ -276,20 +335,57 @@ class LocalNHNumpy:
             after[i, j] = new_id
             return self.energy(after, types) - self.energy(ids, types)
         idx, c = self._crop_index((H, W), (i, j))
-        crop = ids.reshape(-1)[idx]  # [NP, s*s] cell ids of the crop, patch-major
-        cnt = np.bincount(crop.ravel(), minlength=int(new_id) + 1)
-        cnt[new_id] += 1
-        cells = np.flatnonzero(cnt)
-        lut = np.empty(cnt.size, dtype=np.int64)
-        lut[cells] = np.arange(cells.size)
-        lab2 = np.empty((2,) + crop.shape, dtype=np.int64)
-        lab2[0] = lut[crop]
-        lab2[1] = lab2[0]
-        lab2[1].flat[c] = lut[new_id]
-        t = np.asarray(types)[cells][lab2]
-        n = 2 * self.k - 1
-        e = self._terms(lab2, t, len(cells), n, n, valid=True)
-        return self.scale * float(e[1] - e[0])
+        return self.scale * self._crop_delta(ids.reshape(-1)[idx], np.asarray(types), c, new_id)
+
+    def _crop_delta(self, crop, types, c: int, new_id) -> float:
+        """e(after) − e(before) (without ``scale``) of a crop whose site ``c`` (position in the centre patch)
+        takes ``new_id``.  ``crop`` [NP+1, s*s]: the cell ids of the crop's NP patches (patch-major) followed
+        by its centre patch once more (overwritten here with the after state; pass a fresh array).
+
+        Only the centre patch differs between the two states, so stage 1 (per-cell features u, aggregate A)
+        runs on the NP before-patches plus the one after-centre patch; cells are the distinct ids of each
+        patch (first occurrence in the patch), their masks are equality rows — no relabelling needed.
+        Stage 2 runs on the k×k output patches of both states at once.
+        """
+        NP = self._d_NP
+        pat = crop  # [NP+1, ss] stacked patches (a fresh array: gathered by the caller)
+        pat[NP, c] = new_id
+        eq = pat[:, :, None] == pat[:, None, :]  # [NP+1, ss, ss] same cell
+        first = eq.argmax(2) == self._d_ar  # the first site of each (patch, cell)
+        R = first.ravel().nonzero()[0]  # one row per (patch, cell), sorted by patch
+        pr = R // self._d_ss
+        cnt = first.sum(1)  # cells per patch (≥ 1)
+        nR = pr.size
+        # y = −(pre-activation of u): rows of the cells, then the ghosts
+        ty = self._d_eyeT[types[pat]].reshape(NP + 1, -1) @ self._n_Et  # [NP+1, C] −(type part + bias)
+        y = ty[np.concatenate([pr, self._d_arR[:NP + 1]])]
+        y[:nR] += np.take(eq.reshape(-1, self._d_ss), R, axis=0) @ self._n_Em
+        nu = _nsilu(y)  # −u
+        y = nu @ self.W1
+        y += self._n_b1
+        y = _nsilu(y) @ self.W2
+        y += self._n_b2
+        npsi = _nsilu(y)  # −ψ(u)
+        # −A of each stacked patch: Σ_cells −ψ(u_c) − n_cells·(−ψ(u_∅))
+        nA = (pr == self._d_pcol) @ npsi[:nR]
+        nA -= cnt[:, None] * npsi[nR:]
+        NO = self._d_NO
+        nCA = nA[self._d_gidx].reshape(2 * NO, -1) @ self.WA  # −conv(A) at the outputs before, then after
+        nCA += self._n_bA
+        # rows of stage 2: the cell rows of the output patches before, and after, then the ghosts
+        idx = np.concatenate([pr, pr + (NP + 1)])  # (stacked patch, before/after) of each candidate row
+        sel = np.flatnonzero(self._d_wBA[idx])
+        idx = idx[sel]
+        oc = self._d_oBA[idx]  # its output
+        w = self._d_wBA[idx]  # −1 before, +1 after
+        y = (nu @ self.Wu)[np.concatenate([sel % nR, nR + self._d_ghost])]
+        y += nCA[np.concatenate([oc, self._d_ar2])]
+        y = _nsilu(y) @ self.W3
+        y += self._n_b3
+        nrho = _nsilu(y) @ self.Wo  # −ρ (the read-out bias cancels in ρ_c − ρ_∅)
+        # ΔH = Σ_after rows (ρ_c − ρ_∅) − Σ_before rows (ρ_c − ρ_∅)
+        n2 = sel.size
+        return float(np.bincount(oc, weights=w, minlength=2 * NO) @ nrho[n2:] - w @ nrho[:n2])
 
 
 # =========================================================================================== torch
@@ -447,29 +543,196 @@ if torch is not None:
             M, Sr, Sc = lab.shape
             return self._stage2(*self._stage1(lab, tmap, nc), M, Sr // s, Sc // s, valid)
 
-        def _crop_delta(self, lab_b, tb, lab_c, tc, nc: int):
-            """e(after) − e(before) of crops that differ only in their centre patch.
+        def _delta_geometry(self, dev):
+            """Index tables of :meth:`delta` (crop of 2k−1 patches per side; cached per device)."""
+            cache = self.__dict__.setdefault("_geo_cache", {})
+            key = str(dev)
+            if key not in cache:
+                cfg = self.config
+                s, k = cfg["stride"], cfg["kernel"]
+                r = k // 2
+                n = 2 * k - 1
+                NP = n * n
+                c = NP // 2
+                pp = torch.arange(NP + 1)
+                pp[NP] = c
+                a = torch.arange(s)
+                prow = (pp // n)[:, None, None] * s + a[None, :, None]  # [NP+1, s, s]
+                pcol = (pp % n)[:, None, None] * s + a[None, None, :]
+                orow = torch.arange(r, n - r)
+                ri = orow[:, None] + torch.arange(-r, r + 1)[None]
+                gidx = (ri[:, None, :, None] * n + ri[None, :, None, :]).reshape(k * k, k * k)
+                op = (orow[:, None] * n + orow[None, :]).reshape(-1)
+                after = torch.arange(NP)
+                after[c] = NP
+                NO = op.numel()
+                D = 2 * NO  # dummy output index: patches that are not outputs
+                oidx = torch.full((NP + 1,), D)
+                oidx[op] = torch.arange(NO)
+                oB = oidx.clone()
+                oB[NP] = D
+                oA = torch.where(oidx < D, oidx + NO, D)
+                oA[c], oA[NP] = D, oidx[c] + NO
+                tril = torch.ones((s * s, s * s), dtype=torch.bool).tril(-1)
+                cache[key] = {
+                    "NP": NP, "c": c, "NO": NO, "prow": (prow.expand(NP + 1, s, s).reshape(NP + 1, -1)).to(dev),
+                    "pcol": pcol.expand(NP + 1, s, s).reshape(NP + 1, -1).to(dev),
+                    "gidx": torch.cat([gidx, after[gidx]]).to(dev), "ghost": torch.cat([op, after[op]]).to(dev),
+                    "oB": oB.to(dev), "oA": oA.to(dev), "tril": tril.to(dev),
+                    "tcode": (torch.arange(s * s) * (cfg["n_types"] + 1)).to(dev)}
+            return cache[key]
 
-            lab_b, tb : [n, S, S] before-state crops; lab_c, tc : [n, s, s] the after-state centre patch.
+        def _patch_rows(self, pat, tmap):
+            """Stage 1 of patches pat, tmap long [M, s*s] (ids / types): one row per (patch, cell).
+
+            Returns ``(mp [nR] patch of each row, rank [nR] its order in the patch, cnt [M] cells per patch,
+            uR [nR, C] per-cell features, ug [M, C] ghost features, A [M, C] aggregate)``.
             """
-            s = self.config["stride"]
-            n, S, _ = lab_b.shape
-            P = S // s
-            NP = P * P
-            c = NP // 2
-            tp_b, mp_b, u_b, A_b = self._stage1(lab_b, tb, nc)
-            tp_c, mp_c, u_c, A_c = self._stage1(lab_c, tc, nc)  # one patch per crop: mp_c = crop index
-            centre = torch.arange(n, device=lab_b.device) * NP + c
-            tp_a = tp_b.clone()
-            tp_a[centre] = tp_c
-            A_a = A_b.clone()
-            A_a[centre] = A_c
-            keep = (mp_b % NP) != c
-            mp_a = torch.cat([mp_b[keep], mp_c * NP + c])
-            u_a = torch.cat([u_b[keep], u_c])
-            e_b = self._stage2(tp_b, mp_b, u_b, A_b, n, P, P, True)
-            e_a = self._stage2(tp_a, mp_a, u_a, A_a, n, P, P, True)
-            return e_a - e_b
+            cfg = self.config
+            s, C, T = cfg["stride"], cfg["channels"], cfg["n_types"]
+            ss = s * s
+            M = pat.shape[0]
+            dt, dev = self.dtype, pat.device
+            sv = torch.sort(pat, -1)[0]  # the distinct ids of a patch: its sorted ids where they change
+            first = torch.ones_like(sv, dtype=torch.bool)
+            first[:, 1:] = sv[:, 1:] != sv[:, :-1]
+            cnt = first.sum(-1)
+            R = torch.nonzero(first.view(-1))[:, 0]
+            mp = R // ss
+            rank = (torch.cumsum(first.view(-1).long(), 0) - 1)[R] - (torch.cumsum(cnt, 0) - cnt)[mp]
+            mask = pat[mp] == sv.view(-1)[R, None]  # [nR, ss] sites of each (patch, cell)
+            W = self.embed.weight  # [C, 2+T, s, s]
+            Em = W[:, 0].reshape(C, ss)
+            Et = W[:, 1:].reshape(C, T + 1, ss).permute(2, 1, 0).reshape(ss * (T + 1), C)
+            oh = (tmap.unsqueeze(-1) == torch.arange(T + 1, device=dev)).to(dt).view(M, ss * (T + 1))
+            tpart = torch.addmm(self.embed.bias, oh, Et)  # [M, C]
+            uR = F.silu(F.linear(mask.to(dt), Em) + tpart[mp])
+            ug = F.silu(tpart)
+            psiR = F.silu(self.psi2(F.silu(self.psi1(uR))))
+            psig = F.silu(self.psi2(F.silu(self.psi1(ug))))
+            cnt = cnt.to(dt)
+            A = torch.zeros((M, C), dtype=dt, device=dev).index_add(0, mp, psiR) - cnt[:, None] * psig
+            return mp, rank, cnt, uR, ug, A
+
+        def _rho(self, h):
+            """Read-out ρ of pre-activations h = φ_u(u) + conv(A) (incl. bias) → h.shape[:-1]."""
+            return self.out(F.silu(self.phi2(F.silu(h))))[..., 0]
+
+        def _lattice_delta(self, batch, b, sites, new_ids):
+            """ΔH (without scale) of n proposals (chain b [n], flat site [n], new id [n]) from per-patch
+            quantities of whole lattices: e_before is the sum of the lattice's per-patch terms e(g) over the
+            k×k output patches around the site; e_after re-evaluates those terms with the after-state centre
+            patch (new rows and A) and conv(A) updated by the centre's change of A.  Returns [n] (network dtype).
+            """
+            cfg = self.config
+            s, C, k = cfg["stride"], cfg["channels"], cfg["kernel"]
+            r = k // 2
+            ss = s * s
+            dt, dev = self.dtype, batch.device
+            B = batch.ids.shape[0]
+            H, W = batch.shape
+            Gh, Gw = H // s, W // s
+            G = Gh * Gw
+            n = b.numel()
+            dk = torch.arange(-r, r + 1, device=dev)
+            # --- per-patch quantities of every lattice
+            ids = batch.ids[:, : Gh * s, : Gw * s].reshape(B, Gh, s, Gw, s).permute(0, 1, 3, 2, 4).reshape(B * G, ss)
+            ids = ids.long()
+            tm = batch.types.gather(1, ids.view(B, G * ss)).view(B * G, ss).long()
+            mp, rank, cnt, uR, ug, A = self._patch_rows(ids, tm)
+            # circular k×k conv of A on the coarse grid, as one gather + matmul (float64 conv2d is slow on CPU)
+            ri = (torch.arange(Gh, device=dev)[:, None] + dk) % Gh
+            ci = (torch.arange(Gw, device=dev)[:, None] + dk) % Gw
+            gidx = (ri[:, None, :, None] * Gw + ci[None, :, None, :]).reshape(G, k * k)
+            WA = self.phi_a.weight.permute(2, 3, 1, 0).reshape(k * k * C, C)
+            # (the product is taken as Wᵀ·Xᵀ: much faster than X·W for MKL with 16 output columns)
+            CA = (WA.t() @ A.view(B, G, C)[:, gidx].reshape(B * G, k * k * C).t()).t() + self.phi_a.bias
+            uW = self.phi_u(uR)
+            ugW = self.phi_u(ug)
+            e_lat = torch.zeros(B * G, dtype=dt, device=dev).index_add(0, mp, self._rho(uW + CA[mp]))
+            e_lat = e_lat - cnt * self._rho(ugW + CA)  # e(g) of every patch
+            K = int(cnt.max())
+            rowid = torch.full((B * G, K), -1, dtype=torch.long, device=dev)  # rows of each patch, -1: none
+            rowid[mp, rank] = torch.arange(mp.numel(), device=dev)
+            # --- per proposal
+            i, j = sites // W, sites % W
+            gi, gj = i // s, j // s
+            og = ((((gi[:, None, None] + dk[:, None]) % Gh) * Gw + (gj[:, None, None] + dk[None, :]) % Gw)
+                  .reshape(n, k * k) + b[:, None] * G)  # flat patch index of the k×k outputs
+            jc = (k * k) // 2
+            G0 = og[:, jc]
+            pc = ids[G0].clone()  # the after-state centre patch
+            ar = torch.arange(n, device=dev)
+            pc[ar, (i - gi * s) * s + (j - gj * s)] = new_ids.long()
+            tc = batch.types[b].gather(1, pc).long()
+            mpc, _, cntc, uRc, ugc, Ac = self._patch_rows(pc, tc)
+            dA = Ac - A[G0]
+            Wblk = self.phi_a.weight.flip(2, 3).permute(2, 3, 1, 0).reshape(k * k, C, C)  # [j, in, out]
+            CAa = CA[og] + torch.einsum("ni,jio->njo", dA, Wblk)  # conv(A) after, at the outputs [n, k*k, C]
+            nc = torch.cat([torch.arange(jc), torch.arange(jc + 1, k * k)]).to(dev)
+            ogn = og[:, nc]  # non-centre outputs: same rows, new conv(A)
+            CAn = CAa[:, nc]
+            rows = rowid[ogn]  # [n, k*k-1, K]
+            m_, o_, q_ = torch.nonzero(rows >= 0, as_tuple=True)
+            e_a = torch.zeros(n, dtype=dt, device=dev).index_add(0, m_, self._rho(uW[rows[m_, o_, q_]] + CAn[m_, o_]))
+            e_a = e_a - (cnt[ogn] * self._rho(ugW[ogn] + CAn)).sum(1)
+            e_a = e_a.index_add(0, mpc, self._rho(self.phi_u(uRc) + CAa[mpc, jc]))
+            e_a = e_a - cntc * self._rho(self.phi_u(ugc) + CAa[:, jc])
+            return e_a - e_lat[og].sum(1)
+
+        def _crop_delta(self, pat, tmap, geo):
+            """e(after) − e(before) of n crops, twin of :meth:`LocalNHNumpy._crop_delta`.
+
+            pat, tmap : long [n, NP+1, s*s] cell ids / types of the stacked patches (patch-major: the NP
+            patches of the before crop, then the after-state centre patch).  Cells are the distinct ids of
+            each patch (one row per (crop, patch, cell), at its first site); returns [n] (network dtype).
+            """
+            cfg = self.config
+            s, C, k, T = cfg["stride"], cfg["channels"], cfg["kernel"], cfg["n_types"]
+            ss = s * s
+            n = pat.shape[0]
+            NP, NO = geo["NP"], geo["NO"]
+            dt, dev = self.dtype, pat.device
+            eq = pat.unsqueeze(-1) == pat.unsqueeze(-2)  # [n, NP+1, ss, ss] same cell
+            first = ~(eq & geo["tril"]).any(-1)  # the first site of each (crop, patch, cell)
+            cnt = first.sum(-1).to(dt)  # [n, NP+1] cells per patch
+            R = torch.nonzero(first.view(-1))[:, 0]
+            mp = R // ss  # crop*(NP+1) + stacked patch
+            W = self.embed.weight  # [C, 2+T, s, s]
+            Em = W[:, 0].reshape(C, ss)
+            Et = W[:, 1:].reshape(C, T + 1, ss).permute(2, 1, 0).reshape(ss * (T + 1), C)
+            code = (tmap + geo["tcode"]).view(-1, ss)  # [n*(NP+1), ss] row of Et of each site
+            oh = torch.zeros((code.shape[0], ss * (T + 1)), dtype=dt, device=dev)
+            oh.scatter_(1, code, 1.0)
+            tpart = torch.addmm(self.embed.bias, oh, Et)  # [n*(NP+1), C]
+            uR = F.silu(F.linear(eq.view(-1, ss)[R].to(dt), Em) + tpart[mp])
+            ug = F.silu(tpart)
+            psiR = F.silu(self.psi2(F.silu(self.psi1(uR))))
+            psig = F.silu(self.psi2(F.silu(self.psi1(ug))))
+            A = torch.zeros((n * (NP + 1), C), dtype=dt, device=dev).index_add(0, mp, psiR)
+            A = A - cnt.view(-1, 1) * psig  # Σ_cells ψ(u_c) − n_cells·ψ(u_∅)
+            gidx = geo["gidx"]
+            WA = self.phi_a.weight.permute(2, 3, 1, 0).reshape(k * k * C, C)
+            CA = torch.addmm(self.phi_a.bias, A.view(n, NP + 1, C)[:, gidx].reshape(n * 2 * NO, k * k * C), WA)
+            CA = CA.view(n, 2 * NO, C)
+            # rows of the output patches, before (oB) and after (oA)
+            m = mp // (NP + 1)
+            pp = mp - m * (NP + 1)
+            oB, oA = geo["oB"][pp], geo["oA"][pp]
+            selB, selA = oB < 2 * NO, oA < 2 * NO
+            mB, mA = m[selB], m[selA]
+            uWB = self.phi_u(uR[selB])
+            uWA = self.phi_u(uR[selA])
+            hB = F.silu(uWB + CA[mB, oB[selB]])
+            hA = F.silu(uWA + CA[mA, oA[selA]])
+            ugo = ug.view(n, NP + 1, C)[:, geo["ghost"]]  # [n, 2*NO, C]
+            hg = F.silu(self.phi_u(ugo) + CA)
+            rhoB = self.out(F.silu(self.phi2(hB)))[:, 0]
+            rhoA = self.out(F.silu(self.phi2(hA)))[:, 0]
+            rhog = self.out(F.silu(self.phi2(hg)))[..., 0]  # [n, 2*NO]
+            cg = cnt[:, geo["ghost"]]  # cells at each output patch, before then after
+            e = torch.zeros(n, dtype=dt, device=dev).index_add(0, mA, rhoA).index_add(0, mB, -rhoB)
+            return e - (cg[:, NO:] * rhog[:, NO:]).sum(1) + (cg[:, :NO] * rhog[:, :NO]).sum(1)
 
         # --- the three forms of the ΔH interface ----------------------------------------------
         def energy(self, batch: Batch) -> torch.Tensor:
@@ -491,12 +754,19 @@ if torch is not None:
             e = self._terms(lab, tmap, nc, valid=False)
             return e.to(torch.float64) * self.scale
 
-        def delta(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, *, chunk: int = 4096):
-            """ΔH [B, P] float64 (scale included) from crops around each proposal (batched).
+        def delta(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, *, chunk: int = 4096,
+                  method: str = "auto"):
+            """ΔH [B, P] float64 (scale included) of each proposal, exact (batched).
 
-            Differentiable in the parameters when gradients are enabled (e.g. for a pseudo-likelihood fit);
-            samplers call it under ``torch.no_grad()``.
+            ``method``: ``"crop"`` evaluates before and after on the crop of (2k−1)² patches around each
+            proposal; ``"lattice"`` evaluates the per-patch quantities (u, A, conv(A), e) of every lattice once
+            and, per proposal, only the changed centre patch and the k×k output patches after the copy;
+            ``"auto"`` picks ``"lattice"`` when the crops together hold more patches than the lattices.
+            Both give the same ΔH (to rounding).  Differentiable in the parameters when gradients are
+            enabled (e.g. for a pseudo-likelihood fit); samplers call it under ``torch.no_grad()``.
             """
+            if method not in ("auto", "crop", "lattice"):
+                raise ConfigError(f"local_nh: delta method must be 'auto', 'crop' or 'lattice', got {method!r}")
             self._check_types(batch.types)
             cfg = self.config
             s, k = cfg["stride"], cfg["kernel"]
@@ -513,9 +783,14 @@ if torch is not None:
             if Gh < 2 * k - 1 or Gw < 2 * k - 1:  # crops would wrap onto themselves: full recomputation
                 return self._delta_full(batch, sites, new_ids, todo)
             bidx, pidx = torch.nonzero(todo, as_tuple=True)
-            n_crop = (2 * k - 1) * s
+            geo = self._delta_geometry(dev)
+            if method == "lattice" or (method == "auto" and bidx.numel() * geo["NP"] > B * Gh * Gw):
+                out[bidx, pidx] = self._lattice_delta(batch, bidx, sites[bidx, pidx], new_ids[bidx, pidx]).to(
+                    torch.float64)
+                return out * self.scale
             d = torch.arange(-2 * r, 2 * r + 1, device=dev)
             t = torch.arange(s, device=dev)
+            NP, ss = geo["NP"], s * s
             for lo in range(0, bidx.numel(), chunk):
                 b, p = bidx[lo:lo + chunk], pidx[lo:lo + chunk]
                 n = b.numel()
@@ -523,33 +798,13 @@ if torch is not None:
                 gi, gj = i // s, j // s
                 rows = (((gi[:, None] + d) % Gh)[:, :, None] * s + t).reshape(n, -1)  # [n, S]
                 cols = (((gj[:, None] + d) % Gw)[:, :, None] * s + t).reshape(n, -1)
-                crop = batch.ids[b[:, None, None], rows[:, :, None], cols[:, None, :]]  # [n, S, S]
-                nid = new_ids[b, p]
-                # local labels of the cells in the crop ∪ {new id}
-                allv = torch.cat([crop.reshape(n, -1), nid[:, None]], 1)
-                srt, _ = torch.sort(allv, 1)
-                first = torch.ones_like(srt, dtype=torch.bool)
-                first[:, 1:] = srt[:, 1:] != srt[:, :-1]
-                nc = int(first.sum(1).max())
-                rank = torch.cumsum(first.long(), 1) - 1
-                big = torch.iinfo(torch.long).max
-                uniq = torch.full((n, nc), big, dtype=torch.long, device=dev)
-                uniq.scatter_(1, rank, srt)
-                lab = torch.searchsorted(uniq, allv)  # [n, S*S+1]
-                lab_b = lab[:, :-1].view(n, n_crop, n_crop)
-                ci = 2 * r * s + i - gi * s
-                cj = 2 * r * s + j - gj * s
-                types_b = batch.types[b]
-                tb = types_b.gather(1, crop.reshape(n, -1)).view(n, n_crop, n_crop)
-                # the after state's centre patch
-                c0 = 2 * r * s
-                ar = torch.arange(n, device=dev)
-                lab_c = lab_b[:, c0:c0 + s, c0:c0 + s].clone()
-                lab_c[ar, ci - c0, cj - c0] = lab[:, -1]
-                tc = tb[:, c0:c0 + s, c0:c0 + s].clone()
-                tc[ar, ci - c0, cj - c0] = types_b.gather(1, nid[:, None])[:, 0]
-                dlt = self._crop_delta(lab_b, tb, lab_c, tc, nc)
-                out[b, p] = dlt.to(torch.float64)
+                # stacked patches [n, NP+1, s*s], patch-major: the before crop, then the after-state centre
+                pr_, pc_ = geo["prow"], geo["pcol"]  # [NP+1, s*s] crop row / column of each stacked site
+                pat = batch.ids[b[:, None, None], rows[:, pr_], cols[:, pc_]]
+                q = (i - gi * s) * s + (j - gj * s)  # position of the site inside its patch
+                pat[torch.arange(n, device=dev), NP, q] = new_ids[b, p].to(pat.dtype)
+                tmap = batch.types[b].gather(1, pat.view(n, -1).long()).view(n, NP + 1, ss).long()
+                out[b, p] = self._crop_delta(pat, tmap, geo).to(torch.float64)
             return out * self.scale
 
         def _delta_full(self, batch, sites, new_ids, todo):
