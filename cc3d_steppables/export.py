@@ -108,7 +108,8 @@ class ExportResult:
             else:
                 lines.append("expected cost: C++ plugins only (CC3D's native speed)")
         lines.append(f"run: python -m cc3d.run_script -i {self.project} -o OUTDIR   "
-                     f"({self.mcs} MCS, seed {self.seed}; snapshots → OUTDIR/lattice.npz)")
+                     f"({self.mcs} MCS, seed {self.seed}; snapshots → OUTDIR/lattice.npz; CC3D 4.8 refuses an "
+                     "OUTDIR inside the project folder)")
         return "\n".join(lines)
 
 
