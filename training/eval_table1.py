@@ -283,12 +283,43 @@ def load_data(path):
     return states, labels
 
 
+def rollout_run(i: int, label, path, states, bounds, cfg: dict, *, seed: int, device: str, sampler: str,
+                gif_dir=None, table: str = "table"):
+    """Load the run at ``path``, roll it out from type-permuted real states and score every ``cfg["every"]``-th
+    frame for the volume and fragmentation metrics (the part shared by Tables 1 and 2).
+
+    Returns ``(label, hamiltonian, traj [n_traj, frames+1, 2, H, W], seconds, vol_ok, frag_ok)`` with
+    ``vol_ok``/``frag_ok`` boolean arrays ``[n_traj, n_scored_frames]``; writes one GIF into ``gif_dir`` if given.
+    """
+    from neuralcpm_plugin.bundle import load_bundle
+    from neuralcpm_plugin.metrics.paper import n_fragmented, volume_ok
+    b = load_bundle(find_bundle(path))
+    lab = label or run_label(b)
+    ham = b.hamiltonian.to(device)
+    if tuple(ham.lattice.shape) != tuple(states[0].shape):
+        raise ConfigError(f"{path}: model lattice {ham.lattice.shape} differs from the data {states[0].shape}")
+    starts = permuted_starts(states, cfg["trajectories"], np.random.default_rng(seed * 1000 + i))
+    t0 = time.perf_counter()
+    traj = rollout(ham, starts, frames=cfg["frames"], mcs_per_frame=cfg["mcs_per_frame"], flips=cfg["flips"],
+                   seed=seed * 1000 + i, chains=cfg["chains"], device=device, sampler=sampler)
+    secs = time.perf_counter() - t0
+    sel = list(range(0, cfg["frames"] + 1, cfg["every"]))
+    n_t = len(starts)
+    vol_ok = np.array([[volume_ok(CellState.from_maps(*traj[k, f]), bounds) for f in sel] for k in range(n_t)])
+    frag_ok = np.array([[n_fragmented(CellState.from_maps(*traj[k, f])) <= 3 for f in sel] for k in range(n_t)])
+    if gif_dir:
+        from neuralcpm_plugin.render import render_trajectory
+        safe = "".join(c if c.isalnum() else "_" for c in lab)
+        render_trajectory(states_of(traj[0]), Path(gif_dir) / f"{table}_{safe}_{i}.gif", fps=8,
+                          titles=[f"{lab}: frame {f}" for f in range(traj.shape[1])])
+    return lab, ham, traj, secs, vol_ok, frag_ok
+
+
 def evaluate_table1(data, runs, *, scale: str = "cpu", classifier=None, seed: int = 0, device: str = "cpu",
                     sampler: str = "parallel", gif_dir=None, log=print, **overrides) -> dict:
     """Compute Table 1 for ``runs`` (paths or ``(label, path)``); returns the result dict (see module doc)."""
-    from neuralcpm_plugin.bundle import load_bundle
     from neuralcpm_plugin.classifier import predict_proba
-    from neuralcpm_plugin.metrics.paper import classifier_score, n_fragmented, volume_bounds, volume_ok
+    from neuralcpm_plugin.metrics.paper import classifier_score, volume_bounds
 
     cfg = dict(SCALES[scale])
     cfg.update({k: v for k, v in overrides.items() if v is not None})
@@ -300,21 +331,10 @@ def evaluate_table1(data, runs, *, scale: str = "cpu", classifier=None, seed: in
         f"roll-outs: {cfg}")
     results = {"real data": [_real_row(states, bounds, clf)]}
     for i, (label, path) in enumerate(runs):
-        b = load_bundle(find_bundle(path))
-        lab = label or run_label(b)
-        ham = b.hamiltonian.to(device)
-        if tuple(ham.lattice.shape) != tuple(states[0].shape):
-            raise ConfigError(f"{path}: model lattice {ham.lattice.shape} differs from the data {states[0].shape}")
-        rng = np.random.default_rng(seed * 1000 + i)
-        starts = permuted_starts(states, cfg["trajectories"], rng)
-        t0 = time.perf_counter()
-        traj = rollout(ham, starts, frames=cfg["frames"], mcs_per_frame=cfg["mcs_per_frame"], flips=cfg["flips"],
-                       seed=seed * 1000 + i, chains=cfg["chains"], device=device, sampler=sampler)
-        secs = time.perf_counter() - t0
-        sel = list(range(0, cfg["frames"] + 1, cfg["every"]))
-        n_t = len(starts)
-        vol_ok = np.array([[volume_ok(CellState.from_maps(*traj[k, f]), bounds) for f in sel] for k in range(n_t)])
-        frag_ok = np.array([[n_fragmented(CellState.from_maps(*traj[k, f])) <= 3 for f in sel] for k in range(n_t)])
+        lab, ham, traj, secs, vol_ok, frag_ok = rollout_run(i, label, path, states, bounds, cfg, seed=seed,
+                                                            device=device, sampler=sampler, gif_dir=gif_dir,
+                                                            table="table1")
+        n_t = len(traj)
         probs = predict_proba(clf, traj[:, -1, 1])
         row = {"run": str(path), "vol": float(vol_ok.mean()), "frag": float(frag_ok.mean()),
                "cs": classifier_score(probs), "seconds": round(secs, 1),
@@ -326,11 +346,6 @@ def evaluate_table1(data, runs, *, scale: str = "cpu", classifier=None, seed: in
         log(f"{lab} [{path}]: vol {row['vol']:.2f} frag {row['frag']:.2f} CS {row['cs']:.2f} "
             f"({secs:.0f} s roll-out){wn}")
         results.setdefault(lab, []).append(row)
-        if gif_dir:
-            from neuralcpm_plugin.render import render_trajectory
-            safe = "".join(c if c.isalnum() else "_" for c in lab)
-            render_trajectory(states_of(traj[0]), Path(gif_dir) / f"table1_{safe}_{i}.gif", fps=8,
-                              titles=[f"{lab}: frame {f}" for f in range(traj.shape[1])])
     summary = summarise(results, ["vol", "frag", "cs"])
     return {"table": "table1", "data": str(data), "rollout": cfg, "sampler": sampler, "volume_bounds": bounds,
             "classifier": {k: v for k, v in clf_info.items() if k != "curve"}, "rows": summary, "raw": results}

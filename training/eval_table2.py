@@ -17,29 +17,22 @@ at the same lattice scale.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
-
-from neuralcpm_plugin.errors import ConfigError
-from neuralcpm_plugin.lattice import CellState
 
 from .eval_table1 import (
     SCALES,
     _not_run_row,
     add_common_arguments,
     closure_weights_of,
-    find_bundle,
     fmt,
     groups_ci,
     load_data,
     order_labels,
     overrides_of,
     parse_runs,
-    permuted_starts,
-    rollout,
-    run_label,
+    rollout_run,
     states_of,
     summarise,
     write_outputs,
@@ -68,16 +61,13 @@ def _org(states) -> tuple[float, float]:
 def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: str = "cpu", sampler: str = "parallel",
                     gif_dir=None, log=print, **overrides) -> dict:
     """Compute Table 2 for ``runs`` (paths or ``(label, path)``); returns the result dict."""
-    from neuralcpm_plugin.bundle import load_bundle
     from neuralcpm_plugin.metrics.paper import (
         fragmentation_metric,
         mean_second_moments,
         moment_error,
-        n_fragmented,
         second_moments,
         volume_bounds,
         volume_metric,
-        volume_ok,
     )
 
     cfg = dict(SCALES[scale])
@@ -97,20 +87,10 @@ def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: st
                               "frag": fragmentation_metric(states), "err": moment_error(half_a, half_b),
                               "org1": o1, "org2": o2, "groups": {}}]}
     for i, (label, path) in enumerate(runs):
-        b = load_bundle(find_bundle(path))
-        lab = label or run_label(b)
-        ham = b.hamiltonian.to(device)
-        if tuple(ham.lattice.shape) != tuple(states[0].shape):
-            raise ConfigError(f"{path}: model lattice {ham.lattice.shape} differs from the data {states[0].shape}")
-        starts = permuted_starts(states, cfg["trajectories"], np.random.default_rng(seed * 1000 + i))
-        t0 = time.perf_counter()
-        traj = rollout(ham, starts, frames=cfg["frames"], mcs_per_frame=cfg["mcs_per_frame"], flips=cfg["flips"],
-                       seed=seed * 1000 + i, chains=cfg["chains"], device=device, sampler=sampler)
-        secs = time.perf_counter() - t0
-        sel = list(range(0, cfg["frames"] + 1, cfg["every"]))
-        n_t = len(starts)
-        vol_ok = np.array([[volume_ok(CellState.from_maps(*traj[k, f]), bounds) for f in sel] for k in range(n_t)])
-        frag_ok = np.array([[n_fragmented(CellState.from_maps(*traj[k, f])) <= 3 for f in sel] for k in range(n_t)])
+        lab, ham, traj, secs, vol_ok, frag_ok = rollout_run(i, label, path, states, bounds, cfg, seed=seed,
+                                                            device=device, sampler=sampler, gif_dir=gif_dir,
+                                                            table="table2")
+        n_t = len(traj)
         finals = states_of(traj[:, -1])
         m2 = np.stack([second_moments(s) for s in finals])
 
@@ -128,11 +108,6 @@ def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: st
         log(f"{lab} [{path}]: vol {row['vol']:.2f} frag {row['frag']:.2f} err {row['err']:.1f} "
             f"org {o1:.2f}/{o2:.2f} ({secs:.0f} s roll-out)")
         results.setdefault(lab, []).append(row)
-        if gif_dir:
-            from neuralcpm_plugin.render import render_trajectory
-            safe = "".join(c if c.isalnum() else "_" for c in lab)
-            render_trajectory(states_of(traj[0]), Path(gif_dir) / f"table2_{safe}_{i}.gif", fps=8,
-                              titles=[f"{lab}: frame {f}" for f in range(traj.shape[1])])
     summary = summarise(results, ["vol", "frag", "err", "org1", "org2"])
     return {"table": "table2", "data": str(data), "rollout": cfg, "sampler": sampler, "volume_bounds": bounds,
             "real_second_moments": real_m2.tolist(), "rows": summary, "raw": results}
