@@ -175,3 +175,44 @@ def test_real_morpheus_hook_three_chunks(tmp_path):
     assert all(np.isfinite(res.stale_rel_rmse)) and len(res.stale_rel_rmse) == 3
     z = np.load(tmp_path / "traj.npz")
     assert z["data"].shape == (4, 2, 40, 40)
+
+
+@pytest.mark.integration
+@needs_morpheus
+def test_real_morpheus_bipolar_model_matches_exact_sampler(tmp_path):
+    """Our own bipolar test model (contact with "norm" scaling, VolumeConstraint, DirectedMotion with band
+    directions, T = 2, classic stepper) run in real Morpheus and, from the same initial states, in the
+    package's exact sampler under the imported model: the bipolar organisation (fraction of positional
+    variance along the type-2 axis, per type) and the mean volume agree within 4 combined standard errors."""
+    from morpheus_xml import load_model
+    from neuralcpm_plugin.metrics.paper import bipolar_organisation
+    from neuralcpm_plugin.sampling import run_exact
+
+    mcs, runs = 300, 8
+    real, ours = [], []
+    for seed in range(1, runs + 1):
+        root = etree.parse(str(FIX / "bipolar_test.xml")).getroot()
+        root.find("Time/StopTime").set("value", str(mcs))
+        rs = root.find("Time/RandomSeed")
+        if rs is None:
+            rs = etree.SubElement(root.find("Time"), "RandomSeed")
+        rs.set("value", str(seed))
+        d = tmp_path / f"run{seed}"
+        d.mkdir()
+        (d / "model.xml").write_bytes(etree.tostring(root))
+        assert FINISHED in run_morpheus(MORPHEUS, d / "model.xml", d / "out", timeout=600)
+        frames = read_tiff_stack(sorted((d / "out").glob("*.tif"))[0])
+        start, end = frames[0], frames[-1]
+        assert set(end.cell_ids().tolist()) == set(start.cell_ids().tolist())
+        org = bipolar_organisation(end)
+        real.append((org[1], org[2], end.volumes()[end.cell_ids()].mean()))
+        mine = run_exact(start, load_model(d / "model.xml").hamiltonian, mcs, seed=seed).final
+        org = bipolar_organisation(mine)
+        ours.append((org[1], org[2], mine.volumes()[mine.cell_ids()].mean()))
+    real, ours = np.array(real), np.array(ours)
+    se = np.sqrt(real.var(0, ddof=1) / runs + ours.var(0, ddof=1) / runs)
+    diff = np.abs(real.mean(0) - ours.mean(0))
+    print(f"bipolar after {mcs} MCS (org type 1, org type 2, mean volume): Morpheus {real.mean(0).round(3)}, "
+          f"exact sampler {ours.mean(0).round(3)}, combined SE {se.round(3)}")
+    assert np.all(diff <= 4 * se + 1e-9), (diff, se)
+    assert real[:, 1].mean() > 0.6 and real[:, 0].mean() < 0.4     # it is bipolar in Morpheus itself
