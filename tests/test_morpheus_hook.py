@@ -201,7 +201,7 @@ def test_real_morpheus_bipolar_model_matches_exact_sampler(tmp_path):
         d.mkdir()
         (d / "model.xml").write_bytes(etree.tostring(root))
         assert FINISHED in run_morpheus(MORPHEUS, d / "model.xml", d / "out", timeout=600)
-        frames = read_tiff_stack(sorted((d / "out").glob("*.tif"))[0])
+        frames = read_tiff_stack(d / "out" / "cell.id_cell.type.tif")
         start, end = frames[0], frames[-1]
         assert set(end.cell_ids().tolist()) == set(start.cell_ids().tolist())
         org = bipolar_organisation(end)
