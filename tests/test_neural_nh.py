@@ -158,6 +158,25 @@ def test_incremental_delta_is_exact(config, shape, rng):
     assert term.delta_np(states[0], (i, j), int(new[0, 0])) == pytest.approx(float(d_full[0, 0].detach()), abs=1e-10)
 
 
+@pytest.mark.parametrize("extra,shape", [
+    ({"phi_final_activation": True}, (36, 36)),  # final SiLU: the last layer cannot be summed before phi2
+    ({"pools": [2, 2]}, (36, 38)),  # pooled last layer; pool-aligned on rows, not on columns
+    ({"hidden": [4], "pools": [3]}, (42, 45)),  # one layer: nothing after the patched layer-1 window
+    ({"pools": [3, 1], "embed_stride": 2}, (42, 42)),  # blocks tile the torus (fast pooled write path)
+])
+def test_incremental_delta_exact_architecture_variants(extra, shape, rng):
+    """The folded/summed fast paths of the incremental ΔH equal full recomputation (float64) per variant."""
+    term = NeuralHamiltonian(dict(SMALL_NH, **extra), seed=8)
+    states = [rand_state(shape, 10, rng) for _ in range(2)]
+    batch = Batch.from_states(states)
+    S, N = zip(*[proposals(s, 9, rng) for s in states])
+    sites, new = torch.as_tensor(np.stack(S)), torch.as_tensor(np.stack(N))
+    d_inc = term.delta_incremental(batch, sites, new, chunk=4)
+    d_full = term.delta_full(batch, sites, new)
+    assert (d_full.abs() > 1e-8).any()
+    np.testing.assert_allclose(d_inc.detach().numpy(), d_full.detach().numpy(), rtol=1e-9, atol=1e-11)
+
+
 def test_incremental_delta_edge_cases(rng):
     """Same-cell copies give 0; a vanishing cell or an id new to the lattice fall back to exact recomputation."""
     term = NeuralHamiltonian(SMALL_NH, seed=5, scale=0.5)  # fallback values carry the scale once

@@ -27,7 +27,10 @@ include the term's ``scale``.  Units: dimensionless energy, same units as the an
 ΔH (:meth:`NeuralHamiltonian.delta`) reuses the base state's activations: a copy changes two cells' masks
 and the type map at one site, i.e. one embedding pixel of every cell; only the first NH layer's window
 around it is recomputed (for every cell, on a crop), the pooled result is patched into the cached input of
-the second layer, and the (low-resolution) remaining layers are evaluated for all proposals in batches.
+the second layer, and the (low-resolution) remaining layers are evaluated for all proposals in batches, with
+their linear pieces folded (``down`` into ``psi1``, ``up`` into ``phi1``, ``phi1``'s aggregate half applied
+once per state instead of once per cell, the last layer's ``phi2``/``res``/``to_agg`` applied after the
+spatial sum).  Equal to full recomputation up to float rounding (~1e-12 relative in float64).
 """
 
 from __future__ import annotations
@@ -431,7 +434,7 @@ class NeuralHamiltonian(_NeuralTerm):
         return self.energy_nn(batch).to(torch.float64) * self.scale
 
     # --- fast batched ΔH --------------------------------------------------------------------------
-    def delta(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, *, chunk: int = 16) -> torch.Tensor:
+    def delta(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, *, chunk: int = 12) -> torch.Tensor:
         """ΔH [B, P] (float64, scale included) of copying ``new_ids`` into ``sites`` (flat), against one state.
 
         Reuses the base state's activations; see :meth:`delta_incremental`. Falls back to full
@@ -447,36 +450,120 @@ class NeuralHamiltonian(_NeuralTerm):
         d = 2 * (4 + (p1 - 1) + 2) + 1
         return min(shape[0] // s, shape[1] // s) >= d
 
-    def delta_incremental(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, *, chunk: int = 16):
+    def _fast_weights(self):
+        """Per-layer weights of the incremental path: ``down`` folded into ``psi1`` and stacked with the
+        cell part of ``phi1`` (one 3×3 conv on x_c), the aggregate part of ``phi1`` applied to A once."""
+        out = []
+        for L in self.layers:
+            C = L.down.in_channels
+            Wd = L.down.weight[:, :, 0, 0]  # [E, C]
+            Wf = torch.einsum("oekl,ec->ockl", L.psi1.weight, Wd)
+            bf = L.psi1.bias + torch.einsum("oekl,e->o", L.psi1.weight, L.down.bias)
+            Wx = L.phi1.weight[:, :C]
+            Wcat = torch.cat([Wf, Wx], 0)
+            bcat = torch.cat([bf, torch.zeros_like(L.phi1.bias)], 0)
+            # phi1 on A = up(S): fold the 1×1 'up' into phi1's A part
+            Wa = L.phi1.weight[:, C:]
+            Wu = L.up.weight[:, :, 0, 0]
+            WA = torch.einsum("oakl,ae->oekl", Wa, Wu)
+            bA = L.phi1.bias + torch.einsum("oakl,a->o", Wa, L.up.bias)
+            out.append((Wcat, bcat, Wf.shape[0], WA, bA))
+        return out
+
+    def _fast_rest(self, x, pres, fw):
+        """Network output [n] for layer-2 inputs ``x`` [n, K, C, h, w] (layers 2.. and the read-out).
+
+        Same function as ``_readout(_run_layers(x, pres, 1), pres)`` (exact up to float rounding); uses the
+        folded weights ``fw`` and, for a last layer without pooling/final activation, sums before ``phi2``.
+        """
+        n, K = x.shape[:2]
+        pw = pres[:, :, None, None, None]
+        nl = len(self.layers)
+        for li in range(1, nl):
+            L = self.layers[li]
+            Wcat, bcat, E, WA, bA = fw[li]
+            h, w = x.shape[-2:]
+            xf = x.flatten(0, 1)
+            u = F.conv2d(F.pad(xf, (1, 1, 1, 1), mode="circular"), Wcat, bcat)
+            z = _silu(u[:, :E])
+            ps = _silu(F.conv2d(F.pad(z, (1, 1, 1, 1), mode="circular"), L.psi2.weight, L.psi2.bias))
+            S = (ps.view(n, K, *ps.shape[1:]) * pw).sum(1)
+            aA = F.conv2d(F.pad(S, (1, 1, 1, 1), mode="circular"), WA, bA)  # [n, node, h, w]
+            g = _silu(u[:, E:].view(n, K, -1, h, w) + aA[:, None])
+            p = int(self.config["pools"][li])
+            last = li == nl - 1
+            if last and p == 1 and not L.phi_final_activation and not len(self.conv_blocks):
+                # Σ_c pres_c Σ_space (phi2(g_c) + res(x_c)): a circular conv's spatial sum is a matmul
+                # (accumulated in float64: the sums run over all cells and pixels)
+                d = torch.float64
+                gs = (g * pw).sum((1, 3, 4), dtype=d)  # [n, node]
+                xs = (x * pw).sum((1, 3, 4), dtype=d)
+                npres = pres.sum(1, dtype=d)[:, None] * (h * w)
+                y = gs @ L.phi2.weight.sum((2, 3), dtype=d).T + npres * L.phi2.bias.to(d)
+                if L.res is not None:
+                    y = y + xs @ L.res.weight[:, :, 0, 0].to(d).T + npres * L.res.bias.to(d)
+                else:
+                    y = y + xs
+                r = y @ self.to_agg.weight[:, :, 0, 0].to(d).T + npres * self.to_agg.bias.to(d)
+                hd = self.head
+                for lin, res in zip(hd.layers, hd.res):
+                    lr = F.linear(r, res.weight.to(d), res.bias.to(d)) if isinstance(res, nn.Linear) else r
+                    r = _silu(F.linear(r, lin.weight.to(d), lin.bias.to(d))) + lr
+                return F.linear(r, hd.out.weight.to(d), hd.out.bias.to(d))[..., 0]
+            y = F.conv2d(F.pad(g.flatten(0, 1), (1, 1, 1, 1), mode="circular"), L.phi2.weight, L.phi2.bias)
+            if L.phi_final_activation:
+                y = _silu(y)
+            y = y + (L.res(xf) if L.res is not None else xf)
+            if p > 1:
+                y = _pool(y, p)
+            x = y.view(n, K, *y.shape[1:])
+        return self._readout(x, pres)
+
+    def delta_incremental(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, *, chunk: int = 12):
         """ΔH reusing activations outside each proposal's region of influence (exact up to float rounding).
 
         A copy at site (i, j) changes one embedding pixel e = (i//s, j//s) of every cell (linearly: the type
         one-hot and the two affected masks).  In NH layer 1 the cell-wise branch ψ changes within radius 2 of
         e, the aggregate within radius 2, the interaction branch within radius 4: this window is recomputed
-        for every cell on a crop, max-pooled and written into the cached input of layer 2; layers 2.. and the
-        read-out are evaluated in full for all proposals (they run at 1/(s·p1)² of the lattice resolution).
+        for every cell on a crop (ψ before the copy is taken from the cache), max-pooled and written into the
+        cached input of layer 2; layers 2.. and the read-out are evaluated in full for all proposals (they run
+        at 1/(s·p1)² of the lattice resolution and change everywhere), with linear pieces folded: ``down``
+        into ``psi1``, ``up`` into ``phi1``, ``phi1``'s aggregate part evaluated once per proposal rather than
+        per cell, and the last layer's ``phi2``/``res``/``to_agg`` summed over space before being applied.
         Proposals that need a cell absent from the base state fall back to full recomputation.
         """
         if not self._crop_fits(batch.shape):
             raise ConfigError(f"nh: lattice {batch.shape} too small for the incremental ΔH; use delta_full")
+        if self.config["padding"] != "circular":
+            raise ConfigError("nh: the incremental ΔH needs circular padding; use delta_full")
         dev = batch.device
         B, P = sites.shape
         W = batch.shape[1]
         s = int(self.config["embed_stride"])
-        pad = self.config["padding"]
         x1, pres, idlist = self._inputs(batch)
         _, K, C1, h1, w1 = x1.shape
         L0 = self.layers[0]
         p1 = int(self.config["pools"][0])
+        fw = self._fast_weights()
         # --- base: layer-1 caches
+        # (same arithmetic as the proposals below, so that rounding errors largely cancel in the difference)
+        Wf0, bf0, E0, WA0, bA0 = fw[0]
         xf = x1.flatten(0, 1)
-        psi = L0.psi(xf, pad).view(B, K, -1, h1, w1)
+        u = F.conv2d(F.pad(xf, (1, 1, 1, 1), mode="circular"), Wf0, bf0)
+        z = _silu(u[:, :E0])
+        psi = _silu(F.conv2d(F.pad(z, (1, 1, 1, 1), mode="circular"), L0.psi2.weight, L0.psi2.bias))
+        psi = psi.view(B, K, -1, h1, w1)
         S1 = (psi * pres[:, :, None, None, None]).sum(1)  # [B, E, h1, w1]
-        a = L0.up(S1)
-        y1 = L0.phi(xf, a[:, None].expand(B, K, *a.shape[1:]).flatten(0, 1), pad).view(B, K, -1, h1, w1)
-        x2 = _pool(y1.flatten(0, 1), p1).view(B, K, -1, h1 // p1, w1 // p1) if p1 > 1 else y1
+        aA = F.conv2d(F.pad(S1, (1, 1, 1, 1), mode="circular"), WA0, bA0)
+        g = _silu(u[:, E0:].view(B, K, -1, h1, w1) + aA[:, None]).flatten(0, 1)
+        y1 = F.conv2d(F.pad(g, (1, 1, 1, 1), mode="circular"), L0.phi2.weight, L0.phi2.bias)
+        if L0.phi_final_activation:
+            y1 = _silu(y1)
+        y1 = y1 + (L0.res(xf) if L0.res is not None else xf)
+        x2 = _pool(y1, p1) if p1 > 1 else y1
+        x2 = x2.view(B, K, *x2.shape[1:])
         h2, w2 = x2.shape[-2:]
-        base_nn = self._readout(self._run_layers(x2, pres, 1), pres)  # [B]
+        base_nn = self._fast_rest(x2, pres, fw)  # [B]
 
         out = torch.zeros((B, P), dtype=torch.float64, device=dev)
         flat_ids = batch.ids.flatten(1)
@@ -503,26 +590,31 @@ class NeuralHamiltonian(_NeuralTerm):
         # geometry of the layer-1 window
         rr = 4 + (p1 - 1)  # crop radius (layer-1 px) of the recomputed interaction output
         rx = rr + 2  # crop radius of the inputs
+        # circularly padded caches, cropped by slicing (crop_fits guarantees the crops do not self-overlap)
+        x1p = F.pad(xf, (rx, rx, rx, rx), mode="circular").view(B, K, C1, h1 + 2 * rx, w1 + 2 * rx)
+        S1p = F.pad(S1, (rx, rx, rx, rx), mode="circular")
+        psip = F.pad(psi.flatten(0, 1), (2, 2, 2, 2), mode="circular").view(B, K, -1, h1 + 4, w1 + 4)
         D = 2 * rx + 1
-        offs = torch.arange(-rx, rx + 1, device=dev)
-        # embedding weight pieces: contribution of one input site to its embedding pixel
         Wm = self.embed.weight[:, 0]  # [C1, s, s]
         Wt = self.embed.weight[:, 1:]  # [C1, T+1, s, s]
         bidx, pidx = torch.nonzero(todo, as_tuple=True)
         n_all = bidx.numel()
         dq = torch.arange(-4, 5, device=dev)
+        aligned = h1 % p1 == 0 and w1 % p1 == 0
+        nb = -(-(8 + p1) // p1)  # most pooled blocks a 9-row window can touch
+        tnb = torch.arange(nb, device=dev)
+        extra = max(0, p1 - 1 + nb * p1 - (2 * rr + 1))  # zero rows/cols so that every slice is full size
+        x2p = F.pad(x2, (0, 1, 0, 1))  # one extra row/col catches the dropped remainder and unused blocks
         for lo in range(0, n_all, chunk):
             b = bidx[lo:lo + chunk]
             pp = pidx[lo:lo + chunk]
             n = b.numel()
             ci, cj = ei[b, pp], ej[b, pp]
             di, dj = si[b, pp] - ci * s, sj[b, pp] - cj * s
-            rows = (ci[:, None] + offs) % h1  # [n, D]
-            cols = (cj[:, None] + offs) % w1
-            # crops of x1 for all cells: [n, K, C1, D, D]
-            xb = x1[b]
-            xc = xb.gather(3, rows[:, None, None, :, None].expand(n, K, C1, D, w1))
-            xc = xc.gather(4, cols[:, None, None, None, :].expand(n, K, C1, D, D))
+            bl, cil, cjl = b.tolist(), ci.tolist(), cj.tolist()
+            xc = torch.stack([x1p[q, :, :, i:i + D, j:j + D] for q, i, j in zip(bl, cil, cjl)])  # [n,K,C1,D,D]
+            Sc = torch.stack([S1p[q, :, i:i + D, j:j + D] for q, i, j in zip(bl, cil, cjl)])  # [n, E, D, D]
+            psb = torch.stack([psip[q, :, :, i:i + 5, j:j + 5] for q, i, j in zip(bl, cil, cjl)])  # [n,K,E,5,5]
             t_old = batch.types[b, old[b, pp]]
             t_new = batch.types[b, new_ids[b, pp]]
             dt = Wt[:, t_new, di, dj].T - Wt[:, t_old, di, dj].T  # [n, C1]
@@ -533,24 +625,17 @@ class NeuralHamiltonian(_NeuralTerm):
             xa = xc.clone()
             xa[:, :, :, rx, rx] += dx
             pres_a = pres[b]
-            # ψ on the centre (radius 2) before and after, for all cells
+            pw = pres_a[:, :, None, None, None]
+            # ψ after on the centre (radius 2), for all cells; ψ before from the cache
             cen = slice(rx - 4, rx + 5)
-            both = torch.stack([xc[..., cen, cen], xa[..., cen, cen]], 1).flatten(0, 2)  # [n*2*K, C1, 9, 9]
-            z = L0.down(both)
-            ps = _silu(F.conv2d(_silu(F.conv2d(z, L0.psi1.weight, L0.psi1.bias)), L0.psi2.weight, L0.psi2.bias))
-            ps = ps.view(n, 2, K, *ps.shape[1:])  # [n, 2, K, E, 5, 5]
-            w_a, w_b = pres_a[:, :, None, None, None], pres[b][:, :, None, None, None]
-            dS = (ps[:, 1] * w_a).sum(1) - (ps[:, 0] * w_b).sum(1)
-            # aggregate crop (radius rx), patched
-            Sb = S1[b]
-            E = Sb.shape[1]
-            Sc = Sb.gather(2, rows[:, None, :, None].expand(n, E, D, w1))
-            Sc = Sc.gather(3, cols[:, None, None, :].expand(n, E, D, D))
+            z = _silu(F.conv2d(xa[..., cen, cen].flatten(0, 1), Wf0[:E0], bf0[:E0]))
+            ps = _silu(F.conv2d(z, L0.psi2.weight, L0.psi2.bias)).view(n, K, -1, 5, 5)
+            dS = ((ps - psb) * pw).sum(1)
             Sc[..., rx - 2:rx + 3, rx - 2:rx + 3] += dS
-            Ac = L0.up(Sc)  # [n, E, D, D]
-            # interaction branch, valid convolutions: radius rx → rx-1 → rx-2 = rr
-            inp = torch.cat([xa, Ac[:, None].expand(n, K, *Ac.shape[1:])], 2).flatten(0, 1)
-            g = _silu(F.conv2d(inp, L0.phi1.weight, L0.phi1.bias))
+            # interaction branch, valid convolutions: radius rx → rx-1 → rx-2 = rr; A part once per proposal
+            aA = F.conv2d(Sc, WA0, bA0)  # [n, node, D-2, D-2]
+            ux = F.conv2d(xa.flatten(0, 1), Wf0[E0:], None)
+            g = _silu(ux.view(n, K, *ux.shape[1:]) + aA[:, None]).flatten(0, 1)
             yc = F.conv2d(g, L0.phi2.weight, L0.phi2.bias)
             if L0.phi_final_activation:
                 yc = _silu(yc)
@@ -559,26 +644,42 @@ class NeuralHamiltonian(_NeuralTerm):
             yc = yc.view(n, K, -1, 2 * rr + 1, 2 * rr + 1)  # after-state layer-1 output, radius rr around e
             # pooled outputs that intersect the changed region (radius 4); gather their p1×p1 blocks
             C2 = yc.shape[2]
-            r_abs = (ci[:, None] + dq) % h1  # [n, 9]
-            c_abs = (cj[:, None] + dq) % w1
-            qi, qj = r_abs // p1, c_abs // p1
-            st_i = (dq + rr)[None] - (r_abs % p1)  # local start row of the block
-            st_j = (dq + rr)[None] - (c_abs % p1)
-            tpool = torch.arange(p1, device=dev)
-            ri = (st_i[:, :, None] + tpool).reshape(n, -1)  # [n, 9*p1]
-            rj = (st_j[:, :, None] + tpool).reshape(n, -1)
-            blk = yc.gather(3, ri[:, None, None, :, None].expand(n, K, C2, ri.shape[1], yc.shape[-1]))
-            blk = blk.gather(4, rj[:, None, None, None, :].expand(n, K, C2, ri.shape[1], rj.shape[1]))
-            blk = blk.view(n, K, C2, 9, p1, 9, p1).amax((4, 6))  # [n, K, C2, 9, 9]
+            if aligned:
+                # blocks tile the torus: nb consecutive blocks from the one holding row ci-4 (local row st)
+                mi, mj = (ci - 4) % p1, (cj - 4) % p1
+                sti, stj = (p1 - 1 - mi).tolist(), (p1 - 1 - mj).tolist()
+                ycp = F.pad(yc.flatten(1, 2), (0, extra, 0, extra)) if extra else yc.flatten(1, 2)
+                blk = torch.stack([ycp[k, :, a:a + nb * p1, c:c + nb * p1] for k, (a, c) in enumerate(zip(sti, stj))])
+                blk = F.max_pool2d(blk, p1, p1) if p1 > 1 else blk
+                blk = blk.view(n, K, C2, nb, nb)
+                qi = ((ci - 4) // p1)[:, None] + tnb
+                qj = ((cj - 4) // p1)[:, None] + tnb
+                # blocks past the changed rows (ci+4) hold partial garbage: send them to the dummy row/col
+                qi = torch.where(qi * p1 <= (ci + 4)[:, None], qi % h2, torch.full_like(qi, h2))
+                qj = torch.where(qj * p1 <= (cj + 4)[:, None], qj % w2, torch.full_like(qj, w2))
+            else:
+                r_abs = (ci[:, None] + dq) % h1  # [n, 9]
+                c_abs = (cj[:, None] + dq) % w1
+                qi, qj = r_abs // p1, c_abs // p1
+                st_i = (dq + rr)[None] - (r_abs % p1)  # local start row of the block
+                st_j = (dq + rr)[None] - (c_abs % p1)
+                tpool = torch.arange(p1, device=dev)
+                ri = (st_i[:, :, None] + tpool).reshape(n, -1)  # [n, 9*p1]
+                rj = (st_j[:, :, None] + tpool).reshape(n, -1)
+                blk = yc.gather(3, ri[:, None, None, :, None].expand(n, K, C2, ri.shape[1], yc.shape[-1]))
+                blk = blk.gather(4, rj[:, None, None, None, :].expand(n, K, C2, ri.shape[1], rj.shape[1]))
+                if p1 > 1:
+                    blk = F.max_pool2d(blk.flatten(0, 1), p1, p1)
+                blk = blk.view(n, K, C2, 9, 9)
+                qi = torch.where(qi < h2, qi, torch.full_like(qi, h2))
+                qj = torch.where(qj < w2, qj, torch.full_like(qj, w2))
             # write into a copy of the cached layer-2 input (one extra row/col catches the dropped remainder)
-            x2n = F.pad(x2[b], (0, 1, 0, 1))
-            qi = torch.where(qi < h2, qi, torch.full_like(qi, h2))
-            qj = torch.where(qj < w2, qj, torch.full_like(qj, w2))
+            x2n = x2p[b]
             nn_i = torch.arange(n, device=dev)[:, None, None]
             x2n = x2n.permute(0, 3, 4, 1, 2)  # [n, h2+1, w2+1, K, C2]
             x2n[nn_i, qi[:, :, None], qj[:, None, :]] = blk.permute(0, 3, 4, 1, 2)
             x2n = x2n.permute(0, 3, 4, 1, 2)[..., :h2, :w2]
-            e_after = self._readout(self._run_layers(x2n.contiguous(), pres_a, 1), pres_a)
+            e_after = self._fast_rest(x2n.contiguous(), pres_a, fw)
             out[b, pp] = (e_after - base_nn[b]).to(torch.float64) * self.scale
         return out
 
