@@ -359,7 +359,7 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
         loss.backward()
         opt.step()
         pmap.sync()
-        loss_v = float(loss)
+        loss_v = float(loss.detach())
         history.append(loss_v)
         if progress:
             it.set_postfix(nll=f"{loss_v:.4f}")
