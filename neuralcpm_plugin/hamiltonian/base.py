@@ -25,6 +25,7 @@ lattice)`` rebuilds the term. Term kinds register themselves with :func:`registe
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -195,6 +196,34 @@ class Term(nn.Module):
 
     def scale_value(self) -> float:
         return float(self.scale.detach())
+
+
+class ConfigTerm(Term):
+    """A term described by an architecture ``config`` dict plus its ``state_dict`` (the neural kinds).
+
+    ``spec()["params"] = {"config": ...}``; ``tensors()`` = the state_dict without ``scale``. Subclasses are
+    built as ``cls(config, scale=...)`` and keep their configuration in ``self.config``.
+    """
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "scale": self.scale_value(), "params": {"config": copy.deepcopy(self.config)}}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k != "scale"}
+
+    @classmethod
+    def from_spec(cls, spec: dict, tensors: dict[str, torch.Tensor], lattice: LatticeSpec | None = None):
+        params = spec.get("params", {})
+        if not isinstance(params, dict) or not isinstance(params.get("config"), dict):
+            raise BundleError(f"term {cls.kind!r}: params must hold an architecture 'config' dict")
+        term = cls(params["config"], scale=float(spec.get("scale", 1.0)))
+        sd = {k: v for k, v in term.state_dict().items() if k == "scale"}
+        sd.update(tensors)
+        try:
+            term.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise BundleError(f"term {cls.kind!r}: weights do not match the architecture config ({e})") from None
+        return term
 
 
 class Hamiltonian(nn.Module):

@@ -394,7 +394,7 @@ try:  # the numpy evaluator above must stay importable without torch (inside hos
     import torch.nn.functional as F
     from torch import nn
 
-    from .base import Batch, LatticeSpec, Term, register_term
+    from .base import Batch, ConfigTerm, register_term
 except ImportError:  # pragma: no cover - torch-free environment, or this file loaded on its own
     torch = None
 
@@ -403,7 +403,7 @@ if torch is not None:
     _DT = {"float32": torch.float32, "float64": torch.float64}
 
     @register_term
-    class LocalNeuralHamiltonian(Term):
+    class LocalNeuralHamiltonian(ConfigTerm):
         """Local NH term (kind ``"local_nh"``); see the module docstring for the definition.
 
         Parameters
@@ -830,23 +830,3 @@ if torch is not None:
             """ΔH of one copy attempt in pure numpy float64 (via :class:`LocalNHNumpy`)."""
             return self.numpy_evaluator().delta(np.asarray(state.ids), np.asarray(state.types), site, int(new_id))
 
-        # --- serialisation ----------------------------------------------------------------------
-        def spec(self) -> dict:
-            return {"kind": self.kind, "scale": self.scale_value(), "params": {"config": copy.deepcopy(self.config)}}
-
-        def tensors(self) -> dict:
-            return {k: v for k, v in self.state_dict().items() if k != "scale"}
-
-        @classmethod
-        def from_spec(cls, spec: dict, tensors: dict, lattice: LatticeSpec | None = None):
-            params = spec.get("params", {})
-            if not isinstance(params, dict) or not isinstance(params.get("config"), dict):
-                raise BundleError("term 'local_nh': params must hold an architecture 'config' dict")
-            term = cls(params["config"], scale=float(spec.get("scale", 1.0)))
-            sd = {k: v for k, v in term.state_dict().items() if k == "scale"}
-            sd.update(tensors)
-            try:
-                term.load_state_dict(sd, strict=True)
-            except RuntimeError as e:
-                raise BundleError(f"term 'local_nh': weights do not match the architecture config ({e})") from None
-            return term

@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import BundleError, ConfigError
-from .base import Batch, LatticeSpec, Term, register_term
+from ..errors import ConfigError
+from .base import Batch, ConfigTerm, register_term
 
 __all__ = [
     "CNN_PRESETS",
@@ -235,7 +235,7 @@ class _NHLayer(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- common Term base
-class _NeuralTerm(Term):
+class _NeuralTerm(ConfigTerm):
     analytic = False
     _presets: ClassVar[dict] = {}
     _defaults: ClassVar[dict] = {}
@@ -320,26 +320,6 @@ class _NeuralTerm(Term):
             e = self.energy(b)
         return float(e[1] - e[0])
 
-    # --- serialisation ---------------------------------------------------------------------------
-    def spec(self) -> dict:
-        return {"kind": self.kind, "scale": self.scale_value(), "params": {"config": copy.deepcopy(self.config)}}
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if k != "scale"}
-
-    @classmethod
-    def from_spec(cls, spec: dict, tensors: dict[str, torch.Tensor], lattice: LatticeSpec | None = None):
-        params = spec.get("params", {})
-        if not isinstance(params, dict) or not isinstance(params.get("config"), dict):
-            raise BundleError(f"term {spec.get('kind')!r}: params must hold an architecture 'config' dict")
-        term = cls(params["config"], scale=float(spec.get("scale", 1.0)))
-        sd = {k: v for k, v in term.state_dict().items() if k == "scale"}
-        sd.update(tensors)
-        try:
-            term.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise BundleError(f"term {cls.kind!r}: weights do not match the architecture config ({e})") from None
-        return term
 
 
 # ------------------------------------------------------------------------------------------- the paper's NH
