@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def evaluate_params(run_dir, truth=None) -> dict:
     """Return ``{"names", "learned", "truth", "per_pair": {...}, "paper": {...}}`` for a run."""
     from neuralcpm_plugin.bundle import load_bundle
-    from neuralcpm_plugin.metrics.params import param_names, param_rmse, param_vector, truth_from_source
+    from neuralcpm_plugin.metrics.params import param_names, param_rmse_both_scalings, param_vector, truth_from_source
     run_dir = Path(run_dir)
     bdir = run_dir / "model" if (run_dir / "model" / "model.json").exists() else run_dir
     try:
@@ -53,12 +53,7 @@ def evaluate_params(run_dir, truth=None) -> dict:
         raise ConfigError(f"the model has {len(v)} parameters, the truth {len(tv)}")
     n_types = bundle.hamiltonian.term("contact").n_types
     out = {"names": param_names(n_types), "learned": v.tolist(), "truth": tv.tolist(), "source": t.get("source")}
-    for scaling, f in (("per_pair", 1.0), ("paper", 4.0)):
-        a, b = v.copy(), tv.copy()
-        a[:-1] *= f
-        b[:-1] *= f
-        r1, rs, ts = param_rmse(a, b)
-        out[scaling] = {"rmse_T1": r1, "rmse_Tstar": rs, "Tstar": ts}
+    out.update(param_rmse_both_scalings(v, tv))
     return out
 
 

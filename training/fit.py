@@ -424,7 +424,7 @@ def param_columns(ham) -> dict:
 
 
 def _report_params(ham, truth, log) -> dict | None:
-    from neuralcpm_plugin.metrics.params import param_names, param_rmse, param_vector
+    from neuralcpm_plugin.metrics.params import param_names, param_rmse_both_scalings, param_vector
     if ham.term("contact") is None or ham.term("volume") is None:
         return None
     n = ham.term("contact").n_types
@@ -436,13 +436,7 @@ def _report_params(ham, truth, log) -> dict | None:
     tv = np.asarray(truth["vector"], dtype=np.float64)
     if tv.shape != v.shape:
         return None
-    out = {}
-    for scaling, f in (("per_pair", 1.0), ("paper", 4.0)):
-        a, b = v.copy(), tv.copy()
-        a[:-1] *= f
-        b[:-1] *= f
-        r1, rs, ts = param_rmse(a, b)
-        out[scaling] = {"rmse_T1": r1, "rmse_Tstar": rs, "Tstar": ts}
+    out = param_rmse_both_scalings(v, tv)
     log(f"true parameters ({truth.get('source', '?')}): " + ", ".join(f"{a} = {b:.4f}" for a, b in zip(names, tv)))
     pp, pa = out["per_pair"], out["paper"]
     log(f"parameter RMSE per pair: T=1 {pp['rmse_T1']:.4f}, T* {pp['rmse_Tstar']:.4f} (T* = {pp['Tstar']:.4f});"

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["KNOWN_TRUTHS", "PAPER_J_FACTOR", "param_names", "param_rmse", "param_vector", "truth_from_source"]
+__all__ = ["KNOWN_TRUTHS", "PAPER_J_FACTOR", "param_names", "param_rmse", "param_rmse_both_scalings", "param_vector",
+           "truth_from_source"]
 
 PAPER_J_FACTOR = 4.0
 
@@ -94,6 +95,23 @@ def param_rmse(theta_hat, theta) -> tuple[float, float, float]:
     rmse_s = float(np.sqrt(np.mean((th / tstar - t) ** 2)))
     return rmse1, rmse_s, tstar
 
+
+
+def param_rmse_both_scalings(theta_hat, theta) -> dict:
+    """:func:`param_rmse` of ``[J..., λ]`` vectors (per-pair units) in this project's scaling and in the
+    paper's (every J × :data:`PAPER_J_FACTOR`, λ unchanged).
+
+    Returns ``{"per_pair": {...}, "paper": {...}}``, each ``{"rmse_T1", "rmse_Tstar", "Tstar"}``.
+    """
+    out = {}
+    for scaling, f in (("per_pair", 1.0), ("paper", PAPER_J_FACTOR)):
+        a = np.array(theta_hat, dtype=np.float64)
+        b = np.array(theta, dtype=np.float64)
+        a[:-1] *= f
+        b[:-1] *= f
+        r1, rs, ts = param_rmse(a, b)
+        out[scaling] = {"rmse_T1": r1, "rmse_Tstar": rs, "Tstar": ts}
+    return out
 
 # True parameters of the known data sets, per unordered pair (this project's units); vector order of
 # :func:`param_names`. P1/P2: ../shared/reference-data/README.md. cellsort-a/b: SPEC.md (paper scaling / 4).
