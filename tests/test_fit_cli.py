@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from fit_helpers import SHARED, block_states, write_npz
 
+from neuralcpm_plugin.errors import ConfigError
 from neuralcpm_plugin.lattice import CellState
 from training.fit import main
 
@@ -118,3 +119,28 @@ def test_default_flow_generates_data_fits_and_exports(tmp_path, capsys):
     assert "bundle:" in so and "python -m training.evaluate params" in so
     # the exporters run when they are installed, and say so when they are not
     assert ("CC3D project" in so or "CC3D export" in so) and ("Morpheus" in so)
+
+
+def test_a_fitted_bundle_is_a_prior_for_a_closure_model(tmp_path, capsys):
+    from neuralcpm_plugin.bundle import load_bundle
+    from neuralcpm_plugin.metrics.params import param_vector
+    from training.config import load_config
+    from training.fit import build_model
+    data = write_npz(tmp_path / "d.npz", block_states(4, size=24))
+    code, _, se = _run(["--data", str(data), "--out", str(tmp_path / "pl"), "--no-export", "--threads", "1"], capsys)
+    assert code == 0, se
+    fitted = param_vector(load_bundle(tmp_path / "pl" / "model").hamiltonian)
+    states = [s for s in block_states(4, size=24)]
+    for freeze in (False, True):
+        cfg = load_config(None, overrides={"model": {"kind": "local-nh-closure", "prior": str(tmp_path / "pl" / "model"),
+                                                     "freeze_prior": freeze}})
+        ham, _ = build_model(cfg, states)
+        analytic = [t for t in ham.terms if t.analytic]
+        assert np.allclose(param_vector(ham), fitted)          # the prior's values, not the defaults
+        assert any(not t.analytic for t in ham.terms)
+        contact = next(t for t in analytic if t.kind == "contact")
+        volume = next(t for t in analytic if t.kind == "volume")
+        assert contact.J_triu.requires_grad != freeze and volume.lam.requires_grad != freeze
+    cfg = load_config(None, overrides={"model": {"prior": str(tmp_path / "nowhere")}})
+    with pytest.raises(ConfigError, match="nowhere: prior model not found"):
+        build_model(cfg, states)

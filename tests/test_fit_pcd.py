@@ -182,3 +182,26 @@ def test_stop_and_resume_in_process_matches_uninterrupted(tmp_path, data, chain_
     fit(_cfg(tmp_path, data, run, iterations=3, chain_rng=chain_rng, checkpoint_every=3), progress=False)
     fit(_cfg(tmp_path, data, run, iterations=6, chain_rng=chain_rng, checkpoint_every=3), resume=True, progress=False)
     _same(_ckpt(ref)[0], _ckpt(run)[0])
+
+
+@pytest.mark.parametrize("proposal", ["classic", "boundary"])
+def test_exact_chains_use_the_configured_proposal(tmp_path, data, monkeypatch, proposal):
+    import neuralcpm_plugin.sampling.exact as exact
+    seen = []
+    real = exact.run_exact
+
+    def spy(*a, **kw):
+        seen.append(kw.get("proposal"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(exact, "run_exact", spy)
+    out = tmp_path / "run"
+    fit(_cfg(tmp_path, data, out, iterations=2, sampler="exact", proposal=proposal, reset_prob=1.0,
+             reset_permute=False), progress=False)
+    assert len(seen) == 2 * 4 and set(seen) == {proposal}
+
+
+def test_unknown_pcd_proposal_is_a_clear_error(tmp_path, data):
+    from neuralcpm_plugin.errors import ConfigError
+    with pytest.raises(ConfigError, match="pcd.proposal"):
+        _cfg(tmp_path, data, tmp_path / "r", proposal="heatbath")

@@ -25,7 +25,8 @@ top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), `
 ``[pcd]`` : persistent contrastive divergence (paper §3.2, App. Table 7): ``batch``, ``iterations``, ``mcs``,
     ``flips``, ``reset_prob``, ``alpha``, ``ema``, ``lr``, ``checkpoint_every``, ``plot_every`` (0 = no plots), divergence
     guard ``energy_limit`` / ``lr_decay`` / ``max_rollbacks``, ``sampler`` ("parallel" = the paper's parallel
-    sampler; "exact" = the classic sequential sampler of CC3D/Morpheus), ``init_permute`` (chains start from data
+    sampler; "exact" = the sequential sampler, with ``proposal`` "classic" (CC3D/Morpheus) or "boundary" (the
+    cell-sorting generator)), ``init_permute`` (chains start from data
     states with permuted cell types, as a reset does; false = from the data states themselves), ``reset_permute``
     (resets permute the cell types, the paper; false = contrastive divergence from the data states), ``chain_rng``
     ("per_chain": one generator and sampler call per chain, identical for any number of processes;
@@ -99,6 +100,7 @@ DEFAULTS: dict = {
         "lr_decay": 0.5,
         "max_rollbacks": 5,
         "sampler": "parallel",
+        "proposal": "classic",
         "init_permute": True,
         "reset_permute": True,
         "chain_rng": "per_chain",
@@ -188,6 +190,7 @@ def validate(cfg: dict, *, where: str = "") -> dict:
               (p["checkpoint_every"] >= 1, "pcd.checkpoint_every must be >= 1"),
               (0 < p["lr_decay"] < 1, "pcd.lr_decay must lie in (0, 1)"),
               (p["sampler"] in ("parallel", "exact"), "pcd.sampler must be 'parallel' (paper) or 'exact'"),
+              (p["proposal"] in ("classic", "boundary"), "pcd.proposal must be 'classic' or 'boundary'"),
               (p["chain_rng"] in ("per_chain", "batched"), "pcd.chain_rng must be 'per_chain' or 'batched'"),
               (m["temperature"] > 0, "model.temperature must be > 0"),
               (m["copy_order"] >= 1 and m["contact_order"] >= 1, "neighbourhood orders must be >= 1"),

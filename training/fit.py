@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", help="which frames of each file: all | final | last:N")
     p.add_argument("--model", choices=MODEL_KINDS, help="model kind (default: analytic)")
     p.add_argument("--objective", choices=OBJECTIVES, help="pl (pseudo-likelihood) or pcd (paper)")
-    p.add_argument("--prior", help="Morpheus .xml or CompuCell3D .cc3d model: the analytic part (initial values)")
+    p.add_argument("--prior", help="model bundle (run_dir/model), Morpheus .xml or CompuCell3D .cc3d model: the "
+                   "analytic part (initial values)")
     p.add_argument("--freeze-prior", action="store_true", help="keep the prior's parameters fixed")
     p.add_argument("--out", help="run folder (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue a pcd run from its last checkpoint, exactly")
@@ -140,8 +141,7 @@ def _generate(cfg: dict, run_dir: Path):
     except ModuleNotFoundError as e:
         if e.name != modname:
             raise
-        raise ConfigError(f"the {name!r} data generator ({modname}) is not in this version of the package yet; "
-                          f"give training data with --data PATH") from None
+        raise ConfigError(f"unknown generate.dataset {name!r} (no {modname}); give training data with --data PATH") from None
     fn = getattr(mod, f"generate_{name}", None)
     if fn is None:
         raise ConfigError(f"{modname} has no generate_{name}() function")
@@ -247,26 +247,24 @@ def _truth_from(spec: str | None, data_info: dict) -> dict | None:
 
 # ------------------------------------------------------------------------------------------------ model
 def _load_prior(path: str, learnable: bool = True):
+    """The Hamiltonian of a prior: a model bundle (directory or its model.json), a Morpheus model (.xml,
+    .xml.gz) or a CompuCell3D project (.cc3d). Only its analytic terms are used (by ``build_model``)."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{path}: prior model not found")
+    if p.is_dir() or p.name == "model.json":
+        from neuralcpm_plugin.bundle import load_bundle
+        return load_bundle(p).hamiltonian
     suffix = "".join(p.suffixes[-2:]).lower() if p.name.lower().endswith(".xml.gz") else p.suffix.lower()
     if suffix in (".xml", ".xml.gz"):
-        modname = "morpheus_xml"
-    elif suffix in (".cc3d",):
-        modname = "cc3d_steppables"
+        from morpheus_xml import load_model
+    elif suffix == ".cc3d":
+        from cc3d_steppables import load_model
     else:
-        raise ConfigError(f"{path}: a prior must be a Morpheus model (.xml) or a CompuCell3D project (.cc3d)")
-    mod = importlib.import_module(modname)
-    load = getattr(mod, "load_model", None)
-    if load is None:
-        try:
-            load = importlib.import_module(f"{modname}.importer").load_model
-        except (ModuleNotFoundError, AttributeError):
-            raise ConfigError(f"{path}: importing {'Morpheus' if modname == 'morpheus_xml' else 'CompuCell3D'} "
-                              f"models ({modname}.load_model) is not in this version of the package yet") from None
-    kw = {"learnable": learnable} if "learnable" in inspect.signature(load).parameters else {}
-    imported = load(p, **kw)
+        raise ConfigError(f"{path}: a prior must be a model bundle (directory), a Morpheus model (.xml) or a "
+                          "CompuCell3D project (.cc3d)")
+    kw = {"learnable": learnable} if "learnable" in inspect.signature(load_model).parameters else {}
+    imported = load_model(p, **kw)
     return getattr(imported, "hamiltonian", imported)
 
 
@@ -316,12 +314,7 @@ def build_model(cfg: dict, states, *, seed: int = 0):
     info = {"V*": v_star, "V*_source": v_note}
     if kind == "analytic":
         return Hamiltonian(analytic_terms, lattice, float(m["temperature"]), type_names), info
-    nkind = _NEURAL_KIND[kind]
-    try:
-        cls = term_class(nkind)
-    except NeuralCPMError:
-        raise ConfigError(f"model kind {kind!r} needs the neural term {nkind!r}, which is not in this version of "
-                          "the package yet (neuralcpm_plugin/hamiltonian/neural.py, local_nh.py)") from None
+    cls = term_class(_NEURAL_KIND[kind])
     ncfg = dict(m["neural"])
     preset = ncfg.pop("preset", None)
     ncfg.setdefault("n_types", n_types)
@@ -333,13 +326,11 @@ def build_model(cfg: dict, states, *, seed: int = 0):
         neural = cls(ncfg)
     if not kind.endswith("closure"):
         return Hamiltonian([neural], lattice, float(m["temperature"]), type_names), info
-    try:
-        from neuralcpm_plugin.hamiltonian.closure import closure_hamiltonian
-    except ModuleNotFoundError:
-        raise ConfigError(f"model kind {kind!r} needs the closure model (neuralcpm_plugin/hamiltonian/closure.py), "
-                          "which is not in this version of the package yet") from None
+    from neuralcpm_plugin.hamiltonian.closure import closure_hamiltonian
+    # with a prior the analytic part starts at the prior's values: w_a = 1 (w_a stays learnable)
+    w_a = 1.0 if m["prior"] else float(m["w_a"])
     ham = closure_hamiltonian(analytic_terms, [neural], lattice, float(m["temperature"]), type_names,
-                              w_a=float(m["w_a"]), w_n=float(m["w_n"]))
+                              w_a=w_a, w_n=float(m["w_n"]))
     return ham, info
 
 
@@ -456,20 +447,11 @@ def _init_distributed(device: str):
     return dist
 
 
-def _sampler_factory(kind: str = "parallel"):
+def _sampler_factory(kind: str = "parallel", proposal: str = "classic"):
     if kind == "exact":
-        try:
-            import neuralcpm_plugin.sampling.exact  # noqa: F401
-        except ModuleNotFoundError:
-            raise ConfigError("pcd.sampler = 'exact' needs neuralcpm_plugin/sampling/exact.py, which is not in this "
-                              "version of the package yet") from None
         from .pcd import ExactChainSampler
-        return ExactChainSampler
-    try:
-        from neuralcpm_plugin.sampling.parallel import ParallelSampler
-    except ModuleNotFoundError:
-        raise ConfigError("objective pcd needs the parallel sampler (neuralcpm_plugin/sampling/parallel.py), which "
-                          "is not in this version of the package yet; use --objective pl") from None
+        return lambda ham, n_flips: ExactChainSampler(ham, n_flips, proposal=proposal)
+    from neuralcpm_plugin.sampling.parallel import ParallelSampler
 
     def make(ham, n_flips):
         return ParallelSampler(ham, n_flips=n_flips)
@@ -496,7 +478,8 @@ def fit(cfg: dict, *, resume: bool = False, truth_spec: str | None = None, progr
     if cfg["threads"] > 0:
         torch.set_num_threads(int(cfg["threads"]))
     objective = cfg["objective"]["name"]
-    sampler_factory = _sampler_factory(cfg["pcd"]["sampler"]) if objective == "pcd" else None   # fail before any work
+    # fail before any work
+    sampler_factory = _sampler_factory(cfg["pcd"]["sampler"], cfg["pcd"]["proposal"]) if objective == "pcd" else None
     if resume and objective == "pcd" and not (run_dir / "checkpoint").exists():
         raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoint'}")
 

@@ -62,13 +62,15 @@ class ExactChainSampler:
     """The classic sequential sampler (``sampling.exact.run_exact``) behind the parallel sampler's ``sweep`` API.
 
     ``pcd.sampler = "exact"``: chains follow the same dynamics as CompuCell3D / Morpheus (random site, random
-    neighbour, Metropolis), so PCD targets the distribution the classic-CPM data came from; slower per MCS than
+    neighbour, Metropolis), so PCD targets the distribution the classic-CPM data came from (``pcd.proposal =
+    "boundary"``: the boundary-site proposal of the cell-sorting generator instead); slower per MCS than
     the parallel sampler for neural terms (they go through ``delta_np``). One seed per chain and sweep is drawn
     from the chain's sampler generator, so runs stay reproducible and resumable.
     """
 
-    def __init__(self, hamiltonian, n_flips: int = 0):
+    def __init__(self, hamiltonian, n_flips: int = 0, *, proposal: str = "classic"):
         self.hamiltonian = hamiltonian
+        self.proposal = proposal
 
     @torch.no_grad()
     def sweep(self, batch: Batch, mcs: float, generator: torch.Generator | None = None) -> dict:
@@ -79,7 +81,7 @@ class ExactChainSampler:
             seed = int(torch.randint(0, 2 ** 62, (), generator=generator))
             ids = batch.ids[b].cpu().numpy().astype(np.int32)
             types = batch.types[b].cpu().numpy().astype(np.int32)
-            res = run_exact(CellState(ids, types), self.hamiltonian, float(mcs), seed=seed)
+            res = run_exact(CellState(ids, types), self.hamiltonian, float(mcs), seed=seed, proposal=self.proposal)
             batch.ids[b].copy_(torch.as_tensor(res.final.ids.astype(np.int64)))
             acc += int(res.stats.get("accepted", 0))
             cand += int(res.stats.get("candidates", 0))
