@@ -73,3 +73,24 @@ def test_command_line_overrides_are_checked():
     assert cfg["pcd"]["iterations"] == 5 and cfg["seed"] == 3
     with pytest.raises(ConfigError, match="command line"):
         load_config(None, {"pcd": {"nope": 1}})
+
+
+def test_a_file_may_start_from_a_preset_that_starts_from_another(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text('preset = "mnist-cpu"\n[pcd]\niterations = 7\n')
+    cfg = load_config(str(f))
+    assert cfg["pcd"]["iterations"] == 7                         # the file
+    assert cfg["model"]["kind"] == "local-nh-closure"            # mnist-cpu
+    assert cfg["pcd"]["mcs"] == 0.5 and cfg["pcd"]["alpha"] == 5e-4   # mnist, mnist-cpu's parent
+    assert cfg["data"]["path"] == "runs/data/mnist-cpu.npz"
+
+
+def test_preset_cycles_are_a_clear_error(tmp_path, monkeypatch):
+    import training.config as config
+    real = config.load_preset
+    monkeypatch.setattr(config, "load_preset", lambda n: {"preset": "b"} if n == "a" else
+                        ({"preset": "a"} if n == "b" else real(n)))
+    f = tmp_path / "c.toml"
+    f.write_text('preset = "a"\n')
+    with pytest.raises(ConfigError, match="cycle: a -> b -> a"):
+        load_config(str(f))

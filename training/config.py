@@ -218,6 +218,21 @@ def load_preset(name: str) -> dict:
     return _read_toml(f.read_text(), f"preset {name}: ")
 
 
+def _with_parents(raw: dict, where: str, seen: list) -> dict:
+    """DEFAULTS merged with the chain of presets ``raw`` starts from (``preset = "name"``, recursively);
+    pops the ``preset`` key from ``raw``."""
+    parent = raw.pop("preset", None)
+    if parent is None:
+        return copy.deepcopy(DEFAULTS)
+    if not isinstance(parent, str):
+        raise ConfigError(f"{where}'preset' must be a preset name")
+    if parent in seen:
+        raise ConfigError(f"{where}presets form a cycle: {' -> '.join(seen + [parent])}")
+    praw = dict(load_preset(parent))
+    pwhere = f"preset {parent}: "
+    return merge(_with_parents(praw, pwhere, seen + [parent]), praw, where=pwhere)
+
+
 def load_config(spec: str | None = None, overrides: dict | None = None) -> dict:
     """Build a full configuration.
 
@@ -225,7 +240,7 @@ def load_config(spec: str | None = None, overrides: dict | None = None) -> dict:
     ----------
     spec : str, optional
         A preset name (``training/presets/<name>.toml``) or a path to a TOML file. A file may start from a
-        preset with a top-level ``preset = "name"`` key. ``None`` = the embedded ``default`` preset.
+        preset with a top-level ``preset = "name"`` key (presets may do the same). ``None`` = the embedded ``default`` preset.
     overrides : dict, optional
         Nested values applied last (from command-line flags), checked like the file.
     """
@@ -242,14 +257,8 @@ def load_config(spec: str | None = None, overrides: dict | None = None) -> dict:
     else:
         raw = load_preset(spec)
         where = f"preset {spec}: "
-    base = copy.deepcopy(DEFAULTS)
     raw = dict(raw)
-    parent = raw.pop("preset", None)
-    if parent is not None:
-        if not isinstance(parent, str):
-            raise ConfigError(f"{where}'preset' must be a preset name")
-        base = merge(base, load_preset(parent), where=f"preset {parent}: ")
-    cfg = merge(base, raw, where=where)
+    cfg = merge(_with_parents(raw, where, []), raw, where=where)
     if overrides:
         cfg = merge(cfg, overrides, where="command line: ")
     return validate(cfg, where=where)
