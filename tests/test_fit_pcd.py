@@ -205,3 +205,22 @@ def test_unknown_pcd_proposal_is_a_clear_error(tmp_path, data):
     from neuralcpm_plugin.errors import ConfigError
     with pytest.raises(ConfigError, match="pcd.proposal"):
         _cfg(tmp_path, data, tmp_path / "r", proposal="heatbath")
+
+
+def test_learned_external_field_baseline_trains_and_round_trips(tmp_path, data):
+    """model.external_field: μ and the whole field φ are learned by pcd and stored in the bundle."""
+    from neuralcpm_plugin.bundle import load_bundle
+    from neuralcpm_plugin.errors import ConfigError
+    out = tmp_path / "run"
+    cfg = _cfg(tmp_path, data, out, iterations=4, lr=0.05, ema=0.0)
+    cfg["model"]["external_field"] = True
+    fit(cfg, progress=False)
+    ham = load_bundle(out / "model").hamiltonian
+    ext = ham.term("external")
+    assert ext.learn_field and isinstance(ext.field, torch.nn.Parameter)
+    assert float(ext.field.detach().abs().max()) > 0            # moved from its zero start
+    assert ext.field.shape == (24, 24)
+    with pytest.raises(ConfigError, match="external_field.*pcd"):
+        load_config(None, {"model": {"external_field": True}, "objective": {"name": "pl"}})
+    with pytest.raises(ConfigError, match="external_field needs an analytic part"):
+        load_config(None, {"model": {"external_field": True, "kind": "nh"}, "objective": {"name": "pcd"}})

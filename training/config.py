@@ -16,7 +16,9 @@ top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), `
 ``[model]`` : ``kind`` (analytic | nh | nh-closure | local-nh | local-nh-closure | cnn | nh1-cnn), lattice
     orders, ``temperature``, initial values of the analytic parameters (per-pair units), ``share_lambda``,
     closure weights ``w_a``/``w_n``, ``neural`` (free table: architecture config passed to the neural term),
-    ``prior`` (Morpheus .xml or CC3D .cc3d model; analytic part), ``freeze_prior``.
+    ``prior`` (a bundle, Morpheus .xml or CC3D .cc3d model; analytic part), ``freeze_prior``,
+    ``external_field`` (true: add H_ext = Σ_i μ(τ(σ_i))·φ(i) with μ and the whole field φ learned — the paper's
+    "cell sorting + external potential" baseline; train it with pcd).
 ``[objective]`` : ``name`` ("pl" or "pcd").
 ``[pl]`` : the proposal-aware pseudo-likelihood (SPEC.md); convex L-BFGS for analytic models
     (``max_iter``, ``tolerance``), stochastic Adam for neural ones (``steps``, ``lr``, ``sites_per_state``,
@@ -80,6 +82,7 @@ DEFAULTS: dict = {
         "w_n": 1.0,
         "neural": {},
         "prior": "",
+        "external_field": False,     # add an external potential with a learned field (paper baseline)
         "freeze_prior": False,
     },
     "objective": {"name": "pl"},
@@ -170,6 +173,12 @@ def validate(cfg: dict, *, where: str = "") -> dict:
     m = cfg["model"]
     if m["kind"] not in MODEL_KINDS:
         raise ConfigError(f"{where}model.kind {m['kind']!r} is not one of {', '.join(MODEL_KINDS)}")
+    if m["external_field"] and m["kind"] not in ("analytic", "nh-closure", "local-nh-closure"):
+        raise ConfigError(f"{where}model.external_field needs an analytic part (analytic or a closure kind), "
+                          f"not {m['kind']!r}")
+    if m["external_field"] and cfg["objective"]["name"] == "pl":
+        raise ConfigError(f"{where}model.external_field (one parameter per site) is trained with objective pcd, "
+                          "not pl")
     if cfg["objective"]["name"] not in OBJECTIVES:
         raise ConfigError(f"{where}objective.name {cfg['objective']['name']!r} is not one of "
                           f"{', '.join(OBJECTIVES)}")

@@ -307,6 +307,12 @@ def build_model(cfg: dict, states, *, seed: int = 0):
         tgt = [0.0] + [v_star] * n_types
         analytic_terms = [ContactEnergy(J, lattice.contact_order, periodic=True),
                           VolumeConstraint(lam, tgt, learnable=True, learn_target=False, periodic=True)]
+    if m["external_field"]:
+        from neuralcpm_plugin.hamiltonian.analytic import ExternalPotential
+        # μ starts antisymmetric between the first two types so that the field gets a gradient from the start
+        mu = [0.0] + [(-0.5 if t == 1 else 0.5) for t in range(1, n_types + 1)]
+        analytic_terms = list(analytic_terms) + [ExternalPotential(mu, np.zeros(tuple(shape)), learn_field=True,
+                                                                   periodic=True)]
     vol = next((t for t in analytic_terms if t.kind == "volume"), None)
     v_note = "data mean" if not m["prior"] else "from the prior"
     if m["prior"] and vol is not None:

@@ -374,14 +374,15 @@ class VolumeConstraint(Term):
 class ExternalPotential(Term):
     """H = Σ_i μ(τ(σ_i)) · φ(i)   (paper Eq. 8).
 
-    mu : (T+1,) coupling per type, ``mu[0]`` forced to 0. field : float array of the lattice shape (φ), kept
-    as a fixed buffer and written to ``weights.safetensors`` as ``"field"``.
+    mu : (T+1,) coupling per type, ``mu[0]`` forced to 0. field : float array of the lattice shape (φ),
+    written to ``weights.safetensors`` as ``"field"``; a fixed buffer, or learned with ``learn_field=True``
+    (the paper's "cell sorting + external potential" baseline learns the field from the data).
     """
 
     kind = "external"
 
     def __init__(self, mu, field, *, scale=1.0, learnable: bool = True, learn_scale: bool = False,
-                 periodic: bool | None = None):
+                 learn_field: bool = False, periodic: bool | None = None):
         super().__init__(scale, learn_scale)
         mu = _as_f64(mu, "external mu")
         if mu.dim() != 1 or mu.shape[0] < 1:
@@ -390,7 +391,8 @@ class ExternalPotential(Term):
         if field.dim() not in (2, 3):
             raise ConfigError(f"external field must be 2-D or 3-D (the lattice shape), got {tuple(field.shape)}")
         _param(self, "mu", mu, learnable)
-        self.register_buffer("field", field)
+        _param(self, "field", field, learn_field)
+        self.learn_field = bool(learn_field)
         self.n_types = mu.shape[0] - 1
         self.periodic = periodic
 
@@ -428,7 +430,10 @@ class ExternalPotential(Term):
         return float(phi[site] * (mu[int(state.types[int(new_id)])] - mu[int(state.types[old])]))
 
     def spec(self) -> dict:
-        return {"kind": self.kind, "scale": self.scale_value(), "params": {"mu": self.mu.detach().cpu().tolist()}}
+        spec = {"kind": self.kind, "scale": self.scale_value(), "params": {"mu": self.mu.detach().cpu().tolist()}}
+        if self.learn_field:
+            spec["learn_field"] = True
+        return spec
 
     def tensors(self):
         return {"field": self.field.detach().cpu()}
@@ -438,7 +443,7 @@ class ExternalPotential(Term):
         if "field" not in tensors:
             raise ConfigError("external potential: the weights file holds no 'field' tensor")
         return cls(spec["params"]["mu"], tensors["field"], scale=float(spec.get("scale", 1.0)),
-                   periodic=lattice.periodic)
+                   learn_field=bool(spec.get("learn_field", False)), periodic=lattice.periodic)
 
 
 # --------------------------------------------------------------------------------------------------------
