@@ -86,7 +86,7 @@ def test_a_file_may_start_from_a_preset_that_starts_from_another(tmp_path):
 
 
 def test_preset_cycles_are_a_clear_error(tmp_path, monkeypatch):
-    import training.config as config
+    from training import config
     real = config.load_preset
     monkeypatch.setattr(config, "load_preset", lambda n: {"preset": "b"} if n == "a" else
                         ({"preset": "a"} if n == "b" else real(n)))

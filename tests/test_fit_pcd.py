@@ -186,7 +186,7 @@ def test_stop_and_resume_in_process_matches_uninterrupted(tmp_path, data, chain_
 
 @pytest.mark.parametrize("proposal", ["classic", "boundary"])
 def test_exact_chains_use_the_configured_proposal(tmp_path, data, monkeypatch, proposal):
-    import neuralcpm_plugin.sampling.exact as exact
+    from neuralcpm_plugin.sampling import exact
     seen = []
     real = exact.run_exact
 
