@@ -484,7 +484,6 @@ def fit(cfg: dict, *, resume: bool = False, truth_spec: str | None = None, progr
     if cfg["threads"] > 0:
         torch.set_num_threads(int(cfg["threads"]))
     objective = cfg["objective"]["name"]
-    # fail before any work
     sampler_factory = _sampler_factory(cfg["pcd"]["sampler"], cfg["pcd"]["proposal"]) if objective == "pcd" else None
     if resume and objective == "pcd" and not (run_dir / "checkpoint").exists():
         raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoint'}")
