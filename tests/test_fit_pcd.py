@@ -224,3 +224,22 @@ def test_learned_external_field_baseline_trains_and_round_trips(tmp_path, data):
         load_config(None, {"model": {"external_field": True}, "objective": {"name": "pl"}})
     with pytest.raises(ConfigError, match="external_field needs an analytic part"):
         load_config(None, {"model": {"external_field": True, "kind": "nh"}, "objective": {"name": "pcd"}})
+
+
+def test_learned_target_volume_moves_towards_the_data(tmp_path):
+    """model.learn_target_volume: V* starts at a wrong value and pcd pulls it towards the data's volumes."""
+    from neuralcpm_plugin.bundle import load_bundle
+    from neuralcpm_plugin.errors import ConfigError
+    states = block_states(6, size=24)
+    data = write_npz(tmp_path / "d.npz", states)
+    mean_v = float(np.mean([s.volumes()[s.cell_ids()].mean() for s in states]))
+    out = tmp_path / "run"
+    cfg = _cfg(tmp_path, data, out, iterations=30, lr=0.5, ema=0.0, reset_prob=1.0, reset_permute=False,
+               init_permute=False, mcs=0.5)
+    cfg["model"].update(learn_target_volume=True, target_volume=mean_v + 15.0, init_lambda=0.5)
+    fit(cfg, progress=False)
+    vol = load_bundle(out / "model").hamiltonian.term("volume")
+    tgt = vol.target.detach().numpy()[1:]
+    assert np.all(tgt < mean_v + 15.0 - 1.0), (tgt, mean_v)     # moved down towards the data
+    with pytest.raises(ConfigError, match="learn_target_volume.*pcd"):
+        load_config(None, {"model": {"learn_target_volume": True}, "objective": {"name": "pl"}})

@@ -17,7 +17,8 @@ top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), `
     orders, ``temperature``, initial values of the analytic parameters (per-pair units), ``share_lambda``,
     closure weights ``w_a``/``w_n``, ``neural`` (free table: architecture config passed to the neural term),
     ``prior`` (a bundle, Morpheus .xml or CC3D .cc3d model; analytic part), ``freeze_prior``,
-    ``external_field`` (true: add H_ext = Σ_i μ(τ(σ_i))·φ(i) with μ and the whole field φ learned — the paper's
+    ``learn_target_volume`` (true: V* is learned with λ instead of fixed to the data's mean volume — the
+    paper's choice, which biases λ and J when the mean volume differs from V*), ``external_field`` (true: add H_ext = Σ_i μ(τ(σ_i))·φ(i) with μ and the whole field φ learned — the paper's
     "cell sorting + external potential" baseline; train it with pcd).
 ``[objective]`` : ``name`` ("pl" or "pcd").
 ``[pl]`` : the proposal-aware pseudo-likelihood (SPEC.md); convex L-BFGS for analytic models
@@ -82,6 +83,7 @@ DEFAULTS: dict = {
         "w_n": 1.0,
         "neural": {},
         "prior": "",
+        "learn_target_volume": False,  # learn V* too (default: fixed to the data mean, as the paper)
         "external_field": False,     # add an external potential with a learned field (paper baseline)
         "freeze_prior": False,
     },
@@ -176,6 +178,9 @@ def validate(cfg: dict, *, where: str = "") -> dict:
     if m["external_field"] and m["kind"] not in ("analytic", "nh-closure", "local-nh-closure"):
         raise ConfigError(f"{where}model.external_field needs an analytic part (analytic or a closure kind), "
                           f"not {m['kind']!r}")
+    if m["learn_target_volume"] and cfg["objective"]["name"] == "pl":
+        raise ConfigError(f"{where}model.learn_target_volume is trained with objective pcd, not pl (the "
+                          "pseudo-likelihood fit of analytic models is linear in λ with V* fixed)")
     if m["external_field"] and cfg["objective"]["name"] == "pl":
         raise ConfigError(f"{where}model.external_field (one parameter per site) is trained with objective pcd, "
                           "not pl")

@@ -315,6 +315,12 @@ def build_model(cfg: dict, states, *, seed: int = 0):
                                                                    periodic=True)]
     vol = next((t for t in analytic_terms if t.kind == "volume"), None)
     v_note = "data mean" if not m["prior"] else "from the prior"
+    if m["learn_target_volume"]:
+        if vol is None or (m["prior"] and m["freeze_prior"]):
+            raise ConfigError("model.learn_target_volume needs a learnable volume term (an analytic part; not "
+                              "with --freeze-prior)")
+        vol.target = torch.nn.Parameter(vol.target.detach().clone())   # replaces the fixed buffer
+        v_note += ", then learned"
     if m["prior"] and vol is not None:
         v_star = float(np.mean(vol.spec()["params"]["target"][1:]))
     info = {"V*": v_star, "V*_source": v_note}
