@@ -574,6 +574,10 @@ class NeuralHamiltonian(_NeuralTerm):
         x1p = F.pad(xf, (rx, rx, rx, rx), mode="circular").view(B, K, C1, h1 + 2 * rx, w1 + 2 * rx)
         S1p = F.pad(S1, (rx, rx, rx, rx), mode="circular")
         psip = F.pad(psi.flatten(0, 1), (2, 2, 2, 2), mode="circular").view(B, K, -1, h1 + 4, w1 + 4)
+        # the interaction branch's cell part before the copy (phi1 on x_c, no bias), radius rx-1
+        ra = rx - 1
+        uxp = F.pad(u[:, E0:], (ra, ra, ra, ra), mode="circular").view(B, K, -1, h1 + 2 * ra, w1 + 2 * ra)
+        Wstamp = Wf0[E0:].flip(2, 3)  # [node, C1, 3, 3]: a change at the centre reaches its 3×3 neighbours
         D = 2 * rx + 1
         Wm = self.embed.weight[:, 0]  # [C1, s, s]
         Wt = self.embed.weight[:, 1:]  # [C1, T+1, s, s]
@@ -614,8 +618,10 @@ class NeuralHamiltonian(_NeuralTerm):
             Sc[..., rx - 2:rx + 3, rx - 2:rx + 3] += dS
             # interaction branch, valid convolutions: radius rx → rx-1 → rx-2 = rr; A part once per proposal
             aA = F.conv2d(Sc, WA0, bA0)  # [n, node, D-2, D-2]
-            ux = F.conv2d(xa.flatten(0, 1), Wf0[E0:], None)
-            g = _silu(ux.view(n, K, *ux.shape[1:]) + aA[:, None]).flatten(0, 1)
+            # phi1 on x_c after the copy = before (cached) + the 3×3 stamp of the centre change dx
+            ux = torch.stack([uxp[q, :, :, i:i + D - 2, j:j + D - 2] for q, i, j in zip(bl, cil, cjl)])
+            ux[..., ra - 1:ra + 2, ra - 1:ra + 2] += torch.einsum("ocab,nkc->nkoab", Wstamp, dx)
+            g = _silu(ux + aA[:, None]).flatten(0, 1)
             yc = F.conv2d(g, L0.phi2.weight, L0.phi2.bias)
             if L0.phi_final_activation:
                 yc = _silu(yc)
