@@ -18,8 +18,9 @@ top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), `
     closure weights ``w_a``/``w_n``, ``neural`` (free table: architecture config passed to the neural term),
     ``prior`` (a bundle, Morpheus .xml or CC3D .cc3d model; analytic part), ``freeze_prior``,
     ``learn_target_volume`` (true: V* is learned with λ instead of fixed to the data's mean volume — the
-    paper's choice, which biases λ and J when the mean volume differs from V*), ``external_field`` (true: add H_ext = Σ_i μ(τ(σ_i))·φ(i) with μ and the whole field φ learned — the paper's
-    "cell sorting + external potential" baseline; train it with pcd).
+    paper's choice, which biases λ and J when the mean volume differs from V*), ``external_field`` (true: add
+    H_ext = Σ_i μ(τ(σ_i))·φ(i) with μ and the whole field φ learned — the paper's "cell sorting + external
+    potential" baseline; train it with pcd).
 ``[objective]`` : ``name`` ("pl" or "pcd").
 ``[pl]`` : the proposal-aware pseudo-likelihood (SPEC.md); convex L-BFGS for analytic models
     (``max_iter``, ``tolerance``), stochastic Adam for neural ones (``steps``, ``lr``, ``sites_per_state``,
@@ -254,7 +255,8 @@ def load_config(spec: str | None = None, overrides: dict | None = None) -> dict:
     ----------
     spec : str, optional
         A preset name (``training/presets/<name>.toml``) or a path to a TOML file. A file may start from a
-        preset with a top-level ``preset = "name"`` key (presets may do the same). ``None`` = the embedded ``default`` preset.
+        preset with a top-level ``preset = "name"`` key (presets may do the same). ``None`` = the embedded
+        ``default`` preset.
     overrides : dict, optional
         Nested values applied last (from command-line flags), checked like the file.
     """
