@@ -167,32 +167,13 @@ def _nll_from_delta(c: Candidates, dH: torch.Tensor, T: float, proposal_aware: b
     return nll.mean() if nll.numel() else torch.zeros((), dtype=logit.dtype, device=logit.device)
 
 
-def _energy_difference(term, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, chunk: int = 256):
-    """ΔH of ``term`` as H(after) − H(before) through its differentiable ``energy`` (neural terms, whose
-    batched ``delta`` reuses cached activations without gradients)."""
-    B, P = sites.shape
-    e0 = term.energy(batch).to(torch.float64)                       # [B]
-    flat_b = torch.arange(B, device=sites.device).repeat_interleave(P)
-    flat_s = sites.reshape(-1)
-    flat_n = new_ids.reshape(-1)
-    out = []
-    for i in range(0, B * P, chunk):
-        bb, ss, nn_ = flat_b[i:i + chunk], flat_s[i:i + chunk], flat_n[i:i + chunk]
-        ids = batch.ids[bb].clone()
-        ids.view(len(bb), -1).scatter_(1, ss[:, None], nn_[:, None])
-        sub = Batch(ids, batch.types[bb], batch.volumes[bb].clone(), batch.periodic)
-        sub.recount_volumes()
-        out.append(term.energy(sub).to(torch.float64) - e0[bb])
-    return torch.cat(out).view(B, P)
-
-
 def _delta_with_grad(hamiltonian, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(sites.shape, dtype=torch.float64, device=batch.device)
     for t in hamiltonian.terms:
         if t.analytic:
             out = out + t.delta(batch, sites, new_ids).to(torch.float64)
         else:
-            out = out + _energy_difference(t, batch, sites, new_ids)
+            out = out + t.delta_full(batch, sites, new_ids, chunk=256)  # through energy(): with gradients
     return out
 
 

@@ -197,6 +197,34 @@ class Term(nn.Module):
     def scale_value(self) -> float:
         return float(self.scale.detach())
 
+    def delta_full(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, *, chunk: int = 64,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ΔH = H(after) − H(before) by evaluating every proposed state with :meth:`energy`, in chunks of
+        ``chunk`` states; float64 ``[B, P]``, 0 where ``mask`` (bool ``[B, P]``) is False.
+
+        Exact for any term and differentiable in its parameters when gradients are enabled (the
+        pseudo-likelihood of neural terms; samplers call it under no_grad as a fallback).
+        """
+        B, P = sites.shape
+        if mask is None:
+            bi = torch.arange(B, device=sites.device).repeat_interleave(P)
+            pi = torch.arange(P, device=sites.device).repeat(B)
+        else:
+            bi, pi = torch.nonzero(mask, as_tuple=True)
+        out = torch.zeros((B, P), dtype=torch.float64, device=sites.device)
+        if not bi.numel():
+            return out
+        base = self.energy(batch).to(torch.float64)
+        parts = []
+        for lo in range(0, bi.numel(), chunk):
+            b, p = bi[lo:lo + chunk], pi[lo:lo + chunk]
+            ids = batch.ids[b].clone()
+            ids.view(len(b), -1).scatter_(1, sites[b, p][:, None], new_ids[b, p][:, None].to(ids.dtype))
+            sub = Batch(ids, batch.types[b], batch.volumes[b].clone(), batch.periodic)
+            sub.recount_volumes()
+            parts.append(self.energy(sub).to(torch.float64) - base[b])
+        return out.index_put((bi, pi), torch.cat(parts))
+
 
 class ConfigTerm(Term):
     """A term described by an architecture ``config`` dict plus its ``state_dict`` (the neural kinds).

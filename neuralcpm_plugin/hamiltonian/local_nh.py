@@ -781,7 +781,7 @@ if torch is not None:
             old = flat_ids.gather(1, sites)
             todo = (old != new_ids) & (si < Gh * s) & (sj < Gw * s)
             if Gh < 2 * k - 1 or Gw < 2 * k - 1:  # crops would wrap onto themselves: full recomputation
-                return self._delta_full(batch, sites, new_ids, todo)
+                return self.delta_full(batch, sites, new_ids, mask=todo)
             bidx, pidx = torch.nonzero(todo, as_tuple=True)
             geo = self._delta_geometry(dev)
             if method == "lattice" or (method == "auto" and bidx.numel() * geo["NP"] > B * Gh * Gw):
@@ -806,17 +806,6 @@ if torch is not None:
                 tmap = batch.types[b].gather(1, pat.view(n, -1).long()).view(n, NP + 1, ss).long()
                 out[b, p] = self._crop_delta(pat, tmap, geo).to(torch.float64)
             return out * self.scale
-
-        def _delta_full(self, batch, sites, new_ids, todo):
-            B, P = sites.shape
-            base = self.energy(batch)
-            out = torch.zeros((B, P), dtype=torch.float64, device=batch.device)
-            for b, p in zip(*torch.nonzero(todo, as_tuple=True)):
-                ids = batch.ids[b:b + 1].clone()
-                ids.view(1, -1)[0, sites[b, p]] = new_ids[b, p]
-                sub = Batch(ids, batch.types[b:b + 1], batch.volumes[b:b + 1], batch.periodic)
-                out[b, p] = self.energy(sub)[0] - base[b]
-            return out
 
         def numpy_evaluator(self) -> LocalNHNumpy:
             """A :class:`LocalNHNumpy` with the current weights (cached until the parameters change)."""

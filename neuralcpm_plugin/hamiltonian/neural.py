@@ -283,27 +283,6 @@ class _NeuralTerm(ConfigTerm):
         oh = F.one_hot(tmap, self.config["n_types"] + 1).permute(0, 3, 1, 2)
         return oh.to(self.dtype)
 
-    # --- ΔH by full recomputation (generic; exact) ---------------------------------------------
-    def delta_full(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, chunk: int = 64):
-        """ΔH by evaluating every proposed state in full (batched in chunks of ``chunk`` states).
-
-        Differentiable in the parameters when gradients are enabled (samplers call it under no_grad).
-        """
-        B, P = sites.shape
-        base = self.energy(batch)
-        flat_ids = batch.ids.flatten(1)
-        bi = torch.arange(B, device=batch.device)[:, None].expand(B, P).reshape(-1)
-        s = sites.reshape(-1)
-        nid = new_ids.reshape(-1).to(flat_ids.dtype)
-        res = []
-        for lo in range(0, B * P, chunk):
-            sl = slice(lo, lo + chunk)
-            ids = flat_ids[bi[sl]].clone()
-            ids[torch.arange(ids.shape[0], device=ids.device), s[sl]] = nid[sl]
-            sub = Batch(ids.view(-1, *batch.shape), batch.types[bi[sl]], batch.volumes[bi[sl]], batch.periodic)
-            res.append(self.energy(sub))
-        return torch.cat(res).view(B, P) - base[:, None]
-
     def delta(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
         return self.delta_full(batch, sites, new_ids)
 
@@ -563,8 +542,7 @@ class NeuralHamiltonian(_NeuralTerm):
         fallback = ~same & (~has_new | vanish)
         todo = seen & ~same & ~fallback
         if fallback.any():
-            full = self.delta_full(batch, sites, new_ids)
-            out[fallback] = full[fallback]
+            out = self.delta_full(batch, sites, new_ids, mask=fallback)  # only those proposals, 0 elsewhere
         if not todo.any():
             return out
         # geometry of the layer-1 window
