@@ -7,15 +7,15 @@ from .bundle import ModelBundle, load_bundle, save_bundle
 from .errors import BundleError, ConfigError, DataError, ExportError, ModelImportError, NeuralCPMError
 from .hamiltonian import Batch, Hamiltonian, LatticeSpec, Term, register_term
 from .lattice import (
-                      CellState,
-                      boundary_mask,
-                      half_offsets,
-                      neighbour_offsets,
-                      relabel,
-                      states_from_channels,
-                      states_to_channels,
-                      validate_state,
-                      volumes,
+    CellState,
+    boundary_mask,
+    half_offsets,
+    neighbour_offsets,
+    relabel,
+    states_from_channels,
+    states_to_channels,
+    validate_state,
+    volumes,
 )
 
 __version__ = "0.1.0"

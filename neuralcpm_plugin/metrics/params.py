@@ -96,7 +96,6 @@ def param_rmse(theta_hat, theta) -> tuple[float, float, float]:
     return rmse1, rmse_s, tstar
 
 
-
 def param_rmse_both_scalings(theta_hat, theta) -> dict:
     """:func:`param_rmse` of ``[J..., λ]`` vectors (per-pair units) in this project's scaling and in the
     paper's (every J × :data:`PAPER_J_FACTOR`, λ unchanged).
@@ -112,6 +111,7 @@ def param_rmse_both_scalings(theta_hat, theta) -> dict:
         r1, rs, ts = param_rmse(a, b)
         out[scaling] = {"rmse_T1": r1, "rmse_Tstar": rs, "Tstar": ts}
     return out
+
 
 # True parameters of the known data sets, per unordered pair (this project's units); vector order of
 # :func:`param_names`. P1/P2: ../shared/reference-data/README.md. cellsort-a/b: SPEC.md (paper scaling / 4).
