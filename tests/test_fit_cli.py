@@ -144,3 +144,17 @@ def test_a_fitted_bundle_is_a_prior_for_a_closure_model(tmp_path, capsys):
     cfg = load_config(None, overrides={"model": {"prior": str(tmp_path / "nowhere")}})
     with pytest.raises(ConfigError, match="nowhere: prior model not found"):
         build_model(cfg, states)
+
+
+def test_a_cc3d_prior_is_learnable_unless_frozen():
+    from training.config import load_config
+    from training.fit import build_model
+    prior = sorted((SHARED / "reference-data" / "models" / "P2_cc3d").glob("*.cc3d"))
+    if not prior:
+        pytest.skip("../shared/reference-data is not there")
+    states = block_states(2, size=24)
+    for freeze in (False, True):
+        ham, info = build_model(load_config(None, {"model": {"prior": str(prior[0]), "freeze_prior": freeze}}), states)
+        grads = {n: p.requires_grad for n, p in ham.named_parameters()}
+        assert grads["terms.0.J_triu"] is not freeze and grads["terms.1.lam"] is not freeze
+        assert info["V*"] == 90.0 and info["V*_source"] == "from the prior"

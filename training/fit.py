@@ -246,9 +246,10 @@ def _truth_from(spec: str | None, data_info: dict) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------ model
-def _load_prior(path: str, learnable: bool = True):
+def _load_prior(path: str):
     """The Hamiltonian of a prior: a model bundle (directory or its model.json), a Morpheus model (.xml,
-    .xml.gz) or a CompuCell3D project (.cc3d). Only its analytic terms are used (by ``build_model``)."""
+    .xml.gz) or a CompuCell3D project (.cc3d), with learnable parameters (``build_model`` freezes them for
+    ``freeze_prior`` and uses only the analytic terms)."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{path}: prior model not found")
@@ -258,14 +259,12 @@ def _load_prior(path: str, learnable: bool = True):
     suffix = "".join(p.suffixes[-2:]).lower() if p.name.lower().endswith(".xml.gz") else p.suffix.lower()
     if suffix in (".xml", ".xml.gz"):
         from morpheus_xml import load_model
-    elif suffix == ".cc3d":
+        return load_model(p).hamiltonian              # terms rebuilt from their specs: learnable
+    if suffix == ".cc3d":
         from cc3d_steppables import load_model
-    else:
-        raise ConfigError(f"{path}: a prior must be a model bundle (directory), a Morpheus model (.xml) or a "
-                          "CompuCell3D project (.cc3d)")
-    kw = {"learnable": learnable} if "learnable" in inspect.signature(load_model).parameters else {}
-    imported = load_model(p, **kw)
-    return getattr(imported, "hamiltonian", imported)
+        return load_model(p, learnable=True).hamiltonian
+    raise ConfigError(f"{path}: a prior must be a model bundle (directory), a Morpheus model (.xml) or a "
+                      "CompuCell3D project (.cc3d)")
 
 
 def build_model(cfg: dict, states, *, seed: int = 0):
@@ -282,7 +281,7 @@ def build_model(cfg: dict, states, *, seed: int = 0):
     analytic_terms = []
     needs_analytic = kind in ("analytic", "nh-closure", "local-nh-closure")
     if m["prior"]:
-        prior = _load_prior(m["prior"], learnable=not m["freeze_prior"])
+        prior = _load_prior(m["prior"])
         pt = prior.n_types if getattr(prior, "type_names", None) else None
         if pt is not None and pt != n_types:
             raise ConfigError(f"the prior {m['prior']} has {pt} cell types ({', '.join(prior.type_names[1:])}), "
