@@ -52,6 +52,7 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
+from neuralcpm_plugin.cli import claim_output, command
 from neuralcpm_plugin.errors import ExportError
 from neuralcpm_plugin.lattice import CellState, neighbour_offsets
 
@@ -495,6 +496,7 @@ def _local_nh_spec(term, i: int, arrays: dict) -> dict:
             "_source": str(Path(_lnh.__file__).resolve())}
 
 
+@command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cc3d_steppables.export",
                                  description="Export a NeuralCPM model bundle as a runnable CompuCell3D project.")
@@ -514,17 +516,12 @@ def main(argv=None) -> int:
                     help="global NH: MCS between updates of the per-type fields (default 10)")
     ap.add_argument("--verify-mirror-every", type=int, default=0,
                     help="compare the lattice mirror with CC3D's field every N MCS (debugging; 0 = never)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing project in --out")
     a = ap.parse_args(argv)
-    try:
-        export_project(a.bundle, a.out, init=a.init, init_frame=a.init_frame, mcs=a.mcs, seed=a.seed, name=a.name,
-                       snapshot_every=a.snapshot_every, forbid_deletion=a.forbid_deletion,
-                       nh_recompute_every=a.nh_recompute_every, verify_mirror_every=a.verify_mirror_every)
-    except Exception as e:
-        from neuralcpm_plugin.errors import NeuralCPMError
-        if isinstance(e, NeuralCPMError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+    claim_output(a.out, kind="dir", overwrite=a.overwrite)
+    export_project(a.bundle, a.out, init=a.init, init_frame=a.init_frame, mcs=a.mcs, seed=a.seed, name=a.name,
+                   snapshot_every=a.snapshot_every, forbid_deletion=a.forbid_deletion,
+                   nh_recompute_every=a.nh_recompute_every, verify_mirror_every=a.verify_mirror_every)
     return 0
 
 

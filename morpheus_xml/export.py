@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 from lxml import etree
 
+from neuralcpm_plugin.cli import claim_output, command
 from neuralcpm_plugin.errors import DataError, ExportError
 from neuralcpm_plugin.lattice import CellState, neighbour_offsets
 
@@ -574,6 +575,7 @@ def export_model(bundle, out, *, init=None, frame: int = 0, mcs: int = 1000, see
     return report
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m morpheus_xml.export",
                                 description="Export a NeuralCPM model bundle as a runnable MorpheusML 4 model.")
@@ -590,16 +592,13 @@ def main(argv=None) -> int:
                    help="budget of network ΔH evaluations for the neural fields (0 = every boundary attempt; "
                         "a global NH costs ~0.1-1 s per attempt on a CPU)")
     p.add_argument("--device", help="torch device for the network (e.g. cuda)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     a = p.parse_args(argv)
-    from neuralcpm_plugin.errors import NeuralCPMError
-    try:
-        rep = export_model(a.bundle, a.out, init=a.init, frame=a.frame, mcs=a.mcs, seed=a.seed,
-                           record_every=a.record_every, save_interval=a.save_interval,
-                           cells_per_type=a.cells_per_type, field_attempts=a.field_attempts or None,
-                           device=a.device)
-    except NeuralCPMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    claim_output(a.out, overwrite=a.overwrite)
+    rep = export_model(a.bundle, a.out, init=a.init, frame=a.frame, mcs=a.mcs, seed=a.seed,
+                       record_every=a.record_every, save_interval=a.save_interval,
+                       cells_per_type=a.cells_per_type, field_attempts=a.field_attempts or None,
+                       device=a.device)
     print(rep.summary())
     return 0
 

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 from lxml import etree
 
-from neuralcpm_plugin.errors import ExportError, NeuralCPMError
+from neuralcpm_plugin.cli import claim_output, command
+from neuralcpm_plugin.errors import ExportError
 
 from .export import build_xml, neural_potential_fields, resolve_model_and_state
 from .readers import checkpoint_time, read_checkpoint
@@ -245,6 +246,7 @@ def run_hook(bundle, morpheus, *, mcs: int, refresh: int, init=None, frame: int 
     return res
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m morpheus_xml.run",
                                 description="Run a NeuralCPM bundle in Morpheus, refreshing the neural potential "
@@ -263,17 +265,16 @@ def main(argv=None) -> int:
     p.add_argument("--field-attempts", type=int, default=0,
                    help="budget of network ΔH evaluations per refresh (0 = every boundary attempt)")
     p.add_argument("--device", help="torch device for the network (e.g. cuda)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file and --workdir")
     a = p.parse_args(argv)
     if not a.morpheus:
-        print("error: no Morpheus executable: pass --morpheus PATH or set MORPHEUS_BIN", file=sys.stderr)
-        return 2
-    try:
-        res = run_hook(a.bundle, a.morpheus, mcs=a.mcs, refresh=a.refresh, init=a.init, frame=a.frame, seed=a.seed,
-                       workdir=a.workdir, out=a.out, cells_per_type=a.cells_per_type,
-                       field_attempts=a.field_attempts or None, device=a.device)
-    except NeuralCPMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ExportError("no Morpheus executable: pass --morpheus PATH or set MORPHEUS_BIN")
+    claim_output(a.out, overwrite=a.overwrite)
+    claim_output(a.workdir or Path(a.out).with_name(Path(a.out).stem + "_chunks"), option="--workdir", kind="dir",
+                 overwrite=a.overwrite)
+    res = run_hook(a.bundle, a.morpheus, mcs=a.mcs, refresh=a.refresh, init=a.init, frame=a.frame, seed=a.seed,
+                   workdir=a.workdir, out=a.out, cells_per_type=a.cells_per_type,
+                   field_attempts=a.field_attempts or None, device=a.device)
     print(f"wrote {res.out}: {len(res.states)} frames at MCS {res.mcs}")
     if res.stale_rel_rmse:
         print("neural potential fields, relative RMSE of ΔH (fresh at each refresh → stale at the next): "

@@ -21,6 +21,9 @@ def dispatch(prog: str, description: str, commands: dict[str, str], module_prefi
             p.set_defaults(_missing=name)
             continue
         mod.add_arguments(p)
+        if any("--out" in a.option_strings for a in p._actions) and \
+                not any("--overwrite" in a.option_strings for a in p._actions):
+            p.add_argument("--overwrite", action="store_true", help="replace existing output files")
         p.set_defaults(_run=mod.run)
     args = parser.parse_args(argv)
     if getattr(args, "_missing", None):

@@ -420,6 +420,17 @@ def overrides_of(args) -> dict:
             "flips": args.flips, "every": args.every, "chains": args.chains}
 
 
+def claim_outputs(args) -> None:
+    """Refuse existing ``--out`` .md/.json files (unless ``--overwrite``) and a non-empty ``--gif`` folder before
+    the roll-outs; remove them again if the evaluation fails."""
+    from neuralcpm_plugin.cli import claim_output
+    if args.out:
+        for suffix in (".md", ".json"):
+            claim_output(Path(args.out).with_suffix(suffix), overwrite=args.overwrite)
+    if args.gif:
+        claim_output(args.gif, option="--gif", kind="dir", overwrite=args.overwrite)
+
+
 def write_outputs(res: dict, md: str, out) -> None:
     print(md)
     if out:
@@ -431,6 +442,7 @@ def write_outputs(res: dict, md: str, out) -> None:
 
 
 def run(args) -> int:
+    claim_outputs(args)
     res = evaluate_table1(args.data, parse_runs(args.runs), scale=args.scale, classifier=args.classifier,
                           seed=args.seed, device=args.device, sampler=args.sampler, gif_dir=args.gif,
                           **overrides_of(args))

@@ -25,6 +25,7 @@ from .eval_table1 import (
     SCALES,
     _not_run_row,
     add_common_arguments,
+    claim_outputs,
     closure_weights_of,
     fmt,
     groups_ci,
@@ -145,6 +146,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    claim_outputs(args)
     res = evaluate_table2(args.data, parse_runs(args.runs), scale=args.scale, seed=args.seed, device=args.device,
                           sampler=args.sampler, gif_dir=args.gif, **overrides_of(args))
     write_outputs(res, table2_markdown(res), args.out)

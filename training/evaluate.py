@@ -4,6 +4,8 @@ Each evaluation lives in its own module (``training.eval_<name>``) exposing ``ad
 ``run(args) -> int``.
 """
 
+from neuralcpm_plugin.cli import command
+
 from ._dispatch import dispatch
 
 EVALUATIONS = {"params": "Parameter RMSE at T=1 and T* (paper §4.2)",
@@ -11,6 +13,7 @@ EVALUATIONS = {"params": "Parameter RMSE at T=1 and T* (paper §4.2)",
                "table2": "Bipolar roll-out metrics (paper Table 2)"}
 
 
+@command
 def main(argv=None) -> int:
     return dispatch("python -m training.evaluate", "Evaluate trained runs.", EVALUATIONS, "eval_", argv)
 

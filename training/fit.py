@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from neuralcpm_plugin.cli import command
 from neuralcpm_plugin.errors import ConfigError, DataError, NeuralCPMError
 
 from .config import MODEL_KINDS, OBJECTIVES, list_presets, load_config, to_toml
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-prior", action="store_true", help="keep the prior's parameters fixed")
     p.add_argument("--out", help="run folder (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue a pcd run from its last checkpoint, exactly")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in the run folder")
     p.add_argument("--device", help="cpu or cuda")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--iterations", type=int, help="pcd iterations (or stochastic pl steps)")
@@ -470,8 +472,88 @@ def _sampler_factory(kind: str = "parallel", proposal: str = "classic"):
     return make
 
 
-def fit(cfg: dict, *, resume: bool = False, truth_spec: str | None = None, progress: bool = True) -> dict:
-    """Run one training job described by ``cfg`` (see :mod:`training.config`); return a summary dict."""
+# files and folders training.fit writes into a run folder (what --overwrite may delete)
+RUN_FOLDER_MARKERS = ("config.toml", "model", "summary.json", "checkpoint", "train.log", "metrics.csv")
+
+
+def _claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, rank: int = 0) -> None:
+    """Refuse to replace an existing run by accident: a non-empty run folder needs ``--resume`` or ``--overwrite``
+    (which deletes it, but only if it is a run folder: it holds one of :data:`RUN_FOLDER_MARKERS`)."""
+    from neuralcpm_plugin.cli import claim_output
+    where = f"run folder {run_dir}"
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in the "
+                          "run folder, --overwrite replaces it")
+    if run_dir.exists() and run_dir.is_dir() and any(run_dir.iterdir()) and not resume:
+        if not overwrite:
+            state = "a finished run" if (run_dir / "summary.json").exists() else "an unfinished run or other files"
+            raise ConfigError(f"{where} holds {state} already; pass --overwrite to replace it, --resume to "
+                              "continue a pcd run, or --out NEW_FOLDER for a new run")
+        if not any((run_dir / m).exists() for m in RUN_FOLDER_MARKERS):
+            sample = ", ".join(sorted(p.name for p in run_dir.iterdir())[:3])
+            raise ConfigError(f"{where} is not a training.fit run folder (it holds {sample}, none of "
+                              f"{', '.join(RUN_FOLDER_MARKERS)}); --overwrite will not delete it: choose another --out")
+        if rank == 0:
+            import shutil
+            shutil.rmtree(run_dir)
+    claim_output(run_dir, option="--out", kind="dir", allow_existing=resume)
+
+
+# configuration keys that may differ between a run and its --resume (where it runs, how long, what it exports;
+# the data are compared by their hash, not by their path)
+RESUME_FREE_KEYS = ("out", "device", "threads", "data.path", "generate.cache", "pcd.iterations", "pl.steps",
+                    "pcd.plot_every", "export.cc3d", "export.morpheus")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_resume(run_dir: Path, cfg: dict, dhash: str) -> None:
+    """Refuse ``--resume`` when the configuration or the data differ from those of the checkpointed run."""
+    import tomllib
+    old_cfg_path = run_dir / "config.toml"
+    if old_cfg_path.is_file():
+        try:
+            old = _flatten(tomllib.loads(old_cfg_path.read_text()))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{old_cfg_path}: unreadable ({e}); cannot check that --resume continues the same "
+                              "run") from None
+        new = _flatten(cfg)
+        diff = [k for k in sorted(set(old) | set(new)) if k not in RESUME_FREE_KEYS and not
+                k.startswith(("generate.options.progress",)) and old.get(k, "<unset>") != new.get(k, "<unset>")]
+        if diff:
+            shown = "; ".join(f"{k}: checkpoint {old.get(k, '<unset>')!r}, now {new.get(k, '<unset>')!r}"
+                              for k in diff[:5])
+            more = f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""
+            raise ConfigError(f"--resume: the configuration differs from the run in {run_dir}: {shown}{more}; "
+                              "resume with the same options, or start a new run with --out NEW_FOLDER")
+    bundle_json = run_dir / "model" / "model.json"
+    if bundle_json.is_file():
+        try:
+            old_hash = json.loads(bundle_json.read_text()).get("provenance", {}).get("data_sha256")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            old_hash = None
+        if old_hash and old_hash != dhash:
+            raise ConfigError(f"--resume: the training data differ from those of the run in {run_dir} (data "
+                              f"sha256 {dhash[:12]}…, the checkpoint's {old_hash[:12]}…); resume with the same "
+                              "--data, or start a new run with --out NEW_FOLDER")
+
+
+def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec: str | None = None,
+        progress: bool = True) -> dict:
+    """Run one training job described by ``cfg`` (see :mod:`training.config`); return a summary dict.
+
+    An existing non-empty run folder is an error unless ``resume`` (continue it; the configuration and the
+    data must be those of the checkpoint) or ``overwrite`` (delete it first).
+    """
     from neuralcpm_plugin.bundle import save_bundle
     t_start = time.perf_counter()
     dist = _init_distributed(cfg["device"])
@@ -483,6 +565,9 @@ def fit(cfg: dict, *, resume: bool = False, truth_spec: str | None = None, progr
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     run_dir = Path(cfg["out"] or f"runs/{cfg['name']}")
+    _claim_run_dir(run_dir, resume=resume, overwrite=overwrite, rank=rank)
+    if dist is not None:
+        dist.barrier()          # every rank has checked the folder before rank 0 writes into it
     run_dir.mkdir(parents=True, exist_ok=True)
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
@@ -507,6 +592,8 @@ def fit(cfg: dict, *, resume: bool = False, truth_spec: str | None = None, progr
     ham = ham.to(device)
     truth = _truth_from(truth_spec, data_info)
     dhash = data_hash(states)
+    if resume and objective == "pcd":
+        _check_resume(run_dir, cfg, dhash)
     if rank == 0:
         (run_dir / "config.toml").write_text(to_toml(cfg))
         if truth is not None:
@@ -549,6 +636,8 @@ def fit(cfg: dict, *, resume: bool = False, truth_spec: str | None = None, progr
                              device=device, share_lambda=cfg["model"]["share_lambda"], on_checkpoint=on_ckpt,
                              param_columns=param_columns, log=_say, progress=progress)
         write_rank_info(run_dir, trainer)
+        from neuralcpm_plugin.cli import forget_output
+        forget_output(run_dir)      # from here on the run folder holds checkpoints and logs worth keeping
         res = trainer.run(int(cfg["pcd"]["iterations"]), resume=resume)
         summary.update(res)
         summary["fit_seconds"] = res["seconds"]
@@ -581,14 +670,13 @@ def fit(cfg: dict, *, resume: bool = False, truth_spec: str | None = None, progr
     return summary
 
 
+@command
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, _overrides(args))
-        summary = fit(cfg, resume=args.resume, truth_spec=args.truth, progress=not args.no_progress)
-    except NeuralCPMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        summary = fit(cfg, resume=args.resume, overwrite=args.overwrite, truth_spec=args.truth,
+                      progress=not args.no_progress)
     finally:
         try:
             import torch.distributed as tdist

@@ -118,7 +118,7 @@ def generate_bipolar(out=None, *, scale: str = "cpu", n: int | None = None, size
             cfg[k] = v
     if cfg["n"] < 1 or cfg["cells"] < 2 or cfg["size"] < 12:
         raise ConfigError(f"bad bipolar options {cfg}")
-    out = Path(out) if out else Path("runs/data") / ("bipolar.npz" if scale == "paper" else f"bipolar-{scale}.npz")
+    out = Path(out) if out else default_out(scale)
     shape = (int(cfg["size"]), int(cfg["size"]))
     H = bipolar_hamiltonian(shape)
     it = range(int(start), int(start) + int(cfg["n"]))
@@ -159,8 +159,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def default_out(scale: str) -> Path:
+    """Where the data go without ``--out``: ``runs/data/bipolar.npz`` (paper) or ``runs/data/bipolar-<scale>.npz``."""
+    return Path("runs/data") / ("bipolar.npz" if scale == "paper" else f"bipolar-{scale}.npz")
+
+
 def run(args) -> int:
-    path = generate_bipolar(args.out, scale=args.scale, n=args.n, size=args.size, cells=args.cells, mcs=args.mcs,
+    from neuralcpm_plugin.cli import claim_output
+    out = claim_output(args.out or default_out(args.scale), overwrite=args.overwrite)
+    path = generate_bipolar(out, scale=args.scale, n=args.n, size=args.size, cells=args.cells, mcs=args.mcs,
                             seed=args.seed, start=args.start, rotate=not args.no_rotate, proposal=args.proposal,
                             progress=not args.no_progress)
     print(f"wrote {path}")

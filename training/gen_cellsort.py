@@ -219,6 +219,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from neuralcpm_plugin.cli import claim_output
+    out = claim_output(Path(args.out) if args.out else Path("runs/data") / (
+        f"cellsort-{args.scenario}.npz" if args.scale == "paper" else f"cellsort-{args.scenario}-{args.scale}.npz"),
+        overwrite=args.overwrite)
     report: dict = {}
     states, ham = generate_cellsort(args.scenario, args.scale, args.snapshots, args.seed, size=args.size,
                                     cells=args.cells, target=args.target, radius=args.radius, mcs=args.mcs,
@@ -227,8 +231,6 @@ def run(args) -> int:
     print("sorting index (fraction of cell-cell contacts that are heterotypic), mean over runs:")
     for m, v in zip(report["checkpoints"], report["sorting_index"]):
         print(f"  MCS {m:8.1f}: {v:.3f}")
-    out = Path(args.out) if args.out else Path("runs/data") / (
-        f"cellsort-{args.scenario}.npz" if args.scale == "paper" else f"cellsort-{args.scenario}-{args.scale}.npz")
     path = save_cellsort(out, states, ham, scenario=args.scenario, scale=args.scale, report=report)
     print(f"wrote {path} ({len(states)} snapshots, {report['seconds']:.1f} s)")
     return 0

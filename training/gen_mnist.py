@@ -132,7 +132,7 @@ def generate_mnist(out=None, *, scale: str = "cpu", n: int | None = None, size: 
             cfg[k] = v
     if cfg["n"] < 1 or cfg["cells"] < 2 or cfg["size"] < 8:
         raise ConfigError(f"bad Cellular MNIST options {cfg}")
-    out = Path(out) if out else Path("runs/data") / ("mnist.npz" if scale == "paper" else f"mnist-{scale}.npz")
+    out = Path(out) if out else default_out(scale)
     shape = (int(cfg["size"]), int(cfg["size"]))
     load_digits()
     it = range(int(start), int(start) + int(cfg["n"]))
@@ -178,8 +178,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def default_out(scale: str) -> Path:
+    """Where the data go without ``--out``: ``runs/data/mnist.npz`` (paper) or ``runs/data/mnist-<scale>.npz``."""
+    return Path("runs/data") / ("mnist.npz" if scale == "paper" else f"mnist-{scale}.npz")
+
+
 def run(args) -> int:
-    path = generate_mnist(args.out, scale=args.scale, n=args.n, size=args.size, cells=args.cells,
+    from neuralcpm_plugin.cli import claim_output
+    out = claim_output(args.out or default_out(args.scale), overwrite=args.overwrite)
+    path = generate_mnist(out, scale=args.scale, n=args.n, size=args.size, cells=args.cells,
                           radius=args.radius, mcs=args.mcs, target=args.target, seed=args.seed, start=args.start, j12=args.j12,
                           proposal=args.proposal, progress=not args.no_progress)
     print(f"wrote {path}")

@@ -4,12 +4,15 @@ Each data set lives in its own module (``training.gen_<name>``) exposing ``add_a
 ``run(args) -> int``.
 """
 
+from neuralcpm_plugin.cli import command
+
 from ._dispatch import dispatch
 
 DATASETS = {"cellsort": "Cell sorting (paper §4.2)", "mnist": "Cellular MNIST (paper §4.3)",
             "bipolar": "Bipolar organisation (paper §4.4)"}
 
 
+@command
 def main(argv=None) -> int:
     return dispatch("python -m training.generate", "Generate the paper's datasets.", DATASETS, "gen_", argv)
 
