@@ -122,8 +122,9 @@ class LocalNHNumpy:
         self.WA = np.ascontiguousarray(aw.transpose(2, 3, 1, 0).reshape(k * k * C, C))
         self.bA = f("phi_a.bias")
         self.W3, self.b3 = f("phi2.weight").T.copy(), f("phi2.bias")
-        self.Wo = f("out.weight")[0].copy()
-        self.bo = float(f("out.bias")[0])
+        # the read-out (absent from a pooled term's feature block, which uses q(g) itself)
+        self.Wo = f("out.weight")[0].copy() if "out.weight" in arrays else None
+        self.bo = float(f("out.bias")[0]) if "out.bias" in arrays else 0.0
         self._pos = np.arange(s * s)
         # pattern tables: the mask embedding of any occupancy pattern of a chunk of ≤ 16 patch positions
         nq = -(-(s * s) // 16)
@@ -219,11 +220,17 @@ class LocalNHNumpy:
         return g[:3]
 
     def _terms(self, lp, tp, nc: int, Pr: int, Pc: int, valid: bool):
-        """Σ of e(g) over the output patches of one or more crops.
+        """Σ of e(g) = w_o·q(g) over the output patches of one or more crops → [M] (see :meth:`_terms_q`)."""
+        M = lp.shape[0]
+        return (self._terms_q(lp, tp, nc, Pr, Pc, valid) @ self.Wo).reshape(M, -1).sum(1)
+
+    def _terms_q(self, lp, tp, nc: int, Pr: int, Pc: int, valid: bool):
+        """q(g) = Σ_c in_c(g)·(v_c(g) − v_∅(g)) of the output patches of one or more crops.
 
         lp : int [M, NP, s*s] local cell labels 0..nc-1 of the sites of each patch (patch-major order);
         tp : int [M, NP, s*s] their types.  valid=True: the outputs are the interior patches (valid k×k
-        conv); False: all patches, circular.  Returns [M] float64 (without ``scale``).
+        conv); False: all patches, circular.  Returns [M*NO, C] float64 (crop-major, outputs in row-major
+        order of the patch grid); the energy terms are e(g) = w_o·q(g) (without ``scale``).
         Only the occupied (crop, patch, cell) rows are evaluated; the ghost once per (crop, patch).
         """
         M, NP, _ = lp.shape
@@ -267,9 +274,10 @@ class LocalNHNumpy:
         h = np.concatenate([u[sel], ug]) @ self.Wu
         h[: sel.size] += CA[orow]
         h[sel.size:] += CA
-        rho = silu(silu(h) @ self.W3 + self.b3) @ self.Wo  # the read-out bias cancels in ρ_c − ρ_∅
-        contrib = rho[: sel.size] - rho[sel.size:][orow]
-        return np.bincount(mI[sel], weights=contrib, minlength=M)
+        v = silu(silu(h) @ self.W3 + self.b3)  # (the read-out bias cancels in ρ_c − ρ_∅)
+        q = -np.bincount(orow, minlength=M * NO)[:, None] * v[sel.size:]  # − n_cells(g)·v_∅(g)
+        np.add.at(q, orow, v[: sel.size])
+        return q
 
     def _patch_order(self, Sr, Sc):
         """Flat indices that reorder an (Sr, Sc) crop into patch-major order [NP, s*s]."""
@@ -286,6 +294,11 @@ class LocalNHNumpy:
     # --- public API -------------------------------------------------------------------------------
     def energy(self, ids, types) -> float:
         """Full energy H (float, scale included) of one periodic state."""
+        return self.scale * float((self.patch_q(ids, types) @ self.Wo).sum())
+
+    def patch_q(self, ids, types):
+        """q(g) [Gh*Gw, C] of every patch of one periodic state (row-major on the ⌊H/s⌋×⌊W/s⌋ grid); the
+        energy is scale·Σ_g w_o·q(g)."""
         ids = np.asarray(ids)
         types = np.asarray(types)
         s = self.s
@@ -295,7 +308,7 @@ class LocalNHNumpy:
         po = self._patch_order(Gh * s, Gw * s)
         lab = lab.reshape(-1)[po]
         t = types[seen].reshape(-1)[po]
-        return self.scale * float(self._terms(lab[None], t[None], len(cells), Gh, Gw, valid=False)[0])
+        return self._terms_q(lab[None], t[None], len(cells), Gh, Gw, valid=False)
 
     def _crop_index(self, shape, site):
         """Flat lattice indices [NP+1, s*s] of the crop around ``site`` in patch-major order followed by its
@@ -338,7 +351,25 @@ class LocalNHNumpy:
         return self.scale * self._crop_delta(ids.reshape(-1)[idx], np.asarray(types), c, new_id)
 
     def _crop_delta(self, crop, types, c: int, new_id) -> float:
-        """e(after) − e(before) (without ``scale``) of a crop whose site ``c`` (position in the centre patch)
+        """e(after) − e(before) (without ``scale``) of a crop; see :meth:`_crop_nv`."""
+        nv, oc, w = self._crop_nv(crop, types, c, new_id)
+        nrho = nv @ self.Wo  # −ρ (the read-out bias cancels in ρ_c − ρ_∅)
+        # ΔH = Σ_after rows (ρ_c − ρ_∅) − Σ_before rows (ρ_c − ρ_∅)
+        n2 = oc.size
+        return float(np.bincount(oc, weights=w, minlength=2 * self._d_NO) @ nrho[n2:] - w @ nrho[:n2])
+
+    def _crop_dq(self, crop, types, c: int, new_id):
+        """Δq = q(after) − q(before) [k*k, C] of the k×k output patches around the copied site (row-major,
+        offsets −r..r from its patch); same arguments as :meth:`_crop_delta`."""
+        nv, oc, w = self._crop_nv(crop, types, c, new_id)
+        n2, NO = oc.size, self._d_NO
+        # Q[o] = Σ_{rows at o} w·v − (Σ_{rows at o} w)·v_∅(o): −q(before) at o < NO, q(after) at NO + o
+        Q = ((oc == self._d_ar2[:, None]) * w) @ nv[:n2]
+        Q -= np.bincount(oc, weights=w, minlength=2 * NO)[:, None] * nv[n2:]
+        return -(Q[:NO] + Q[NO:])
+
+    def _crop_nv(self, crop, types, c: int, new_id):
+        """The interaction-branch outputs of a crop before and after a copy (the core of :meth:`_crop_delta`). whose site ``c`` (position in the centre patch)
         takes ``new_id``.  ``crop`` [NP+1, s*s]: the cell ids of the crop's NP patches (patch-major) followed
         by its centre patch once more (overwritten here with the after state; pass a fresh array).
 
@@ -346,6 +377,10 @@ class LocalNHNumpy:
         runs on the NP before-patches plus the one after-centre patch; cells are the distinct ids of each
         patch (first occurrence in the patch), their masks are equality rows — no relabelling needed.
         Stage 2 runs on the k×k output patches of both states at once.
+
+        Returns ``(nv, oc, w)``: −v of the n2 = ``oc.size`` cell rows of the output patches (before and
+        after) followed by the 2·NO ghost rows (outputs before, then after); ``oc`` [n2] the output row of each
+        cell row (0..NO−1 before, NO..2NO−1 after), ``w`` [n2] −1 before, +1 after.
         """
         NP = self._d_NP
         pat = crop  # [NP+1, ss] stacked patches (a fresh array: gathered by the caller)
@@ -382,10 +417,7 @@ class LocalNHNumpy:
         y += nCA[np.concatenate([oc, self._d_ar2])]
         y = _nsilu(y) @ self.W3
         y += self._n_b3
-        nrho = _nsilu(y) @ self.Wo  # −ρ (the read-out bias cancels in ρ_c − ρ_∅)
-        # ΔH = Σ_after rows (ρ_c − ρ_∅) − Σ_before rows (ρ_c − ρ_∅)
-        n2 = sel.size
-        return float(np.bincount(oc, weights=w, minlength=2 * NO) @ nrho[n2:] - w @ nrho[:n2])
+        return _nsilu(y), oc, w  # −v
 
 
 # =========================================================================================== torch
@@ -504,7 +536,20 @@ if torch is not None:
             return tpart, mpR, uR, A
 
         def _stage2(self, tpart, mpR, uR, A, M: int, Pr: int, Pc: int, valid: bool):
-            """Σ_g Σ_c in_c(g)·(ρ_c(g) − ρ_∅(g)) over the output patches → [M]."""
+            """Σ_g Σ_c in_c(g)·(ρ_c(g) − ρ_∅(g)) = Σ_g w_o·q(g) over the output patches → [M]."""
+            return self._readout(self._stage2_q(tpart, mpR, uR, A, M, Pr, Pc, valid)).view(M, -1).sum(1)
+
+        def _readout(self, q):
+            """w_o·q (the read-out bias cancels in ρ_c − ρ_∅) → q.shape[:-1]."""
+            return F.linear(q, self.out.weight)[..., 0]
+
+        def _v(self, h):
+            """Interaction-branch output v = SiLU(φ2(SiLU(h))) of pre-activations h = φ_u(u) + conv(A)."""
+            return F.silu(self.phi2(F.silu(h)))
+
+        def _stage2_q(self, tpart, mpR, uR, A, M: int, Pr: int, Pc: int, valid: bool):
+            """q(g) = Σ_c in_c(g)·(v_c(g) − v_∅(g)) of the output patches → [M*NO, C] (crop-major, outputs
+            row-major on the patch grid; valid=True: the interior patches, else all, circular conv)."""
             cfg = self.config
             C, k = cfg["channels"], cfg["kernel"]
             r = k // 2
@@ -528,11 +573,36 @@ if torch is not None:
             oR = outidx[mpR % NP]
             sel = oR >= 0
             g = mR[sel] * NO + oR[sel]
-            h = F.silu(self.phi_u(uR[sel]) + CA[g])
-            rho = self.out(F.silu(self.phi2(h)))[:, 0]
+            v = self._v(self.phi_u(uR[sel]) + CA[g])
             ugo = F.silu(tpart.view(M, NP, C)[:, opatch].reshape(M * NO, C))
-            rhog = self.out(F.silu(self.phi2(F.silu(self.phi_u(ugo) + CA))))[:, 0]
-            return torch.zeros(M, dtype=dt, device=dev).index_add(0, mR[sel], rho - rhog[g])
+            vg = self._v(self.phi_u(ugo) + CA)
+            return torch.zeros((M * NO, C), dtype=dt, device=dev).index_add(0, g, v - vg[g])
+
+        def patch_q(self, batch: Batch) -> torch.Tensor:
+            """q(g) of every patch of every lattice → [B, Gh*Gw, C] (network dtype; patches row-major on the
+            ⌊H/s⌋×⌊W/s⌋ grid).  The local NH's energy is scale·Σ_g w_o·q(g); the pooled term reads q(g)."""
+            lab, tmap, nc = self._local_labels(batch)
+            s, C = self.config["stride"], self.config["channels"]
+            M, Sr, Sc = lab.shape
+            return self._stage2_q(*self._stage1(lab, tmap, nc), M, Sr // s, Sc // s, False).view(M, -1, C)
+
+        def _local_labels(self, batch: Batch):
+            """(lab, tmap, nc): each seen site's rank among the ids present on its lattice, its type, and the
+            largest number of ids on one lattice (the crop is the part ⌊H/s⌋·s × ⌊W/s⌋·s the network sees)."""
+            self._check_types(batch.types)
+            s = self.config["stride"]
+            Gh, Gw = batch.shape[0] // s, batch.shape[1] // s
+            ids = batch.ids[:, : Gh * s, : Gw * s]
+            B = ids.shape[0]
+            flat = ids.reshape(B, -1)
+            c = int(flat.max()) + 1
+            pres = torch.zeros((B, c), dtype=torch.bool, device=ids.device)
+            pres.scatter_(1, flat, True)
+            rank = torch.cumsum(pres.long(), 1) - 1
+            lab = rank.gather(1, flat).view(ids.shape)
+            nc = int(pres.sum(1).max())
+            tmap = batch.types.gather(1, flat).view(ids.shape)
+            return lab, tmap, nc
 
         def _terms(self, lab, tmap, nc: int, valid: bool):
             """Torch twin of :meth:`LocalNHNumpy._terms` (sparse over the occupied (cell, patch) pairs).
@@ -614,15 +684,17 @@ if torch is not None:
             A = torch.zeros((M, C), dtype=dt, device=dev).index_add(0, mp, psiR) - cnt[:, None] * psig
             return mp, rank, cnt, uR, ug, A
 
-        def _rho(self, h):
-            """Read-out ρ of pre-activations h = φ_u(u) + conv(A) (incl. bias) → h.shape[:-1]."""
-            return self.out(F.silu(self.phi2(F.silu(h))))[..., 0]
-
         def _lattice_delta(self, batch, b, sites, new_ids):
-            """ΔH (without scale) of n proposals (chain b [n], flat site [n], new id [n]) from per-patch
-            quantities of whole lattices: e_before is the sum of the lattice's per-patch terms e(g) over the
-            k×k output patches around the site; e_after re-evaluates those terms with the after-state centre
-            patch (new rows and A) and conv(A) updated by the centre's change of A.  Returns [n] (network dtype).
+            """ΔH (without scale) of n proposals (chain b [n], flat site [n], new id [n]) → [n]; see
+            :meth:`_lattice_dq`."""
+            return self._readout(self._lattice_dq(batch, b, sites, new_ids)[0]).sum(1)
+
+        def _lattice_dq(self, batch, b, sites, new_ids):
+            """Δq of n proposals (chain b [n], flat site [n], new id [n]) from per-patch quantities of whole
+            lattices: q_before is the lattice's per-patch q(g) at the k×k output patches around the site;
+            q_after re-evaluates those patches with the after-state centre patch (new rows and A) and conv(A)
+            updated by the centre's change of A.  Returns ``(dq [n, k*k, C], og [n, k*k] flat patch index
+            b·G + g of each output (row-major offsets −r..r), q [B*G, C] q(g) of every patch)`` (network dtype).
             """
             cfg = self.config
             s, C, k = cfg["stride"], cfg["channels"], cfg["kernel"]
@@ -649,8 +721,8 @@ if torch is not None:
             CA = (WA.t() @ A.view(B, G, C)[:, gidx].reshape(B * G, k * k * C).t()).t() + self.phi_a.bias
             uW = self.phi_u(uR)
             ugW = self.phi_u(ug)
-            e_lat = torch.zeros(B * G, dtype=dt, device=dev).index_add(0, mp, self._rho(uW + CA[mp]))
-            e_lat = e_lat - cnt * self._rho(ugW + CA)  # e(g) of every patch
+            q_lat = torch.zeros((B * G, C), dtype=dt, device=dev).index_add(0, mp, self._v(uW + CA[mp]))
+            q_lat = q_lat - cnt[:, None] * self._v(ugW + CA)  # q(g) of every patch
             K = int(cnt.max())
             rowid = torch.full((B * G, K), -1, dtype=torch.long, device=dev)  # rows of each patch, -1: none
             rowid[mp, rank] = torch.arange(mp.numel(), device=dev)
@@ -674,18 +746,25 @@ if torch is not None:
             CAn = CAa[:, nc]
             rows = rowid[ogn]  # [n, k*k-1, K]
             m_, o_, q_ = torch.nonzero(rows >= 0, as_tuple=True)
-            e_a = torch.zeros(n, dtype=dt, device=dev).index_add(0, m_, self._rho(uW[rows[m_, o_, q_]] + CAn[m_, o_]))
-            e_a = e_a - (cnt[ogn] * self._rho(ugW[ogn] + CAn)).sum(1)
-            e_a = e_a.index_add(0, mpc, self._rho(self.phi_u(uRc) + CAa[mpc, jc]))
-            e_a = e_a - cntc * self._rho(self.phi_u(ugc) + CAa[:, jc])
-            return e_a - e_lat[og].sum(1)
+            kk = k * k
+            q_a = torch.zeros((n, kk, C), dtype=dt, device=dev)
+            q_a[:, nc] = -cnt[ogn][..., None] * self._v(ugW[ogn] + CAn)
+            q_a[:, jc] = -cntc[:, None] * self._v(self.phi_u(ugc) + CAa[:, jc])
+            q_a = q_a.view(n * kk, C).index_add(0, m_ * kk + nc[o_], self._v(uW[rows[m_, o_, q_]] + CAn[m_, o_]))
+            q_a = q_a.index_add(0, mpc * kk + jc, self._v(self.phi_u(uRc) + CAa[mpc, jc]))
+            return q_a.view(n, kk, C) - q_lat[og], og, q_lat
 
         def _crop_delta(self, pat, tmap, geo):
-            """e(after) − e(before) of n crops, twin of :meth:`LocalNHNumpy._crop_delta`.
+            """e(after) − e(before) of n crops → [n]; see :meth:`_crop_dq`."""
+            return self._readout(self._crop_dq(pat, tmap, geo)).sum(1)
+
+        def _crop_dq(self, pat, tmap, geo):
+            """Δq = q(after) − q(before) [n, k*k, C] of the k×k output patches of n crops (row-major offsets
+            −r..r from the site's patch), twin of :meth:`LocalNHNumpy._crop_dq`.
 
             pat, tmap : long [n, NP+1, s*s] cell ids / types of the stacked patches (patch-major: the NP
             patches of the before crop, then the after-state centre patch).  Cells are the distinct ids of
-            each patch (one row per (crop, patch, cell), at its first site); returns [n] (network dtype).
+            each patch (one row per (crop, patch, cell), at its first site); network dtype.
             """
             cfg = self.config
             s, C, k, T = cfg["stride"], cfg["channels"], cfg["kernel"], cfg["n_types"]
@@ -723,34 +802,20 @@ if torch is not None:
             mB, mA = m[selB], m[selA]
             uWB = self.phi_u(uR[selB])
             uWA = self.phi_u(uR[selA])
-            hB = F.silu(uWB + CA[mB, oB[selB]])
-            hA = F.silu(uWA + CA[mA, oA[selA]])
+            vB = self._v(uWB + CA[mB, oB[selB]])
+            vA = self._v(uWA + CA[mA, oA[selA]])
             ugo = ug.view(n, NP + 1, C)[:, geo["ghost"]]  # [n, 2*NO, C]
-            hg = F.silu(self.phi_u(ugo) + CA)
-            rhoB = self.out(F.silu(self.phi2(hB)))[:, 0]
-            rhoA = self.out(F.silu(self.phi2(hA)))[:, 0]
-            rhog = self.out(F.silu(self.phi2(hg)))[..., 0]  # [n, 2*NO]
+            vg = self._v(self.phi_u(ugo) + CA)  # [n, 2*NO, C]
             cg = cnt[:, geo["ghost"]]  # cells at each output patch, before then after
-            e = torch.zeros(n, dtype=dt, device=dev).index_add(0, mA, rhoA).index_add(0, mB, -rhoB)
-            return e - (cg[:, NO:] * rhog[:, NO:]).sum(1) + (cg[:, :NO] * rhog[:, :NO]).sum(1)
+            Q = torch.zeros((n * 2 * NO, C), dtype=dt, device=dev)
+            Q = Q.index_add(0, mA * 2 * NO + oA[selA], vA).index_add(0, mB * 2 * NO + oB[selB], vB)
+            Q = Q.view(n, 2 * NO, C) - cg[..., None] * vg  # q(g) before at 0..NO−1, after at NO..2NO−1
+            return Q[:, NO:] - Q[:, :NO]
 
         # --- the three forms of the ΔH interface ----------------------------------------------
         def energy(self, batch: Batch) -> torch.Tensor:
             """Full energy [B] float64 (scale included), differentiable in the parameters."""
-            self._check_types(batch.types)
-            s = self.config["stride"]
-            Gh, Gw = batch.shape[0] // s, batch.shape[1] // s
-            ids = batch.ids[:, : Gh * s, : Gw * s]
-            B = ids.shape[0]
-            # local labels: rank of each id among the ids present on its lattice
-            flat = ids.reshape(B, -1)
-            c = int(flat.max()) + 1
-            pres = torch.zeros((B, c), dtype=torch.bool, device=ids.device)
-            pres.scatter_(1, flat, True)
-            rank = torch.cumsum(pres.long(), 1) - 1
-            lab = rank.gather(1, flat).view(ids.shape)
-            nc = int(pres.sum(1).max())
-            tmap = batch.types.gather(1, flat).view(ids.shape)
+            lab, tmap, nc = self._local_labels(batch)
             e = self._terms(lab, tmap, nc, valid=False)
             return e.to(torch.float64) * self.scale
 
@@ -765,32 +830,56 @@ if torch is not None:
             Both give the same ΔH (to rounding).  Differentiable in the parameters when gradients are
             enabled (e.g. for a pseudo-likelihood fit); samplers call it under ``torch.no_grad()``.
             """
+            self._check_types(batch.types)
+            B, P = sites.shape
+            out = torch.zeros((B, P), dtype=torch.float64, device=batch.device)
+            res = self.proposal_dq(batch, sites, new_ids, chunk=chunk, method=method)
+            if res is None:  # crops would wrap onto themselves: full recomputation
+                return self.delta_full(batch, sites, new_ids, mask=self._todo(batch, sites, new_ids))
+            bidx, pidx, dq = res[:3]
+            out[bidx, pidx] = self._readout(dq).sum(1).to(torch.float64)
+            return out * self.scale
+
+        def _todo(self, batch, sites, new_ids):
+            """[B, P] bool: the proposals that can change the energy (a different id, at a seen site)."""
+            s = self.config["stride"]
+            H, W = batch.shape
+            old = batch.ids.flatten(1).gather(1, sites)
+            return (old != new_ids) & (sites // W < (H // s) * s) & (sites % W < (W // s) * s)
+
+        def proposal_dq(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, *, chunk: int = 4096,
+                        method: str = "auto"):
+            """Δq(g) of the k×k output patches around each proposal that can change the energy.
+
+            Returns ``None`` when the lattice's patch grid is smaller than 2k−1 (crops would wrap onto
+            themselves; callers recompute in full), else ``(bidx, pidx, dq, og, q)``: the proposals [n] (chain,
+            index in P), dq [n, k*k, C] (network dtype) q(after) − q(before) at the output patches, og [n, k*k]
+            their patch index on the Gh×Gw grid (row-major offsets −r..r from the site's patch), and q
+            [B, Gh*Gw, C] the per-patch q(g) of every lattice when the lattice method computed it, else None.
+            ``method`` as in :meth:`delta`.
+            """
             if method not in ("auto", "crop", "lattice"):
                 raise ConfigError(f"local_nh: delta method must be 'auto', 'crop' or 'lattice', got {method!r}")
-            self._check_types(batch.types)
             cfg = self.config
-            s, k = cfg["stride"], cfg["kernel"]
+            s, k, C = cfg["stride"], cfg["kernel"], cfg["channels"]
             r = k // 2
             dev = batch.device
-            B, P = sites.shape
+            B = sites.shape[0]
             H, W = batch.shape
             Gh, Gw = H // s, W // s
-            out = torch.zeros((B, P), dtype=torch.float64, device=dev)
-            flat_ids = batch.ids.flatten(1)
+            if Gh < 2 * k - 1 or Gw < 2 * k - 1:
+                return None
             si, sj = sites // W, sites % W
-            old = flat_ids.gather(1, sites)
-            todo = (old != new_ids) & (si < Gh * s) & (sj < Gw * s)
-            if Gh < 2 * k - 1 or Gw < 2 * k - 1:  # crops would wrap onto themselves: full recomputation
-                return self.delta_full(batch, sites, new_ids, mask=todo)
-            bidx, pidx = torch.nonzero(todo, as_tuple=True)
+            bidx, pidx = torch.nonzero(self._todo(batch, sites, new_ids), as_tuple=True)
             geo = self._delta_geometry(dev)
+            dk = torch.arange(-r, r + 1, device=dev)
             if method == "lattice" or (method == "auto" and bidx.numel() * geo["NP"] > B * Gh * Gw):
-                out[bidx, pidx] = self._lattice_delta(batch, bidx, sites[bidx, pidx], new_ids[bidx, pidx]).to(
-                    torch.float64)
-                return out * self.scale
+                dq, og, q = self._lattice_dq(batch, bidx, sites[bidx, pidx], new_ids[bidx, pidx])
+                return bidx, pidx, dq, og - bidx[:, None] * (Gh * Gw), q.view(B, Gh * Gw, C)
             d = torch.arange(-2 * r, 2 * r + 1, device=dev)
             t = torch.arange(s, device=dev)
             NP, ss = geo["NP"], s * s
+            parts, ogs = [], []
             for lo in range(0, bidx.numel(), chunk):
                 b, p = bidx[lo:lo + chunk], pidx[lo:lo + chunk]
                 n = b.numel()
@@ -804,8 +893,13 @@ if torch is not None:
                 q = (i - gi * s) * s + (j - gj * s)  # position of the site inside its patch
                 pat[torch.arange(n, device=dev), NP, q] = new_ids[b, p].to(pat.dtype)
                 tmap = batch.types[b].gather(1, pat.view(n, -1).long()).view(n, NP + 1, ss).long()
-                out[b, p] = self._crop_delta(pat, tmap, geo).to(torch.float64)
-            return out * self.scale
+                parts.append(self._crop_dq(pat, tmap, geo))
+                ogs.append((((gi[:, None, None] + dk[:, None]) % Gh) * Gw + (gj[:, None, None] + dk[None, :]) % Gw)
+                           .reshape(n, k * k))
+            if not parts:
+                return (bidx, pidx, torch.zeros((0, k * k, C), dtype=self.dtype, device=dev),
+                        torch.zeros((0, k * k), dtype=torch.long, device=dev), None)
+            return bidx, pidx, torch.cat(parts), torch.cat(ogs), None
 
         def numpy_evaluator(self) -> LocalNHNumpy:
             """A :class:`LocalNHNumpy` with the current weights (cached until the parameters change)."""
