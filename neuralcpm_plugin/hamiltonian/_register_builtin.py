@@ -3,4 +3,4 @@
 Add a module here when a new term module is written.
 """
 
-from . import analytic, closure, local_nh, neural  # noqa: F401
+from . import analytic, closure, local_nh, neural, pooled_nh  # noqa: F401

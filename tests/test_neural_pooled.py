@@ -1,0 +1,248 @@
+"""Pooled NH: torch ΔH == numpy ΔH == H(after) − H(before), cached Z == recomputation, invariances,
+bundles, the torch-free evaluator."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_neural_local import proposals, rand_state
+
+from neuralcpm_plugin.bundle import load_bundle, save_bundle
+from neuralcpm_plugin.errors import BundleError, ConfigError
+from neuralcpm_plugin.hamiltonian import Batch, Hamiltonian, LatticeSpec
+from neuralcpm_plugin.hamiltonian.pooled_nh import PooledNeuralHamiltonian, PooledNHNumpy
+from neuralcpm_plugin.lattice import CellState
+
+SMALL = {"n_types": 2, "stride": 3, "channels": 5, "kernel": 3, "hidden": 8}
+HYP = settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+
+
+def make_term(shape=(24, 24), position_dim=2, seed=0, gain=3.0, **cfg):
+    """A term with enlarged weights, so that ΔH values are O(0.1–1) rather than tiny."""
+    t = PooledNeuralHamiltonian(dict(SMALL, position_dim=position_dim, lattice_shape=list(shape), **cfg), seed=seed)
+    with torch.no_grad():
+        for name, p in t.named_parameters():
+            if p.dim() > 1 and name.startswith(("features.", "mlp.")):
+                p.mul_(gain)
+    return t
+
+
+def energy(term, states):
+    with torch.no_grad():
+        return term.energy(Batch.from_states(states)).numpy()
+
+
+def after(s, site, nid):
+    ids = s.ids.copy()
+    ids.flat[site] = nid
+    return CellState(ids, s.types)
+
+
+@HYP
+@given(seed=st.integers(0, 100_000), shape=st.sampled_from([(24, 27), (21, 18), (12, 12)]),
+       D=st.sampled_from([0, 3]), method=st.sampled_from(["crop", "lattice", "auto"]))
+def test_torch_numpy_delta_equal_full_difference(seed, shape, D, method):
+    """Property: batched torch ΔH (crop and lattice forms) == numpy ΔH (cached Z) == H(after) − H(before).
+
+    (12, 12) at stride 3 is a 4×4 patch grid, smaller than a crop: both fall back to full recomputation.)
+    Periodic lattices only: the feature block's convolution is circular.
+    """
+    rng = np.random.default_rng(seed)
+    t = make_term(shape, D, seed=seed % 7)
+    s = rand_state(shape, int(rng.integers(3, 10)), rng)
+    sites, new = proposals(s, 6, rng)
+    with torch.no_grad():
+        d = t.delta(Batch.from_states([s]), torch.as_tensor(sites)[None], torch.as_tensor(new)[None],
+                    method=method).numpy()[0]
+    ev = t.numpy_evaluator()
+    e0 = energy(t, [s])[0]
+    assert ev.energy(s.ids, s.types) == pytest.approx(e0, abs=1e-10 * max(1, abs(e0)))
+    big = 0.0
+    for p, (site, nid) in enumerate(zip(sites, new)):
+        ref = energy(t, [after(s, site, nid)])[0] - e0
+        big = max(big, abs(ref))
+        tol = 1e-9 * max(1.0, abs(e0))
+        assert d[p] == pytest.approx(ref, abs=tol)
+        dn = ev.delta(s.ids, s.types, divmod(int(site), shape[1]), int(nid))
+        assert dn == pytest.approx(ref, abs=tol)
+    assert big > 1e-4  # the check is not vacuous
+
+
+@HYP
+@given(seed=st.integers(0, 100_000), D=st.sampled_from([0, 2]))
+def test_cached_Z_equals_recomputation_after_long_accepted_sequences(seed, D):
+    """Property: after hundreds of accepted copies (found by the cache itself, or told through accept),
+    the cached Z equals Z recomputed from scratch to 1e-9 relative, and ΔH with the cache equals the uncached."""
+    rng = np.random.default_rng(seed)
+    shape = (24, 21)
+    t = make_term(shape, D, seed=1)
+    ev = t.numpy_evaluator()
+    ev.refresh_every = 10**9  # measure the drift of the incremental updates alone
+    s = rand_state(shape, 8, rng)
+    ids, types = s.ids.copy(), s.types
+    n_acc = 0
+    for step in range(700):
+        site, nid = proposals(CellState(ids, types), 1, rng)
+        site, nid = int(site[0]), int(nid[0])
+        ij = divmod(site, shape[1])
+        dh = ev.delta(ids, types, ij, nid)
+        if step % 97 == 0:
+            assert dh == pytest.approx(ev.delta_uncached(ids, types, ij, nid), abs=1e-10)
+        if rng.random() < 0.6:
+            if step % 2:
+                ev.accept(ij, nid)
+            ids.flat[site] = nid
+            n_acc += 1
+    Zc, Zr = ev.cached_Z(ids, types), ev.Z(ids, types)
+    assert n_acc > 300 and ev._c["n"] > 300  # really incremental
+    assert np.abs(Zc - Zr).max() <= 1e-9 * max(1.0, np.abs(Zr).max())
+    # a different lattice, new types, many changes: the cache starts over
+    s2 = rand_state(shape, 5, rng)
+    assert ev.cached_Z(s2.ids, s2.types) == pytest.approx(ev.Z(s2.ids, s2.types), abs=0)
+
+
+def test_refresh_bounds_the_number_of_incremental_updates():
+    t = make_term((24, 24), 0)
+    ev = t.numpy_evaluator()
+    ev.refresh_every = 5
+    rng = np.random.default_rng(3)
+    s = rand_state((24, 24), 6, rng)
+    ids = s.ids.copy()
+    for _ in range(40):
+        site, nid = proposals(CellState(ids, s.types), 1, rng)
+        ev.delta(ids, s.types, divmod(int(site[0]), 24), int(nid[0]))
+        ids.flat[int(site[0])] = int(nid[0])
+        ev.cached_Z(ids, s.types)
+        assert ev._c["n"] <= 5
+
+
+@HYP
+@given(seed=st.integers(0, 100_000), D=st.sampled_from([0, 2]))
+def test_permutation_invariance(seed, D):
+    """Property: relabelling the cells (ids) leaves H unchanged, with or without position embedding."""
+    rng = np.random.default_rng(seed)
+    t = make_term((24, 24), D)
+    s = rand_state((24, 24), 7, rng)
+    perm = np.concatenate([[0], 1 + rng.permutation(7)])
+    types2 = np.zeros_like(s.types)
+    types2[perm] = s.types
+    s2 = CellState(perm[s.ids], types2)
+    e = energy(t, [s, s2])
+    assert e[0] == pytest.approx(e[1], abs=1e-10)
+
+
+@HYP
+@given(seed=st.integers(0, 100_000), sy=st.integers(-3, 3), sx=st.integers(-3, 3))
+def test_translation_invariance_without_position(seed, sy, sx):
+    """Property: D = 0 → H invariant to periodic shifts by multiples of the stride; D > 0 generally not."""
+    rng = np.random.default_rng(seed)
+    s = rand_state((24, 27), 7, rng)
+    sh = CellState(np.roll(s.ids, (3 * sy, 3 * sx), (0, 1)), s.types)
+    t0 = make_term((24, 27), 0)
+    e = energy(t0, [s, sh])
+    assert e[0] == pytest.approx(e[1], abs=1e-10)
+    if (sy, sx) != (0, 0):
+        t2 = make_term((24, 27), 2)
+        e2 = energy(t2, [s, sh])
+        assert abs(e2[0] - e2[1]) > 1e-9
+
+
+def test_position_embedding_fixes_the_grid_and_config_errors():
+    t = make_term((24, 24), 2)
+    s = rand_state((30, 30), 5, np.random.default_rng(1))
+    with pytest.raises(ConfigError, match="8x8 patch grid"):
+        t.energy(Batch.from_states([s]))
+    with pytest.raises(ConfigError, match="8x8 patch grid"):
+        t.numpy_evaluator().delta(s.ids, s.types, (3, 3), 1)
+    # 25×26 has the same 8×8 grid at stride 3: accepted (the last sites are not seen)
+    s25 = rand_state((25, 26), 5, np.random.default_rng(2))
+    assert np.isfinite(energy(t, [s25])[0])
+    with pytest.raises(ConfigError, match="lattice_shape"):
+        PooledNeuralHamiltonian({"position_dim": 3})
+    with pytest.raises(ConfigError, match="unknown"):
+        PooledNeuralHamiltonian({"position_dim": 0, "hiden": 3})
+    with pytest.raises(ConfigError, match="pooled_nh: kernel"):
+        PooledNeuralHamiltonian({"position_dim": 0, "kernel": 2})
+    t0 = PooledNeuralHamiltonian({"position_dim": 0})  # any lattice size
+    assert np.isfinite(energy(t0, [s])[0])
+
+
+def test_gradients_reach_every_parameter_through_energy_and_delta():
+    t = make_term((24, 24), 2, seed=4)
+    t.scale = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+    s = rand_state((24, 24), 6, np.random.default_rng(5))
+    sites, new = proposals(s, 8, np.random.default_rng(6))
+    b = Batch.from_states([s])
+    (t.energy(b).sum() + t.delta(b, torch.as_tensor(sites)[None], torch.as_tensor(new)[None]).sum()).backward()
+    names = [n for n, p in t.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert names == []
+    assert "features.out.weight" not in t.tensors() and "features.scale" not in t.tensors()
+
+
+def test_bundle_round_trip_and_torch_free_evaluator(tmp_path):
+    t = make_term((24, 24), 2, seed=3)
+    lat = LatticeSpec((24, 24))
+    save_bundle(tmp_path / "b", Hamiltonian([t], lat, 1.0, ["medium", "a", "b"]))
+    t2 = load_bundle(tmp_path / "b").hamiltonian.terms[0]
+    assert isinstance(t2, PooledNeuralHamiltonian) and t2.config == t.config
+    s = rand_state((24, 24), 6, np.random.default_rng(12))
+    assert energy(t2, [s])[0] == energy(t, [s])[0]
+    bad = dict(t.tensors())
+    bad["pos"] = bad["pos"][:, :3]
+    with pytest.raises(BundleError):
+        PooledNeuralHamiltonian.from_spec(t.spec(), bad, lat)
+    with pytest.raises(BundleError, match="mlp.2.weight"):
+        PooledNHNumpy({k: v for k, v in t.config.items()},
+                      {k: v.numpy() for k, v in t.tensors().items() if k != "mlp.2.weight"})
+    # the two module files copied into a folder, loaded on their own with torch blocked (a host tool)
+    src = Path(__file__).resolve().parents[1] / "neuralcpm_plugin" / "hamiltonian"
+    (tmp_path / "host").mkdir()
+    for f in ("local_nh.py", "pooled_nh.py"):
+        (tmp_path / "host" / f).write_text((src / f).read_text())
+    np.savez(tmp_path / "state.npz", ids=s.ids, types=s.types)
+    code = f"""
+import sys, json
+sys.modules['torch'] = None
+sys.path.insert(0, {str(tmp_path / 'host')!r})
+import numpy as np
+from safetensors.numpy import load_file
+import pooled_nh as m
+doc = json.load(open({str(tmp_path / 'b' / 'model.json')!r}))
+t = doc['terms'][0]
+arr = {{k.split('.', 2)[2]: v for k, v in load_file({str(tmp_path / 'b' / 'weights.safetensors')!r}).items()}}
+ev = m.PooledNHNumpy.from_arrays(t['params']['config'], arr, t['scale'])
+z = np.load({str(tmp_path / 'state.npz')!r})
+print(repr(ev.energy(z['ids'], z['types'])), repr(ev.delta(z['ids'], z['types'], (5, 5), int(z['ids'][5, 6]))))
+assert 'torch' not in [k for k, v in sys.modules.items() if v is not None]
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    e_np, d_np = (float(x) for x in out.stdout.split())
+    assert e_np == pytest.approx(energy(t, [s])[0], abs=1e-10)
+    assert d_np == pytest.approx(t.delta_np(s, (5, 5), int(s.ids[5, 6])), abs=1e-12)
+    ref = energy(t, [after(s, 5 * 24 + 5, int(s.ids[5, 6]))])[0] - energy(t, [s])[0]
+    assert d_np == pytest.approx(ref, abs=1e-10)
+
+
+def test_delta_np_in_a_hamiltonian_and_many_chains():
+    t = make_term((24, 24), 2, seed=8)
+    rng = np.random.default_rng(9)
+    states = [rand_state((24, 24), 6, rng) for _ in range(3)]
+    props = [proposals(s, 5, rng) for s in states]
+    sites = torch.as_tensor(np.stack([p[0] for p in props]))
+    new = torch.as_tensor(np.stack([p[1] for p in props]))
+    with torch.no_grad():
+        d = t.delta(Batch.from_states(states), sites, new).numpy()
+    ham = Hamiltonian([t], LatticeSpec((24, 24)), 1.0, ["medium", "a", "b"])
+    for b, s in enumerate(states):
+        for p in range(5):
+            dn = ham.delta_np(s, divmod(int(sites[b, p]), 24), int(new[b, p]), {})
+            assert dn == pytest.approx(d[b, p], abs=1e-10)
