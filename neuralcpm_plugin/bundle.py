@@ -10,6 +10,8 @@
       "type_names": ["medium", "type1", "type2"],
       "terms": [
         {"kind": "contact", "scale": 1.0, "params": {...}},      # physical units, JSON
+        {"kind": "local_nh", "scale": 0.9, "weight": "w_l", "params": {...}},  # "weight" (optional): the
+                                                                  # closure weight this scale is (w_a, w_n, ...)
         ...
       ],
       "provenance": {"package_version": ..., "created": ..., ...}
@@ -114,6 +116,8 @@ def save_bundle(path, hamiltonian: Hamiltonian, *, provenance: dict | None = Non
         spec = dict(term.spec())
         spec.setdefault("kind", term.kind)
         spec["scale"] = term.scale_value()
+        if getattr(term, "closure_weight", None):  # the shared closure weight its scale is (optional key)
+            spec["weight"] = term.closure_weight
         terms_json.append(spec)
         for name, t in term.tensors().items():
             tensors[f"terms.{i}.{name}"] = t.detach().cpu().contiguous()
@@ -210,6 +214,11 @@ def load_bundle(path, *, device=None) -> ModelBundle:
             raise
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             raise BundleError(f"{where}: term {i} ({spec['kind']}): invalid parameters ({e})") from None
+        if "weight" in spec:
+            if not isinstance(spec["weight"], str) or not spec["weight"]:
+                raise BundleError(f"{where}: term {i} ({spec['kind']}): 'weight' must be the name of a closure "
+                                  f"weight (e.g. \"w_a\"), got {spec['weight']!r}")
+            term.closure_weight = spec["weight"]
         terms.append(term)
     provenance, extra = doc.get("provenance", {}), doc.get("extra", {})
     for key, val in (("provenance", provenance), ("extra", extra)):

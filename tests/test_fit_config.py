@@ -9,11 +9,11 @@ from training.config import DEFAULTS, list_presets, load_config, merge, to_toml
 def test_every_preset_loads_and_validates():
     names = list_presets()
     for required in ("default", "cellsort-a", "cellsort-b", "cellsort-a-cpu", "cellsort-b-cpu", "mnist",
-                     "mnist-cpu", "bipolar", "bipolar-cpu"):
+                     "mnist-cpu", "bipolar", "bipolar-cpu", "mnist-cpu-pooled", "bipolar-cpu-pooled"):
         assert required in names
     for n in names:
         cfg = load_config(n)
-        assert cfg["model"]["kind"] in ("analytic", "nh-closure", "local-nh-closure")
+        assert cfg["model"]["kind"] in ("analytic", "nh-closure", "local-nh-closure", "local-pooled-closure")
 
 
 def test_default_is_pl_analytic_and_paper_presets_follow_table7():

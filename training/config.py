@@ -13,9 +13,13 @@ top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), `
 ``[generate]`` : ``dataset`` (a ``training.gen_<name>`` module), ``options`` (free table of keyword
     arguments of its ``generate_<name>(...)`` function), ``cache`` (path of the generated npz; "" = inside the
     run folder).
-``[model]`` : ``kind`` (analytic | nh | nh-closure | local-nh | local-nh-closure | cnn | nh1-cnn), lattice
-    orders, ``temperature``, initial values of the analytic parameters (per-pair units), ``share_lambda``,
-    closure weights ``w_a``/``w_n``, ``neural`` (free table: architecture config passed to the neural term),
+``[model]`` : ``kind`` (analytic | nh | nh-closure | local-nh | local-nh-closure | pooled-nh | pooled-closure
+    | local-pooled-closure | cnn | nh1-cnn), lattice orders, ``temperature``, initial values of the analytic
+    parameters (per-pair units), ``share_lambda``, initial closure weights ``w_a``/``w_n`` (``w_n``: the
+    neural part of a two-part closure, pooled-closure included) and ``w_l``/``w_g`` (local and pooled NH of
+    local-pooled-closure), ``neural`` (free table: architecture config passed to the neural term — the local
+    NH of local-pooled-closure), ``pooled`` (free table: the pooled NH's config, e.g. ``position_dim``,
+    ``hidden``; for pooled-nh / pooled-closure ``neural`` is accepted too),
     ``prior`` (a bundle, Morpheus .xml or CC3D .cc3d model; analytic part), ``freeze_prior``,
     ``learn_target_volume`` (true: V* is learned with λ instead of fixed to the data's mean volume — the
     paper's choice, which biases λ and J when the mean volume differs from V*), ``external_field`` (true: add
@@ -49,6 +53,7 @@ import tomllib
 from neuralcpm_plugin.errors import ConfigError
 
 __all__ = [
+    "ANALYTIC_KINDS",
     "DEFAULTS",
     "MODEL_KINDS",
     "OBJECTIVES",
@@ -59,9 +64,12 @@ __all__ = [
     "validate",
 ]
 
-MODEL_KINDS = ("analytic", "nh", "nh-closure", "local-nh", "local-nh-closure", "cnn", "nh1-cnn")
+MODEL_KINDS = ("analytic", "nh", "nh-closure", "local-nh", "local-nh-closure", "pooled-nh", "pooled-closure",
+               "local-pooled-closure", "cnn", "nh1-cnn")
+#: model kinds with an analytic part (closures)
+ANALYTIC_KINDS = ("analytic", "nh-closure", "local-nh-closure", "pooled-closure", "local-pooled-closure")
 OBJECTIVES = ("pl", "pcd")
-FREE_TABLES = {("generate", "options"), ("model", "neural")}
+FREE_TABLES = {("generate", "options"), ("model", "neural"), ("model", "pooled")}
 
 DEFAULTS: dict = {
     "name": "default",
@@ -82,7 +90,10 @@ DEFAULTS: dict = {
         "target_volume": 0.0,        # 0 = the data's mean cell volume (paper App. B.2.1)
         "w_a": 0.25,
         "w_n": 1.0,
+        "w_l": 1.0,                  # local-pooled-closure: initial weight of the local NH
+        "w_g": 1.0,                  # local-pooled-closure: initial weight of the pooled NH
         "neural": {},
+        "pooled": {},
         "prior": "",
         "learn_target_volume": False,  # learn V* too (default: fixed to the data mean, as the paper)
         "external_field": False,     # add an external potential with a learned field (paper baseline)
@@ -176,9 +187,15 @@ def validate(cfg: dict, *, where: str = "") -> dict:
     m = cfg["model"]
     if m["kind"] not in MODEL_KINDS:
         raise ConfigError(f"{where}model.kind {m['kind']!r} is not one of {', '.join(MODEL_KINDS)}")
-    if m["external_field"] and m["kind"] not in ("analytic", "nh-closure", "local-nh-closure"):
+    if m["external_field"] and m["kind"] not in ANALYTIC_KINDS:
         raise ConfigError(f"{where}model.external_field needs an analytic part (analytic or a closure kind), "
                           f"not {m['kind']!r}")
+    if m["pooled"] and "pooled" not in m["kind"]:
+        raise ConfigError(f"{where}model.pooled configures the pooled NH of the kinds pooled-nh, pooled-closure and "
+                          f"local-pooled-closure; model.kind is {m['kind']!r}")
+    if m["pooled"] and m["neural"] and m["kind"] in ("pooled-nh", "pooled-closure"):
+        raise ConfigError(f"{where}model.kind {m['kind']!r} has one neural term, the pooled NH: configure it in "
+                          "model.pooled or model.neural, not both")
     if m["learn_target_volume"] and cfg["objective"]["name"] == "pl":
         raise ConfigError(f"{where}model.learn_target_volume is trained with objective pcd, not pl (the "
                           "pseudo-likelihood fit of analytic models is linear in λ with V* fixed)")

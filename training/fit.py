@@ -32,11 +32,12 @@ import torch
 from neuralcpm_plugin.cli import command
 from neuralcpm_plugin.errors import ConfigError, DataError, NeuralCPMError
 
-from .config import MODEL_KINDS, OBJECTIVES, list_presets, load_config, to_toml
+from .config import ANALYTIC_KINDS, MODEL_KINDS, OBJECTIVES, list_presets, load_config, to_toml
 
 __all__ = ["build_model", "build_parser", "fit", "load_training_data", "main"]
 
 _NEURAL_KIND = {"nh": "nh", "nh-closure": "nh", "local-nh": "local_nh", "local-nh-closure": "local_nh",
+                "pooled-nh": "pooled_nh", "pooled-closure": "pooled_nh", "local-pooled-closure": "local_nh",
                 "cnn": "cnn", "nh1-cnn": "nh1_cnn"}
 
 
@@ -281,7 +282,7 @@ def build_model(cfg: dict, states, *, seed: int = 0):
     v_star = float(m["target_volume"]) if m["target_volume"] > 0 else float(vols.mean())
     type_names = ["medium"] + [f"type{i}" for i in range(1, n_types + 1)]
     analytic_terms = []
-    needs_analytic = kind in ("analytic", "nh-closure", "local-nh-closure")
+    needs_analytic = kind in ANALYTIC_KINDS
     if m["prior"]:
         prior = _load_prior(m["prior"])
         pt = prior.n_types if getattr(prior, "type_names", None) else None
@@ -298,8 +299,8 @@ def build_model(cfg: dict, states, *, seed: int = 0):
         lattice = LatticeSpec(tuple(shape), prior.lattice.periodic, prior.lattice.copy_order,
                               prior.lattice.contact_order)
         if not needs_analytic:
-            raise ConfigError(f"--prior gives the analytic part; model kind {kind!r} has none (use analytic, "
-                              "nh-closure or local-nh-closure)")
+            raise ConfigError(f"--prior gives the analytic part; model kind {kind!r} has none (use "
+                              f"{', '.join(ANALYTIC_KINDS)})")
     elif needs_analytic:
         from neuralcpm_plugin.hamiltonian.analytic import ContactEnergy, VolumeConstraint
         J = np.full((n_types + 1, n_types + 1), float(m["init_J"]))
@@ -327,24 +328,51 @@ def build_model(cfg: dict, states, *, seed: int = 0):
     info = {"V*": v_star, "V*_source": v_note}
     if kind == "analytic":
         return Hamiltonian(analytic_terms, lattice, float(m["temperature"]), type_names), info
+    if "pooled" in kind:
+        pooled = _pooled_term(m, n_types, shape, seed)
+        if kind == "pooled-nh":
+            return Hamiltonian([pooled], lattice, float(m["temperature"]), type_names), info
     cls = term_class(_NEURAL_KIND[kind])
     ncfg = dict(m["neural"])
     preset = ncfg.pop("preset", None)
     ncfg.setdefault("n_types", n_types)
     if int(ncfg["n_types"]) != n_types:
         raise ConfigError(f"model.neural.n_types = {ncfg['n_types']}, but the training data has {n_types} cell types")
-    try:
-        neural = cls(ncfg, preset=preset, seed=seed) if preset is not None else cls(ncfg, seed=seed)
-    except TypeError:
-        neural = cls(ncfg)
+    if kind == "pooled-closure":
+        neural = pooled
+    else:
+        try:
+            neural = cls(ncfg, preset=preset, seed=seed) if preset is not None else cls(ncfg, seed=seed)
+        except TypeError:
+            neural = cls(ncfg)
     if not kind.endswith("closure"):
         return Hamiltonian([neural], lattice, float(m["temperature"]), type_names), info
     from neuralcpm_plugin.hamiltonian.closure import closure_hamiltonian
     # with a prior the analytic part starts at the prior's values: w_a = 1 (w_a stays learnable)
     w_a = 1.0 if m["prior"] else float(m["w_a"])
-    ham = closure_hamiltonian(analytic_terms, [neural], lattice, float(m["temperature"]), type_names,
-                              w_a=w_a, w_n=float(m["w_n"]))
+    if kind == "local-pooled-closure":
+        groups, weights = {"w_l": [neural], "w_g": [pooled]}, {"w_l": float(m["w_l"]), "w_g": float(m["w_g"])}
+    else:
+        groups, weights = [neural], None
+    ham = closure_hamiltonian(analytic_terms, groups, lattice, float(m["temperature"]), type_names,
+                              w_a=w_a, w_n=float(m["w_n"]), weights=weights)
     return ham, info
+
+
+def _pooled_term(m: dict, n_types: int, shape, seed: int):
+    """The pooled NH of a pooled model kind: config from model.pooled (or model.neural for pooled-nh /
+    pooled-closure); the lattice shape of its position embedding from the data."""
+    from neuralcpm_plugin.hamiltonian.pooled_nh import PooledNeuralHamiltonian
+    where = "model.pooled" if m["pooled"] or m["kind"] == "local-pooled-closure" else "model.neural"
+    pcfg = dict(m["pooled"] if where == "model.pooled" else m["neural"])
+    pcfg.setdefault("n_types", n_types)
+    if int(pcfg["n_types"]) != n_types:
+        raise ConfigError(f"{where}.n_types = {pcfg['n_types']}, but the training data has {n_types} cell types")
+    pcfg.setdefault("lattice_shape", [int(x) for x in shape])
+    try:
+        return PooledNeuralHamiltonian(pcfg, seed=seed + 1)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _check_compatible(ham, states):
@@ -416,15 +444,17 @@ def param_columns(ham) -> dict:
     else:
         n = ham.term("contact").n_types
         out = dict(zip(param_names(n), (float(v) for v in param_vector(ham))))
-    for t in ham.terms:
-        if not t.analytic and isinstance(t.scale, torch.nn.Parameter):
-            out["w_n"] = float(t.scale.detach())
-            break
-    for t in ham.terms:
-        if t.analytic and isinstance(t.scale, torch.nn.Parameter):
-            out["w_a"] = float(t.scale.detach())
-            break
+    from neuralcpm_plugin.hamiltonian.closure import closure_groups
+    groups = closure_groups(ham)
+    for name in sorted(groups, key=lambda g: g == "w_a"):  # neural weights first (w_n | w_l, w_g), then w_a
+        if isinstance(groups[name][0].scale, torch.nn.Parameter):
+            out[name] = float(groups[name][0].scale.detach())
     return out
+
+
+def _closure_weights(ham) -> dict:
+    from neuralcpm_plugin.hamiltonian.closure import closure_weights
+    return closure_weights(ham)
 
 
 def _report_params(ham, truth, log) -> dict | None:
@@ -654,6 +684,10 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
             from neuralcpm_plugin.bundle import load_bundle
             final = load_bundle(bundle_dir).hamiltonian
         rep = _report_params(final, truth, _say)
+        cw = {k: v for k, v in _closure_weights(final).items() if v is not None}
+        if len(cw) > 1:
+            summary["closure_weights"] = cw
+            _say("closure weights: " + ", ".join(f"{k} = {v:.4g}" for k, v in cw.items()))
         if rep is not None:
             summary["rmse"] = rep
         _say(f"bundle: {bundle_dir}  (load with neuralcpm_plugin.load_bundle('{bundle_dir}'))")
