@@ -29,7 +29,9 @@ top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), `
 ``[pl]`` : the proposal-aware pseudo-likelihood (SPEC.md); convex L-BFGS for analytic models
     (``max_iter``, ``tolerance``), stochastic Adam for neural ones (``steps``, ``lr``, ``sites_per_state``,
     ``states_per_step``); ``proposal`` = the copy proposals of the dynamics that made the data ("classic":
-    CC3D/Morpheus; "boundary": the paper's generators).
+    CC3D/Morpheus; "boundary": the paper's generators); ``max_sites`` = at most this many boundary sites in the
+    convex fit (default 1,000,000; beyond it an equal random share per state is used, so that tissue-scale
+    data — 16 snapshots of 1,000×1,000 have ~6 M boundary sites — fit in a few GB; 0 = all sites).
 ``[pcd]`` : persistent contrastive divergence (paper §3.2, App. Table 7): ``batch``, ``iterations``, ``mcs``,
     ``flips``, ``reset_prob``, ``alpha``, ``ema``, ``lr``, ``checkpoint_every``, ``plot_every`` (0 = no plots), divergence
     guard ``energy_limit`` / ``lr_decay`` / ``max_rollbacks``, ``sampler`` ("parallel" = the paper's parallel
@@ -101,7 +103,7 @@ DEFAULTS: dict = {
     },
     "objective": {"name": "pl"},
     "pl": {"max_iter": 200, "tolerance": 1e-10, "steps": 200, "lr": 1e-2, "sites_per_state": 256,
-           "states_per_step": 4, "proposal": "classic"},
+           "states_per_step": 4, "proposal": "classic", "max_sites": 1_000_000},
     "pcd": {
         "batch": 16,
         "iterations": 10000,
@@ -228,6 +230,7 @@ def validate(cfg: dict, *, where: str = "") -> dict:
               (m["copy_order"] >= 1 and m["contact_order"] >= 1, "neighbourhood orders must be >= 1"),
               (cfg["pl"]["max_iter"] >= 1, "pl.max_iter must be >= 1"),
               (cfg["pl"]["sites_per_state"] >= 1, "pl.sites_per_state must be >= 1"),
+              (cfg["pl"]["max_sites"] >= 0, "pl.max_sites must be >= 0 (0 = all boundary sites)"),
               (cfg["pl"]["proposal"] in ("classic", "boundary"), "pl.proposal must be 'classic' or 'boundary'")]
     for ok, msg in checks:
         if not ok:

@@ -648,7 +648,8 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
         res = fit_pl(ham, states, share_lambda=cfg["model"]["share_lambda"], max_iter=pl["max_iter"],
                      tolerance=pl["tolerance"], steps=pl["steps"], lr=pl["lr"], sites_per_state=pl["sites_per_state"],
                      states_per_step=pl["states_per_step"], seed=seed, device=device, log=_say,
-                     progress=progress, proposal=pl["proposal"])
+                     progress=progress, proposal=pl["proposal"],
+                     max_sites=pl["max_sites"] or None)
         provenance["pl"] = {"nll": res.nll, "iterations": res.iterations, "method": res.method,
                             "sites": res.n_sites, "seconds": round(res.seconds, 3)}
         summary["fit_seconds"] = res.seconds

@@ -269,7 +269,7 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
            max_iter: int = 200, tolerance: float = 1e-10, stochastic: bool | None = None, steps: int = 200,
            lr: float = 1e-2, sites_per_state: int = 256, states_per_step: int = 4, seed: int = 0,
            device=None, log=None, progress: bool = False, param_map: ParamMap | None = None,
-           proposal: str = "classic") -> PLResult:
+           proposal: str = "classic", max_sites: int | None = None) -> PLResult:
     """Fit ``hamiltonian`` (in place) to ``states`` by the proposal-aware pseudo-likelihood.
 
     Parameters
@@ -285,6 +285,10 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
     stochastic : bool, optional
         Force the stochastic (Adam, sampled sites) or the convex (Newton, all sites) solver; by default the
         convex one is used when ΔH is linear in the free parameters (analytic terms), else the stochastic one.
+    max_sites : int, optional
+        Convex fit only: use at most this many boundary sites — ``max_sites // len(states)`` per state, drawn
+        uniformly without replacement (``seed``) from each state's boundary sites — to bound memory (the dense
+        layout takes ~200 bytes per site and free parameter). ``None``: every boundary site.
     """
     t0 = time.perf_counter()
     states = list(states)
@@ -299,8 +303,14 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
     if stochastic is None:
         stochastic = not getattr(hamiltonian, "is_analytic", False)
     if not stochastic:
+        per_state = None
+        if max_sites is not None:
+            if int(max_sites) < len(states):
+                raise ConfigError(f"max_sites = {max_sites} is fewer than one site per state ({len(states)} states)")
+            per_state = int(max_sites) // len(states)
         cands = build_candidates(states, copy_order=lat.copy_order, periodic=lat.periodic, device=device,
-                                 n_ids=n_ids, proposal=proposal)
+                                 n_ids=n_ids, proposal=proposal, max_sites_per_state=per_state,
+                                 rng=np.random.default_rng(seed))
         tab = _linear_tabulate(hamiltonian, pmap, cands)
         if tab is None:
             stochastic = True
