@@ -157,6 +157,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from neuralcpm_plugin.cli import claim_output
+    out = claim_output(Path(args.out) if args.out else Path("runs/data") / f"tissue-{args.scenario}.npz",
+                       overwrite=args.overwrite)
+    tpath = claim_output(out.with_name(out.stem + ".truth.json"), option="--out (its .truth.json)",
+                         overwrite=args.overwrite)
     report: dict = {}
     states, ham = generate_tissue(args.scenario, args.snapshots, args.seed, size=args.size, cells=args.cells,
                                   target=args.target, mcs=args.mcs, threads=args.threads,
@@ -169,13 +174,11 @@ def run(args) -> int:
     r = report["mcs_per_s"]
     print(f"sampler speed: median {np.median(r):.2f} MCS/s wall clock per run ({report['sampler']}, "
           f"{args.threads} thread(s))")
-    out = Path(args.out) if args.out else Path("runs/data") / f"tissue-{args.scenario}.npz"
     path = save_cellsort(out, states, ham, scenario=args.scenario, scale="tissue", report=report)
     p = SCENARIOS[args.scenario]
     truth = {"J": {k: v / 4.0 for k, v in p["J"].items()}, "lambda": p["lambda"], "scaling": "per_pair",
              "target": args.target}
-    tpath = path.with_name(path.stem + ".truth.json")
     tpath.write_text(json.dumps(truth, indent=1))
     print(f"wrote {path} ({len(states)} snapshots, {report['seconds']:.1f} s) and {tpath}")
-    print(f"fit: python -m training.fit --data {path} --frames final --truth {tpath} --no-export")
+    print(f"fit: python -m training.fit --data {path} --frames all --truth {tpath} --no-export")
     return 0
