@@ -196,7 +196,7 @@ def _select_attempts(sites, new, max_attempts, holdout, rng):
 
 def neural_potential_fields(terms, state: CellState, n_types: int, *, order: int = 2, periodic: bool = True,
                             max_attempts: int | None = None, holdout: int | None = None, seed: int = 0,
-                            device=None):
+                            device=None, parts: dict | None = None):
     """Per-type potential fields ``phi[τ, y, x]`` (φ_0 ≡ 0) reproducing the terms' ΔH at ``state``.
 
     Construction: for every boundary site x and every cell c among x's copy-neighbours, D(x, c) = the terms'
@@ -210,24 +210,59 @@ def neural_potential_fields(terms, state: CellState, n_types: int, *, order: int
     is used); the error is then measured on a held-out random sample of ``holdout`` attempts at other sites
     (default ``max(50, min(200, max_attempts // 4))``).
 
+    ``terms`` are objects with ``delta(batch, sites, new_ids)`` (terms, or wrappers such as the pooled NH's
+    first-order form, see :mod:`morpheus_xml.run`).  ``parts`` (optional, ``{name: [some of terms]}``): the
+    fields of those subsets too — the construction is linear in D, so the fields of the whole are the sum of
+    the fields of its parts — reported in ``stats["parts"][name]`` (``phi`` and the error keys below).
+
     Returns ``(phi, stats)``; stats: ``rel_rmse`` (RMSE of field ΔH − exact ΔH over the error sample, divided
     by the std of the exact ΔH), ``max_abs``, ``n_attempts`` (size of the error sample), ``n_evaluated``,
     ``n_boundary_attempts``, ``error_sample`` ("all boundary attempts" or "held-out").
     """
-    from scipy import ndimage
-
     H, W = state.shape
     sites_all, new_all = boundary_attempts(state, order, periodic)
-    phi = np.zeros((n_types + 1, H, W))
+    parts = dict(parts or {})
     if len(sites_all) == 0:
-        return phi, {"rel_rmse": 0.0, "max_abs": 0.0, "n_attempts": 0, "std": 0.0, "rmse": 0.0,
-                     "n_evaluated": 0, "n_boundary_attempts": 0, "error_sample": "none"}
+        phi = np.zeros((n_types + 1, H, W))
+        zero = {"rel_rmse": 0.0, "max_abs": 0.0, "n_attempts": 0, "std": 0.0, "rmse": 0.0}
+        return phi, {**zero, "n_evaluated": 0, "n_boundary_attempts": 0, "error_sample": "none",
+                     "parts": {k: {**zero, "phi": phi.copy()} for k in parts}}
     rng = np.random.default_rng(seed)
     if holdout is None:
         holdout = max(50, min(200, (max_attempts or 0) // 4))
     fit, held = _select_attempts(sites_all, new_all, max_attempts, holdout, rng)
     sites, new = sites_all[fit], new_all[fit]
-    D = neural_delta(terms, state, sites, new, periodic=periodic, device=device)
+    in_part = {id(t) for ts in parts.values() for t in ts}
+    groups = {**{k: list(v) for k, v in parts.items()}, None: [t for t in terms if id(t) not in in_part]}
+
+    def deltas(s, n):
+        return {k: neural_delta(ts, state, s, n, periodic=periodic, device=device) if ts else np.zeros(len(s))
+                for k, ts in groups.items()}
+
+    Ds = deltas(sites, new)
+    D = sum(Ds.values())
+    phi = _fields_from_delta(D, sites, new, state, n_types)
+    if held is None:
+        e_sites, e_new, e_Ds, kind = sites, new, Ds, "all boundary attempts"
+    else:
+        e_sites, e_new = sites_all[held], new_all[held]
+        e_Ds = deltas(e_sites, e_new)
+        kind = "held-out"
+    stats = _field_error(phi, state, e_sites, e_new, sum(e_Ds.values()))
+    stats.update({"n_evaluated": len(sites), "n_boundary_attempts": len(sites_all), "error_sample": kind,
+                  "parts": {}})
+    for k in parts:
+        phk = _fields_from_delta(Ds[k], sites, new, state, n_types)
+        stats["parts"][k] = {**_field_error(phk, state, e_sites, e_new, e_Ds[k]), "phi": phk}
+    return phi, stats
+
+
+def _fields_from_delta(D, sites, new, state: CellState, n_types: int):
+    """The fields of :func:`neural_potential_fields` from the ΔH values D of the attempts (sites, new)."""
+    from scipy import ndimage
+
+    H, W = state.shape
+    phi = np.zeros((n_types + 1, H, W))
     types = state.types
     flat_ids = state.ids.ravel()
     t_old = types[flat_ids[sites]]
@@ -262,21 +297,21 @@ def neural_potential_fields(terms, state: CellState, n_types: int, *, order: int
             continue
         _, (iy, ix) = ndimage.distance_transform_edt(~k, return_indices=True)
         phi[t] = np.where(k, f, f[iy, ix])
-    if held is None:
-        e_sites, e_new, e_D, kind = sites, new, D, "all boundary attempts"
-    else:
-        e_sites, e_new = sites_all[held], new_all[held]
-        e_D = neural_delta(terms, state, e_sites, e_new, periodic=periodic, device=device)
-        kind = "held-out"
-    e_old_t = types[flat_ids[e_sites]]
+    return phi
+
+
+def _field_error(phi, state: CellState, e_sites, e_new, e_D) -> dict:
+    """RMSE of the fields' ΔH against ``e_D`` over the attempts (e_sites, e_new), relative to std(e_D)."""
+    W = state.shape[1]
+    types = state.types
+    e_old_t = types[state.ids.ravel()[e_sites]]
     approx = phi[types[e_new], e_sites // W, e_sites % W] - phi[e_old_t, e_sites // W, e_sites % W]
     err = approx - e_D
-    std = float(e_D.std())
+    std = float(e_D.std()) if len(e_D) else 0.0
     rmse = float(np.sqrt(np.mean(err ** 2))) if len(err) else 0.0
-    return phi, {"rel_rmse": rmse / std if std > 0 else (0.0 if rmse == 0 else float("inf")),
-                 "max_abs": float(np.abs(err).max()) if len(err) else 0.0, "n_attempts": len(e_sites),
-                 "std": std, "rmse": rmse, "n_evaluated": len(sites), "n_boundary_attempts": len(sites_all),
-                 "error_sample": kind}
+    return {"rel_rmse": rmse / std if std > 0 else (0.0 if rmse == 0 else float("inf")),
+            "max_abs": float(np.abs(err).max()) if len(err) else 0.0, "n_attempts": len(e_sites),
+            "std": std, "rmse": rmse}
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -18,6 +18,15 @@ recomputed from the network every K MCS:
    and continue from the checkpoint;
 4. after N MCS, write the trajectory (the state at every chunk boundary, MCS 0, K, 2K, ..., N) as one
    ``.npz`` (key ``data`` (frames, 2, H, W), ``mcs``, and per-chunk ``stale_rel_rmse`` / ``fresh_rel_rmse``).
+
+A pooled NH (``pooled_nh``, H = scale·F(Z)) enters the fields like any neural term, from its exact ΔH at the
+refresh's state: its expansion around the Z of that state, ΔH = scale·(F(Z_r + ΔZ) − F(Z_r)) (to first order
+scale·∇F(Z_r)·ΔZ); between refreshes the fields therefore see the pooled term with its global context frozen
+at Z_r.  Its errors are also reported on their own: ``pooled_fresh_rel_rmse`` / ``pooled_stale_rel_rmse``
+(the pooled part's fields against its exact ΔH, the measure above) and ``pooled_expansion_rel_rmse`` — at
+the end of each chunk, the relative RMSE of scale·(F(Z_r + ΔZ) − F(Z_r)) against the exact ΔH (ΔZ exact at
+the new state): the error of freezing the global context for K MCS, separate from the fields' per-type,
+per-site approximation of ΔZ itself (which goes stale as cells move, as for every neural term).
 """
 
 from __future__ import annotations
@@ -50,6 +59,9 @@ class HookResult:
     mcs: list
     stale_rel_rmse: list = field(default_factory=list)
     fresh_rel_rmse: list = field(default_factory=list)
+    pooled_fresh_rel_rmse: list = field(default_factory=list)
+    pooled_stale_rel_rmse: list = field(default_factory=list)
+    pooled_expansion_rel_rmse: list = field(default_factory=list)
     workdir: Path | None = None
     out: Path | None = None
 
@@ -135,16 +147,54 @@ def continue_from_checkpoint(checkpoint: Path, out: Path, *, stop_time: float, s
     return out
 
 
-def _stale_error(phi, terms, state, order, periodic, sample=None, seed=0, device=None):
-    """Relative RMSE of the fields' ΔH against the terms' exact ΔH over the boundary attempts of ``state``
-    (a random sample of ``sample`` attempts when given)."""
-    from .export import boundary_attempts, neural_delta
+def _attempt_sample(state, order, periodic, sample, seed):
+    from .export import boundary_attempts
     sites, new = boundary_attempts(state, order, periodic)
-    if len(sites) == 0:
-        return 0.0
     if sample is not None and len(sites) > sample:
         pick = np.random.default_rng(seed).choice(len(sites), size=sample, replace=False)
         sites, new = sites[pick], new[pick]
+    return sites, new
+
+
+class _FrozenZ:
+    """A pooled NH with its global context frozen at Z0 (one lattice): ``delta`` = scale·(F(Z0 + ΔZ) − F(Z0))."""
+
+    def __init__(self, term, Z0):
+        self.term, self.Z0 = term, Z0
+
+    def delta(self, batch, sites, new_ids):
+        return self.term.delta(batch, sites, new_ids, Z0=self.Z0)
+
+
+def _current_Z(term, state, periodic, device):
+    import torch
+
+    from neuralcpm_plugin.hamiltonian.base import Batch
+    with torch.no_grad():
+        return term.Z(Batch.from_states([state], periodic=periodic, device=device))
+
+
+def _expansion_error(frozen, state, order, periodic, sample=None, seed=0, device=None):
+    """Relative RMSE of the pooled terms' ΔH with Z frozen (``frozen``: :class:`_FrozenZ`) against their exact ΔH
+    over the boundary attempts of ``state``."""
+    from .export import neural_delta
+    sites, new = _attempt_sample(state, order, periodic, sample, seed)
+    if len(sites) == 0:
+        return 0.0
+    exact = neural_delta([f.term for f in frozen], state, sites, new, periodic=periodic, device=device)
+    approx = neural_delta(frozen, state, sites, new, periodic=periodic, device=device)
+    std = exact.std()
+    rmse = float(np.sqrt(np.mean((approx - exact) ** 2)))
+    return rmse / std if std > 0 else (0.0 if rmse == 0 else float("inf"))
+
+
+def _stale_error(phi, terms, state, order, periodic, sample=None, seed=0, device=None):
+    """Relative RMSE of the fields' ΔH against the terms' exact ΔH over the boundary attempts of ``state``
+    (a random sample of ``sample`` attempts when given)."""
+    from .export import neural_delta
+    sites, new = _attempt_sample(state, order, periodic, sample, seed)
+    if len(sites) == 0:
+        return 0.0
     D = neural_delta(terms, state, sites, new, periodic=periodic, device=device)
     W = state.shape[1]
     t_old = state.types[state.ids.ravel()[sites]]
@@ -179,6 +229,8 @@ def run_hook(bundle, morpheus, *, mcs: int, refresh: int, init=None, frame: int 
     if device is not None:
         for term in neural:
             term.to(device)
+    pooled = [t for t in neural if t.kind == "pooled_nh"]
+    frozen, phi_pooled = [], None
     sample = 200 if field_attempts else None
     res = HookResult([state], [0], workdir=workdir)
     t = 0
@@ -198,9 +250,16 @@ def run_hook(bundle, morpheus, *, mcs: int, refresh: int, init=None, frame: int 
             if phi is not None:
                 res.stale_rel_rmse.append(_stale_error(phi, neural, state, lat.copy_order, lat.periodic, sample,
                                                        seed + k, device))
-            phi, stats = neural_potential_fields(neural, state, n_types, order=lat.copy_order, periodic=lat.periodic,
-                                                 max_attempts=field_attempts, seed=seed + k, device=device)
+                if pooled:
+                    _pooled_stale(res, phi_pooled, pooled, frozen, state, lat, sample, seed + k, device)
+            frozen = [_FrozenZ(t, _current_Z(t, state, lat.periodic, device)) for t in pooled]
+            phi, stats = neural_potential_fields(neural, state, n_types, order=lat.copy_order,
+                                                 periodic=lat.periodic, max_attempts=field_attempts, seed=seed + k,
+                                                 device=device, parts={"pooled": pooled} if pooled else None)
             res.fresh_rel_rmse.append(stats["rel_rmse"])
+            if pooled:
+                phi_pooled = stats["parts"]["pooled"]["phi"]
+                res.pooled_fresh_rel_rmse.append(stats["parts"]["pooled"]["rel_rmse"])
         if checkpoint is None:
             root = build_xml(ham, state, mcs=step, seed=seed, record_every=step, save_interval=step,
                              neural_fields=phi, title="neuralcpm_chunk")
@@ -226,10 +285,15 @@ def run_hook(bundle, morpheus, *, mcs: int, refresh: int, init=None, frame: int 
         msg = f"chunk {k}: MCS {t}/{mcs}, {len(state.cell_ids())} cells"
         if neural and res.stale_rel_rmse:
             msg += f", stale-field error of the previous chunk {res.stale_rel_rmse[-1]:.4g}"
+        if res.pooled_stale_rel_rmse:
+            msg += (f" (pooled NH part: fields {res.pooled_stale_rel_rmse[-1]:.4g}, frozen-Z "
+                    f"{res.pooled_expansion_rel_rmse[-1]:.4g})")
         log(msg)
     if neural:
         res.stale_rel_rmse.append(_stale_error(phi, neural, state, lat.copy_order, lat.periodic, sample, seed + k,
                                                device))
+        if pooled:
+            _pooled_stale(res, phi_pooled, pooled, frozen, state, lat, sample, seed + k, device)
     if out is not None:
         from neuralcpm_plugin.io import save_npz
         n = max(s.n_ids for s in res.states)
@@ -242,8 +306,19 @@ def run_hook(bundle, morpheus, *, mcs: int, refresh: int, init=None, frame: int 
         if neural:
             extra["stale_rel_rmse"] = np.asarray(res.stale_rel_rmse)
             extra["fresh_rel_rmse"] = np.asarray(res.fresh_rel_rmse)
+        if pooled:
+            for key in ("pooled_fresh_rel_rmse", "pooled_stale_rel_rmse", "pooled_expansion_rel_rmse"):
+                extra[key] = np.asarray(getattr(res, key))
         res.out = save_npz(out, states, **extra)
     return res
+
+
+def _pooled_stale(res, phi_pooled, pooled, frozen, state, lat, sample, seed, device):
+    """Append the pooled part's stale-field error and frozen-Z expansion error at ``state`` (end of a chunk)."""
+    res.pooled_stale_rel_rmse.append(_stale_error(phi_pooled, pooled, state, lat.copy_order, lat.periodic, sample,
+                                                  seed, device))
+    res.pooled_expansion_rel_rmse.append(_expansion_error(frozen, state, lat.copy_order, lat.periodic, sample, seed,
+                                                          device))
 
 
 @command
@@ -279,6 +354,11 @@ def main(argv=None) -> int:
     if res.stale_rel_rmse:
         print("neural potential fields, relative RMSE of ΔH (fresh at each refresh → stale at the next): "
               + ", ".join(f"{a:.3g}→{b:.3g}" for a, b in zip(res.fresh_rel_rmse, res.stale_rel_rmse)))
+    if res.pooled_stale_rel_rmse:
+        print("  pooled NH part alone, fields (fresh → stale): "
+              + ", ".join(f"{a:.3g}→{b:.3g}" for a, b in zip(res.pooled_fresh_rel_rmse, res.pooled_stale_rel_rmse)))
+        print(f"  pooled NH expansion around the refresh's Z (global context frozen for {a.refresh} MCS), relative "
+              "RMSE of ΔH at the next refresh: " + ", ".join(f"{x:.3g}" for x in res.pooled_expansion_rel_rmse))
     return 0
 
 

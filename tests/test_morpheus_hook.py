@@ -216,3 +216,82 @@ def test_real_morpheus_bipolar_model_matches_exact_sampler(tmp_path):
           f"exact sampler {ours.mean(0).round(3)}, combined SE {se.round(3)}")
     assert np.all(diff <= 4 * se + 1e-9), (diff, se)
     assert real[:, 1].mean() > 0.6 and real[:, 0].mean() < 0.4     # it is bipolar in Morpheus itself
+
+
+# ------------------------------------------------------------------------------------------------------
+# the pooled NH through the hook
+# ------------------------------------------------------------------------------------------------------
+def _pooled_closure(shape, seed=0, gain=3.0):
+    import torch
+
+    from neuralcpm_plugin.hamiltonian.closure import closure_hamiltonian
+    from neuralcpm_plugin.hamiltonian.local_nh import LocalNeuralHamiltonian
+    from neuralcpm_plugin.hamiltonian.pooled_nh import PooledNeuralHamiltonian
+    base = _p1_like(shape)
+    loc = LocalNeuralHamiltonian({"n_types": 2, "stride": 3, "channels": 4}, seed=seed)
+    pool = PooledNeuralHamiltonian({"n_types": 2, "stride": 3, "channels": 4, "hidden": 8, "position_dim": 2,
+                                    "lattice_shape": list(shape)}, seed=seed)
+    with torch.no_grad():
+        for t in (loc, pool):
+            for p in t.parameters():
+                if p.dim() > 1:
+                    p.mul_(gain)
+    return closure_hamiltonian(list(base.terms), {"w_l": [loc], "w_g": [pool]}, base.lattice, 1.0,
+                               base.type_names, w_a=1.0)
+
+
+def test_fields_of_the_parts_add_up_to_the_fields_of_the_whole():
+    from morpheus_xml.export import neural_potential_fields
+    ham = _pooled_closure((24, 24))
+    state = voronoi_state((24, 24), 8, 2, np.random.default_rng(4), medium_frac=0.4)
+    neural = ham.neural_terms()
+    pooled = [t for t in neural if t.kind == "pooled_nh"]
+    phi, st = neural_potential_fields(neural, state, 2, parts={"pooled": pooled}, max_attempts=300, seed=2)
+    phi_rest, _ = neural_potential_fields([t for t in neural if t not in pooled], state, 2, max_attempts=300, seed=2)
+    p = st["parts"]["pooled"]
+    assert np.allclose(phi, phi_rest + p["phi"], atol=1e-12)
+    assert np.abs(p["phi"]).max() > 1e-3 and np.isfinite(p["rel_rmse"]) and p["n_attempts"] == st["n_attempts"]
+
+
+def test_hook_with_a_pooled_term_reports_its_field_and_expansion_errors(tmp_path, capsys):
+    shape = (24, 24)
+    ham = _pooled_closure(shape)
+    b = save_bundle(tmp_path / "b", ham)
+    init = tmp_path / "init.npz"
+    from neuralcpm_plugin.io import save_npz
+    save_npz(init, [voronoi_state(shape, 8, 2, np.random.default_rng(5), medium_frac=0.4)])
+    out = tmp_path / "t.npz"
+    rc = main([str(b), "--morpheus", str(_fake(tmp_path)), "--mcs", "4", "--refresh", "2", "--init", str(init),
+               "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "pooled NH part alone, fields (fresh → stale): " in text
+    assert "pooled NH expansion around the refresh's Z (global context frozen for 2 MCS)" in text
+    z = np.load(out)
+    for key in ("pooled_fresh_rel_rmse", "pooled_stale_rel_rmse", "pooled_expansion_rel_rmse"):
+        assert z[key].shape == (2,) and np.isfinite(z[key]).all()
+    # (the stand-in's random copies scramble the lattice: no bound on the errors here; the opt-in real-Morpheus
+    # test and benchmarks/bench_pooled_fields.py measure them under real dynamics)
+    assert z["pooled_fresh_rel_rmse"][0] < z["pooled_stale_rel_rmse"][0]
+
+
+@pytest.mark.integration
+@needs_morpheus
+def test_real_morpheus_hook_with_a_pooled_term(tmp_path, capsys):
+    """A local + pooled closure in real Morpheus, refresh 10 MCS: the pooled part's error from freezing its
+    global context Z between refreshes stays ≤ 0.05; its field errors (per-type fields, stale as cells move,
+    like every neural term's) are printed."""
+    shape = (24, 24)
+    ham = _pooled_closure(shape)
+    from neuralcpm_plugin.io import save_npz
+    init = tmp_path / "init.npz"
+    save_npz(init, [voronoi_state(shape, 8, 2, np.random.default_rng(5), medium_frac=0.4)])
+    b = save_bundle(tmp_path / "b", ham)
+    rc = main([str(b), "--morpheus", MORPHEUS, "--mcs", "30", "--refresh", "10", "--init", str(init),
+               "--out", str(tmp_path / "t.npz")])
+    out = capsys.readouterr().out
+    print(out)
+    assert rc == 0
+    z = np.load(tmp_path / "t.npz")
+    assert z["pooled_expansion_rel_rmse"].shape == (3,)
+    assert (z["pooled_expansion_rel_rmse"] <= 0.05).all(), out

@@ -246,3 +246,23 @@ def test_delta_np_in_a_hamiltonian_and_many_chains():
         for p in range(5):
             dn = ham.delta_np(s, divmod(int(sites[b, p]), 24), int(new[b, p]), {})
             assert dn == pytest.approx(d[b, p], abs=1e-10)
+
+
+def test_delta_with_a_frozen_Z_is_the_expansion_around_it():
+    """delta(Z0=...) = scale·(F(Z0 + ΔZ) − F(Z0)) with ΔZ exact at the current state; Z0 = own Z: plain ΔH."""
+    t = make_term((24, 24), 2, seed=5)
+    rng = np.random.default_rng(7)
+    s0, s1 = rand_state((24, 24), 6, rng), rand_state((24, 24), 6, rng)
+    sites, new = proposals(s1, 6, rng)
+    b1 = Batch.from_states([s1])
+    S, N = torch.as_tensor(sites)[None], torch.as_tensor(new)[None]
+    ev = t.numpy_evaluator()
+    with torch.no_grad():
+        Z0 = t.Z(Batch.from_states([s0]))
+        assert torch.allclose(t.delta(b1, S, N, Z0=t.Z(b1)), t.delta(b1, S, N), atol=1e-13)
+        d = t.delta(b1, S, N, Z0=Z0)[0].numpy()
+    z0 = Z0[0].numpy()
+    for p, (site, nid) in enumerate(zip(sites, new)):
+        dZ = ev.delta_Z(s1.ids, s1.types, divmod(int(site), 24), int(nid))
+        assert d[p] == pytest.approx(float(ev.F(z0 + dZ) - ev.F(z0)), abs=1e-10)
+    assert np.abs(d - t.delta(b1, S, N)[0].detach().numpy()).max() > 1e-6  # the frozen context matters

@@ -403,28 +403,48 @@ if torch is not None:
             return self.F(self.Z(batch)).to(torch.float64) * self.scale
 
         def delta(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, *, chunk: int = 4096,
-                  method: str = "auto"):
+                  method: str = "auto", Z0: torch.Tensor | None = None):
             """ΔH [B, P] float64 (scale included) = scale·(F(Z + ΔZ) − F(Z)), exact, batched.
 
             Δq of each proposal from the local NH's crop or lattice machinery (``method`` as
             :meth:`LocalNeuralHamiltonian.delta`), one MLP evaluation per proposal.  Differentiable.
+            ``Z0`` [B, C(1+D)] (optional): use this Z instead of the lattices' own — the term with its global
+            context frozen at an earlier state (scale·(F(Z0 + ΔZ) − F(Z0)), ΔZ exact at the current state).
             """
+            B, P = sites.shape
+            out = torch.zeros((B, P), dtype=torch.float64, device=batch.device)
+            bidx, pidx, dZ, Z = self.delta_Z(batch, sites, new_ids, chunk=chunk, method=method)
+            if not bidx.numel():
+                return out
+            if Z0 is not None:
+                Z = Z0.to(dZ.dtype)
+            Zb = Z[bidx]
+            dh = self.F(Zb + dZ) - self.F(Zb)
+            return out.index_put((bidx, pidx), dh.to(torch.float64)) * self.scale
+
+        def delta_Z(self, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor, *, chunk: int = 4096,
+                    method: str = "auto"):
+            """ΔZ of the proposals that can change the energy: ``(bidx, pidx, dZ [n, C(1+D)], Z [B, C(1+D)])``
+            (network dtype; Z = the lattices' current Z).  Lattices whose patch grid is smaller than a crop
+            are recomputed in full."""
             self._check_shape(batch.shape)
             f = self.features
             f._check_types(batch.types)
-            B, P = sites.shape
-            out = torch.zeros((B, P), dtype=torch.float64, device=batch.device)
             res = f.proposal_dq(batch, sites, new_ids, chunk=chunk, method=method)
-            if res is None:  # small lattice: crops would wrap onto themselves
-                return self.delta_full(batch, sites, new_ids, mask=f._todo(batch, sites, new_ids))
-            bidx, pidx, dq, og, q = res
-            if not bidx.numel():
-                return out
-            Z = self._z(q) if q is not None else self.Z(batch)
-            Zb = Z[bidx]
-            dh = self.F(Zb + self._z(dq, og)) - self.F(Zb)
-            out = out.index_put((bidx, pidx), dh.to(torch.float64))
-            return out * self.scale
+            if res is not None:
+                bidx, pidx, dq, og, q = res
+                Z = self._z(q) if q is not None else self.Z(batch)
+                return bidx, pidx, self._z(dq, og), Z
+            bidx, pidx = torch.nonzero(f._todo(batch, sites, new_ids), as_tuple=True)
+            Z = self.Z(batch)
+            parts = []
+            for lo in range(0, bidx.numel(), 64):
+                b, p = bidx[lo:lo + 64], pidx[lo:lo + 64]
+                ids = batch.ids[b].clone()
+                ids.view(len(b), -1).scatter_(1, sites[b, p][:, None], new_ids[b, p][:, None].to(ids.dtype))
+                parts.append(self.Z(Batch(ids, batch.types[b], batch.volumes[b], batch.periodic)) - Z[b])
+            dZ = torch.cat(parts) if parts else Z.new_zeros((0, Z.shape[1]))
+            return bidx, pidx, dZ, Z
 
         def numpy_evaluator(self) -> PooledNHNumpy:
             """A :class:`PooledNHNumpy` with the current weights (rebuilt when the parameters change)."""
