@@ -18,7 +18,13 @@ Morpheus's C++ does (sources: ``core/interaction_energy.cpp``, ``core/cpm_shape.
   ``V`` the cell's volume *before* the copy, ``c`` the cell centre (mean node position), ``d̂`` the unit
   direction (0 if the direction is 0), evaluated at the centre before the copy.
 
-Coordinates: MorpheusML nodes are ``x, y, z`` with ``x`` the column; the package's arrays are ``[y, x]``.
+Lattices: ``square`` (2-D) and ``cubic`` (3-D). Cubic neighbourhood order n is Morpheus's table
+(``Cubic_Lattice::get_all_neighbors_per_order``: 6, 12, 8, 6, 24, 24, 12, 30, 8 sites per order), i.e. the
+shells at squared distances 1, 2, 3, 4, 5, 6, 8, 9, 12 — written here as those squared distances, not borrowed
+from the package's neighbourhood code.
+
+Coordinates: MorpheusML nodes are ``x, y, z`` with ``x`` the column; the package's arrays are ``[y, x]``
+(``[z, y, x]`` on a cubic lattice).
 Cell centres are the mean of node positions; Morpheus keeps positions *unwrapped* across periodic
 boundaries (a node copied across the boundary is stored at ``source + direction``), so its centre of a
 cell that has wandered across the boundary depends on the cell's history. For states given as arrays the
@@ -54,6 +60,16 @@ SQUARE_NEIGHBOURS = [
 ]
 _PER_ORDER = [4, 4, 4, 8, 4, 4]
 MAGNO_SCALING = [0, 1, 3, 5, 11, 15, 18, 26, 36]  # core/cpm_shape.cpp, square lattice
+# Morpheus core/lattice.cpp, cubic lattice: the squared distance of each neighbourhood order 1..9
+CUBIC_ORDER_D2 = [1, 2, 3, 4, 5, 6, 8, 9, 12]
+
+
+def _cubic_offsets_xyz(order: int):
+    if not 1 <= order <= len(CUBIC_ORDER_D2):
+        raise ModelImportError(f"cubic-lattice neighbourhood order {order} is outside Morpheus's 1..9")
+    keep = set(CUBIC_ORDER_D2[:order])
+    r = range(-3, 4)
+    return [(x, y, z) for x in r for y in r for z in r if x * x + y * y + z * z in keep]
 
 
 def _square_offsets_xy(order: int):
@@ -98,15 +114,23 @@ class MorpheusEvaluator:
         root = etree.fromstring(text.encode())
         self.root = root
         lat = root.find("Space/Lattice")
-        if lat is None or lat.get("class") != "square":
-            raise ModelImportError("evaluator: only Space/Lattice class='square' is supported")
+        if lat is None or lat.get("class") not in ("square", "cubic"):
+            raise ModelImportError("evaluator: only Space/Lattice class='square' or 'cubic' is supported")
+        self.cubic = lat.get("class") == "cubic"
         size = [float(v) for v in lat.find("Size").get("value").split(",")]
         self.size_xy = (int(size[0]), int(size[1]))
-        if len(size) > 2 and int(size[2]) > 1:
-            raise ModelImportError("evaluator: 3-D lattices are not supported")
+        if not self.cubic and len(size) > 2 and int(size[2]) > 1:
+            raise ModelImportError("evaluator: a square lattice with size z > 1")
+        self.size_z = int(size[2]) if self.cubic else 0
+        if self.cubic and self.size_z < 1:
+            raise ModelImportError("evaluator: a cubic lattice needs size z >= 1")
+        # the package's array shape: (y, x) or (z, y, x)
+        self.shape = (self.size_z, self.size_xy[1], self.size_xy[0]) if self.cubic else \
+            (self.size_xy[1], self.size_xy[0])
         conds = {c.get("boundary"): c.get("type") for c in lat.findall("BoundaryConditions/Condition")}
-        self.periodic = conds.get("x") == "periodic" and conds.get("y") == "periodic"
-        self.env = {"size.x": float(self.size_xy[0]), "size.y": float(self.size_xy[1]), "size.z": 0.0}
+        axes = "xyz" if self.cubic else "xy"
+        self.periodic = all(conds.get(a) == "periodic" for a in axes)
+        self.env = {"size.x": float(self.size_xy[0]), "size.y": float(self.size_xy[1]), "size.z": float(self.size_z)}
         for c in root.findall("Global/Constant"):
             self.env[c.get("symbol")] = evaluate(c.get("value"), self.env)
         default_order = _order_of(lat.find("Neighborhood"), "Space/Lattice")
@@ -115,16 +139,17 @@ class MorpheusEvaluator:
         self.surface_order = _order_of(ss.find("Neighborhood"), "CPM/ShapeSurface") if ss is not None \
             else default_order
         scaling = ss.get("scaling", "norm") if ss is not None else "norm"
-        offs = _square_offsets_xy(self.surface_order)
+        offs = _cubic_offsets_xyz(self.surface_order) if self.cubic else _square_offsets_xy(self.surface_order)
         if scaling == "none":
             self.scaling = 1.0
         elif scaling == "size":
             self.scaling = float(len(offs))
-        elif scaling in ("norm", "magno"):
+        elif scaling in ("norm", "magno") and not self.cubic:
             self.scaling = float(MAGNO_SCALING[self.surface_order])
         else:
-            raise ModelImportError(f"evaluator: unknown ShapeSurface scaling {scaling!r}")
-        self.offsets_yx = np.array([(dy, dx) for dx, dy in offs], dtype=np.int64)
+            raise ModelImportError(f"evaluator: ShapeSurface scaling {scaling!r} is not supported on this lattice")
+        # offsets in array order: (dy, dx) or (dz, dy, dx)
+        self.offsets_yx = np.array([tuple(reversed(o)) for o in offs], dtype=np.int64)
         mcs = cpm.find("MonteCarloSampler")
         self.temperature = float(evaluate(mcs.find("MetropolisKinetics").get("temperature"), self.env))
         self.copy_order = _order_of(mcs.find("Neighborhood"), "MonteCarloSampler")
@@ -173,18 +198,18 @@ class MorpheusEvaluator:
     # ------------------------------------------------------------------------------------------------
     def _field(self, node) -> np.ndarray:
         data = node.find("Data")
-        w, h = self.size_xy
         if data is None:
             val = evaluate(node.get("value"), self.env)
-            return np.full((h, w), float(val))
+            return np.full(self.shape, float(val))
         if data.get("encoding") != "base64":
             raise ModelImportError("evaluator: only base64 Field Data is supported")
         raw = base64.b64decode("".join((data.text or "").split()))
         arr = np.frombuffer(raw, dtype="<f8")
-        if arr.size != w * h:
+        n = int(np.prod(self.shape))
+        if arr.size != n:
             raise ModelImportError(f"evaluator: Field {node.get('symbol')!r} holds {arr.size} values, "
-                                   f"expected {w * h}")
-        return arr.reshape(h, w).copy()  # x fastest: row-major [y, x]
+                                   f"expected {n}")
+        return arr.reshape(self.shape).copy()  # x fastest: row-major [y, x] / [z, y, x]
 
     def _wrap(self, y, x):
         w, h = self.size_xy
@@ -216,44 +241,48 @@ class MorpheusEvaluator:
         # the centre seen by the direction expression: Morpheus's cell.center, wrapped into the lattice
         c_seen = np.mod(c_before, L) if self.periodic else c_before
         env = dict(self.env)
-        env.update({"cell.center.x": c_seen[1], "cell.center.y": c_seen[0], "cell.center.z": 0.0,
+        cz = float(c_seen[0]) if self.cubic else 0.0
+        env.update({"cell.center.x": c_seen[-1], "cell.center.y": c_seen[-2], "cell.center.z": cz,
                     "cell.volume": float(V), "cell.id": float(cell)})
         try:
             s = evaluate(s_expr, env)
             d = evaluate_vector(d_expr, env)
         except ExprError as e:
             raise ModelImportError(f"evaluator: DirectedMotion: {e}") from None
-        dvec = np.array([d[1], d[0]])  # (y, x)
-        n = float(np.hypot(*dvec))
-        dhat = dvec / n if n > 0 else np.zeros(2)
+        dvec = np.array([d[2], d[1], d[0]] if self.cubic else [d[1], d[0]])  # array order (z,) y, x
+        n = float(np.sqrt(np.sum(dvec ** 2)))
+        dhat = dvec / n if n > 0 else np.zeros(len(dvec))
         return -s * V * float(np.dot(c_after - c_before, dhat))
 
     def delta(self, ids, types, site, new_id) -> float:
-        """ΔH of copying cell ``new_id`` into ``site`` = (y, x) of the state ``(ids [y, x], types)``.
+        """ΔH of copying cell ``new_id`` into ``site`` = (y, x) — (z, y, x) on a cubic lattice — of the state
+        ``(ids [y, x] or [z, y, x], types)``.
 
         Returns 0 when the site already belongs to ``new_id`` (Morpheus skips such attempts). Deletions
         (a cell's last node) are refused by Morpheus before any energy is computed; this returns ``inf``.
         """
         ids = np.asarray(ids)
         types = np.asarray(types)
-        y, x = int(site[0]), int(site[1])
-        old = int(ids[y, x])
+        if ids.shape != self.shape:
+            raise ValueError(f"state of shape {ids.shape}, the model's lattice is {self.shape}")
+        site = tuple(int(v) for v in site)
+        old = int(ids[site])
         new = int(new_id)
         if old == new:
             return 0.0
         if old != 0 and np.count_nonzero(ids == old) == 1:
             return float("inf")
         t_old, t_new = int(types[old]), int(types[new])
-        h, w = ids.shape
+        dims = ids.shape
         # contact
         d = 0.0
-        for dy, dx in self.offsets_yx:
-            ny, nx = y + dy, x + dx
+        for off in self.offsets_yx:
+            q = tuple(int(c) + int(o) for c, o in zip(site, off))
             if self.periodic:
-                ny, nx = ny % h, nx % w
-            elif not (0 <= ny < h and 0 <= nx < w):
+                q = tuple(c % n for c, n in zip(q, dims))
+            elif not all(0 <= c < n for c, n in zip(q, dims)):
                 continue
-            nb = int(ids[ny, nx])
+            nb = int(ids[q])
             tn = int(types[nb])
             if nb != old:
                 d -= self.J[t_old, tn]
@@ -270,14 +299,15 @@ class MorpheusEvaluator:
         # haptotaxis
         for t, sign in ((t_new, -1.0), (t_old, +1.0)):
             for strength, field in self.hapto.get(t, ()):
-                d += sign * strength * field[y, x]
+                d += sign * strength * field[site]
         # directed motion
         if t_new in self.directed:
-            d += self._directed_term(t_new, ids, new, (y, x), add=True)
+            d += self._directed_term(t_new, ids, new, site, add=True)
         if t_old in self.directed:
-            d += self._directed_term(t_old, ids, old, (y, x), add=False)
+            d += self._directed_term(t_old, ids, old, site, add=False)
         return float(d)
 
     def copy_offsets_yx(self) -> np.ndarray:
-        """Offsets (dy, dx) of the copy (MonteCarloSampler) neighbourhood."""
-        return np.array([(dy, dx) for dx, dy in _square_offsets_xy(self.copy_order)], dtype=np.int64)
+        """Offsets (dy, dx) — (dz, dy, dx) on a cubic lattice — of the copy (MonteCarloSampler) neighbourhood."""
+        offs = _cubic_offsets_xyz(self.copy_order) if self.cubic else _square_offsets_xy(self.copy_order)
+        return np.array([tuple(reversed(o)) for o in offs], dtype=np.int64)

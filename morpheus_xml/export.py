@@ -5,7 +5,11 @@
 Translation (so that Morpheus 2.2.4's ΔH of every copy attempt equals the bundle's; see
 :mod:`morpheus_xml.evaluator` for Morpheus's formulas):
 
-* ``Space/Lattice`` square, size ``W, H, 0`` (x = column), periodic in x and y, ``Neighborhood`` = the copy order.
+* ``Space/Lattice`` square, size ``W, H, 0`` (x = column), periodic in x and y, ``Neighborhood`` = the copy order;
+  a 3-D bundle (array ``[z, y, x]``) becomes ``class="cubic"``, size ``W, H, D``, periodic in x, y and z.
+  Neighbourhood orders: square 1..6, cubic 1..8 — where Morpheus's order n is the package's (the n smallest
+  distances; cubic orders 1–8 hold 6, 18, 26, 32, 56, 80, 92, 122 sites; Morpheus's cubic order 9 jumps to
+  distance √12 and is refused).
 * ``Time``: StartTime 0, StopTime = ``--mcs``, ``RandomSeed`` = ``--seed`` (optional ``SaveInterval``).
 * ``CellTypes``: the medium first, then the biological types in the bundle's order (so ``cell.type`` in
   Morpheus equals the package's type index); ``VolumeConstraint`` strength = λ·scale, target = V*.
@@ -59,6 +63,7 @@ __all__ = [
 ]
 
 MAX_ORDER = 6  # Morpheus square lattices: neighbourhood orders 1..6 (distance <= 3)
+MAX_ORDER_CUBIC = 8  # Morpheus cubic lattices: orders 1..8 equal the package's (distance <= 3); 9 differs
 
 
 @dataclass
@@ -114,22 +119,26 @@ def _safe_names(names) -> list[str]:
     return out
 
 
-def direction_expression(d: dict) -> str:
-    """MorpheusML vector expression for a DirectedMotion direction spec (``[dy, dx]`` → ``"dx, dy, 0"``)."""
+def direction_expression(d: dict, ndim: int = 2) -> str:
+    """MorpheusML vector expression for a DirectedMotion direction spec (``[dy, dx]`` → ``"dx, dy, 0"``;
+    in 3-D ``[dz, dy, dx]`` → ``"dx, dy, dz"``)."""
     if d["mode"] == "constant":
+        if ndim == 3:
+            dz, dy, dx = d["vector"]
+            return f"{_fmt(dx)}, {_fmt(dy)}, {_fmt(dz)}"
         dy, dx = d["vector"]
         return f"{_fmt(dx)}, {_fmt(dy)}, 0"
     if d["mode"] != "band":
         raise ExportError(f"DirectedMotion direction mode {d['mode']!r} cannot be exported")
     axis = int(d["axis"])
-    c = {1: "x", 0: "y"}[axis]
+    c = ({2: "x", 1: "y", 0: "z"} if ndim == 3 else {1: "x", 0: "y"})[axis]
     p, L = f"cell.center.{c}", f"size.{c}"
     lo, hi = _fmt(d["lo"]), _fmt(d["hi"])
     if d["sense"] == "inward":
         e = f"sign({L}/2-{p})*(({p}<{L}*{lo}) or ({p}>{L}*{hi}))"
     else:
         e = f"sign({p}-{L}/2)*({p}>{L}*{lo})*({p}<{L}*{hi})"
-    return f"{e}, 0, 0" if c == "x" else f"0, {e}, 0"
+    return {"x": f"{e}, 0, 0", "y": f"0, {e}, 0", "z": f"0, 0, {e}"}[c]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -320,28 +329,31 @@ def _field_error(phi, state: CellState, e_sites, e_new, e_D) -> dict:
 def default_layout(shape, n_types: int, targets, *, cells_per_type: int = 20, seed: int = 0) -> CellState:
     """Documented default initial state: ``cells_per_type`` cells of each type, squares of side
     ``max(1, round(sqrt(V*_τ)/2))`` (a quarter of the target volume), on a square grid centred on the lattice,
-    types assigned by a seeded random permutation; ids 1..N in grid order (row-major)."""
-    H, W = shape
+    types assigned by a seeded random permutation; ids 1..N in grid order (row-major). On a 3-D lattice: cubes
+    of side ``max(1, round(V*_τ^(1/3)/2))`` (an eighth of the target volume) on a cubic grid."""
+    shape = tuple(int(v) for v in shape)
+    nd = len(shape)
     n = cells_per_type * n_types
     if n == 0:
         return CellState(np.zeros(shape, np.int32), np.zeros(1, np.int32))
     rng = np.random.default_rng(seed)
     tys = np.repeat(np.arange(1, n_types + 1), cells_per_type)
     rng.shuffle(tys)
-    sides = [max(1, round(np.sqrt(max(float(targets[t]), 1.0)) / 2)) for t in range(n_types + 1)]
+    root = np.sqrt if nd == 2 else np.cbrt
+    sides = [max(1, round(root(max(float(targets[t]), 1.0)) / 2)) for t in range(n_types + 1)]
     pitch = max(sides[1:]) + 1
-    g = int(np.ceil(np.sqrt(n)))
-    if g * pitch > min(H, W):
-        raise ExportError(f"the default layout of {n} cells (pitch {pitch}) does not fit a {H}x{W} lattice; pass "
-                          "--init SNAPSHOT or fewer --cells-per-type")
-    y0 = (H - g * pitch) // 2
-    x0 = (W - g * pitch) // 2
+    g = int(np.ceil(np.sqrt(n))) if nd == 2 else round(float(np.cbrt(n)))
+    g += int(g ** nd < n)
+    if g * pitch > min(shape):
+        raise ExportError(f"the default layout of {n} cells (pitch {pitch}) does not fit a "
+                          f"{'x'.join(map(str, shape))} lattice; pass --init SNAPSHOT or fewer --cells-per-type")
+    start = [(L - g * pitch) // 2 for L in shape]
     ids = np.zeros(shape, np.int32)
     types = np.zeros(n + 1, np.int32)
     for k in range(n):
-        r, c = divmod(k, g)
+        cell = np.unravel_index(k, (g,) * nd)
         s = sides[tys[k]]
-        ids[y0 + r * pitch: y0 + r * pitch + s, x0 + c * pitch: x0 + c * pitch + s] = k + 1
+        ids[tuple(slice(a + i * pitch, a + i * pitch + s) for a, i in zip(start, cell))] = k + 1
         types[k + 1] = tys[k]
     return CellState(ids, types, {"layout": "default"})
 
@@ -351,6 +363,8 @@ def _nodes_text(state: CellState, cid: int, periodic: bool) -> str:
     if periodic and len(pos):
         L = np.asarray(state.ids.shape, dtype=np.int64)
         pos = pos - L * np.round((pos - pos[0]) / L).astype(np.int64)
+    if state.ids.ndim == 3:
+        return ";".join(f"{x}, {y}, {z}" for z, y, x in pos.tolist())
     return ";".join(f"{x}, {y}, 0" for y, x in pos.tolist())
 
 
@@ -366,17 +380,23 @@ def build_xml(hamiltonian, state: CellState, *, mcs: int = 1000, seed: int = 1, 
               neural_fields: np.ndarray | None = None, details: str = "") -> etree._Element:
     """The MorpheusML document (lxml element) for an analytic Hamiltonian (+ optional neural fields)."""
     lat = hamiltonian.lattice
-    if len(lat.shape) != 2:
-        raise ExportError(f"only 2-D lattices can be exported to Morpheus, got shape {lat.shape}")
+    nd = len(lat.shape)
+    if nd not in (2, 3):
+        raise ExportError(f"only 2-D (square) and 3-D (cubic) lattices can be exported to Morpheus, got shape "
+                          f"{lat.shape}")
     if not lat.periodic:
         raise ExportError("only periodic lattices can be exported to Morpheus (the package's open boundaries "
                           "have no exact MorpheusML equivalent)")
-    H, W = lat.shape
-    if tuple(state.shape) != (H, W):
+    shape = tuple(int(v) for v in lat.shape)
+    H, W = shape[-2:]
+    D = shape[0] if nd == 3 else 0
+    if tuple(state.shape) != shape:
         raise ExportError(f"the initial state has shape {state.shape}, the model's lattice {lat.shape}")
+    max_order = MAX_ORDER if nd == 2 else MAX_ORDER_CUBIC
     for name, o in (("copy", lat.copy_order), ("contact", lat.contact_order)):
-        if not 1 <= o <= MAX_ORDER:
-            raise ExportError(f"{name} neighbourhood order {o} is outside Morpheus's 1..{MAX_ORDER}")
+        if not 1 <= o <= max_order:
+            raise ExportError(f"{name} neighbourhood order {o} is outside 1..{max_order}, the orders of Morpheus's "
+                              f"{'square' if nd == 2 else 'cubic'} lattice that match the package's")
     names = list(hamiltonian.type_names or [])
     n_types = max(len(names) - 1, int(state.types.max()) if len(state.types) else 0)
     for t in hamiltonian.analytic_terms():
@@ -394,7 +414,7 @@ def build_xml(hamiltonian, state: CellState, *, mcs: int = 1000, seed: int = 1, 
     lam = np.zeros(n_types + 1)
     target = np.zeros(n_types + 1)
     has_volume = False
-    phi = np.zeros((n_types + 1, H, W))
+    phi = np.zeros((n_types + 1, *shape))
     has_phi = False
     dm = None
     for t in hamiltonian.analytic_terms():
@@ -447,11 +467,11 @@ def build_xml(hamiltonian, state: CellState, *, mcs: int = 1000, seed: int = 1, 
                 f.find("Data").set("word-size", "8")
     space = etree.SubElement(root, "Space")
     etree.SubElement(space, "SpaceSymbol", symbol="l")
-    lt_el = etree.SubElement(space, "Lattice", {"class": "square"})
-    etree.SubElement(lt_el, "Size", symbol="size", value=f"{W}, {H}, 0")
+    lt_el = etree.SubElement(space, "Lattice", {"class": "square" if nd == 2 else "cubic"})
+    etree.SubElement(lt_el, "Size", symbol="size", value=f"{W}, {H}, {D}")
     bc = etree.SubElement(lt_el, "BoundaryConditions")
-    etree.SubElement(bc, "Condition", type="periodic", boundary="x")
-    etree.SubElement(bc, "Condition", type="periodic", boundary="y")
+    for axis in "xyz"[:nd]:
+        etree.SubElement(bc, "Condition", type="periodic", boundary=axis)
     nb = etree.SubElement(lt_el, "Neighborhood")
     etree.SubElement(nb, "Order").text = str(lat.copy_order)
     tm = etree.SubElement(root, "Time")
@@ -470,7 +490,8 @@ def build_xml(hamiltonian, state: CellState, *, mcs: int = 1000, seed: int = 1, 
         if k in field_syms:
             etree.SubElement(ct, "Haptotaxis", attractant=field_syms[k], strength="-1")
         if dm is not None and k < len(dm[0]) and dm[1][k] is not None and dm[0][k] != 0:
-            etree.SubElement(ct, "DirectedMotion", strength=_fmt(dm[0][k]), direction=direction_expression(dm[1][k]))
+            etree.SubElement(ct, "DirectedMotion", strength=_fmt(dm[0][k]),
+                             direction=direction_expression(dm[1][k], nd))
     cpm = etree.SubElement(root, "CPM")
     inter = etree.SubElement(cpm, "Interaction", default="0")
     for a in range(n_types + 1):
@@ -581,6 +602,8 @@ def export_model(bundle, out, *, init=None, frame: int = 0, mcs: int = 1000, see
     lat = ham.lattice
     if tuple(state.shape) != tuple(lat.shape):
         raise ExportError(f"the initial state has shape {state.shape}, the model's lattice {tuple(lat.shape)}")
+    if ham.neural_terms() and len(lat.shape) != 2:
+        raise ExportError(f"neural terms are 2-D only; this model has a {len(lat.shape)}-D lattice {tuple(lat.shape)}")
     report = ExportReport(Path(out), len(state.cell_ids()), [], bool(ham.neural_terms()))
     fields = None
     details = "Exported by neuralcpm-plugin (morpheus_xml.export). Analytic terms are native MorpheusML elements."

@@ -4,8 +4,12 @@
   by its cell type, with a dark one-pixel line between sites of different cells (cell outlines). Row 0 of
   the array (``y = 0``) is the top of the picture, ``x`` runs to the right, as in ``imshow``.
 * :func:`render_state` — a state (2-D or 3-D) rendered offscreen with pyvista, optionally written to PNG. 2-D
-  states are drawn as the :func:`state_rgb` image on a flat plane (parallel projection); 3-D states as voxels
-  of the cells (medium hidden) coloured by type, seen from an oblique camera.
+  states are drawn as the :func:`state_rgb` image on a flat plane (parallel projection); 3-D states as the
+  surfaces of the cells (:func:`cell_surfaces`: medium hidden, coloured by type, each cell a slightly different
+  shade so that neighbours of one type stay apart; ``style="voxels"`` draws plain voxels), seen from an
+  oblique camera; ``clip="x"`` (or ``"y"``, ``"z"``) removes the half of the lattice beyond the middle of that
+  axis, showing the inside of an aggregate. :func:`render_3d_views` puts the whole and the clipped view side by
+  side.
 * :func:`render_trajectory` — frames to an animated GIF (Pillow) or MP4 (imageio-ffmpeg, optional), one
   pyvista plotter reused for all frames.
 * :func:`render_grid` — several 2-D states side by side in one PNG (matplotlib), e.g. training samples.
@@ -27,8 +31,10 @@ from .lattice import CellState
 
 __all__ = [
     "DEFAULT_COLOURS",
+    "cell_surfaces",
     "load_history",
     "plot_training_curves",
+    "render_3d_views",
     "render_grid",
     "render_state",
     "render_trajectory",
@@ -80,13 +86,84 @@ def state_rgb(state, *, scale: int = 4, colours=None, outline: bool = True) -> n
     return np.ascontiguousarray(img)
 
 
+def _clipped_ids(ids: np.ndarray, clip: str | None) -> np.ndarray:
+    """``ids`` with the half beyond the middle of axis ``clip`` ("x", "y" or "z") set to medium."""
+    if clip is None:
+        return ids
+    axes = {"z": 0, "y": 1, "x": 2}
+    if clip not in axes:
+        raise DataError(f"clip must be 'x', 'y', 'z' or None, got {clip!r}")
+    a = axes[clip]
+    out = ids.copy()
+    sl = [slice(None)] * 3
+    sl[a] = slice(ids.shape[a] // 2 + ids.shape[a] % 2, None)
+    out[tuple(sl)] = 0
+    return out
+
+
+def cell_surfaces(state, *, colours=None, clip: str | None = None, shade: float = 0.3, inset: float = 0.03,
+                  seed: int = 0):
+    """The surfaces of the cells of a 3-D state as a pyvista ``PolyData`` (one quad per voxel face that borders
+    another cell or the medium; the lattice edge counts as medium), with cell data ``"rgb"`` (uint8) and
+    ``"id"``.
+
+    Coordinates: voxel ``ids[z, y, x]`` is the unit cube ``[x, x+1] × [y, y+1] × [z, z+1]``. Each face is moved
+    ``inset`` voxels into its own cell so that the walls of two touching cells do not coincide. Colours: the
+    type colour scaled by a per-cell factor in ``[1 − shade, 1]`` (seeded), so cells of one type stay
+    distinguishable. ``clip``: see :func:`_clipped_ids`.
+    """
+    import pyvista as pv
+
+    s = _as_state(state)
+    if s.ndim != 3:
+        raise DataError(f"cell_surfaces draws 3-D states; got a {s.ndim}-D lattice")
+    ids = _clipped_ids(s.ids, clip)
+    cols = _colours(s.n_types, colours).astype(np.float64)
+    factor = 1.0 - shade * np.random.default_rng(seed).random(len(s.types))
+    pad = np.pad(ids, 1, constant_values=0)
+    inner = (slice(1, -1),) * 3
+    quads, owner = [], []
+    square = np.array([(0, 0), (1, 0), (1, 1), (0, 1)], np.float64)
+    for a in range(3):
+        b, c = [k for k in range(3) if k != a]
+        for sign in (-1, 1):
+            sl = list(inner)
+            sl[a] = slice(1 + sign, pad.shape[a] - 1 + sign)
+            nb = pad[tuple(sl)]
+            m = (ids != 0) & (nb != ids)
+            pos = np.argwhere(m).astype(np.float64)          # [F, 3] in array order (z, y, x)
+            if not len(pos):
+                continue
+            corners = np.repeat(pos[:, None, :], 4, axis=1)  # [F, 4, 3]
+            corners[:, :, a] += (1.0 if sign > 0 else 0.0) - sign * inset
+            corners[:, :, b] += square[None, :, 0]
+            corners[:, :, c] += square[None, :, 1]
+            quads.append(corners[..., ::-1])                   # (x, y, z)
+            owner.append(ids[m])
+    if not quads:
+        return pv.PolyData()
+    pts = np.concatenate(quads).reshape(-1, 3)
+    owner = np.concatenate(owner)
+    nf = len(owner)
+    faces = np.column_stack([np.full(nf, 4), np.arange(4 * nf).reshape(nf, 4)]).ravel()
+    mesh = pv.PolyData(pts, faces)
+    rgb = cols[s.types[owner]] * factor[owner][:, None]
+    mesh.cell_data["rgb"] = np.clip(rgb, 0, 255).astype(np.uint8)
+    mesh.cell_data["id"] = owner
+    return mesh
+
+
 class _Renderer:
     """One offscreen pyvista plotter reused for many frames of the same lattice shape."""
 
     def __init__(self, shape, window_size=(512, 512), scale: int = 4, colours=None, outline=True,
-                 background="white"):
+                 background="white", style: str = "surfaces", clip: str | None = None):
         import pyvista as pv
 
+        if style not in ("surfaces", "voxels"):
+            raise DataError(f"style must be 'surfaces' or 'voxels', got {style!r}")
+        self.style = style
+        self.clip = clip
         self.pv = pv
         self.shape = tuple(shape)
         self.scale = scale
@@ -117,10 +194,14 @@ class _Renderer:
         d, h, w = s.shape
         cols = _colours(s.n_types, self.colours)
         grid = self.pv.ImageData(dimensions=(w + 1, h + 1, d + 1))
-        # ImageData cell order: x fastest, then y, then z — the row-major order of ids[z, y, x]
-        grid.cell_data["id"] = s.ids.ravel()
-        grid.cell_data["rgb"] = cols[s.type_map().ravel()]
-        cells = grid.threshold(0.5, scalars="id")
+        if self.style == "surfaces":
+            cells = cell_surfaces(s, colours=self.colours, clip=self.clip)
+        else:
+            # ImageData cell order: x fastest, then y, then z — the row-major order of ids[z, y, x]
+            ids = _clipped_ids(s.ids, self.clip)
+            grid.cell_data["id"] = ids.ravel()
+            grid.cell_data["rgb"] = cols[s.types[ids].ravel()]
+            cells = grid.threshold(0.5, scalars="id")
         if self.actor is not None:
             self.plotter.remove_actor(self.actor)
         if cells.n_cells:
@@ -158,14 +239,32 @@ class _Renderer:
 
 
 def render_state(state, path=None, *, window_size=(512, 512), scale: int = 4, colours=None, outline: bool = True,
-                 title: str | None = None) -> np.ndarray:
-    """Render one state offscreen (2-D or 3-D) and return the RGB image ``(h, w, 3)``; write a PNG if ``path``."""
+                 title: str | None = None, style: str = "surfaces", clip: str | None = None) -> np.ndarray:
+    """Render one state offscreen (2-D or 3-D) and return the RGB image ``(h, w, 3)``; write a PNG if ``path``.
+
+    3-D only: ``style`` ("surfaces" or "voxels") and ``clip`` (None, "x", "y" or "z"; see the module docstring).
+    """
     s = _as_state(state)
-    r = _Renderer(s.shape, window_size, scale, colours, outline)
+    r = _Renderer(s.shape, window_size, scale, colours, outline, style=style, clip=clip)
     try:
         img = r.frame(s, title)
     finally:
         r.close()
+    if path is not None:
+        _write_png(img, path)
+    return img
+
+
+def render_3d_views(state, path=None, *, window_size=(480, 480), colours=None, clip: str = "x",
+                    titles=("cells", "clipped: the inside")) -> np.ndarray:
+    """A 3-D state twice, side by side: its cell surfaces and the same view with half the lattice clipped
+    away along ``clip`` (the inside of an aggregate). Returns the RGB image; writes a PNG if ``path``."""
+    s = _as_state(state)
+    if s.ndim != 3:
+        raise DataError(f"render_3d_views draws 3-D states; got a {s.ndim}-D lattice")
+    a = render_state(s, window_size=window_size, colours=colours, title=titles[0] if titles else None)
+    b = render_state(s, window_size=window_size, colours=colours, clip=clip, title=titles[1] if titles else None)
+    img = np.concatenate([a, b], axis=1)
     if path is not None:
         _write_png(img, path)
     return img
@@ -181,10 +280,12 @@ def _write_png(img: np.ndarray, path) -> Path:
 
 
 def render_trajectory(states, path, *, fps: float = 10.0, window_size=(384, 384), scale: int = 4, colours=None,
-                      outline: bool = True, titles=None, loop: int = 0, progress: bool = False) -> Path:
+                      outline: bool = True, titles=None, loop: int = 0, progress: bool = False,
+                      style: str = "surfaces", clip: str | None = None) -> Path:
     """Write the frames ``states`` as an animation: ``.gif`` (Pillow) or ``.mp4`` (needs imageio-ffmpeg).
 
-    ``titles``: one caption per frame (e.g. ``"MCS 120"``) or ``None``.
+    ``titles``: one caption per frame (e.g. ``"MCS 120"``) or ``None``. 3-D frames: ``style`` and ``clip`` as in
+    :func:`render_state`.
     """
     states = [_as_state(s) for s in states]
     if not states:
@@ -195,7 +296,7 @@ def render_trajectory(states, path, *, fps: float = 10.0, window_size=(384, 384)
         raise DataError(f"{path}: unsupported animation format {suffix!r} (use .gif or .mp4)")
     if titles is not None and len(titles) != len(states):
         raise DataError(f"{len(titles)} titles for {len(states)} frames")
-    r = _Renderer(states[0].shape, window_size, scale, colours, outline)
+    r = _Renderer(states[0].shape, window_size, scale, colours, outline, style=style, clip=clip)
     frames = []
     it = enumerate(states)
     if progress:

@@ -22,7 +22,8 @@ top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), `
     ``hidden``; for pooled-nh / pooled-closure ``neural`` is accepted too),
     ``prior`` (a bundle, Morpheus .xml or CC3D .cc3d model; analytic part), ``freeze_prior``,
     ``learn_target_volume`` (true: V* is learned with λ instead of fixed to the data's mean volume — the
-    paper's choice, which biases λ and J when the mean volume differs from V*), ``external_field`` (true: add
+    paper's choice, which biases λ and J when the mean volume differs from V*; with ``pl`` the convex fit
+    learns κ = λ·V*), ``external_field`` (true: add
     H_ext = Σ_i μ(τ(σ_i))·φ(i) with μ and the whole field φ learned — the paper's "cell sorting + external
     potential" baseline; train it with pcd).
 ``[objective]`` : ``name`` ("pl" or "pcd").
@@ -198,9 +199,6 @@ def validate(cfg: dict, *, where: str = "") -> dict:
     if m["pooled"] and m["neural"] and m["kind"] in ("pooled-nh", "pooled-closure"):
         raise ConfigError(f"{where}model.kind {m['kind']!r} has one neural term, the pooled NH: configure it in "
                           "model.pooled or model.neural, not both")
-    if m["learn_target_volume"] and cfg["objective"]["name"] == "pl":
-        raise ConfigError(f"{where}model.learn_target_volume is trained with objective pcd, not pl (the "
-                          "pseudo-likelihood fit of analytic models is linear in λ with V* fixed)")
     if m["external_field"] and cfg["objective"]["name"] == "pl":
         raise ConfigError(f"{where}model.external_field (one parameter per site) is trained with objective pcd, "
                           "not pl")

@@ -206,8 +206,11 @@ def load_training_data(cfg: dict, run_dir: Path):
     shapes = {s.shape for s in states}
     if len(shapes) > 1:
         raise DataError(f"mixed lattice sizes in the training data: {sorted(shapes)}", path=path)
-    if len(states[0].shape) != 2:
-        raise DataError(f"training needs 2-D lattices, got shape {states[0].shape}", path=path)
+    if len(states[0].shape) not in (2, 3):
+        raise DataError(f"training needs 2-D or 3-D lattices, got shape {states[0].shape}", path=path)
+    if len(states[0].shape) == 3 and cfg["model"]["kind"] != "analytic":
+        raise ConfigError(f"model kind {cfg['model']['kind']!r} is 2-D only (the neural terms use 2-D "
+                          f"convolutions); the training data are 3-D (shape {states[0].shape}): use --model analytic")
     n_cells = [len(s.cell_ids()) for s in states]
     if min(n_cells) == 0:
         bad = n_cells.index(0)
@@ -615,7 +618,7 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
         obj = [states, data_info]
         dist.broadcast_object_list(obj, src=0)
         states, data_info = obj
-    _say(f"data: {len(states)} states of {states[0].shape[0]}x{states[0].shape[1]} sites, "
+    _say(f"data: {len(states)} states of {'x'.join(map(str, states[0].shape))} sites, "
          f"{max(s.n_types for s in states)} cell types, from {data_info['path']}")
     ham, info = build_model(cfg, states, seed=seed)
     _check_compatible(ham, states)

@@ -21,6 +21,16 @@ Scales (``--scale``), the paper preset following the authors' generator (``gener
   at distinct sites with distance < 60 from (100, 100), 500 MCS, 128 snapshots.
 * ``cpu``: 48×48, 16 cells (8 + 8), V* = 60, start radius 14, 200 MCS, 32 snapshots (~10 s on one core).
 
+Three dimensions (``--dim 3``; the paper has no 3-D cell-sorting data): the same scenarios on a periodic cubic
+lattice, copy and contact neighbourhood order 2 (the 18 face and edge neighbours, CC3D's and Morpheus's
+order 2), the *per-pair* J of the 2-D scenario (J_paper / 4; note that
+:func:`~neuralcpm_plugin.hamiltonian.analytic.to_paper_scale` reports 3-D J as 9 × per-pair, the length of
+the 3-D half stencil), single-voxel starts in a centred ball:
+
+* ``cpu``: 24³, 32 cells, V* = 64, start radius 8, 100 MCS, 16 snapshots (a few seconds).
+* ``paper``: 64³, 256 cells, V* = 200 (the size of Toda et al.'s aggregates, 200–240 cells), start radius
+  23, 200 MCS, 32 snapshots (about 15 s per snapshot on one core).
+
 Sampler (documented choice): the exact sequential sampler (:mod:`neuralcpm_plugin.sampling.exact`) with
 the boundary-site proposal by default — the authors' generator ran its parallel sampler, which proposes only at
 cell boundaries, for 500 "MCS" of H·W proposals; ``--proposal boundary`` makes the same number of
@@ -28,7 +38,7 @@ boundary proposals one at a time (no parallel approximation), ``--proposal class
 dynamics of CC3D/Morpheus (much slower to sort per MCS). ``--sampler parallel`` runs the project's
 parallel sampler (paper Algorithm 2, P = 100, all snapshots as one batch of chains) instead.
 
-Output (reference ``.npz``): ``data`` (N, 2, H, W) int32 final states, ``seed`` (N,) per-snapshot seeds,
+Output (reference ``.npz``): ``data`` (N, 2, H, W) — (N, 2, D, H, W) in 3-D — int32 final states, ``seed`` (N,) per-snapshot seeds,
 ``mcs`` (N,), ``sorting_index`` (N,), ``params_json`` (UTF-8 JSON bytes as uint8: the Hamiltonian in this
 project's units and in paper scaling, the scale preset, the sampler). Snapshot i uses seed
 ``seed·100003 + i`` for its start and its sampler, so the file is a deterministic function of the options.
@@ -61,17 +71,23 @@ SCALES = {
     "paper": {"size": 200, "cells": 100, "target": 200.0, "radius": 60.0, "mcs": 500.0, "n": 128},
     "cpu": {"size": 48, "cells": 16, "target": 60.0, "radius": 14.0, "mcs": 200.0, "n": 32},
 }
+SCALES_3D = {
+    "paper": {"size": 64, "cells": 256, "target": 200.0, "radius": 23.0, "mcs": 200.0, "n": 32},
+    "cpu": {"size": 24, "cells": 32, "target": 64.0, "radius": 8.0, "mcs": 100.0, "n": 16},
+}
 N_CHECKPOINTS = 10
 
 
 def init_points(rng: np.random.Generator, shape, n_cells: int, radius: float) -> CellState:
     """Single-pixel cells at distinct random sites with distance < ``radius`` from the centre (H//2, W//2);
-    ids 1..n, the first half type 1, the rest type 2 (the authors' ``get_points_init_state_numpy``)."""
-    yy, xx = np.indices(shape)
-    cy, cx = shape[0] // 2, shape[1] // 2
-    cand = np.flatnonzero(((yy - cy) ** 2 + (xx - cx) ** 2).ravel() < radius ** 2)
+    ids 1..n, the first half type 1, the rest type 2 (the authors' ``get_points_init_state_numpy``).
+    A 3-D ``shape`` (D, H, W) places single voxels in the ball around (D//2, H//2, W//2) the same way."""
+    grids = np.indices(shape)
+    d2 = sum((g - n // 2) ** 2 for g, n in zip(grids, shape))
+    cand = np.flatnonzero(d2.ravel() < radius ** 2)
     if len(cand) < n_cells:
-        raise ConfigError(f"{n_cells} cells do not fit in a disc of radius {radius} ({len(cand)} sites)")
+        where = "a disc" if len(shape) == 2 else "a ball"
+        raise ConfigError(f"{n_cells} cells do not fit in {where} of radius {radius} ({len(cand)} sites)")
     pick = rng.choice(cand, size=n_cells, replace=False)
     ids = np.zeros(int(np.prod(shape)), np.int32)
     ids[pick] = np.arange(1, n_cells + 1)
@@ -80,20 +96,30 @@ def init_points(rng: np.random.Generator, shape, n_cells: int, radius: float) ->
 
 
 def cellsort_hamiltonian_for(scenario: str, shape=(200, 200), target: float = 200.0, *, learnable: bool = False):
-    """The data-generating Hamiltonian of scenario ``a`` or ``b`` (this project's units, J = J_paper / 4)."""
+    """The data-generating Hamiltonian of scenario ``a`` or ``b`` (this project's units, J = J_paper / 4).
+
+    A 3-D ``shape`` gets the same per-pair J (J_paper / 4), λ and V* on a cubic lattice of order 2."""
     scenario = str(scenario).lower()
     if scenario not in SCENARIOS:
         raise ConfigError(f"unknown cell-sorting scenario {scenario!r}; use 'a' or 'b'")
     p = SCENARIOS[scenario]
     lat = LatticeSpec(tuple(int(s) for s in shape), periodic=True, copy_order=2, contact_order=2)
+    if len(lat.shape) == 3:
+        from neuralcpm_plugin.hamiltonian.analytic import cellsort_hamiltonian
+        per_pair = {k: v / 4.0 for k, v in p["J"].items()}
+        return cellsort_hamiltonian(per_pair, p["lambda"], float(target), lat, 1.0,
+                                    ["medium", "type1", "type2"], learnable=learnable)
     return from_paper_scale({"J": p["J"], "lambda": p["lambda"], "target": float(target), "temperature": 1.0}, lat,
                             type_names=["medium", "type1", "type2"], learnable=learnable)
 
 
-def _config(scale: str, overrides: dict) -> dict:
-    if scale not in SCALES:
-        raise ConfigError(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}")
-    cfg = dict(SCALES[scale])
+def _config(scale: str, overrides: dict, dim: int = 2) -> dict:
+    if dim not in (2, 3):
+        raise ConfigError(f"cell sorting: dim must be 2 or 3, got {dim!r}")
+    scales = SCALES if dim == 2 else SCALES_3D
+    if scale not in scales:
+        raise ConfigError(f"unknown scale {scale!r}; use one of {', '.join(scales)}")
+    cfg = dict(scales[scale])
     for k, v in overrides.items():
         if v is not None:
             cfg[k] = v
@@ -106,7 +132,7 @@ def generate_cellsort(scenario: str = "a", scale: str = "cpu", n_snapshots: int 
                       size: int | None = None, cells: int | None = None, target: float | None = None,
                       radius: float | None = None, mcs: float | None = None, sampler: str = "exact",
                       proposal: str = "boundary", n_flips: int = 100, progress: bool = True,
-                      report: dict | None = None):
+                      report: dict | None = None, dim: int = 2):
     """Generate cell-sorting snapshots; returns ``(states, hamiltonian)``.
 
     Parameters
@@ -117,16 +143,17 @@ def generate_cellsort(scenario: str = "a", scale: str = "cpu", n_snapshots: int 
     sites, start-disc radius in sites, MCS per run).
     sampler : "exact" (sequential, :mod:`~neuralcpm_plugin.sampling.exact`) or "parallel" (paper Algorithm 2,
     ``n_flips`` proposals per step). proposal : "boundary" | "classic" (exact sampler only).
+    dim : 2 (square lattice, the paper) or 3 (cubic lattice, ``size``³; see the module docstring).
     report : optional dict that receives ``"checkpoints"`` (MCS) and ``"sorting_index"`` (mean over runs at
     each checkpoint), ``"seeds"`` and ``"seconds"``.
 
     Each state carries ``meta["mcs"]`` and ``meta["seed"]``.
     """
     cfg = _config(scale, {"n": n_snapshots, "size": size, "cells": cells, "target": target, "radius": radius,
-                          "mcs": mcs})
+                          "mcs": mcs}, int(dim))
     if sampler not in ("exact", "parallel"):
         raise ConfigError(f"unknown sampler {sampler!r}; use 'exact' or 'parallel'")
-    shape = (int(cfg["size"]), int(cfg["size"]))
+    shape = (int(cfg["size"]),) * int(dim)
     ham = cellsort_hamiltonian_for(scenario, shape, float(cfg["target"]))
     n = int(cfg["n"])
     total = float(cfg["mcs"])
@@ -186,7 +213,8 @@ def generate_cellsort(scenario: str = "a", scale: str = "cpu", n_snapshots: int 
 def save_cellsort(path, states, hamiltonian, *, scenario: str, scale: str, report: dict) -> Path:
     """Write the reference ``.npz`` with the true parameters in ``params_json``."""
     from neuralcpm_plugin.io.npz import save_npz
-    params = {"dataset": "cellsort", "scenario": scenario, "scale": scale, **report["config"],
+    params = {"dataset": "cellsort", "scenario": scenario, "scale": scale, "dim": len(hamiltonian.lattice.shape),
+              **report["config"],
               "sampler": report["sampler"], "proposal": report["proposal"],
               "temperature": hamiltonian.temperature, "type_names": hamiltonian.type_names,
               "terms": [t.spec() for t in hamiltonian.terms],
@@ -202,8 +230,12 @@ def save_cellsort(path, states, hamiltonian, *, scenario: str, scale: str, repor
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", choices=sorted(SCENARIOS), required=True, help="Edelstein-Keshet & Xiao scenario")
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
-                   help="paper: 200x200, 100 cells, 500 MCS, 128 snapshots; cpu: 48x48, 16 cells, 200 MCS, 32")
-    p.add_argument("--out", default=None, help="output .npz (default runs/data/cellsort-<scenario>[-cpu].npz)")
+                   help="paper: 200x200, 100 cells, 500 MCS, 128 snapshots; cpu: 48x48, 16 cells, 200 MCS, 32 "
+                        "(with --dim 3: paper 64^3, 256 cells, 200 MCS, 32; cpu 24^3, 32 cells, 100 MCS, 16)")
+    p.add_argument("--dim", type=int, choices=[2, 3], default=2,
+                   help="lattice dimension: 2 (square, the paper) or 3 (cubic, order-2 neighbourhoods)")
+    p.add_argument("--out", default=None,
+                   help="output .npz (default runs/data/cellsort-<scenario>[-3d][-cpu].npz)")
     p.add_argument("--seed", type=int, default=0, help="base seed (snapshot i uses seed*100003 + i)")
     p.add_argument("--snapshots", type=int, default=None, help="number of snapshots (independent runs)")
     p.add_argument("--mcs", type=float, default=None, help="MCS per run (H*W attempts each)")
@@ -220,14 +252,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from neuralcpm_plugin.cli import claim_output
+    d3 = "-3d" if args.dim == 3 else ""
     out = claim_output(Path(args.out) if args.out else Path("runs/data") / (
-        f"cellsort-{args.scenario}.npz" if args.scale == "paper" else f"cellsort-{args.scenario}-{args.scale}.npz"),
-        overwrite=args.overwrite)
+        f"cellsort-{args.scenario}{d3}.npz" if args.scale == "paper"
+        else f"cellsort-{args.scenario}{d3}-{args.scale}.npz"), overwrite=args.overwrite)
     report: dict = {}
     states, ham = generate_cellsort(args.scenario, args.scale, args.snapshots, args.seed, size=args.size,
                                     cells=args.cells, target=args.target, radius=args.radius, mcs=args.mcs,
                                     sampler=args.sampler, proposal=args.proposal, n_flips=args.flips,
-                                    progress=not args.no_progress, report=report)
+                                    progress=not args.no_progress, report=report, dim=args.dim)
     print("sorting index (fraction of cell-cell contacts that are heterotypic), mean over runs:")
     for m, v in zip(report["checkpoints"], report["sorting_index"]):
         print(f"  MCS {m:8.1f}: {v:.3f}")

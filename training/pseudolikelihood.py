@@ -11,7 +11,8 @@ log-likelihood of the observed values over the boundary sites of the data states
 k = 0 are skipped; candidates that would delete a cell are excluded). ΔH comes from the Hamiltonian's batched
 interface ``delta(batch, sites, new_ids)`` — the same evaluations the parallel sampler makes.
 
-* Analytic models (ΔH linear in the parameters): the problem is convex. ΔH = c + F·θ is tabulated once
+* Analytic models (ΔH linear in the parameters): the problem is convex. A learnable target volume V*
+  (``[model] learn_target_volume``) is fitted as κ = λ·V*, in which ΔH is linear (then V* = κ/λ). ΔH = c + F·θ is tabulated once
   (n_free + 1 batched ΔH evaluations, linearity verified) and θ is fitted by Newton's method in float64
   (exact gradient and Hessian of the log-sum-exp; a handful of steps). Because k_c
   carries no 1/T the temperature scale is identifiable (RMSE at T=1 is meaningful).
@@ -197,14 +198,52 @@ class PLResult:
     history: list = field(default_factory=list)
 
 
-def _linear_tabulate(ham, pmap: ParamMap, c: Candidates):
-    """ΔH = c0 + F θ over the free parameters, or None if ΔH is not linear in them."""
+def _volume_target_pairs(pmap: ParamMap):
+    """``[(i_lambda, i_target)]``: indices into ``pmap.entries`` of a volume term whose λ and V* are both free.
+
+    ΔH is bilinear in (λ, V*) but linear in (λ, κ = λ·V*) for every candidate the fit uses (no copy creates or
+    deletes a cell), so the convex fit works in κ and returns V* = κ/λ."""
+    by_term: dict = {}
+    for i, e in enumerate(pmap.entries):
+        parts = e.name.split(".")
+        if len(parts) == 3 and parts[0] == "terms" and getattr(pmap.ham.terms[int(parts[1])], "kind", "") == "volume":
+            by_term.setdefault(parts[1], {})[parts[2]] = i
+    return [(d["lam"], d["target"]) for d in by_term.values() if "lam" in d and "target" in d]
+
+
+def _to_coords(pmap: ParamMap, pairs, theta: torch.Tensor) -> torch.Tensor:
+    """Free parameters → fit coordinates (V* entries replaced by κ = λ·V*)."""
+    out = theta.clone()
+    offs = np.cumsum([0] + [e.free.numel() for e in pmap.entries])
+    for il, it in pairs:
+        lam = theta[offs[il]:offs[il + 1]]
+        out[offs[it]:offs[it + 1]] = lam * theta[offs[it]:offs[it + 1]]
+    return out
+
+
+def _from_coords(pmap: ParamMap, pairs, coords: torch.Tensor) -> torch.Tensor:
+    """Fit coordinates → free parameters (V* = κ/λ; λ must not be 0)."""
+    out = coords.clone()
+    offs = np.cumsum([0] + [e.free.numel() for e in pmap.entries])
+    for il, it in pairs:
+        lam = coords[offs[il]:offs[il + 1]]
+        if torch.any(lam == 0):
+            raise ConfigError("pseudo-likelihood: λ = 0 leaves the learned target volume V* undefined")
+        out[offs[it]:offs[it + 1]] = coords[offs[it]:offs[it + 1]] / lam
+    return out
+
+
+def _linear_tabulate(ham, pmap: ParamMap, c: Candidates, pairs=()):
+    """ΔH = c0 + F θ over the fit coordinates (the free parameters, with κ = λ·V* in place of a free V*; see
+    :func:`_volume_target_pairs`), or None if ΔH is not linear in them."""
     free = pmap.parameters()
     sizes = [p.numel() for p in free]
     n = sum(sizes)
     saved = [p.detach().clone() for p in free]
+    offs = np.cumsum([0] + sizes)
 
     def at(vec):
+        vec = _from_coords(pmap, pairs, vec)
         with torch.no_grad():
             o = 0
             for p, k in zip(free, sizes):
@@ -214,14 +253,17 @@ def _linear_tabulate(ham, pmap: ParamMap, c: Candidates):
                 return ham.delta(c.batch, c.sites, c.new_ids).to(torch.float64)
 
     try:
-        zero = torch.zeros(n, dtype=torch.float64)
-        c0 = at(zero)
+        base = torch.zeros(n, dtype=torch.float64)
+        for il, _ in pairs:   # evaluate where λ != 0 (V* = κ/λ)
+            base[offs[il]:offs[il + 1]] = 1.0
+        g0 = at(base)
         cols = []
         for j in range(n):
-            e = zero.clone()
-            e[j] = 1.0
-            cols.append(at(e) - c0)
+            e = base.clone()
+            e[j] += 1.0
+            cols.append(at(e) - g0)
         F = torch.stack(cols, dim=-1)                       # [B, P, n]
+        c0 = g0 - F @ base
         probe = torch.linspace(0.3, 1.7, n, dtype=torch.float64)
         ok = torch.allclose(at(probe), c0 + F @ probe, rtol=1e-9, atol=1e-9)
     finally:
@@ -311,7 +353,8 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
         cands = build_candidates(states, copy_order=lat.copy_order, periodic=lat.periodic, device=device,
                                  n_ids=n_ids, proposal=proposal, max_sites_per_state=per_state,
                                  rng=np.random.default_rng(seed))
-        tab = _linear_tabulate(hamiltonian, pmap, cands)
+        pairs = _volume_target_pairs(pmap)
+        tab = _linear_tabulate(hamiltonian, pmap, cands, pairs)
         if tab is None:
             stochastic = True
     if not stochastic:
@@ -319,7 +362,9 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
         sizes = [p.numel() for p in free]
         theta0 = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in free])
         fgh = _dense_linear_problem(cands, c0, F, T, proposal_aware)
-        theta, final, n_it, history = newton_minimize(fgh, theta0, max_iter=max_iter, tol=tolerance)
+        coords, final, n_it, history = newton_minimize(fgh, _to_coords(pmap, pairs, theta0), max_iter=max_iter,
+                                                       tol=tolerance)
+        theta = _from_coords(pmap, pairs, coords)
         with torch.no_grad():
             o = 0
             for p, k in zip(free, sizes):
