@@ -650,8 +650,12 @@ def main(argv=None) -> int:
                    help="budget of network ΔH evaluations for the neural fields (0 = every boundary attempt; "
                         "a global NH costs ~0.1-1 s per attempt on a CPU)")
     p.add_argument("--device", help="torch device for the network (e.g. cuda)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch, BLAS and numba (default 0: torch/numba the available CPUs, BLAS 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     a = p.parse_args(argv)
+    from neuralcpm_plugin.threads import configure_threads
+    configure_threads(a.threads)
     claim_output(a.out, overwrite=a.overwrite)
     rep = export_model(a.bundle, a.out, init=a.init, frame=a.frame, mcs=a.mcs, seed=a.seed,
                        record_every=a.record_every, save_interval=a.save_interval,

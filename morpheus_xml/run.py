@@ -340,8 +340,12 @@ def main(argv=None) -> int:
     p.add_argument("--field-attempts", type=int, default=0,
                    help="budget of network ΔH evaluations per refresh (0 = every boundary attempt)")
     p.add_argument("--device", help="torch device for the network (e.g. cuda)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch, BLAS and numba (default 0: torch/numba the available CPUs, BLAS 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file and --workdir")
     a = p.parse_args(argv)
+    from neuralcpm_plugin.threads import configure_threads
+    configure_threads(a.threads)
     if not a.morpheus:
         raise ExportError("no Morpheus executable: pass --morpheus PATH or set MORPHEUS_BIN")
     claim_output(a.out, overwrite=a.overwrite)

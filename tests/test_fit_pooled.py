@@ -156,6 +156,7 @@ def test_pcd_fit_with_pooled_closure_changes_the_weights_and_reports_them(tmp_pa
     summary = fit(cfg, progress=False)
     out = capsys.readouterr().out
     assert "closure weights: w_a = " in out and ", w_n = " in out
+    assert "threads: torch 1, BLAS 1" in out
     assert summary["closure_weights"]["w_n"] != 1.0 and summary["closure_weights"]["w_a"] != 0.25
     ham = load_bundle(tmp_path / "pooled-closure" / "pcd" / "model").hamiltonian
     after = ham.state_dict()

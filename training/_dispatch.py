@@ -21,6 +21,10 @@ def dispatch(prog: str, description: str, commands: dict[str, str], module_prefi
             p.set_defaults(_missing=name)
             continue
         mod.add_arguments(p)
+        if not any("--threads" in a.option_strings for a in p._actions):
+            p.add_argument("--threads", type=int, default=0,
+                           help="CPU threads for torch, BLAS and numba (default 0: torch/numba use the available "
+                                "CPUs, BLAS 1; see neuralcpm_plugin.threads)")
         if any("--out" in a.option_strings for a in p._actions) and \
                 not any("--overwrite" in a.option_strings for a in p._actions):
             p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -28,4 +32,6 @@ def dispatch(prog: str, description: str, commands: dict[str, str], module_prefi
     args = parser.parse_args(argv)
     if getattr(args, "_missing", None):
         parser.error(f"{args._missing!r} is not available in this version")
+    from neuralcpm_plugin.threads import configure_threads
+    configure_threads(getattr(args, "threads", 0) or 0)
     return int(args._run(args) or 0)

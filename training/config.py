@@ -7,7 +7,8 @@ and the key, so a typo never silently trains the wrong model. Values are type-ch
 Sections
 --------
 top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), ``out`` (run folder; ""
-    means ``runs/<name>``), ``threads`` (torch CPU threads; 0 = torch's default).
+    means ``runs/<name>``), ``threads`` (CPU threads for torch, BLAS and numba; 0 = the default policy of
+    :mod:`neuralcpm_plugin.threads`).
 ``[data]`` : ``path`` (npz file or directory of npz files; "" = generate with ``[generate]``),
     ``frames`` ("all", "final" = last frame of each file, or "last:N"), ``max_states`` (0 = all).
 ``[generate]`` : ``dataset`` (a ``training.gen_<name>`` module), ``options`` (free table of keyword
@@ -78,7 +79,7 @@ DEFAULTS: dict = {
     "name": "default",
     "seed": 0,
     "device": "cpu",
-    "threads": 0,                    # torch CPU threads (0 = torch's default)
+    "threads": 0,                    # CPU threads (0 = neuralcpm_plugin.threads' default policy)
     "out": "",
     "data": {"path": "", "frames": "all", "max_states": 0},
     "generate": {"dataset": "cellsort", "options": {}, "cache": ""},

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="pcd iterations (or stochastic pl steps)")
     p.add_argument("--truth", help="true parameters for the report: a bundle, a JSON {J, lambda}, a Morpheus/CC3D "
                                    "model, or P1 | P2 | cellsort-a | cellsort-b")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch, BLAS and numba (default: torch and "
+                   "numba use the available CPUs, BLAS 1; see neuralcpm_plugin.threads)")
     p.add_argument("--no-export", action="store_true", help="do not write the CC3D / Morpheus exports")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -604,8 +605,8 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
     run_dir.mkdir(parents=True, exist_ok=True)
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
-    if cfg["threads"] > 0:
-        torch.set_num_threads(int(cfg["threads"]))
+    from neuralcpm_plugin.threads import configure_threads
+    thr = configure_threads(int(cfg["threads"]))
     objective = cfg["objective"]["name"]
     sampler_factory = _sampler_factory(cfg["pcd"]["sampler"], cfg["pcd"]["proposal"]) if objective == "pcd" else None
     if resume and objective == "pcd" and not (run_dir / "checkpoint").exists():
@@ -631,6 +632,7 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
         (run_dir / "config.toml").write_text(to_toml(cfg))
         if truth is not None:
             (run_dir / "truth.json").write_text(json.dumps(truth, indent=1))
+    _say(f"threads: torch {thr['torch']}, BLAS {thr['blas']} (--threads N sets both)")
     _say(f"model: {cfg['model']['kind']} ({', '.join(t.kind for t in ham.terms)}), V* = {info['V*']:.2f} "
          f"({info['V*_source']}), T = {ham.temperature}; objective: {objective}")
 
