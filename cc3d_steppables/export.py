@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -59,7 +60,8 @@ from neuralcpm_plugin.lattice import CellState, neighbour_offsets
 from . import steppables as _stp
 from .cc3dml import cc3d_type_names, fmt
 
-__all__ = ["NEURAL_GLOBAL_KINDS", "ExportResult", "default_initial_state", "export_project", "main"]
+__all__ = ["NEURAL_GLOBAL_KINDS", "ExportResult", "cc3d_command", "default_initial_state", "default_outdir",
+           "export_project", "main"]
 
 NEURAL_GLOBAL_KINDS = ("nh", "cnn", "nh1_cnn")
 CPP_KINDS = ("contact", "volume")
@@ -108,10 +110,23 @@ class ExportResult:
                              f"per MCS in the Python term (≤ {c['mcs_per_s_bound']:.3g} MCS/s)")
             else:
                 lines.append("expected cost: C++ plugins only (CC3D's native speed)")
-        lines.append(f"run: python -m cc3d.run_script -i {self.project} -o OUTDIR   "
-                     f"({self.mcs} MCS, seed {self.seed}; snapshots → OUTDIR/lattice.npz; CC3D 4.8 refuses an "
-                     "OUTDIR inside the project folder)")
+        out = default_outdir(self.project)
+        lines.append(f"run: {cc3d_command(self.project, out)}   ({self.mcs} MCS, seed {self.seed}, one thread: "
+                     f"NumberOfProcessors 1; snapshots → {out}/lattice.npz; in the Python of your CC3D installation)")
         return "\n".join(lines)
+
+
+def default_outdir(project) -> Path:
+    """The output folder the printed command uses: ``<project folder>_out`` beside the project folder (CC3D 4.8
+    refuses an output folder inside the project folder)."""
+    d = Path(project).parent
+    return d.with_name(d.name + "_out")
+
+
+def cc3d_command(project, outdir=None) -> str:
+    """The shell command that runs an exported project headless (CC3D's ``run_script`` creates ``outdir``)."""
+    out = outdir if outdir is not None else default_outdir(project)
+    return f"python -m cc3d.run_script -i {shlex.quote(str(project))} -o {shlex.quote(str(out))}"
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,9 +58,12 @@ from neuralcpm_plugin.lattice import CellState, neighbour_offsets
 __all__ = [
     "ExportReport",
     "default_layout",
+    "default_outdir",
     "direction_expression",
     "export_model",
+    "hook_command",
     "main",
+    "morpheus_command",
     "neural_potential_fields",
 ]
 
@@ -79,6 +84,8 @@ class ExportReport:
     n_attempts: int = 0
     error_sample: str = ""
     notes: list = field(default_factory=list)
+    bundle: Path | None = None  # the bundle directory exported, when given as a path (for the printed hook command)
+    mcs: int = 1000
 
     def summary(self) -> str:
         lines = [f"wrote {self.path} (MorpheusML 4, {self.n_cells} cells, types {self.type_names[1:]})"]
@@ -89,12 +96,43 @@ class ExportReport:
                 lines.append(f"  approximation error at the initial state over {self.n_attempts} boundary copy "
                              f"attempts ({self.error_sample}): RMSE/std(ΔH_NN) = {self.approx_rel_rmse:.4g}, "
                              f"max |error| = {self.approx_max_abs:.4g}")
-            lines.append("  the fields go stale as cells move: use `python -m morpheus_xml.run` to recompute them "
+            lines.append("  the fields go stale as cells move: the energy hook (morpheus_xml.run) recomputes them "
                          "every K MCS.")
         else:
             lines.append("analytic terms only: Morpheus's ΔH equals the bundle's for every copy attempt.")
         lines.extend(self.notes)
+        lines.append(f"run: {morpheus_command(self.path)}   (writes a TIFF stack + CSV log; one OpenMP thread: "
+                     "Morpheus's trajectory depends on its thread count)")
+        if self.neural and self.bundle is not None:
+            lines.append("     or with the neural fields recomputed every 50 MCS (the energy hook): "
+                         + hook_command(self.bundle, self.path.with_name(self.path.name.split(".")[0] + "_hook.npz"),
+                                        mcs=self.mcs, init=self.path))
         return "\n".join(lines)
+
+
+def default_outdir(model) -> Path:
+    """The output folder the printed command uses for ``model``: ``<model stem>_out`` beside it."""
+    model = Path(model)
+    return model.with_name(model.name.split(".")[0] + "_out")
+
+
+def morpheus_command(model, outdir=None, *, morpheus: str = "morpheus") -> str:
+    """The shell command that runs ``model`` headless in Morpheus, as printed by the exporter: it creates the
+    output folder (Morpheus 2.2.4 stops with "output directory ... does not exist" otherwise) and pins one
+    OpenMP thread (a Morpheus run is reproducible bit for bit only at a fixed thread count)."""
+    out = shlex.quote(str(outdir if outdir is not None else default_outdir(model)))
+    return (f"mkdir -p {out} && OMP_NUM_THREADS=1 {shlex.quote(str(morpheus))} --file {shlex.quote(str(model))} "
+            f"--outdir {out}")
+
+
+def hook_command(bundle, out, *, mcs: int = 1000, refresh: int = 50, morpheus: str = "morpheus",
+                 init=None) -> str:
+    """The energy-hook command line (:mod:`morpheus_xml.run`) with every required flag."""
+    cmd = (f"python -m morpheus_xml.run {shlex.quote(str(bundle))} --morpheus {shlex.quote(str(morpheus))} "
+           f"--mcs {int(mcs)} --refresh {int(refresh)} --out {shlex.quote(str(out))}")
+    if init is not None:
+        cmd += f" --init {shlex.quote(str(init))}"
+    return cmd
 
 
 def _fmt(x: float) -> str:
@@ -604,7 +642,8 @@ def export_model(bundle, out, *, init=None, frame: int = 0, mcs: int = 1000, see
         raise ExportError(f"the initial state has shape {state.shape}, the model's lattice {tuple(lat.shape)}")
     if ham.neural_terms() and len(lat.shape) != 2:
         raise ExportError(f"neural terms are 2-D only; this model has a {len(lat.shape)}-D lattice {tuple(lat.shape)}")
-    report = ExportReport(Path(out), len(state.cell_ids()), [], bool(ham.neural_terms()))
+    report = ExportReport(Path(out), len(state.cell_ids()), [], bool(ham.neural_terms()), mcs=int(mcs),
+                          bundle=Path(bundle) if isinstance(bundle, (str, os.PathLike)) else None)
     fields = None
     details = "Exported by neuralcpm-plugin (morpheus_xml.export). Analytic terms are native MorpheusML elements."
     if ham.neural_terms():

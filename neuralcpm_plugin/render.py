@@ -13,6 +13,7 @@
 * :func:`render_trajectory` — frames to an animated GIF (Pillow) or MP4 (imageio-ffmpeg, optional), one
   pyvista plotter reused for all frames.
 * :func:`render_grid` — several 2-D states side by side in one PNG (matplotlib), e.g. training samples.
+* :func:`plot_rollout_comparison` — data states beside model roll-outs plus statistics over time (matplotlib).
 * :func:`plot_training_curves` — loss / parameter curves from a training history (matplotlib, Agg).
 
 pyvista prints a harmless "bad X server connection" warning on machines without a display.
@@ -22,6 +23,7 @@ Colours: medium dark grey, type 1 red, type 2 light green (the paper's figures),
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ __all__ = [
     "DEFAULT_COLOURS",
     "cell_surfaces",
     "load_history",
+    "plot_rollout_comparison",
     "plot_training_curves",
     "render_3d_views",
     "render_grid",
@@ -348,6 +351,77 @@ def render_grid(states, path, *, ncols: int = 5, titles=None, scale: int = 3, co
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_rollout_comparison(data_states, model_states, data_stats: dict, model_stats: dict, path, *,
+                            data_times=None, model_times=None, title: str | None = None, data_label: str = "data",
+                            model_label: str = "fitted model", scale: int = 3, colours=None,
+                            panel_inches: float = 2.0) -> Path:
+    """Data beside model roll-outs, with summary statistics over time, as one PNG (matplotlib, Agg).
+
+    Row 1: ``data_states`` (2-D states, e.g. the final frames of data runs); row 2: ``model_states`` (the
+    model's roll-outs from the same starts, same column = same start), drawn with :func:`state_rgb`. Row 3:
+    one panel per statistic, mean ± standard deviation over runs against MCS. ``data_stats`` /
+    ``model_stats``: ``{name: array (runs, times)}``; ``data_times`` / ``model_times``: the MCS of the
+    columns. ``data_times = None`` with one column per statistic draws the data as a constant band (mean ±
+    sd over snapshots whose times are unknown).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data_states = [_as_state(s) for s in data_states]
+    model_states = [_as_state(s) for s in model_states]
+    if not data_states or not model_states:
+        raise DataError("plot_rollout_comparison: no states")
+    names = list(model_stats)
+    ncols = max(len(data_states), len(model_states), len(names))
+    fig = plt.figure(figsize=(panel_inches * ncols, panel_inches * 3.2))
+    grid = fig.add_gridspec(3, ncols, height_ratios=[1, 1, 1.1], hspace=0.35, wspace=0.35)
+    for row, (states, label) in enumerate(((data_states, data_label), (model_states, model_label))):
+        for j in range(ncols):
+            ax = fig.add_subplot(grid[row, j])
+            ax.axis("off")
+            if j < len(states):
+                ax.imshow(state_rgb(states[j], scale=scale, colours=colours), interpolation="nearest")
+                if row == 0:
+                    ax.set_title(f"start {j + 1}", fontsize=8)
+                if j == 0:
+                    ax.text(-0.06, 0.5, label, transform=ax.transAxes, rotation=90, ha="right", va="center",
+                            fontsize=8)
+    mt = np.asarray(model_times if model_times is not None else np.arange(np.asarray(model_stats[names[0]]).shape[1]),
+                    dtype=float)
+    for j, name in enumerate(names):
+        ax = fig.add_subplot(grid[2, j])
+        for stats, times, colour, label in ((data_stats, data_times, "tab:blue", data_label.split(" (")[0]),
+                                            (model_stats, mt, "tab:red", "model")):
+            if name not in stats:
+                continue
+            v = np.asarray(stats[name], dtype=float)
+            if times is None:                 # data of unknown time: a constant band over the model's span
+                m, sd = np.nanmean(v), np.nanstd(v)
+                ax.axhspan(m - sd, m + sd, color=colour, alpha=0.15)
+                ax.axhline(m, color=colour, lw=1.2, label=label)
+                continue
+            t = np.asarray(times, dtype=float)
+            with warnings.catch_warnings():          # a statistic undefined at some time (e.g. no contacts yet)
+                warnings.simplefilter("ignore", RuntimeWarning)
+                m, sd = np.nanmean(v, axis=0), np.nanstd(v, axis=0)
+            ax.fill_between(t, m - sd, m + sd, color=colour, alpha=0.2, lw=0)
+            ax.plot(t, m, color=colour, lw=1.2, label=label)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("MCS", fontsize=7)
+        ax.tick_params(labelsize=7)
+        if j == 0:
+            ax.legend(fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 

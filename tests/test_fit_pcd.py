@@ -30,7 +30,7 @@ def _cfg(tmp_path, data, out, **pcd):
     p.update(pcd)
     return load_config(None, {"name": "t", "out": str(out), "threads": 1, "data": {"path": str(data)},
                               "objective": {"name": "pcd"}, "pcd": p,
-                              "export": {"cc3d": False, "morpheus": False}})
+                              "export": {"cc3d": False, "morpheus": False, "figure": False}})
 
 
 @pytest.fixture

@@ -43,7 +43,9 @@ top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), `
     (resets permute the cell types, the paper; false = contrastive divergence from the data states), ``chain_rng``
     ("per_chain": one generator and sampler call per chain, identical for any number of processes;
     "batched": one sampler call for all chains of a process — faster for neural models).
-``[export]`` : ``cc3d`` / ``morpheus`` (bool: write the exports after training).
+``[export]`` : ``cc3d`` / ``morpheus`` (bool: write the exports after training), ``figure`` (bool: write
+    ``overview.png``, the data beside roll-outs of the fitted model; analytic models only, see
+    ``training/overview.py``).
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ DEFAULTS: dict = {
         "reset_permute": True,
         "chain_rng": "per_chain",
     },
-    "export": {"cc3d": True, "morpheus": True},
+    "export": {"cc3d": True, "morpheus": True, "figure": True},
 }
 
 _PRESET_DIR = "presets"

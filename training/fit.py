@@ -22,6 +22,7 @@ import importlib
 import inspect
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,16 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _file_log(run_dir: Path):
+    """A logger for long steps: the console (rank 0) and, time-stamped, ``RUN/train.log``."""
+    def log(msg: str) -> None:
+        if _rank() == 0:
+            _say(msg)
+            with open(Path(run_dir) / "train.log", "a") as f:
+                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
+    return log
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -75,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for torch, BLAS and numba (default: torch and "
                    "numba use the available CPUs, BLAS 1; see neuralcpm_plugin.threads)")
     p.add_argument("--no-export", action="store_true", help="do not write the CC3D / Morpheus exports")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-figure", action="store_true", help="do not write overview.png (data beside model roll-outs)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a one-line status every 30 s instead (also in RUN/train.log)")
     return p
 
 
@@ -102,6 +115,8 @@ def _overrides(args) -> dict:
         put("pl", "steps", args.iterations)
     if args.no_export:
         o["export"] = {"cc3d": False, "morpheus": False}
+    if args.no_figure:
+        o.setdefault("export", {})["figure"] = False
     return o
 
 
@@ -136,7 +151,7 @@ def _npz_meta(path) -> dict:
     return {}
 
 
-def _generate(cfg: dict, run_dir: Path):
+def _generate(cfg: dict, run_dir: Path, progress: bool = True):
     g = cfg["generate"]
     name = g["dataset"]
     modname = f"training.gen_{name}"
@@ -161,17 +176,31 @@ def _generate(cfg: dict, run_dir: Path):
     if "seed" in params and "seed" not in opts:
         opts["seed"] = cfg["seed"]
     if "progress" in params and "progress" not in opts:
-        opts["progress"] = True
+        opts["progress"] = bool(progress)
     if out.exists() and g["cache"]:
         _say(f"data: using the cached {out}")
         return out, None
     _say(f"data: generating with {modname}.generate_{name}({', '.join(f'{k}={v!r}' for k, v in opts.items())})")
     t0 = time.perf_counter()
+    report: dict = {}
+    if "report" in params and "report" not in opts:
+        opts["report"] = report
     res = fn(out, **opts) if "out" in params else fn(**opts)
     _say(f"data: generated in {time.perf_counter() - t0:.1f} s")
     truth_ham = None
     if isinstance(res, tuple) and len(res) == 2 and isinstance(res[0], (list, tuple)):
         res, truth_ham = res          # (states, the Hamiltonian that made them)
+        saver = getattr(mod, f"save_{name}", None)
+        if saver is not None and report:
+            # the generator's own file format: true parameters and per-snapshot seeds (the overview figure
+            # replays runs from them)
+            sp = inspect.signature(saver).parameters
+            kw = {k: opts[k] if k in opts else params[k].default for k in sp
+                  if k not in ("path", "states", "hamiltonian", "report") and (k in opts or (
+                      k in params and params[k].default is not params[k].empty))}
+            if all(k in kw or k == "report" for k, p in sp.items()
+                   if p.kind == p.KEYWORD_ONLY and p.default is p.empty):
+                return Path(saver(out, list(res), truth_ham, report=report, **kw)), truth_ham
     if isinstance(res, (str, os.PathLike)):
         return Path(res), truth_ham
     if isinstance(res, (list, tuple)) and res and hasattr(res[0], "ids"):
@@ -182,21 +211,22 @@ def _generate(cfg: dict, run_dir: Path):
     return out, truth_ham
 
 
-def load_training_data(cfg: dict, run_dir: Path):
+def load_training_data(cfg: dict, run_dir: Path, *, progress: bool = True):
     """The training states (validated, one lattice shape) and a description of where they came from."""
     from neuralcpm_plugin.io import load_dataset
     path = cfg["data"]["path"]
     generated = not path
     truth_ham = None
     if generated:
-        path, truth_ham = _generate(cfg, run_dir)
+        path, truth_ham = _generate(cfg, run_dir, progress)
     else:
         p = Path(path)
         if not p.exists() and not any(c in str(path) for c in "*?["):
             hint = ""
             if cfg["name"] in ("mnist", "mnist-cpu", "bipolar", "bipolar-cpu"):
                 base = cfg["name"].split("-")[0]
-                hint = f" (make it with: python -m training.generate {base})"
+                scale = "cpu" if cfg["name"].endswith("-cpu") else "paper"
+                hint = f" (make it with: python -m training.generate {base} --scale {scale} --out {shlex.quote(str(path))})"
             raise DataError(f"training data not found{hint}", path=path)
     ds = load_dataset(path)
     states = _select_frames(ds.states, cfg["data"]["frames"])
@@ -431,9 +461,7 @@ def _export(run_dir: Path, bundle_dir: Path, cfg: dict, init_state) -> list[str]
                 path = getattr(res, "path", None) or getattr(res, "model", None) or (
                     res if isinstance(res, (str, os.PathLike)) else out)
                 summary = res.summary() if hasattr(res, "summary") else f"Morpheus model: {path}"
-                lines.append(summary)
-                lines.append(f"run: morpheus --file {path} --outdir OUTDIR   (or: python -m morpheus_xml.run {bundle_dir} "
-                             "--morpheus PATH_TO_MORPHEUS)")
+                lines.append(summary)   # ends with the command lines that run it (morpheus_xml.export)
             except NeuralCPMError as e:
                 lines.append(f"Morpheus export failed: {e}")
     return lines
@@ -480,6 +508,19 @@ def _report_params(ham, truth, log) -> dict | None:
     log(f"parameter RMSE per pair: T=1 {pp['rmse_T1']:.4f}, T* {pp['rmse_Tstar']:.4f} (T* = {pp['Tstar']:.4f});"
         f" paper scaling (J x 4): T=1 {pa['rmse_T1']:.4f}, T* {pa['rmse_Tstar']:.4f}")
     return out
+
+
+# ------------------------------------------------------------------------------------------------ figure
+def _overview_figure(run_dir: Path, ham, states, data_info: dict, cfg: dict, seed: int) -> dict | None:
+    """``RUN/overview.png``: data beside roll-outs of the fitted model (training/overview.py); None if skipped."""
+    from .overview import overview
+    obj = cfg["objective"]["name"]
+    proposal = cfg["pl"]["proposal"] if obj == "pl" else cfg["pcd"]["proposal"]
+    try:
+        return overview(run_dir, ham, states, data_info, proposal=proposal, seed=seed, log=_say)
+    except (NeuralCPMError, OSError, ValueError) as e:
+        _say(f"overview figure: not written ({type(e).__name__}: {e})")
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -614,7 +655,7 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
 
     if (run_dir / "data.npz").exists() and resume and not cfg["data"]["path"]:
         cfg = dict(cfg, data=dict(cfg["data"], path=str(run_dir / "data.npz")))
-    states, data_info = load_training_data(cfg, run_dir) if rank == 0 or cfg["data"]["path"] else (None, None)
+    states, data_info = load_training_data(cfg, run_dir, progress=progress) if rank == 0 or cfg["data"]["path"] else (None, None)
     if dist is not None and not cfg["data"]["path"]:
         obj = [states, data_info]
         dist.broadcast_object_list(obj, src=0)
@@ -652,7 +693,7 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
         pl = cfg["pl"]
         res = fit_pl(ham, states, share_lambda=cfg["model"]["share_lambda"], max_iter=pl["max_iter"],
                      tolerance=pl["tolerance"], steps=pl["steps"], lr=pl["lr"], sites_per_state=pl["sites_per_state"],
-                     states_per_step=pl["states_per_step"], seed=seed, device=device, log=_say,
+                     states_per_step=pl["states_per_step"], seed=seed, device=device, log=_file_log(run_dir),
                      progress=progress, proposal=pl["proposal"],
                      max_sites=pl["max_sites"] or None)
         provenance["pl"] = {"nll": res.nll, "iterations": res.iterations, "method": res.method,
@@ -678,8 +719,9 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
         summary.update(res)
         summary["fit_seconds"] = res["seconds"]
         if res["status"] == "interrupted":
+            again = [a for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
             _say(f"stopped by signal {res['signal']} at iteration {res['iteration']}; resume with: "
-                 f"python -m training.fit {' '.join(sys.argv[1:])} --resume")
+                 f"python -m training.fit {shlex.join(again)}")
             summary["exit_code"] = 130 if res["signal"] == 2 else 143
             return summary
         # the final bundle holds the EMA weights (written by the last checkpoint)
@@ -697,6 +739,10 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
         if rep is not None:
             summary["rmse"] = rep
         _say(f"bundle: {bundle_dir}  (load with neuralcpm_plugin.load_bundle('{bundle_dir}'))")
+        fig = _overview_figure(run_dir, final, states, data_info, cfg, seed) if cfg["export"]["figure"] else None
+        if fig is not None:
+            summary["figure"] = fig["path"]
+            summary["overview"] = fig
         if cfg["export"]["cc3d"] or cfg["export"]["morpheus"]:
             init_state = states[0].copy()
             for line in _export(run_dir, bundle_dir, cfg, init_state):

@@ -145,8 +145,8 @@ def generate_bipolar(out=None, *, scale: str = "cpu", n: int | None = None, size
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
-                   help="preset: paper (149x149, 40 cells, 2000 MCS, 1000 snapshots) or cpu (99x99, 20 cells, "
-                        "200 MCS, 128)")
+                   help="preset: " + "; ".join(f"{k}: {v['size']}x{v['size']}, {v['cells']} cells, {v['n']} snapshots, "
+                                               f"{v['mcs']:g} MCS" for k, v in sorted(SCALES.items())))
     p.add_argument("--out", default=None, help="output .npz (default runs/data/bipolar.npz | bipolar-cpu.npz)")
     p.add_argument("-n", "--n", type=int, default=None, help="number of snapshots")
     p.add_argument("--size", type=int, default=None, help="lattice side (sites)")

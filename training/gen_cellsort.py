@@ -230,8 +230,10 @@ def save_cellsort(path, states, hamiltonian, *, scenario: str, scale: str, repor
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", choices=sorted(SCENARIOS), required=True, help="Edelstein-Keshet & Xiao scenario")
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
-                   help="paper: 200x200, 100 cells, 500 MCS, 128 snapshots; cpu: 48x48, 16 cells, 200 MCS, 32 "
-                        "(with --dim 3: paper 64^3, 256 cells, 200 MCS, 32; cpu 24^3, 32 cells, 100 MCS, 16)")
+                   help="preset: " + "; ".join(f"{k}: {v['size']}x{v['size']}, {v['cells']} cells, {v['n']} snapshots, "
+                                               f"{v['mcs']:g} MCS" for k, v in sorted(SCALES.items()))
+                        + " (with --dim 3: " + "; ".join(f"{k}: {v['size']}^3, {v['cells']} cells, {v['n']} snapshots, "
+                                                         f"{v['mcs']:g} MCS" for k, v in sorted(SCALES_3D.items())) + ")")
     p.add_argument("--dim", type=int, choices=[2, 3], default=2,
                    help="lattice dimension: 2 (square, the paper) or 3 (cubic, order-2 neighbourhoods)")
     p.add_argument("--out", default=None,

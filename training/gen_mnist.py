@@ -163,7 +163,8 @@ def generate_mnist(out=None, *, scale: str = "cpu", n: int | None = None, size: 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
-                   help="preset: paper (100x100, 50 cells, 1280 snapshots) or cpu (64x64, 20 cells, 512)")
+                   help="preset: " + "; ".join(f"{k}: {v['size']}x{v['size']}, {v['cells']} cells, {v['n']} snapshots, "
+                                               f"{v['mcs']:g} MCS" for k, v in sorted(SCALES.items())))
     p.add_argument("--out", default=None, help="output .npz (default runs/data/mnist.npz | mnist-cpu.npz)")
     p.add_argument("-n", "--n", type=int, default=None, help="number of snapshots")
     p.add_argument("--size", type=int, default=None, help="lattice side (sites)")

@@ -140,7 +140,7 @@ class PCDTrainer:
 
     def __init__(self, hamiltonian, data, cfg: dict, *, sampler_factory, run_dir, seed: int = 0,
                  device="cpu", param_map: ParamMap | None = None, share_lambda: bool = True, on_checkpoint=None,
-                 param_columns=None, log=None, progress: bool = True):
+                 param_columns=None, log=None, progress: bool = True, status_every: float = 30.0):
         self.ham = hamiltonian
         self.cfg = dict(cfg)
         self.device = torch.device(device)
@@ -158,6 +158,7 @@ class PCDTrainer:
         self.param_columns = param_columns or (lambda h: {})
         self._log = log or (lambda m: print(m, file=sys.stderr))
         self.progress = progress and self.dist.rank == 0
+        self.status_every = float(status_every)
         self.B = int(cfg["batch"])
         if self.B % self.dist.world:
             raise NeuralCPMError(f"pcd.batch = {self.B} chains cannot be split evenly over {self.dist.world} "
@@ -371,9 +372,12 @@ class PCDTrainer:
         from .plots import plot_metrics
         return plot_metrics(self.csv_path, self.run_dir)
 
-    def log(self, msg: str) -> None:
+    def log(self, msg: str, *, console: bool = True) -> None:
+        """``msg`` to the console (unless ``console=False``) and, time-stamped, to ``RUN/train.log``."""
         if self.dist.rank == 0:
-            self._log(msg)
+            if console:
+                self._log(msg)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / "train.log", "a") as f:
                 f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
 
@@ -390,6 +394,11 @@ class PCDTrainer:
             self.log(f"resumed from {self.ckpt_dir} at iteration {self.iteration}")
         else:
             self.save("initial")
+        c = self.cfg
+        self.log(f"pcd: iterations {self.iteration} → {iterations}; {self.B} chains over {self.dist.world} "
+                 f"process(es), {c['mcs']} MCS per iteration, lr {float(c['lr']) * self.lr_scale:.3g}, checkpoint "
+                 f"every {c['checkpoint_every']}; log {self.run_dir / 'train.log'}, metrics {self.csv_path}",
+                 console=not self.progress)
         self._set_lr()
         csvf = self._csv_open(resume)
         old = {}
@@ -403,6 +412,10 @@ class PCDTrainer:
             from tqdm import tqdm
             bar = tqdm(total=iterations, initial=self.iteration, desc="pcd", unit="it", dynamic_ncols=True)
         t0 = time.perf_counter()
+        # one status line every status_every s: the console only without the progress bar, train.log always
+        from .status import StatusLine
+        line = StatusLine("pcd", iterations, every=self.status_every, start=self.iteration,
+                          emit=lambda m: self.log(m, console=not self.progress))
         status = "finished"
         every = int(self.cfg["checkpoint_every"])
         plot_every = int(self.cfg.get("plot_every", 0) or 0)
@@ -436,6 +449,7 @@ class PCDTrainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.4g}", acc=f"{row['acceptance']:.3f}")
+                line.update(self.iteration, loss=float(row["loss"]), acceptance=float(row["acceptance"]))
                 stop = torch.tensor([1.0 if self._stop else 0.0], dtype=torch.float64)
                 self.dist.all_reduce(stop)
                 if stop.item() > 0:
@@ -457,6 +471,9 @@ class PCDTrainer:
                 signal.signal(s, h)
         if status == "finished" and plot_every:
             self.plot()
+        if status == "finished":
+            self.log(f"pcd: finished at iteration {self.iteration} in {time.perf_counter() - t0:.1f} s "
+                     f"({self.rollbacks} roll-backs)", console=not self.progress)
         return {"status": status, "iteration": self.iteration, "rollbacks": self.rollbacks,
                 "seconds": time.perf_counter() - t0,
                 "signal": getattr(self, "_signum", None)}

@@ -311,7 +311,7 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
            max_iter: int = 200, tolerance: float = 1e-10, stochastic: bool | None = None, steps: int = 200,
            lr: float = 1e-2, sites_per_state: int = 256, states_per_step: int = 4, seed: int = 0,
            device=None, log=None, progress: bool = False, param_map: ParamMap | None = None,
-           proposal: str = "classic", max_sites: int | None = None) -> PLResult:
+           proposal: str = "classic", max_sites: int | None = None, status_every: float = 30.0) -> PLResult:
     """Fit ``hamiltonian`` (in place) to ``states`` by the proposal-aware pseudo-likelihood.
 
     Parameters
@@ -331,6 +331,9 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
         Convex fit only: use at most this many boundary sites — ``max_sites // len(states)`` per state, drawn
         uniformly without replacement (``seed``) from each state's boundary sites — to bound memory (the dense
         layout takes ~200 bytes per site and free parameter). ``None``: every boundary site.
+    log : callable, optional
+        Receives the result line and, for the stochastic solver without ``progress``, a status line every
+        ``status_every`` seconds (step, nll, steps/s, ETA; :class:`training.status.StatusLine`).
     """
     t0 = time.perf_counter()
     states = list(states)
@@ -384,6 +387,8 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc="pl (stochastic)", unit="step")
+    from .status import StatusLine
+    line = StatusLine("pl (stochastic)", steps, every=status_every, emit=log) if log and not progress else None
     loss_v = float("nan")
     for step in it:
         pick = rng.choice(len(states), size=min(states_per_step, len(states)), replace=False)
@@ -399,6 +404,8 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
         history.append(loss_v)
         if progress:
             it.set_postfix(nll=f"{loss_v:.4f}")
+        if line is not None:
+            line.update(step + 1, nll=loss_v)
     res = PLResult(loss_v, steps, time.perf_counter() - t0, "stochastic Adam", sites_per_state * len(pick),
                    history)
     if log:
