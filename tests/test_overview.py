@@ -24,6 +24,7 @@ def test_replay_reproduces_the_stored_snapshots(cellsort):
     times, runs, exact, proposal = replay_cellsort(path, 3, n_frames=4)
     assert exact and proposal == "classic"
     assert times == [0.0, 5.0, 10.0, 15.0, 20.0]
+    assert len(replay_cellsort(path, 1)[0]) == 11            # default: 11 time points
     assert len(runs) == 3 and all(len(r) == 5 for r in runs)
     for r, s in zip(runs, states):
         assert np.array_equal(r[-1].ids, s.ids)
@@ -63,13 +64,14 @@ def test_overview_of_generated_data_and_of_trajectories(cellsort, tmp_path):
     assert msgs and str(tmp_path / "a" / "overview.png") in msgs[-1]
 
     # trajectory files (frames with mcs): the model starts at each file's first frame
-    _, runs, _, _ = replay_cellsort(path, 2, n_frames=4)
+    _, runs, _, _ = replay_cellsort(path, 2, n_frames=20)
     from neuralcpm_plugin.io.npz import save_npz
     files = []
     for i, r in enumerate(runs):
-        files.append(str(save_npz(tmp_path / f"traj{i}.npz", r, mcs=np.array([0, 5, 10, 15, 20]))))
+        files.append(str(save_npz(tmp_path / f"traj{i}.npz", r, mcs=np.arange(21))))
     res = overview(tmp_path / "b", ham, [r[-1] for r in runs], {"path": str(tmp_path), "files": files})
     assert "2 data trajectories" in res["source"] and res["mcs"] == 20.0
+    assert res["times"] == [float(t) for t in range(0, 21, 2)]           # 21 frames thinned to 11
     # the true model from the same starts keeps the data's mean volume (a loose check that it ran)
     fd, fm = res["final_stats"]["data"], res["final_stats"]["model"]
     assert abs(fd["mean cell volume (sites)"] - fm["mean cell volume (sites)"]) < 4

@@ -34,7 +34,8 @@ from neuralcpm_plugin.errors import DataError
 
 __all__ = ["overview", "replay_cellsort", "rollout"]
 
-MAX_ATTEMPTS = 4e8  # copy attempts for all model roll-outs together (≈ 10-20 s of the compiled sampler)
+MAX_ATTEMPTS = 5e7  # copy attempts for all model roll-outs together (a few seconds of the compiled sampler)
+MAX_TIMES = 11      # time points of the statistics (frames of longer trajectories are thinned)
 
 
 def rollout(start, ham, times, *, seed: int, proposal: str = "classic"):
@@ -63,7 +64,7 @@ def _params_json(path) -> dict | None:
         return None
 
 
-def replay_cellsort(path, n_runs: int, n_frames: int = 20):
+def replay_cellsort(path, n_runs: int, n_frames: int = MAX_TIMES - 1):
     """Runs ``0..n_runs-1`` of a ``training.gen_cellsort`` data set (exact sampler) replayed with frames:
     ``(times, [[state at each time] per run], replayed_exactly, proposal)``, or ``None`` when ``path`` is not
     such a data set. ``replayed_exactly``: every replay ends in the stored snapshot (same seeds, same sampler)."""
@@ -101,6 +102,9 @@ def _trajectory_files(files, n_runs: int):
         t = [float(m) - float(mcs[0]) for m in mcs]
         if any(b <= a for a, b in itertools.pairwise(t)):
             return None
+        if len(t) > MAX_TIMES:               # thin to at most MAX_TIMES frames, keeping the first and last
+            keep = sorted({round(k * (len(t) - 1) / (MAX_TIMES - 1)) for k in range(MAX_TIMES)})
+            frames, t = [frames[k] for k in keep], [t[k] for k in keep]
         if times is None:
             times = t
         elif t != times:
@@ -158,20 +162,21 @@ def overview(run_dir, ham, states, data_info: dict, *, proposal: str = "classic"
         tr = _trajectory_files(files, n_runs)
         if tr is not None:
             times, data_runs = tr
-            source = f"{len(data_runs)} data trajectories (first frame = the model's start)"
+            source = "{n} data trajectories (first frame = the model's start)"
         else:
             times, data_runs = None, None
             source = "data snapshots (the model starts from them; the data band is their mean ± sd)"
     if data_runs is not None:
-        n = max(1, min(len(data_runs), int(MAX_ATTEMPTS // max(1.0, n_sites * times[-1]))))
+        n = max(2, min(len(data_runs), int(MAX_ATTEMPTS // max(1.0, n_sites * times[-1]))))
         data_runs = data_runs[:n]
+        source = source.replace("{n}", str(len(data_runs)))
         starts = [r[0] for r in data_runs]
         model_times = times
     else:
         rng = np.random.default_rng(seed)
         pick = rng.choice(len(states), size=min(n_runs, len(states)), replace=False)
         mcs = min(float(fallback_mcs), MAX_ATTEMPTS / (n_sites * len(pick)))
-        model_times = [mcs * k / 20 for k in range(21)]
+        model_times = [mcs * k / (MAX_TIMES - 1) for k in range(MAX_TIMES)]
         starts = [states[i] for i in pick]
     model_runs = [rollout(s, ham, model_times, seed=seed * 1000 + 500 + i, proposal=proposal)
                   for i, s in enumerate(starts)]
@@ -195,7 +200,7 @@ def overview(run_dir, ham, states, data_info: dict, *, proposal: str = "classic"
                             model_label=f"fitted model, {t_end:g} MCS")
     secs = time.perf_counter() - t0
     log(f"overview figure: {path}  ({source}; {len(model_runs)} model roll-outs, {secs:.1f} s)")
-    return {"path": str(path), "source": source, "n_runs": len(model_runs), "mcs": t_end,
+    return {"path": str(path), "source": source, "n_runs": len(model_runs), "mcs": t_end, "times": list(model_times),
             "replayed_exactly": replayed, "seconds": round(secs, 2),
             "final_stats": {"data": {k: float(np.mean(v[:, -1])) for k, v in data_stats.items()},
                             "model": {k: float(np.mean(v[:, -1])) for k, v in model_stats.items()}}}
