@@ -93,3 +93,13 @@ def test_overview_of_snapshots_and_of_neural_models(tmp_path):
     msgs = []
     assert overview(tmp_path / "d", nh, states, _info(f), log=msgs.append) is None
     assert "skipped" in msgs[0] and not (tmp_path / "d" / "overview.png").exists()
+
+
+def test_overview_of_3d_data_shows_middle_planes(tmp_path):
+    rep = {}
+    states, ham = generate_cellsort("b", "cpu", 2, seed=1, proposal="classic", progress=False, report=rep, dim=3,
+                                    size=10, cells=4, target=10.0, radius=3.0, mcs=4.0)
+    path = save_cellsort(tmp_path / "d3.npz", states, ham, scenario="b", scale="cpu", report=rep)
+    assert replay_cellsort(path, 2, n_frames=2)[2] is True
+    res = overview(tmp_path / "o", ham, states, _info(path), n_runs=2)
+    assert res["replayed_exactly"] is True and (tmp_path / "o" / "overview.png").is_file()

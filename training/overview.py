@@ -72,7 +72,7 @@ def replay_cellsort(path, n_runs: int, n_frames: int = MAX_TIMES - 1):
     if p is None or p.get("dataset") != "cellsort" or p.get("sampler") != "exact":
         return None
     from .gen_cellsort import cellsort_hamiltonian_for, init_points
-    shape = (int(p["size"]), int(p["size"]))
+    shape = (int(p["size"]),) * int(p.get("dim", 2))
     ham = cellsort_hamiltonian_for(p["scenario"], shape, float(p["target"]))
     total = float(p["mcs"])
     times = [total * k / n_frames for k in range(n_frames + 1)]
@@ -113,6 +113,12 @@ def _trajectory_files(files, n_runs: int):
     return (times, runs) if runs else None
 
 
+def _mid_plane(state):
+    """The middle plane ``ids[D // 2]`` of a 3-D state as a 2-D state (same type table)."""
+    from neuralcpm_plugin.lattice import CellState
+    return CellState(np.ascontiguousarray(state.ids[state.shape[0] // 2]), state.types)
+
+
 def _stats(runs, n_types: int) -> dict:
     """``{name: array (runs, times)}`` of the summary statistics plotted."""
     from neuralcpm_plugin.metrics.stats import sorting_index, summary_stats
@@ -150,6 +156,7 @@ def overview(run_dir, ham, states, data_info: dict, *, proposal: str = "classic"
         log("overview figure: skipped (needs matplotlib: pip install matplotlib)")
         return None
     n_sites = int(np.prod(states[0].shape))
+    n_runs = max(4, min(int(n_runs), int(n_runs * 4096 / n_sites)))   # bigger lattices: fewer runs (statistics cost)
     n_types = max(s.n_types for s in states)
     files = data_info.get("files") or []
     src = replay_cellsort(files[0], n_runs) if len(files) == 1 and files[0].endswith(".npz") else None
@@ -190,10 +197,14 @@ def overview(run_dir, ham, states, data_info: dict, *, proposal: str = "classic"
         data_times = None
         data_show = [r[0] for r in model_runs[:n_show]]
     model_show = [r[-1] for r in model_runs[:n_show]]
+    slice_note = ""
+    if model_show[0].ndim == 3:          # 3-D: the pictures show the middle z-plane (statistics are 3-D)
+        data_show, model_show = [_mid_plane(s) for s in data_show], [_mid_plane(s) for s in model_show]
+        slice_note = "; pictures: middle z-plane"
     t_end = model_times[-1]
     path = Path(run_dir) / "overview.png"
     title = (f"{Path(str(data_info.get('path', 'data'))).name}: data vs the fitted model "
-             f"({', '.join(t.kind for t in ham.terms)}) from the same starts, {t_end:g} MCS")
+             f"({', '.join(t.kind for t in ham.terms)}) from the same starts, {t_end:g} MCS{slice_note}")
     plot_rollout_comparison(data_show, model_show, data_stats, model_stats, path, data_times=data_times,
                             model_times=model_times, title=title,
                             data_label="data" if data_runs is not None else "data snapshot (start)",
