@@ -18,6 +18,15 @@ directed motion: per id the reference site = its smallest flat site index, the s
 displacements of its sites from it, and a doubly linked list of its sites so that a change of reference
 site costs O(V)).
 
+Compiled neural terms travel in a second tuple ``NN`` (built by ``exact.neural_pack``)::
+
+    NN = (flags int64 [2], scales float64 [2],   # flags: a local NH / a pooled NH is present; their scales
+          Wl, Sl,                                # local NH weights and per-lattice caches (_local_nh_numba)
+          Wp, Sp, Pp, PSp)                       # pooled NH: feature weights, caches, MLP weights, Z cache
+
+(dummies of the same types when absent).  Their ΔH is added to the analytic one inside :func:`sweep`; an
+accepted copy updates their caches (:func:`neural_accept`) before the lattice is written.
+
 Random numbers: xoshiro256** (Blackman & Vigna) with a 4-word uint64 state array; seeded in Python through
 splitmix64, so a run is a pure function of its seed.
 """
@@ -26,6 +35,8 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+
+from ..hamiltonian._local_nh_numba import nh_accept, nh_delta, pooled_accept, pooled_delta
 
 _TWO53 = 1.0 / 9007199254740992.0
 
@@ -463,12 +474,32 @@ def init_boundary(ids, bnb, bflag, blist, bpos, bcount):
             _bset_add(y, blist, bpos, bcount)
 
 
+@njit(cache=True)
+def neural_delta(x, new, ids, types, NN):
+    """ΔH of the compiled neural terms (scales included)."""
+    dh = 0.0
+    if NN[0][0]:
+        dh += NN[1][0] * nh_delta(x, new, ids, types, NN[2], NN[3])
+    if NN[0][1]:
+        dh += NN[1][1] * pooled_delta(x, new, ids, types, NN[4], NN[5], NN[6], NN[7])
+    return dh
+
+
+@njit(cache=True)
+def neural_accept(x, new, ids, types, NN):
+    """Update the compiled neural terms' caches for an accepted copy (``ids`` still the before state)."""
+    if NN[0][0]:
+        nh_accept(x, new, ids, types, NN[2], NN[3])
+    if NN[0][1]:
+        pooled_accept(x, new, ids, types, NN[4], NN[5], NN[6], NN[7])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the sweep
 # ----------------------------------------------------------------------------------------------------------
 @njit(cache=True)
 def sweep(ids, types, vol, P, A, nb, nvalid, rng, n_attempts, inv_t, proposal, stop_at_candidate,
-          bflag, blist, bpos, bcount, counters):
+          bflag, blist, bpos, bcount, counters, NN=None):
     """Run up to ``n_attempts`` copy attempts.
 
     proposal 0 (classic): source s uniform over the lattice, target t uniform over s's valid copy neighbours;
@@ -478,7 +509,8 @@ def sweep(ids, types, vol, P, A, nb, nvalid, rng, n_attempts, inv_t, proposal, s
 
     With ``stop_at_candidate`` the sweep stops *before* deciding the first candidate copy (one that passed
     the same-cell and deletion checks) and returns it, so that Python can add a non-compiled ΔH; the
-    caller then calls :func:`decide`. Returns ``(attempts_done, pending, site, new_id, dh_analytic)``;
+    caller then calls :func:`decide`. ``NN``: the compiled neural terms (module docstring); their ΔH is
+    part of ``dh_analytic`` (the compiled ΔH). Returns ``(attempts_done, pending, site, new_id, dh_analytic)``;
     ``pending`` is 1 when a candidate is waiting (its attempt is counted in ``attempts_done``).
 
     counters (int64, length 4): attempts, candidates (ΔH evaluated), accepted, refused deletions.
@@ -521,10 +553,16 @@ def sweep(ids, types, vol, P, A, nb, nvalid, rng, n_attempts, inv_t, proposal, s
             continue
         counters[1] += 1
         dh = delta_analytic(x, new, ids, types, vol, P, A)
+        if NN is not None:  # noqa: SIM102 (nested: numba prunes the branch when NN is None)
+            if NN[0][0] or NN[0][1]:
+                dh += neural_delta(x, new, ids, types, NN)
         if stop_at_candidate:
             counters[0] += done
             return done, 1, x, new, dh
         if dh <= 0.0 or rng_uniform(rng) < np.exp(-dh * inv_t):
+            if NN is not None:  # noqa: SIM102
+                if NN[0][0] or NN[0][1]:
+                    neural_accept(x, new, ids, types, NN)
             apply_copy(x, new, ids, vol, P, A, track, nb, bflag, blist, bpos, bcount)
             counters[2] += 1
     counters[0] += done
@@ -532,10 +570,14 @@ def sweep(ids, types, vol, P, A, nb, nvalid, rng, n_attempts, inv_t, proposal, s
 
 
 @njit(cache=True)
-def decide(x, new, dh, ids, vol, P, A, rng, inv_t, proposal, nb, bflag, blist, bpos, bcount, counters):
+def decide(x, new, dh, ids, vol, P, A, rng, inv_t, proposal, nb, bflag, blist, bpos, bcount, counters,
+           types=None, NN=None):
     """Metropolis decision for a candidate returned by :func:`sweep` (total ΔH ``dh``); applies it if
-    accepted. Returns 1 if accepted."""
+    accepted (updating the compiled neural terms' caches). Returns 1 if accepted."""
     if dh <= 0.0 or rng_uniform(rng) < np.exp(-dh * inv_t):
+        if NN is not None:  # noqa: SIM102
+            if NN[0][0] or NN[0][1]:
+                neural_accept(x, new, ids, types, NN)
         apply_copy(x, new, ids, vol, P, A, proposal == 1, nb, bflag, blist, bpos, bcount)
         counters[2] += 1
         return 1

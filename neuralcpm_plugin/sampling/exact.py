@@ -14,8 +14,12 @@ Conventions (``../shared/SPEC.md``, DESIGN.md decisions 1, 3, 5):
   sampler, this is a dynamics, not an exact sampler of exp(-H/T).
 * One MCS = lattice-size (``H·W``) attempts for both proposals; fractional MCS round to whole attempts.
 * Analytic terms (kinds ``contact``, ``volume``, ``external``, ``directed_motion``, ``surface``) run in
-  compiled code built from each term's ``spec()`` / ``tensors()`` (parameters × ``scale``). Any other term
-  (neural) is evaluated through ``term.delta_np`` once per candidate copy: slow, exact.
+  compiled code built from each term's ``spec()`` / ``tensors()`` (parameters × ``scale``).
+* Neural terms with a compiled form (one ``local_nh`` and one ``pooled_nh`` term, 2-D lattices) run inside
+  the same compiled loop (``hamiltonian/_local_nh_numba.py``: exact float64 ΔH from per-lattice caches of
+  per-patch features, updated on every accepted copy) — no Python per candidate (``compiled_neural=False``
+  turns this off).  Any other term is evaluated through ``term.delta_np`` once per candidate copy: slow,
+  exact.
 * Cell volumes (and surfaces, centre sums for directed motion, the boundary set) are kept incrementally.
 
 Random numbers: xoshiro256**, seeded from ``seed``; a run is a deterministic function of
@@ -29,12 +33,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ConfigError
+from ..hamiltonian import _local_nh_numba as NB
 from ..lattice import CellState, neighbour_offsets
 from . import _kernels as K
 
-__all__ = ["ANALYTIC_KINDS", "ExactResult", "ExactSampler", "compiled_delta", "run_exact"]
+__all__ = ["ANALYTIC_KINDS", "COMPILED_NEURAL_KINDS", "ExactResult", "ExactSampler", "compiled_delta", "run_exact"]
 
 ANALYTIC_KINDS = ("contact", "volume", "external", "directed_motion", "surface")
+COMPILED_NEURAL_KINDS = ("local_nh", "pooled_nh")
 _PROPOSALS = {"classic": 0, "boundary": 1}
 
 
@@ -289,6 +295,50 @@ def _per_cell_state(pack: TermPack, ids_flat, n_ids, vol):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# compiled neural terms
+# ----------------------------------------------------------------------------------------------------------
+def neural_pack(local=None, pooled=None, ids=None, types=None, shape=None):
+    """The kernel's ``NN`` tuple (see ``_kernels``) for a compiled local NH and/or pooled NH evaluator
+    (:class:`~neuralcpm_plugin.hamiltonian._local_nh_numba.LocalNHCompiled` /
+    :class:`~neuralcpm_plugin.hamiltonian._local_nh_numba.PooledNHCompiled`, bound here to the lattice
+    ``ids`` (flat) of ``shape``)."""
+    flags = np.zeros(2, np.int64)
+    scales = np.zeros(2, np.float64)
+    if local is not None:
+        local.bind(ids.reshape(shape), types)
+        flags[0], scales[0] = 1, local.scale
+        Wl, Sl = local.W, local.S
+    else:
+        Wl = NB.dummy_weights()
+        Sl = NB.new_state(Wl, (1, 1))
+    if pooled is not None:
+        pooled.bind(ids.reshape(shape), types)
+        flags[1], scales[1] = 1, pooled.scale
+        Wp, Sp, Pp, PSp = pooled.W, pooled.S, pooled.P, pooled.PS
+    else:
+        Wp = NB.dummy_weights()
+        Sp = NB.new_state(Wp, (1, 1))
+        Pp = NB.dummy_pooled_weights()
+        PSp = NB.new_pooled_state(Pp)
+    return (flags, scales, Wl, Sl, Wp, Sp, Pp, PSp)
+
+
+def _compiled_neural(terms, shape):
+    """Split non-analytic terms into (compiled local NH, compiled pooled NH, the rest)."""
+    local = pooled = None
+    rest = []
+    for t in terms:
+        kind = getattr(t, "kind", None)
+        if len(shape) == 2 and kind == "local_nh" and local is None and hasattr(t, "numpy_evaluator"):
+            local = NB.LocalNHCompiled(t.numpy_evaluator())
+        elif len(shape) == 2 and kind == "pooled_nh" and pooled is None and hasattr(t, "numpy_evaluator"):
+            pooled = NB.PooledNHCompiled(t.numpy_evaluator())
+        else:
+            rest.append(t)
+    return local, pooled, rest
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the sampler
 # ----------------------------------------------------------------------------------------------------------
 def _split_hamiltonian(hamiltonian):
@@ -317,11 +367,15 @@ class ExactSampler:
     terms, temperature, periodic, copy_order : optional overrides (used when ``hamiltonian`` is None).
     callback_terms : list of objects with ``delta_np(state, site, new_id, cache)``, optional
         Extra non-compiled terms (in addition to the Hamiltonian's non-analytic terms).
+    compiled_neural : bool
+        Run the Hamiltonian's ``local_nh`` / ``pooled_nh`` terms (one of each, 2-D) inside the compiled loop
+        (default); False sends them through ``delta_np`` like any other neural term (slow; the reference).
     """
 
     def __init__(self, state: CellState, hamiltonian=None, *, seed: int = 0, proposal: str = "classic",
                  terms=None, temperature: float | None = None, periodic: bool | None = None,
-                 copy_order: int | None = None, contact_order: int | None = None, callback_terms=None):
+                 copy_order: int | None = None, contact_order: int | None = None, callback_terms=None,
+                 compiled_neural: bool = True):
         if proposal not in _PROPOSALS:
             raise ConfigError(f"unknown proposal {proposal!r}; use 'classic' or 'boundary'")
         self.proposal = proposal
@@ -334,15 +388,18 @@ class ExactSampler:
             raise ConfigError(f"temperature must be > 0, got {T}")
         self.temperature = float(T)
         self.callback_terms = list(callback_terms or [])
+        st = state.copy() if isinstance(state, CellState) else CellState(*state)
+        local = pooled = None
         if terms is None:
             if hamiltonian is None:
                 raise ConfigError("ExactSampler needs a hamiltonian or a list of (spec, tensors) terms")
             analytic, other = _split_hamiltonian(hamiltonian)
             terms = [(t.spec(), t.tensors()) for t in analytic]
+            if compiled_neural:
+                local, pooled, other = _compiled_neural(other, st.shape)
             self.callback_terms = other + self.callback_terms
         self._terms = list(terms)
 
-        st = state.copy() if isinstance(state, CellState) else CellState(*state)
         self.shape = st.shape
         self.n_sites = int(np.prod(self.shape))
         self.n_t1 = max(int(st.types.max()) + 1, 1)
@@ -365,6 +422,9 @@ class ExactSampler:
         self._bcount = np.zeros(1, np.int64)
         if self.proposal == "boundary":
             K.init_boundary(self._ids, self._nb, self._bflag, self._blist, self._bpos, self._bcount)
+        self.compiled_terms = [t for t in (local, pooled) if t is not None]
+        self._NN = neural_pack(local, pooled, self._ids, self._types, self.shape)
+        self._local, self._pooled = local, pooled
         self._rng = K.seed_state(seed)
         self.counters = np.zeros(4, np.int64)  # attempts, candidates, accepted, refused deletions
         self.mcs_done = 0.0
@@ -395,9 +455,15 @@ class ExactSampler:
         """ΔH (compiled analytic part + callback terms) of copying ``new_id`` into ``site`` (tuple or flat)."""
         x = int(np.ravel_multi_index(tuple(site), self.shape)) if not np.isscalar(site) else int(site)
         dh = K.delta_analytic(x, int(new_id), self._ids, self._types, self._vol, self.pack.P, self._A)
+        if self.compiled_terms:
+            dh += K.neural_delta(x, int(new_id), self._ids, self._types, self._NN)
         if self.callback_terms:
             dh += self._callback_delta(x, int(new_id))
         return float(dh)
+
+    def neural_cache_error(self) -> float:
+        """Max |cached − recomputed| of the compiled neural terms' caches (0.0 without such terms)."""
+        return max([t.cache_error() for t in self.compiled_terms], default=0.0)
 
     def _callback_delta(self, x: int, new_id: int) -> float:
         if self._cb_state is None:
@@ -422,18 +488,19 @@ class ExactSampler:
         P, A = self.pack.P, self._A
         if not self.callback_terms:
             K.sweep(self._ids, self._types, self._vol, P, A, self._nb, self._nvalid, self._rng, int(n), inv_t,
-                    prop, False, self._bflag, self._blist, self._bpos, self._bcount, self.counters)
+                    prop, False, self._bflag, self._blist, self._bpos, self._bcount, self.counters, self._NN)
             return
         remaining = int(n)
         while remaining > 0:
             done, pending, x, new, dh = K.sweep(self._ids, self._types, self._vol, P, A, self._nb, self._nvalid,
                                                 self._rng, remaining, inv_t, prop, True, self._bflag, self._blist,
-                                                self._bpos, self._bcount, self.counters)
+                                                self._bpos, self._bcount, self.counters, self._NN)
             remaining -= done
             if pending:
                 dh += self._callback_delta(int(x), int(new))
                 K.decide(int(x), int(new), float(dh), self._ids, self._vol, P, A, self._rng, inv_t, prop,
-                         self._nb, self._bflag, self._blist, self._bpos, self._bcount, self.counters)
+                         self._nb, self._bflag, self._blist, self._bpos, self._bcount, self.counters, self._types,
+                         self._NN)
 
 
 def compiled_delta(state: CellState, hamiltonian=None, site=None, new_id=None, *, terms=None, periodic=None,

@@ -1,0 +1,731 @@
+"""Compiled (numba, float64) local NH: per-lattice caches, ΔH of one copy attempt, cache update on accept.
+
+The local NH (``local_nh.py``; same notation) written through its per-patch *feature vector*
+
+    q(g) = Σ_c in_c(g) · (v_c(g) − v_∅(g)) ∈ R^C          (interaction-branch output before the read-out)
+    H    = scale · Σ_g w_o · q(g)                           (the read-out bias b_o cancels in ρ_c − ρ_∅)
+
+A lattice's cache (:func:`new_state` + :func:`full_init`) holds, per patch g of the coarse Gh×Gw grid: its
+distinct cells (ids, medium included), each cell's ψ(u_c(g)) and W_u·u_c(g), the ghost's ψ(u_∅(g)) and
+W_u·u_∅(g), A(g), CA(g) = conv_k×k(A)(g) + b_A (circular on the grid) and q(g).
+
+Copying cell ``new`` into flat site x (patch g0) changes u, A only at g0, hence CA and q only at the output
+patches g0 − (a−r, b−r), a, b ∈ 0..k−1 (deduplicated: on grids smaller than k they coincide).
+:func:`nh_delta` evaluates the after-state of g0 from scratch, CA at the outputs as CA + W_ab·ΔA, q at the
+outputs from scratch given CA, and returns Σ_o w_o·(q'(o) − q(o)) (without ``scale``); the after-state
+quantities stay in the scratch part of the cache and :func:`nh_accept` commits them (it recomputes the ΔH
+first when the scratch belongs to another attempt).  Δq per output patch (:func:`nh_delta` leaves it in
+``S[_S_DQ]`` with the patch indices in ``S[_S_OUT]``) is what the pooled term's ΔZ is built from.
+
+CA is the only incrementally updated quantity (u, A, q are recomputed from scratch where they change);
+every ``refresh_every`` accepted copies CA and q are recomputed from A, so float drift stays ≲ 1e-14.
+
+Conventions: ``ids`` flat (row-major) int array of an H×W lattice, ``types`` int array indexed by id,
+``ids`` must still hold the *before* state when :func:`nh_accept` is called (the caller writes the copy
+after).  Sites in rows ≥ Gh·s or columns ≥ Gw·s are not seen (ΔH 0), as in the NH.
+
+This file imports only numpy and numba, so it can be shipped into a CompuCell3D project next to
+``local_nh.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit
+
+# error_model="numpy": no ZeroDivisionError checks, so LLVM can vectorize the loops; "contract": FMA
+_jit = functools.partial(njit, cache=True, error_model="numpy", fastmath={"contract"})
+
+# weights tuple W (see weights_from_numpy)
+# 0 dims int64 [s, k, C, T, ss, r]; 1 Em [ss, C]; 2 Et [ss, T+1, C]; 3 b [C]; 4 W1 [C, C] (in, out); 5 b1;
+# 6 W2; 7 b2; 8 Wu; 9 WAb [k, k, C, C] (a, b, in, out); 10 bA; 11 W3; 12 b3; 13 Wo [C]
+
+# state tuple S (see new_state)
+_S_GEO = 0     # int64 [8]: H, W, Gh, Gw, G, version, accepts since refresh, refresh_every
+_S_PN = 1      # int64 [G] cells per patch
+_S_PCELL = 2   # int64 [G, ss] their ids
+_S_PSI = 3     # [G, ss, C] ψ(u_c)
+_S_UW = 4      # [G, ss, C] W_u·u_c
+_S_GPSI = 5    # [G, C] ψ(u_∅)
+_S_GUW = 6     # [G, C] W_u·u_∅
+_S_A = 7       # [G, C]
+_S_CA = 8      # [G, C] conv(A) + b_A
+_S_Q = 9       # [G, C] q(g)
+_S_KEY = 10    # int64 [8]: x, new, version, valid, cells in the after-centre patch, outputs, g0, changed
+_S_CELL = 11   # int64 [ss] after-centre cells
+_S_CPSI = 12   # [ss, C]
+_S_CUW = 13    # [ss, C]
+_S_CG = 14     # [3, C]: ghost ψ, ghost W_u·u, A' of the after-centre patch
+_S_OUT = 15    # int64 [k*k] output patches of the last attempt
+_S_OCA = 16    # [k*k, C] CA' at the outputs
+_S_OQ = 17     # [k*k, C] q' at the outputs
+_S_DQ = 18     # [k*k, C] q' − q
+_S_MARK = 19   # int64 [G] output slot of a patch during an attempt (−1 otherwise)
+_S_TMP = 20    # [6, C] work rows
+_S_PIDS = 21   # int64 [ss] work: ids of a patch
+
+
+def weights_from_numpy(ev) -> tuple:
+    """The weights tuple of a :class:`~neuralcpm_plugin.hamiltonian.local_nh.LocalNHNumpy` evaluator."""
+    s, k, C, T = ev.s, ev.k, ev.C, ev.T
+    f = lambda a: np.ascontiguousarray(np.asarray(a, dtype=np.float64))
+    WAb = ev.WA.reshape(k, k, C, C)  # rows (a, b, in) → out
+    dims = np.array([s, k, C, T, s * s, k // 2], np.int64)
+    return (dims, f(ev.Em), f(ev.Et), f(ev.b), f(ev.W1), f(ev.b1), f(ev.W2), f(ev.b2), f(ev.Wu), f(WAb),
+            f(ev.bA), f(ev.W3), f(ev.b3), f(np.zeros(C) if ev.Wo is None else ev.Wo))
+
+
+def dummy_weights() -> tuple:
+    """A weights tuple of the right types for an absent term (C = 1, never evaluated)."""
+    z = lambda *sh: np.zeros(sh, np.float64)
+    return (np.array([1, 1, 1, 0, 1, 0], np.int64), z(1, 1), z(1, 1, 1), z(1), z(1, 1), z(1), z(1, 1), z(1),
+            z(1, 1), z(1, 1, 1, 1), z(1), z(1, 1), z(1), z(1))
+
+
+def new_state(W, shape, refresh_every: int = 4096) -> tuple:
+    """Empty cache tuple for an H×W lattice (fill it with :func:`full_init`)."""
+    dims = W[0]
+    s, k, C, ss = int(dims[0]), int(dims[1]), int(dims[2]), int(dims[4])
+    H, Wd = int(shape[0]), int(shape[1])
+    Gh, Gw = H // s, Wd // s
+    G = Gh * Gw
+    geo = np.array([H, Wd, Gh, Gw, G, 0, 0, max(int(refresh_every), 1)], np.int64)
+    z = lambda *sh: np.zeros(sh, np.float64)
+    return (geo, np.zeros(G, np.int64), np.zeros((G, ss), np.int64), z(G, ss, C), z(G, ss, C), z(G, C), z(G, C),
+            z(G, C), z(G, C), z(G, C), np.zeros(8, np.int64), np.zeros(ss, np.int64), z(ss, C), z(ss, C),
+            z(3, C), np.zeros(k * k, np.int64), z(k * k, C), z(k * k, C), z(k * k, C),
+            np.full(G, -1, np.int64), z(6, C), np.zeros(ss, np.int64))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+_LOG2E = 1.4426950408889634
+_LN2HI = 6.93147180369123816490e-01
+_LN2LO = 1.90821492927058770002e-10
+_MAGIC = 6755399441055744.0  # 1.5·2^52: x + _MAGIC − _MAGIC rounds x to the nearest integer
+
+
+@_jit(inline="always")
+def _exp(x):
+    """e^x for |x| ≤ 700 (clamped beyond), within 1 ulp of libm: Cody–Waite reduction x = n·ln2 + r,
+    |r| ≤ ln2/2, degree-13 Taylor polynomial, 2^n from the exponent bits.  Written without calls so that
+    LLVM vectorizes the loops that use it (numba has no vector exp without Intel SVML)."""
+    x = min(x, 700.0)
+    x = max(x, -700.0)
+    n = (x * _LOG2E + _MAGIC) - _MAGIC
+    r = (x - n * _LN2HI) - n * _LN2LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    return p * np.int64((np.int64(n) + 1023) << 52).view(np.float64)
+
+
+@_jit(inline="always")
+def _silu(x):
+    return x / (1.0 + _exp(-x))
+
+
+@_jit(inline="always")
+def _matvec(x, M, bias, out, use_bias):
+    """out = x @ M (+ bias)."""
+    C = out.shape[0]
+    if use_bias:
+        for o in range(C):
+            out[o] = bias[o]
+    else:
+        for o in range(C):
+            out[o] = 0.0
+    for i in range(x.shape[0]):
+        xi = x[i]
+        for o in range(C):
+            out[o] += xi * M[i, o]
+
+
+@_jit
+def _psi_uw(u, W, psi_out, uw_out, t):
+    """ψ(u) = SiLU(W2ᵀ SiLU(W1ᵀ u + b1) + b2) and W_uᵀ u."""
+    C = u.shape[0]
+    _matvec(u, W[4], W[5], t, True)
+    for c in range(C):
+        t[c] = _silu(t[c])
+    _matvec(t, W[6], W[7], psi_out, True)
+    for c in range(C):
+        psi_out[c] = _silu(psi_out[c])
+    _matvec(u, W[8], W[8][0], uw_out, False)
+
+
+@_jit
+def _v_acc(uw, ca, W, acc, sign, t1, t2):
+    """acc += sign · v, v = SiLU(W3ᵀ SiLU(uw + ca) + b3)."""
+    C = uw.shape[0]
+    for c in range(C):
+        t1[c] = _silu(uw[c] + ca[c])
+    _matvec(t1, W[11], W[12], t2, True)
+    for c in range(C):
+        acc[c] += sign * _silu(t2[c])
+
+
+@_jit
+def _patch_features(pids, types, W, cells, psi, uw, gpsi, guw, A, tmp):
+    """Stage 1 of one patch (ids ``pids`` [ss], patch-major positions): its distinct cells, their ψ and
+    W_u·u, the ghost's, and A.  Returns the number of cells."""
+    dims = W[0]
+    C = dims[2]
+    ss = dims[4]
+    Em = W[1]
+    Et = W[2]
+    b = W[3]
+    tp = tmp[0]
+    u = tmp[1]
+    t = tmp[2]
+    for c in range(C):
+        tp[c] = b[c]
+    for p in range(ss):
+        ty = types[pids[p]]
+        for c in range(C):
+            tp[c] += Et[p, ty, c]
+    n = 0
+    for p in range(ss):
+        cid = pids[p]
+        found = False
+        for m in range(n):
+            if cells[m] == cid:
+                found = True
+                break
+        if not found:
+            cells[n] = cid
+            n += 1
+    for c in range(C):
+        u[c] = _silu(tp[c])
+    _psi_uw(u, W, gpsi, guw, t)
+    for c in range(C):
+        A[c] = -n * gpsi[c]
+    for m in range(n):
+        cid = cells[m]
+        for c in range(C):
+            u[c] = 0.0
+        for p in range(ss):
+            if pids[p] == cid:
+                for c in range(C):
+                    u[c] += Em[p, c]
+        for c in range(C):
+            u[c] = _silu(u[c] + tp[c])
+        _psi_uw(u, W, psi[m], uw[m], t)
+        for c in range(C):
+            A[c] += psi[m, c]
+    return n
+
+
+@_jit
+def _gather_patch(ids, S, W, g, pids):
+    geo = S[_S_GEO]
+    Wd = geo[1]
+    Gw = geo[3]
+    s = W[0][0]
+    gi = g // Gw
+    gj = g - gi * Gw
+    for a in range(s):
+        base = (gi * s + a) * Wd + gj * s
+        for b in range(s):
+            pids[a * s + b] = ids[base + b]
+
+
+@_jit
+def _patch_q(S, W, g, ca, n, uw, guw, out, t1, t2):
+    """q of a patch with ``n`` cells (rows of ``uw``), ghost ``guw`` and conv row ``ca`` → ``out``."""
+    C = out.shape[0]
+    for c in range(C):
+        out[c] = 0.0
+    for m in range(n):
+        _v_acc(uw[m], ca, W, out, 1.0, t1, t2)
+    _v_acc(guw, ca, W, out, -float(n), t1, t2)
+
+
+@_jit
+def _conv_all(S, W):
+    """CA = circular k×k conv of A + b_A, and q, of every patch (from A and the per-cell rows)."""
+    geo = S[_S_GEO]
+    Gh = geo[2]
+    Gw = geo[3]
+    dims = W[0]
+    k = dims[1]
+    C = dims[2]
+    r = dims[5]
+    A = S[_S_A]
+    CA = S[_S_CA]
+    WAb = W[9]
+    bA = W[10]
+    tmp = S[_S_TMP]
+    for gi in range(Gh):
+        for gj in range(Gw):
+            g = gi * Gw + gj
+            for c in range(C):
+                CA[g, c] = bA[c]
+            for a in range(k):
+                ri = (gi + a - r) % Gh
+                for b in range(k):
+                    h = ri * Gw + (gj + b - r) % Gw
+                    for i in range(C):
+                        ai = A[h, i]
+                        for o in range(C):
+                            CA[g, o] += ai * WAb[a, b, i, o]
+    for g in range(Gh * Gw):
+        _patch_q(S, W, g, CA[g], S[_S_PN][g], S[_S_UW][g], S[_S_GUW][g], S[_S_Q][g], tmp[3], tmp[4])
+
+
+@_jit
+def full_init(ids, types, W, S):
+    """Fill every cache of ``S`` from the lattice ``ids`` (flat) and ``types``."""
+    geo = S[_S_GEO]
+    G = geo[4]
+    pids = S[_S_PIDS]
+    tmp = S[_S_TMP]
+    for g in range(G):
+        _gather_patch(ids, S, W, g, pids)
+        S[_S_PN][g] = _patch_features(pids, types, W, S[_S_PCELL][g], S[_S_PSI][g], S[_S_UW][g],
+                                      S[_S_GPSI][g], S[_S_GUW][g], S[_S_A][g], tmp)
+    _conv_all(S, W)
+    geo[5] += 1
+    geo[6] = 0
+    S[_S_KEY][3] = 0
+
+
+@_jit
+def total_features(S):
+    """Σ_g q(g) [C] from the cache."""
+    q = S[_S_Q]
+    out = np.zeros(q.shape[1])
+    for g in range(q.shape[0]):
+        for c in range(q.shape[1]):
+            out[c] += q[g, c]
+    return out
+
+
+@_jit
+def energy_from_cache(W, S):
+    """Σ_g w_o·q(g) (without ``scale``)."""
+    Wo = W[13]
+    q = S[_S_Q]
+    e = 0.0
+    for g in range(q.shape[0]):
+        for c in range(q.shape[1]):
+            e += Wo[c] * q[g, c]
+    return e
+
+
+# ------------------------------------------------------------------------------------------- one attempt
+@_jit
+def nh_delta_q(x, new, ids, types, W, S):
+    """Evaluate the attempt "copy ``new`` into flat site ``x``" into the scratch of ``S``: the outputs'
+    patches ``S[_S_OUT][:n]``, their q' and Δq = q' − q.  Returns n (0: nothing seen changes)."""
+    geo = S[_S_GEO]
+    key = S[_S_KEY]
+    Wd = geo[1]
+    Gh = geo[2]
+    Gw = geo[3]
+    dims = W[0]
+    s = dims[0]
+    k = dims[1]
+    C = dims[2]
+    r = dims[5]
+    old = ids[x]
+    i = x // Wd
+    j = x - i * Wd
+    key[0] = x
+    key[1] = new
+    key[2] = geo[5]
+    key[3] = 1
+    if old == new or i >= Gh * s or j >= Gw * s:
+        key[4] = 0
+        key[5] = 0
+        key[7] = 0
+        return 0
+    gi = i // s
+    gj = j // s
+    g0 = gi * Gw + gj
+    pids = S[_S_PIDS]
+    _gather_patch(ids, S, W, g0, pids)
+    pids[(i - gi * s) * s + (j - gj * s)] = new
+    tmp = S[_S_TMP]
+    cg = S[_S_CG]
+    n = _patch_features(pids, types, W, S[_S_CELL], S[_S_CPSI], S[_S_CUW], cg[0], cg[1], cg[2], tmp)
+    A = S[_S_A]
+    dA = tmp[5]
+    for c in range(C):
+        dA[c] = cg[2, c] - A[g0, c]
+    CA = S[_S_CA]
+    mark = S[_S_MARK]
+    out = S[_S_OUT]
+    oca = S[_S_OCA]
+    WAb = W[9]
+    nout = 0
+    for a in range(k):
+        ro = (gi - (a - r)) % Gh
+        for b in range(k):
+            go = ro * Gw + (gj - (b - r)) % Gw
+            o = mark[go]
+            if o < 0:
+                o = nout
+                mark[go] = o
+                out[o] = go
+                for c in range(C):
+                    oca[o, c] = CA[go, c]
+                nout += 1
+            for ii in range(C):
+                d = dA[ii]
+                for oo in range(C):
+                    oca[o, oo] += d * WAb[a, b, ii, oo]
+    q = S[_S_Q]
+    oq = S[_S_OQ]
+    dq = S[_S_DQ]
+    for o in range(nout):
+        go = out[o]
+        mark[go] = -1
+        if go == g0:
+            _patch_q(S, W, go, oca[o], n, S[_S_CUW], cg[1], oq[o], tmp[3], tmp[4])
+        else:
+            _patch_q(S, W, go, oca[o], S[_S_PN][go], S[_S_UW][go], S[_S_GUW][go], oq[o], tmp[3], tmp[4])
+        for c in range(C):
+            dq[o, c] = oq[o, c] - q[go, c]
+    key[4] = n
+    key[5] = nout
+    key[6] = g0
+    key[7] = 1
+    return nout
+
+
+@_jit
+def nh_delta(x, new, ids, types, W, S):
+    """Σ_o w_o·Δq(o) of the attempt (ΔH without ``scale``); leaves the after-state in the scratch."""
+    nout = nh_delta_q(x, new, ids, types, W, S)
+    Wo = W[13]
+    dq = S[_S_DQ]
+    e = 0.0
+    for o in range(nout):
+        for c in range(Wo.shape[0]):
+            e += Wo[c] * dq[o, c]
+    return e
+
+
+@_jit
+def scratch_matches(x, new, S):
+    key = S[_S_KEY]
+    return key[3] == 1 and key[0] == x and key[1] == new and key[2] == S[_S_GEO][5]
+
+
+@_jit
+def nh_accept(x, new, ids, types, W, S):
+    """Commit the accepted copy "``new`` into flat site ``x``" to the caches (``ids`` still the before
+    state).  Uses the scratch of the last :func:`nh_delta` when it belongs to this attempt."""
+    if not scratch_matches(x, new, S):
+        nh_delta_q(x, new, ids, types, W, S)
+    geo = S[_S_GEO]
+    key = S[_S_KEY]
+    key[3] = 0
+    geo[5] += 1
+    if key[7] == 0:
+        return
+    C = W[0][2]
+    g0 = key[6]
+    n = key[4]
+    S[_S_PN][g0] = n
+    cells = S[_S_CELL]
+    cpsi = S[_S_CPSI]
+    cuw = S[_S_CUW]
+    cg = S[_S_CG]
+    for m in range(n):
+        S[_S_PCELL][g0, m] = cells[m]
+        for c in range(C):
+            S[_S_PSI][g0, m, c] = cpsi[m, c]
+            S[_S_UW][g0, m, c] = cuw[m, c]
+    for c in range(C):
+        S[_S_GPSI][g0, c] = cg[0, c]
+        S[_S_GUW][g0, c] = cg[1, c]
+        S[_S_A][g0, c] = cg[2, c]
+    out = S[_S_OUT]
+    for o in range(key[5]):
+        go = out[o]
+        for c in range(C):
+            S[_S_CA][go, c] = S[_S_OCA][o, c]
+            S[_S_Q][go, c] = S[_S_OQ][o, c]
+    geo[6] += 1
+    if geo[6] >= geo[7]:
+        _conv_all(S, W)
+        geo[6] = 0
+
+
+@_jit
+def _maxdiff(a, b):
+    err = 0.0
+    for g in range(a.shape[0]):
+        for c in range(a.shape[1]):
+            d = abs(a[g, c] - b[g, c])
+            err = max(err, d)
+    return err
+
+
+@_jit
+def cache_error(ids, types, W, S, S2):
+    """Max |cache − full recomputation| over A, CA, q (S2: a scratch state of the same shape)."""
+    full_init(ids, types, W, S2)
+    return max(_maxdiff(S[_S_A], S2[_S_A]), _maxdiff(S[_S_CA], S2[_S_CA]), _maxdiff(S[_S_Q], S2[_S_Q]))
+
+
+# ------------------------------------------------------------------------------------------- pooled term
+# pooled weights tuple P: 0 dims int64 [C, D, hidden]; 1 pos [G, D] (patch-major; [1, 0] when D = 0);
+# 2 W0 [C(1+D), h] (in, out); 3 b0; 4 W2 [h, h]; 5 b2; 6 w4 [h]; 7 b4 [1]
+# pooled state tuple PS: 0 Z [C(1+D)]; 1 Z + ΔZ of the last attempt; 2 float [2]: F(Z), F(Z + ΔZ);
+# 3 int64 [6]: x, new, feature version, valid, accepts since the refresh of Z, refresh_every; 4 tmp [2, h]
+
+
+def pooled_weights(ev) -> tuple:
+    """The pooled weights tuple of a :class:`~neuralcpm_plugin.hamiltonian.pooled_nh.PooledNHNumpy`."""
+    f = lambda a: np.ascontiguousarray(np.asarray(a, dtype=np.float64))
+    D = int(ev.D)
+    pos = ev.pos.reshape(-1, D) if D else np.zeros((1, 0))
+    h = ev.W2.shape[0]
+    return (np.array([ev.C, D, h], np.int64), f(pos), f(ev.W0), f(ev.b0), f(ev.W2), f(ev.b2),
+            f(ev.W4.reshape(-1)), f(np.asarray(ev.b4).reshape(1)))
+
+
+def dummy_pooled_weights() -> tuple:
+    z = lambda *sh: np.zeros(sh, np.float64)
+    return (np.array([1, 0, 1], np.int64), z(1, 0), z(1, 1), z(1), z(1, 1), z(1), z(1), z(1))
+
+
+def new_pooled_state(P, refresh_every: int = 1000) -> tuple:
+    dims = P[0]
+    dim = int(dims[0]) * (1 + int(dims[1]))
+    return (np.zeros(dim), np.zeros(dim), np.zeros(2), np.array([0, 0, 0, 0, 0, max(int(refresh_every), 1)],
+                                                                   np.int64), np.zeros((2, int(dims[2]))))
+
+
+@_jit
+def pooled_F(Z, P, tmp):
+    """F(Z) (without scale)."""
+    h1 = tmp[0]
+    h2 = tmp[1]
+    _matvec(Z, P[2], P[3], h1, True)
+    for c in range(h1.shape[0]):
+        h1[c] = _silu(h1[c])
+    _matvec(h1, P[4], P[5], h2, True)
+    e = P[7][0]
+    w4 = P[6]
+    for c in range(h2.shape[0]):
+        e += _silu(h2[c]) * w4[c]
+    return e
+
+
+@_jit
+def _pooled_Z_from_q(P, S, PS):
+    dims = P[0]
+    C = dims[0]
+    D = dims[1]
+    pos = P[1]
+    q = S[_S_Q]
+    Z = PS[0]
+    for i in range(Z.shape[0]):
+        Z[i] = 0.0
+    for g in range(q.shape[0]):
+        for c in range(C):
+            qc = q[g, c]
+            Z[c] += qc
+            for d in range(D):
+                Z[C + c * D + d] += qc * pos[g, d]
+    PS[2][0] = pooled_F(Z, P, PS[4])
+    PS[3][4] = 0
+    PS[3][3] = 0
+
+
+@_jit
+def pooled_init(ids, types, Wf, S, P, PS):
+    """Fill the feature caches and Z, F(Z) from the lattice."""
+    full_init(ids, types, Wf, S)
+    _pooled_Z_from_q(P, S, PS)
+
+
+@_jit
+def pooled_delta(x, new, ids, types, Wf, S, P, PS):
+    """F(Z + ΔZ) − F(Z) (ΔH without scale) of copying ``new`` into flat site ``x``."""
+    nout = nh_delta_q(x, new, ids, types, Wf, S)
+    key = PS[3]
+    key[0] = x
+    key[1] = new
+    key[2] = S[_S_GEO][5]
+    key[3] = 1
+    Z = PS[0]
+    Zn = PS[1]
+    for i in range(Z.shape[0]):
+        Zn[i] = Z[i]
+    if nout == 0:
+        PS[2][1] = PS[2][0]
+        return 0.0
+    dims = P[0]
+    C = dims[0]
+    D = dims[1]
+    pos = P[1]
+    dq = S[_S_DQ]
+    out = S[_S_OUT]
+    for o in range(nout):
+        g = out[o]
+        for c in range(C):
+            d = dq[o, c]
+            Zn[c] += d
+            for e in range(D):
+                Zn[C + c * D + e] += d * pos[g, e]
+    f = pooled_F(Zn, P, PS[4])
+    PS[2][1] = f
+    return f - PS[2][0]
+
+
+@_jit
+def pooled_accept(x, new, ids, types, Wf, S, P, PS):
+    """Commit an accepted copy (``ids`` still the before state) to the feature caches and Z."""
+    key = PS[3]
+    if not (key[3] == 1 and key[0] == x and key[1] == new and key[2] == S[_S_GEO][5]):
+        pooled_delta(x, new, ids, types, Wf, S, P, PS)
+    nh_accept(x, new, ids, types, Wf, S)
+    key[3] = 0
+    Z = PS[0]
+    Zn = PS[1]
+    for i in range(Z.shape[0]):
+        Z[i] = Zn[i]
+    PS[2][0] = PS[2][1]
+    key[4] += 1
+    if key[4] >= key[5] or S[_S_GEO][6] == 0:  # also right after the features' own refresh
+        _pooled_Z_from_q(P, S, PS)
+
+
+# ------------------------------------------------------------------------------------------- Python face
+class LocalNHCompiled:
+    """Compiled ΔH of a local NH for one lattice, with caches kept by :meth:`accept`.
+
+    ``LocalNHCompiled(evaluator)`` with a :class:`~neuralcpm_plugin.hamiltonian.local_nh.LocalNHNumpy`.
+    :meth:`delta` has the numpy evaluator's signature ``delta(ids, types, site, new_id)``; the caches are
+    (re)built whenever ``ids`` is another array object (or has another shape) than the bound one, or when
+    :meth:`bind` is called.  After every accepted copy call :meth:`accept` *before* writing it into
+    ``ids``: the caches then stay equal to a full recomputation (:meth:`cache_error`).
+    """
+
+    def __init__(self, evaluator, refresh_every: int = 4096):
+        self.evaluator = evaluator
+        self.scale = float(evaluator.scale)
+        self.W = weights_from_numpy(evaluator)
+        self.T = int(evaluator.T)
+        self.refresh_every = int(refresh_every)
+        self.S = None
+        self._ids = None
+        self._types = None
+        self.shape = None
+
+    @property
+    def radius(self) -> int:
+        return self.evaluator.radius
+
+    def bind(self, ids, types) -> None:
+        """Build the caches for the lattice ``ids`` (2-D array, kept by reference) and ``types``."""
+        ids = np.asarray(ids)
+        if ids.ndim != 2:
+            raise ValueError(f"local_nh compiled: needs a 2-D lattice, got shape {ids.shape}")
+        types = np.asarray(types)
+        if types.size and int(types.max()) > self.T:
+            raise ValueError(f"local_nh: the states hold cell type {int(types.max())} but the network was "
+                             f"built for types 0..{self.T}")
+        self._ids = ids
+        self._types = types
+        self.shape = ids.shape
+        self.S = new_state(self.W, ids.shape, self.refresh_every)
+        full_init(ids.reshape(-1), types, self.W, self.S)
+
+    def _flat(self, ids, types, site):
+        if ids is not self._ids or self.S is None or ids.shape != self.shape or types is not self._types:
+            self.bind(ids, types)
+        if np.isscalar(site):
+            return int(site)
+        return int(site[0]) * self.shape[1] + int(site[1])
+
+    def delta(self, ids, types, site, new_id) -> float:
+        """ΔH (scale included) of copying ``new_id`` into ``site`` ((row, col) or flat index)."""
+        x = self._flat(ids, types, site)
+        new_id = int(new_id)
+        if new_id >= len(types) or int(types[new_id]) > self.T:
+            raise ValueError(f"local_nh compiled: id {new_id} has no type <= {self.T}")
+        return self.scale * nh_delta(x, new_id, self._ids.reshape(-1), self._types, self.W, self.S)
+
+    def accept(self, site, new_id) -> None:
+        """Record the accepted copy of ``new_id`` into ``site`` (``ids`` still holds the before state)."""
+        x = self._flat(self._ids, self._types, site)
+        nh_accept(x, int(new_id), self._ids.reshape(-1), self._types, self.W, self.S)
+
+    def energy(self) -> float:
+        """H of the bound lattice from the caches (scale included)."""
+        return self.scale * energy_from_cache(self.W, self.S)
+
+    def cache_error(self) -> float:
+        """Max |cached − recomputed| over A, conv(A) and q of every patch."""
+        S2 = new_state(self.W, self.shape, self.refresh_every)
+        return float(cache_error(self._ids.reshape(-1), self._types, self.W, self.S, S2))
+
+
+class PooledNHCompiled(LocalNHCompiled):
+    """Compiled ΔH of a pooled NH (ΔH = scale·(F(Z + ΔZ) − F(Z)), Z cached) for one lattice.
+
+    ``PooledNHCompiled(evaluator)`` with a :class:`~neuralcpm_plugin.hamiltonian.pooled_nh.PooledNHNumpy`;
+    same interface as :class:`LocalNHCompiled` (:meth:`delta`, :meth:`accept` before the write,
+    :meth:`energy`, :meth:`cache_error` — which here also compares Z).
+    """
+
+    def __init__(self, evaluator, refresh_every: int = 4096, z_refresh_every: int = 1000):
+        LocalNHCompiled.__init__(self, evaluator.features, refresh_every)
+        self.pooled = evaluator
+        self.scale = float(evaluator.scale)
+        self.P = pooled_weights(evaluator)
+        self.z_refresh_every = int(z_refresh_every)
+        self.PS = None
+
+    def bind(self, ids, types) -> None:
+        ids = np.asarray(ids)
+        self.pooled._check_shape(ids.shape)
+        LocalNHCompiled.bind(self, ids, types)
+        self.PS = new_pooled_state(self.P, self.z_refresh_every)
+        _pooled_Z_from_q(self.P, self.S, self.PS)
+
+    def delta(self, ids, types, site, new_id) -> float:
+        x = self._flat(ids, types, site)
+        new_id = int(new_id)
+        if new_id >= len(types) or int(types[new_id]) > self.T:
+            raise ValueError(f"pooled_nh compiled: id {new_id} has no type <= {self.T}")
+        return self.scale * pooled_delta(x, new_id, self._ids.reshape(-1), self._types, self.W, self.S, self.P,
+                                         self.PS)
+
+    def accept(self, site, new_id) -> None:
+        x = self._flat(self._ids, self._types, site)
+        pooled_accept(x, int(new_id), self._ids.reshape(-1), self._types, self.W, self.S, self.P, self.PS)
+
+    def Z(self) -> np.ndarray:
+        """The cached Z (a copy)."""
+        return self.PS[0].copy()
+
+    def energy(self) -> float:
+        return self.scale * float(self.PS[2][0])
+
+    def cache_error(self) -> float:
+        """Max of the feature caches' error and |Z − Z recomputed| / max(1, |Z|)."""
+        err = LocalNHCompiled.cache_error(self)
+        S2 = new_state(self.W, self.shape)
+        PS2 = new_pooled_state(self.P)
+        pooled_init(self._ids.reshape(-1), self._types, self.W, S2, self.P, PS2)
+        dz = float(np.max(np.abs(self.PS[0] - PS2[0])) / max(1.0, float(np.max(np.abs(PS2[0])))))
+        return max(err, dz)
