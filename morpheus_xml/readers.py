@@ -113,7 +113,8 @@ def checkpoint_time(path) -> float:
 def read_checkpoint(path) -> CellState:
     """A Morpheus checkpoint (or any MorpheusML model whose populations are ``Cell/Nodes``) as a state.
 
-    Type indices: the medium CellType is 0, biological CellTypes 1..T in document order.
+    Type indices: the medium CellType is 0, biological CellTypes 1..T in document order. A cubic lattice
+    (``Size`` x, y, z with z > 1) gives a 3-D state ``ids[z, y, x]``; node positions are wrapped into the lattice.
     """
     path = Path(path)
     root = _read_xml(path)
@@ -126,15 +127,14 @@ def read_checkpoint(path) -> CellState:
         sx, sy, *rest = [int(float(v)) for v in size.get("value").split(",")]
     except (ValueError, AttributeError):
         raise DataError(f"cannot read the lattice size {size.get('value')!r}", path=path) from None
-    if rest and rest[0] > 1:
-        raise DataError("3-D checkpoints are not supported", path=path)
+    sz = rest[0] if rest and rest[0] > 1 else 0
     cts = root.findall("CellTypes/CellType")
     bio = [c.get("name") for c in cts if c.get("class") != "medium"]
     tindex = {n: i + 1 for i, n in enumerate(bio)}
     for c in cts:
         if c.get("class") == "medium":
             tindex[c.get("name")] = 0
-    ids = np.zeros((sy, sx), dtype=np.int64)
+    ids = np.zeros((sz, sy, sx) if sz else (sy, sx), dtype=np.int64)
     types = {}
     for pop in root.findall("CellPopulations/Population"):
         t = tindex.get(pop.get("type"))
@@ -153,7 +153,12 @@ def read_checkpoint(path) -> CellState:
                 if not chunk:
                     continue
                 v = [int(float(p)) for p in chunk.replace(",", " ").split()]
-                ids[v[1] % sy, v[0] % sx] = cid
+                if len(v) < 2 or (sz and len(v) < 3):
+                    raise DataError(f"cell {cid}: bad node {chunk!r}", path=path)
+                if sz:
+                    ids[v[2] % sz, v[1] % sy, v[0] % sx] = cid
+                else:
+                    ids[v[1] % sy, v[0] % sx] = cid
     n = max([0] + list(types)) + 1
     tt = np.zeros(n, dtype=np.int32)
     for cid, t in types.items():

@@ -408,3 +408,114 @@ def test_cell_surfaces_and_3d_pictures(tmp_path):
                                     window_size=(96, 96), clip="z")
     with Image.open(path) as im:
         assert im.n_frames == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# readers: a 3-D volume is told apart from a 2-D time series explicitly (ndim / --dim), checked against metadata
+# ----------------------------------------------------------------------------------------------------------
+def _volume():
+    ids = np.zeros((5, 6, 7), np.uint16)
+    ids[1:4, 1:4, 1:4] = 1
+    ids[1:4, 2:5, 4:7] = 2
+    return ids
+
+
+def test_tiff_z_stack_vs_time_series(tmp_path):
+    import tifffile
+
+    from neuralcpm_plugin.errors import DataError
+    from neuralcpm_plugin.io import load_dataset, load_states
+    ids = _volume()
+    tifffile.imwrite(tmp_path / "z.tif", ids, imagej=True, metadata={"axes": "ZYX"})
+    with pytest.raises(DataError, match=r"z\.tif: the TIFF metadata says this is a 3-D volume \(5 z-slices.*ndim=3"):
+        load_states(tmp_path / "z.tif", types={1: 1, 2: 2})
+    (vol,) = load_states(tmp_path / "z.tif", types={1: 1, 2: 2}, ndim=3)
+    assert vol.shape == (5, 6, 7) and np.array_equal(vol.ids, ids) and vol.types.tolist() == [0, 1, 2]
+    tifffile.imwrite(tmp_path / "t.tif", ids, imagej=True, metadata={"axes": "TYX"})
+    assert len(load_states(tmp_path / "t.tif", types=1)) == 5
+    with pytest.raises(DataError, match=r"2-D time series \(5 frames, 1 z-slice\).*ndim=2"):
+        load_states(tmp_path / "t.tif", types=1, ndim=3)
+    # a plain stack has no metadata: the caller's ndim decides
+    tifffile.imwrite(tmp_path / "p.tif", ids)
+    assert len(load_states(tmp_path / "p.tif", types=1, ndim=2)) == 5
+    assert load_dataset(tmp_path / "p.tif", types=1, ndim=3).states[0].shape == (5, 6, 7)
+
+
+@pytest.mark.parametrize("kind", ["imagej", "ome"])
+def test_tiff_anisotropic_voxels_are_named(tmp_path, kind):
+    import tifffile
+
+    from neuralcpm_plugin.errors import DataError
+    from neuralcpm_plugin.io import load_states
+    ids = _volume()
+    f = tmp_path / f"{kind}.tif"
+    if kind == "imagej":
+        tifffile.imwrite(f, ids, imagej=True, resolution=(2.0, 2.0), metadata={"axes": "ZYX", "spacing": 2.0,
+                                                                               "unit": "um"})
+        iso = {"imagej": True, "resolution": (2.0, 2.0), "metadata": {"axes": "ZYX", "spacing": 0.5, "unit": "um"}}
+    else:
+        tifffile.imwrite(f, ids, ome=True, metadata={"axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5,
+                                                     "PhysicalSizeZ": 2.0})
+        iso = {"ome": True, "metadata": {"axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5,
+                                       "PhysicalSizeZ": 0.5}}
+    with pytest.raises(DataError, match=r"anisotropic voxels: x, y, z size 0\.5, 0\.5, 2 .*resample.*"
+                                        r"anisotropic='ignore'"):
+        load_states(f, types=1, ndim=3)
+    (vol,) = load_states(f, types=1, ndim=3, anisotropic="ignore")
+    assert vol.shape == (5, 6, 7)
+    tifffile.imwrite(tmp_path / "iso.tif", ids, **iso)
+    assert load_states(tmp_path / "iso.tif", types=1, ndim=3)[0].shape == (5, 6, 7)
+
+
+def test_fit_reads_a_3d_tiff_with_dim(tmp_path, capsys):
+    from neuralcpm_plugin.io import save_tiff
+    from training.fit import main
+    from training.gen_cellsort import generate_cellsort
+    states, _ = generate_cellsort("b", "cpu", 2, 1, dim=3, size=12, cells=8, target=20.0, radius=4.0, mcs=10,
+                                  proposal="classic", progress=False)
+    for i, s in enumerate(states):
+        save_tiff(tmp_path / "data" / f"v{i}.tif", s)
+    assert main(["--data", str(tmp_path / "data"), "--dim", "3", "--out", str(tmp_path / "run"), "--no-export",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "2 states of 12x12x12 sites" in out
+    from neuralcpm_plugin.io import load_dataset
+    flat = load_dataset(tmp_path / "data")         # without --dim: each file is a 2-D time series of 12 slices
+    assert len(flat.states) == 24 and flat.states[0].shape == (12, 12)
+
+
+def test_morpheus_3d_model_nodes_read_back(tmp_path):
+    """The cubic model's Cell/Nodes (x, y, z; cells across the periodic boundary written unwrapped) read back
+    as the same 3-D state — the reader the opt-in Morpheus test uses on checkpoints."""
+    from morpheus_xml.export import export_model
+    from morpheus_xml.readers import read_checkpoint
+    rng = np.random.default_rng(5)
+    shape = (6, 7, 8)
+    state = blob_state(rng, shape, 6, 2)
+    state.ids[0, 0, 0] = state.ids[-1, -1, -1] = state.ids[0, 3, 3]   # a cell across the corner of the torus
+    state = CellState(state.ids, state.types).relabelled()
+    export_model(random_model_3d(rng, shape, 2, 2, 2), tmp_path / "m.xml", init=state, mcs=3)
+    back = read_checkpoint(tmp_path / "m.xml")
+    assert back.shape == shape and back == state
+
+
+@pytest.mark.parametrize("sampler", ["parallel", "exact"])
+def test_pcd_runs_in_3d(tmp_path, sampler):
+    """Contrastive divergence with resets to the data (both chain samplers) on 3-D data: the parameters move
+    from their initial values and the bundle keeps the cubic lattice."""
+    from neuralcpm_plugin.bundle import load_bundle
+    from neuralcpm_plugin.metrics.params import param_vector
+    from training.config import load_config
+    from training.fit import fit
+    cfg = load_config("default-3d", {
+        "out": str(tmp_path / "r"), "objective": {"name": "pcd"}, "export": {"cc3d": False, "morpheus": False},
+        "model": {"learn_target_volume": False},
+        "pcd": {"iterations": 6, "batch": 2, "mcs": 0.5, "sampler": sampler, "reset_permute": False,
+                "reset_prob": 1.0, "init_permute": False, "checkpoint_every": 3, "plot_every": 0},
+        "generate": {"options": {"scenario": "b", "scale": "cpu", "dim": 3, "n_snapshots": 2, "proposal": "classic",
+                                 "size": 12, "cells": 8, "target": 20.0, "radius": 4.0, "mcs": 10.0}}})
+    fit(cfg, progress=False)
+    ham = load_bundle(tmp_path / "r" / "model").hamiltonian
+    assert ham.lattice.shape == (12, 12, 12)
+    init = np.array([cfg["model"]["init_J"]] * 5 + [cfg["model"]["init_lambda"]])
+    assert np.all(np.isfinite(param_vector(ham))) and not np.allclose(param_vector(ham), init)

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help=f"preset name ({', '.join(list_presets())}) or a TOML file")
     p.add_argument("--data", help="snapshot file (.npz, .tif, ...) or directory / glob of them")
     p.add_argument("--frames", help="which frames of each file: all | final | last:N")
+    p.add_argument("--dim", type=int, choices=[2, 3], help="lattice dimension of TIFF data: 2 = a stack is a time "
+                   "series (default), 3 = a stack is one 3-D volume (npz, PIFF, cellpose carry their dimension)")
     p.add_argument("--model", choices=MODEL_KINDS, help="model kind (default: analytic)")
     p.add_argument("--objective", choices=OBJECTIVES, help="pl (pseudo-likelihood) or pcd (paper)")
     p.add_argument("--prior", help="model bundle (run_dir/model), Morpheus .xml or CompuCell3D .cc3d model: the "
@@ -101,6 +103,7 @@ def _overrides(args) -> dict:
 
     put("data", "path", args.data)
     put("data", "frames", args.frames)
+    put("data", "ndim", args.dim)
     put("model", "kind", args.model)
     put("objective", "name", args.objective)
     put("model", "prior", args.prior)
@@ -228,7 +231,7 @@ def load_training_data(cfg: dict, run_dir: Path, *, progress: bool = True):
                 scale = "cpu" if cfg["name"].endswith("-cpu") else "paper"
                 hint = f" (make it with: python -m training.generate {base} --scale {scale} --out {shlex.quote(str(path))})"
             raise DataError(f"training data not found{hint}", path=path)
-    ds = load_dataset(path)
+    ds = load_dataset(path, ndim=cfg["data"]["ndim"])
     states = _select_frames(ds.states, cfg["data"]["frames"])
     if cfg["data"]["max_states"]:
         states = states[: cfg["data"]["max_states"]]

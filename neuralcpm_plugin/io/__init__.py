@@ -74,7 +74,8 @@ def detect_format(path) -> str:
                     "image + type map), _seg.npy (cellpose), .piff (CompuCell3D)", path=path)
 
 
-def load_states(path, *, types=None, n_types: int | None = None, shape=None, ndim: int = 2) -> list[CellState]:
+def load_states(path, *, types=None, n_types: int | None = None, shape=None, ndim: int = 2,
+                anisotropic: str = "error") -> list[CellState]:
     """Read one snapshot file → a list of :class:`CellState` (one per frame), validated.
 
     Parameters
@@ -92,7 +93,11 @@ def load_states(path, *, types=None, n_types: int | None = None, shape=None, ndi
     shape : tuple, optional
         Lattice shape for PIFF (which does not store it).
     ndim : 2 or 3
-        Lattice dimension for TIFF stacks.
+        Lattice dimension for TIFF stacks: 2 reads ``(frames, H, W)`` as a time series, 3 reads ``(D, H, W)``
+        as one volume (a contradiction with the file's ImageJ/OME metadata is an error). Other formats carry
+        their dimension (npz ``(frames, 2, D, H, W)``, PIFF z ranges, cellpose 3-D masks ``(Z, Y, X)``).
+    anisotropic : "error" or "ignore"
+        TIFF only: a non-cubic voxel size in the metadata is an error (default) or ignored.
 
     Raises
     ------
@@ -108,7 +113,7 @@ def load_states(path, *, types=None, n_types: int | None = None, shape=None, ndi
     if fmt == "npz":
         return read_npz(path, n_types=n_types)
     if fmt == "tiff":
-        return read_tiff(path, types=types, n_types=n_types, ndim=ndim)
+        return read_tiff(path, types=types, n_types=n_types, ndim=ndim, anisotropic=anisotropic)
     if fmt == "cellpose":
         return read_cellpose(path, types=types, n_types=n_types)
     # for PIFF only a {type name: number} map applies (an {id: type} map for label images is ignored)

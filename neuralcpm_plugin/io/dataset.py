@@ -88,7 +88,8 @@ def _expand(source) -> tuple[list[Path], str]:
     raise DataError("no such file or directory", path=text)
 
 
-def load_dataset(source, *, types=None, n_types: int | None = None, shape=None) -> Dataset:
+def load_dataset(source, *, types=None, n_types: int | None = None, shape=None, ndim: int = 2,
+                 anisotropic: str = "error") -> Dataset:
     """Read every snapshot file of a directory, a glob pattern or a list of files into one :class:`Dataset`.
 
     Parameters
@@ -96,7 +97,8 @@ def load_dataset(source, *, types=None, n_types: int | None = None, shape=None) 
     source : str, PathLike or list of them
         A directory (its files with a supported suffix, sorted by name), a glob such as ``"runs/*.npz"``
         (``**`` recursive), or explicit files.
-    types, n_types, shape : passed to :func:`~neuralcpm_plugin.io.load_states` for every file.
+    types, n_types, shape, ndim, anisotropic : passed to :func:`~neuralcpm_plugin.io.load_states` for every
+        file (``ndim=3``: TIFF stacks are 3-D volumes).
 
     Raises
     ------
@@ -113,7 +115,7 @@ def load_dataset(source, *, types=None, n_types: int | None = None, shape=None) 
     states: list[CellState] = []
     first = None  # (shape, file, frame) of the first state
     for f in files:
-        got = load_states(f, types=types, n_types=n_types, shape=shape)
+        got = load_states(f, types=types, n_types=n_types, shape=shape, ndim=ndim, anisotropic=anisotropic)
         for s in got:
             if first is None:
                 first = (s.shape, f, s.meta.get("frame"))

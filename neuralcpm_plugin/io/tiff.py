@@ -4,6 +4,14 @@
   With ``ndim=3`` (3-D lattices) a ``(D, H, W)`` image is one frame and ``(frames, D, H, W)`` a series
   (the frame/slice split comes from tifffile's shape metadata or ImageJ's frames/slices; without it all
   pages form one 3-D frame).
+* 2-D time series or 3-D volume: a TIFF does not say which by its shape alone, so the caller says it
+  (``ndim``; ``--dim 3`` on the command lines). Where the file's metadata does say it — ImageJ ``slices`` /
+  ``frames``, OME ``SizeZ`` / ``SizeT`` — a contradiction is an error naming both (a z-stack read with
+  ``ndim=2``, a time series read with ``ndim=3``).
+* Voxel size: the lattice is isotropic (one site = one cube). When the metadata gives the physical voxel size
+  (ImageJ ``spacing`` with the X/YResolution tags, OME ``PhysicalSizeX/Y/Z``) and it is anisotropic, reading
+  stops with an error naming the sizes — resample to cubic voxels first, or pass ``anisotropic="ignore"`` to
+  treat each voxel as one lattice site anyway.
 * Pixel values are cell ids (0 = medium), any integer dtype; integral float images are accepted.
   Interleaved colour images (RGB, axes ``YXS``) are refused; planar samples (``SYX``, which tifffile writes
   for a plain ``(3, H, W)`` stack unless ``photometric="minisblack"``) are read as frames.
@@ -40,7 +48,8 @@ _TIFF_ERRORS = (ValueError, struct.error, IndexError, KeyError, TypeError, Overf
                 NotImplementedError, zlib.error)
 
 
-def read_tiff(path, *, types=None, n_types: int | None = None, ndim: int = 2) -> list[CellState]:
+def read_tiff(path, *, types=None, n_types: int | None = None, ndim: int = 2,
+              anisotropic: str = "error") -> list[CellState]:
     """Read a TIFF label image or stack → states (one per frame).
 
     Parameters
@@ -52,11 +61,17 @@ def read_tiff(path, *, types=None, n_types: int | None = None, ndim: int = 2) ->
         Declared number of biological types (checked).
     ndim : 2 or 3
         Lattice dimension: 2 → ``(H, W)`` or ``(frames, H, W)``; 3 → ``(D, H, W)`` or ``(frames, D, H, W)``.
+    anisotropic : "error" or "ignore"
+        What to do when the metadata gives a non-cubic voxel (non-square pixel) size: stop with an error
+        naming it (default), or read each voxel as one lattice site.
     """
     path = Path(path)
     if ndim not in (2, 3):
         raise DataError(f"ndim must be 2 or 3, got {ndim}", path=path)
+    if anisotropic not in ("error", "ignore"):
+        raise DataError(f"anisotropic must be 'error' or 'ignore', got {anisotropic!r}", path=path)
     shape = None
+    info: dict = {}
     try:
         with tifffile.TiffFile(path) as tif:
             # page by page (not tif.series: its generic series detection can loop forever on corrupt files)
@@ -91,6 +106,7 @@ def read_tiff(path, *, types=None, n_types: int | None = None, ndim: int = 2) ->
             arr = np.stack([pages[i].asarray() for i in range(n)]) if n > 1 else first.asarray()
             if len(pshape) == 2:
                 arr = _metadata_shape(tif, arr)
+            info = _geometry_metadata(tif)
     except DataError:
         raise
     except FileNotFoundError:
@@ -103,6 +119,7 @@ def read_tiff(path, *, types=None, n_types: int | None = None, ndim: int = 2) ->
         raise DataError(f"the image of shape {shape} does not fit in memory", path=path) from None
     except _TIFF_ERRORS as e:
         raise DataError(f"corrupt TIFF file ({type(e).__name__}: {e})", path=path) from None
+    _check_geometry(info, ndim, anisotropic, path)
     arr = np.asarray(arr)
     # drop singleton axes that are not lattice axes (e.g. ImageJ's T/Z/C of length 1)
     while arr.ndim > ndim + 1 and 1 in arr.shape[: arr.ndim - ndim]:
@@ -115,6 +132,78 @@ def read_tiff(path, *, types=None, n_types: int | None = None, ndim: int = 2) ->
     if min(arr.shape) == 0:
         raise DataError(f"empty image of shape {tuple(arr.shape)}", path=path)
     return states_from_labels(arr, types, path=path, n_types=n_types, meta={"format": "tiff"})
+
+
+def _geometry_metadata(tif) -> dict:
+    """What the file's metadata says about z-slices, time frames and the physical voxel size (best effort;
+    keys absent when unknown): ``slices``, ``frames``, ``size`` = (x, y[, z]) with ``unit`` and ``source``."""
+    import re
+
+    out: dict = {}
+    try:
+        ome = tif.ome_metadata if tif.is_ome else None
+    except Exception:  # noqa: BLE001 - metadata is optional
+        ome = None
+    if ome:
+        m = re.search(r"<(?:\w+:)?Pixels\b([^>]*)>", ome)
+        attrs = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1))) if m else {}
+        try:
+            if "SizeZ" in attrs:
+                out["slices"] = int(attrs["SizeZ"])
+            if "SizeT" in attrs:
+                out["frames"] = int(attrs["SizeT"])
+            if "PhysicalSizeX" in attrs and "PhysicalSizeY" in attrs:
+                size = [float(attrs["PhysicalSizeX"]), float(attrs["PhysicalSizeY"])]
+                if "PhysicalSizeZ" in attrs:
+                    size.append(float(attrs["PhysicalSizeZ"]))
+                out.update(size=tuple(size), unit=attrs.get("PhysicalSizeXUnit", "µm"),
+                           source="OME PhysicalSizeX/Y/Z")
+        except ValueError:
+            pass
+        return out
+    try:
+        ij = tif.imagej_metadata
+    except Exception:  # noqa: BLE001
+        ij = None
+    if ij:
+        for k in ("slices", "frames"):
+            if ij.get(k) is not None:
+                try:
+                    out[k] = int(ij[k])
+                except (TypeError, ValueError):
+                    pass
+        page = tif.pages[0]
+        xr, yr = page.tags.get("XResolution"), page.tags.get("YResolution")
+        try:
+            if xr is not None and yr is not None and ij.get("spacing") is not None:
+                px = float(xr.value[1]) / float(xr.value[0])
+                py = float(yr.value[1]) / float(yr.value[0])
+                out.update(size=(px, py, float(ij["spacing"])), unit=str(ij.get("unit", "units")),
+                           source="ImageJ spacing and the X/YResolution tags")
+        except (TypeError, ValueError, ZeroDivisionError, IndexError):
+            pass
+    return out
+
+
+def _check_geometry(info: dict, ndim: int, anisotropic: str, path) -> None:
+    slices, frames = info.get("slices", 1), info.get("frames", 1)
+    if ndim == 2 and slices > 1:
+        raise DataError(f"the TIFF metadata says this is a 3-D volume ({slices} z-slices, {frames} time "
+                        "frame(s)); read it as 3-D: ndim=3 (load_states / read_tiff), --dim 3 on the command lines",
+                        path=path)
+    if ndim == 3 and frames > 1 and slices <= 1:
+        raise DataError(f"the TIFF metadata says this is a 2-D time series ({frames} frames, 1 z-slice), not a 3-D "
+                        "volume; read it with ndim=2 (the default)", path=path)
+    size = info.get("size")
+    if size is None or anisotropic == "ignore":
+        return
+    size = size[:ndim] if ndim == 2 else size
+    if len(size) >= 2 and not np.allclose(size, size[0], rtol=1e-6, atol=0):
+        names = "x, y, z" if len(size) == 3 else "x, y"
+        raise DataError(f"anisotropic voxels: {names} size {', '.join(f'{v:g}' for v in size)} {info.get('unit', '')} "
+                        f"({info['source']}); the CPM lattice is isotropic (one site = one cube): resample the "
+                        "volume to cubic voxels first, or pass anisotropic='ignore' to read each voxel as one site",
+                        path=path)
 
 
 def _metadata_shape(tif, arr: np.ndarray) -> np.ndarray:
@@ -132,6 +221,8 @@ def _metadata_shape(tif, arr: np.ndarray) -> np.ndarray:
     if ij and arr.ndim == 3:
         tzc = tuple(int(ij.get(k, 1) or 1) for k in ("frames", "slices", "channels"))
         if min(tzc) >= 1 and int(np.prod(tzc)) == arr.shape[0]:
+            if tzc[2] == 1:   # no channel axis: (frames, slices, H, W), the lattice axes last
+                tzc = tzc[:2]
             return arr.reshape(*tzc, *arr.shape[1:])
     return arr
 
