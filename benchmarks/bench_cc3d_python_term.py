@@ -1,7 +1,8 @@
 """Cost of the CC3D Python energy term (the code CC3D calls once per copy attempt between different cells).
 
-Prints, per exported term kind, the median time of one ΔH call of the project's ``PythonEnergy`` (numpy, as it
-runs inside CompuCell3D, without CC3D's ~1 µs call overhead) on copy attempts drawn from a relaxed 100×100
+Prints, per exported term kind, the median time of one ΔH call of the project's ``PythonEnergy`` (as it runs
+inside CompuCell3D, without CC3D's ~1 µs call overhead; neural terms both on the numpy evaluator and on the
+compiled one that the project uses when numba imports; BLAS limited to one thread as in the project) on copy attempts drawn from a relaxed 100×100
 cell-sorting state, and the implied upper bound on MCS/s (calls per MCS = lattice sites × fraction of
 attempts between different cells).
 
@@ -32,6 +33,7 @@ def main():
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args()
+    stp.limit_blas_threads(1)
     shape = (a.size, a.size)
     lat = LatticeSpec(shape, True, 2, 2)
     base = [ContactEnergy([[0, 2, 2], [2, 1, 1.6], [2, 1.6, 1]], 2), VolumeConstraint([0, 0.8, 0.8], [0, 90, 90])]
@@ -61,17 +63,19 @@ def main():
             ham = Hamiltonian(base + [term], lat, 1.0, ["medium", "A", "B"])
             res = export_project(ham, Path(d) / name.split()[0], init=state, quiet=True, measure_cost=False)
             sim = res.directory / "Simulation"
-            energy = stp.load_python_energy(sim, stp.LatticeMirror(state.ids, state.types))
-            energy.delta(*atts[0])
-            times = []
-            for _ in range(a.repeats):
-                t0 = time.perf_counter()
-                for s, c in atts:
-                    energy.delta(s, c)
-                times.append((time.perf_counter() - t0) / len(atts))
-            us = float(np.median(times)) * 1e6
-            print(f"  {name:28s} {us:8.1f} µs/call  → ≤ {1e6 / (us + 1.0) / calls_per_mcs:8.2f} MCS/s "
-                  f"(median of {a.repeats} × {len(atts)} calls)")
+            for compiled in ([False, True] if "nh" in name else [None]):
+                energy = stp.load_python_energy(sim, stp.LatticeMirror(state.ids, state.types), compiled=compiled)
+                energy.delta(*atts[0])
+                times = []
+                for _ in range(a.repeats):
+                    t0 = time.perf_counter()
+                    for s, c in atts:
+                        energy.delta(s, c)
+                    times.append((time.perf_counter() - t0) / len(atts))
+                us = float(np.median(times)) * 1e6
+                label = name + {None: "", False: " numpy", True: " compiled"}[compiled]
+                print(f"  {label:37s} {us:8.1f} µs/call  → ≤ {1e6 / (us + 1.0) / calls_per_mcs:8.2f} MCS/s "
+                      f"(median of {a.repeats} × {len(atts)} calls)")
 
 
 if __name__ == "__main__":

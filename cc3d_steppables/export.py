@@ -26,8 +26,12 @@ How each term is exported (ΔH identical to the bundle's for every copy attempt 
   ``WeightEnergyByDistance``: CC3D sums J over the neighbours of the target site with no division, which is
   the package's per-unordered-pair energy. J includes the term's scale.
 * ``volume`` → CC3D ``Volume`` plugin, ``VolumeEnergyParameters`` per type (λ includes the scale).
-* ``external``, ``directed_motion``, ``local_nh`` → the Python energy term (``EnergyFunctionPyWrapper``)
-  with numpy evaluators over a lattice mirror (see :mod:`cc3d_steppables.steppables`).
+* ``external``, ``directed_motion``, ``local_nh``, ``pooled_nh`` → the Python energy term
+  (``EnergyFunctionPyWrapper``) with evaluators over a lattice mirror (see :mod:`cc3d_steppables.steppables`).
+  The neural ones run exactly, per copy attempt, on the compiled evaluator (``neuralcpm_local_nh_numba.py``,
+  caches kept by the change watcher) when numba imports in CC3D's Python — ``conda install numba`` (or
+  ``pip install numba``) in CC3D's environment — and on the numpy evaluators (same ΔH, ≈ 50–100× slower)
+  otherwise.
 * global neural terms (``nh``, ``cnn``, ``nh1_cnn``) → an approximation: per-type potential fields
   recomputed from the network every k MCS (:mod:`cc3d_steppables.approx`); its error is measured on
   roll-outs and printed.
@@ -65,7 +69,7 @@ __all__ = ["NEURAL_GLOBAL_KINDS", "ExportResult", "cc3d_command", "default_initi
 
 NEURAL_GLOBAL_KINDS = ("nh", "cnn", "nh1_cnn")
 CPP_KINDS = ("contact", "volume")
-PY_KINDS = ("external", "directed_motion", "local_nh")
+PY_KINDS = ("external", "directed_motion", "local_nh", "pooled_nh")
 
 
 @dataclass
@@ -249,6 +253,12 @@ def _cc3dml(name, shape, periodic, temperature, copy_order, mcs, seed, cnames, c
 
 
 _MAIN = '''"""Main script of an exported NeuralCPM model (run: python -m cc3d.run_script -i {name}.cc3d -o OUTDIR)."""
+import os
+
+# one BLAS thread (set before numpy loads): the Python energy term's matrices are tiny, threads only cost
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 from cc3d import CompuCellSetup
 from NeuralCPMSteppables import NeuralCPMEnergySteppable, SnapshotSteppable
 
@@ -419,9 +429,9 @@ def export_project(bundle, out, *, init=None, init_frame: int = 0, mcs: int = 10
             st[0] = 0.0
             py_specs.append({"kind": "directed_motion", "strength": st.tolist(), "direction": p["direction"]})
             py_kinds.append("directed_motion")
-        elif kind == "local_nh":
+        elif kind in ("local_nh", "pooled_nh"):
             py_specs.append(_local_nh_spec(term, i, arrays))
-            py_kinds.append("local_nh")
+            py_kinds.append(kind)
         elif kind in NEURAL_GLOBAL_KINDS or not getattr(term, "analytic", True):
             nh_terms.append(term)
         else:
@@ -465,8 +475,11 @@ def export_project(bundle, out, *, init=None, init_frame: int = 0, mcs: int = 10
     if nh_cfg:
         cfg["nh_fields"] = nh_cfg
     for spec in py_specs:
-        if spec.get("kind") == "local_nh":
-            shutil.copyfile(spec.pop("_source"), sim / spec["module_file"])
+        for src, dst in spec.pop("_copy", []):
+            shutil.copyfile(src, sim / dst)
+    if any(spec.get("compiled_module") for spec in py_specs):
+        notes.append("Neural terms: compiled evaluator when numba imports in CC3D's Python (else numpy, slow: "
+                     "conda install numba / pip install numba in CC3D's environment).")
     (sim / _stp.CONFIG_NAME).write_text(json.dumps(cfg, indent=1))
     if arrays:
         np.savez(sim / _stp.ARRAYS_NAME, **arrays)
@@ -496,9 +509,11 @@ def export_project(bundle, out, *, init=None, init_frame: int = 0, mcs: int = 10
 
 
 def _local_nh_spec(term, i: int, arrays: dict) -> dict:
-    """Spec of a local NH term for the project. Its pure-numpy evaluator (``LocalNHNumpy`` in
-    ``neuralcpm_plugin/hamiltonian/local_nh.py``) is copied into the project as ``neuralcpm_local_nh.py`` and
-    loaded there without the package (see ``steppables._vendor_module``)."""
+    """Spec of a local / pooled NH term for the project.  Its pure-numpy evaluator (``LocalNHNumpy`` in
+    ``neuralcpm_plugin/hamiltonian/local_nh.py``, ``PooledNHNumpy`` in ``pooled_nh.py``) and the compiled one
+    (``_local_nh_numba.py``) are copied into the project (``neuralcpm_local_nh.py``, ``neuralcpm_pooled_nh.py``,
+    ``neuralcpm_local_nh_numba.py``) and loaded there without the package (see ``steppables._vendor_module``)."""
+    from neuralcpm_plugin.hamiltonian import _local_nh_numba as _nb
     from neuralcpm_plugin.hamiltonian import local_nh as _lnh
     if not hasattr(_lnh, "LocalNHNumpy"):
         raise ExportError("neuralcpm_plugin.hamiltonian.local_nh has no LocalNHNumpy evaluator")
@@ -506,9 +521,20 @@ def _local_nh_spec(term, i: int, arrays: dict) -> dict:
     for k, v in term.tensors().items():
         arrays[prefix + k] = v.detach().cpu().double().numpy()
     spec = term.spec()
-    return {"kind": "local_nh", "module_file": "neuralcpm_local_nh.py", "factory": "LocalNHNumpy",
-            "prefix": prefix, "config": spec["params"]["config"], "scale": float(term.scale_value()),
-            "_source": str(Path(_lnh.__file__).resolve())}
+    lnh = ("neuralcpm_local_nh.py", str(Path(_lnh.__file__).resolve()))
+    nb = ("neuralcpm_local_nh_numba.py", str(Path(_nb.__file__).resolve()))
+    out = {"kind": term.kind, "prefix": prefix, "config": spec["params"]["config"],
+           "scale": float(term.scale_value()), "compiled_module": nb[0]}
+    if term.kind == "local_nh":
+        out.update(module_file=lnh[0], factory="LocalNHNumpy", compiled_factory="LocalNHCompiled",
+                   _copy=[lnh[::-1], nb[::-1]])
+    else:
+        from neuralcpm_plugin.hamiltonian import pooled_nh as _pnh
+        pnh = ("neuralcpm_pooled_nh.py", str(Path(_pnh.__file__).resolve()))
+        out.update(module_file=pnh[0], module_name="pooled_nh", factory="PooledNHNumpy",
+                   compiled_factory="PooledNHCompiled", requires={"local_nh": lnh[0]},
+                   _copy=[lnh[::-1], pnh[::-1], nb[::-1]])
+    return out
 
 
 @command

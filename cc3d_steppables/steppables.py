@@ -17,6 +17,13 @@ Hamiltonian) is evaluated here, once per copy attempt, through ``CompuCell.Energ
 * ``ChangeWatcherPyWrapper.field3DChange()`` fires after every accepted copy; it keeps a numpy copy of the
   lattice (:class:`LatticeMirror`: ids indexed ``[y, x]`` like the package, types, volumes), which the
   numpy evaluators read.
+* Local / pooled neural terms use the compiled evaluator (``neuralcpm_local_nh_numba.py``, numba, exact
+  float64, per-lattice caches kept up to date by the change watcher: :meth:`PythonEnergy.accept` runs before
+  the mirror is written) when ``numba`` imports in CC3D's Python; otherwise the numpy evaluators (about
+  50–100× slower per call; add numba with ``conda install numba`` or ``pip install numba`` in CC3D's
+  environment).  BLAS is limited to one thread: the project's main script sets ``OPENBLAS_NUM_THREADS`` etc.
+  to 1 before CC3D imports numpy, and :func:`limit_blas_threads` (threadpoolctl, when importable) does it
+  at ``start``: the numpy evaluators' matrices are tiny and OpenBLAS threads make them ≈ 8× slower.
 * An exception inside a CC3D callback would kill CC3D: every callback is guarded. The first error is
   written to ``neuralcpm_error.txt`` in the output folder, the attempt is refused (ΔH = +inf), and the next
   ``step`` stops the run with a ``RuntimeError`` naming the error.
@@ -65,6 +72,21 @@ __all__ = [
     "load_config",
     "load_python_energy",
 ]
+
+
+_BLAS_LIMIT = None
+
+
+def limit_blas_threads(n: int = 1):
+    """Limit BLAS / OpenMP thread pools of this process to ``n`` threads (threadpoolctl, when importable;
+    otherwise only the environment variables set before numpy's import act).  Returns the limiter or None."""
+    global _BLAS_LIMIT
+    try:
+        from threadpoolctl import threadpool_limits
+        _BLAS_LIMIT = threadpool_limits(limits=int(n))
+    except Exception:  # noqa: BLE001
+        _BLAS_LIMIT = None
+    return _BLAS_LIMIT
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -284,23 +306,43 @@ class DirectedMotionTerm:
 
 
 class LocalNHTerm:
-    """A local neural Hamiltonian evaluated with the package's numpy-only evaluator.
+    """A local (or pooled) neural Hamiltonian evaluated by the package's numpy-only or compiled evaluator.
 
     ``evaluator`` is any object with ``delta(ids, types, site, new_id) -> float`` (numpy arrays in, ΔH out,
-    scale included).
+    scale included).  A compiled evaluator (``LocalNHCompiled`` / ``PooledNHCompiled``) also has ``bind`` and
+    ``accept``: its caches are rebuilt when the mirror changed other than through :meth:`accept` (checked
+    with the mirror's version counter).
     """
 
     kind = "local_nh"
 
-    def __init__(self, evaluator):
+    def __init__(self, evaluator, kind: str = "local_nh"):
         self.evaluator = evaluator
+        self.kind = kind
+        self.compiled = hasattr(evaluator, "accept") and hasattr(evaluator, "bind")
+        self._version = None
+
+    def _sync(self, m: LatticeMirror):
+        if self._version != m.version:
+            self.evaluator.bind(m.ids, m.types)
+            self._version = m.version
 
     def delta(self, m: LatticeMirror, site, new_id: int) -> float:
+        if self.compiled:
+            self._sync(m)
         return float(self.evaluator.delta(m.ids, m.types, tuple(site), int(new_id)))
+
+    def accept(self, m: LatticeMirror, site, new_id: int) -> None:
+        """Called for an accepted copy before the mirror records it."""
+        if not self.compiled or int(m.ids[site]) == int(new_id):
+            return
+        self._sync(m)
+        self.evaluator.accept(tuple(site), int(new_id))
+        self._version = m.version + 1  # the mirror's set_site increments it once
 
 
 PY_TERM_KINDS = {"external": ExternalTerm, "type_fields": TypeFieldTerm, "directed_motion": DirectedMotionTerm,
-                 "local_nh": LocalNHTerm}
+                 "local_nh": LocalNHTerm, "pooled_nh": LocalNHTerm}
 
 
 class PythonEnergy:
@@ -321,6 +363,18 @@ class PythonEnergy:
             return math.inf
         return float(sum(t.delta(m, site, new_id) for t in self.terms))
 
+    def accept(self, site, new_id: int) -> None:
+        """Tell the terms with caches about an accepted copy (call before ``mirror.set_site``)."""
+        for t in self.terms:
+            acc = getattr(t, "accept", None)
+            if acc is not None:
+                acc(self.mirror, site, new_id)
+
+    @property
+    def compiled(self) -> list:
+        """Kinds of the terms that run through a compiled evaluator."""
+        return [t.kind for t in self.terms if getattr(t, "compiled", False)]
+
 
 def load_config(sim_dir) -> dict:
     """Read ``neuralcpm_config.json`` of an exported project's ``Simulation`` folder."""
@@ -335,7 +389,7 @@ def load_config(sim_dir) -> dict:
 _VENDOR = "_neuralcpm_vendor"
 
 
-def _vendor_module(sim_dir, module_file: str):
+def _vendor_module(sim_dir, module_file: str, as_name: str | None = None):
     """Import a numpy evaluator module shipped in the project (a copy of a package module) without the package:
     it is loaded as ``_neuralcpm_vendor.hamiltonian.<name>`` with a minimal ``_neuralcpm_vendor.errors``, so
     its relative imports of the package's error types resolve (torch-dependent parts stay disabled)."""
@@ -366,7 +420,7 @@ def _vendor_module(sim_dir, module_file: str):
         sys.modules[_VENDOR + ".errors"] = errs
         sys.modules[_VENDOR + ".hamiltonian"] = ham
     path = os.path.join(str(sim_dir), module_file)
-    name = f"{_VENDOR}.hamiltonian.{os.path.splitext(os.path.basename(path))[0]}"
+    name = f"{_VENDOR}.hamiltonian.{as_name or os.path.splitext(os.path.basename(path))[0]}"
     mod = sys.modules.get(name)
     if mod is None or getattr(mod, "__file__", None) != path:
         mspec = importlib.util.spec_from_file_location(name, path)
@@ -376,16 +430,52 @@ def _vendor_module(sim_dir, module_file: str):
     return mod
 
 
-def _load_local_nh_evaluator(sim_dir, spec, arrays):
-    """Build the numpy evaluator of a local NH term from the module file shipped in the project."""
-    mod = _vendor_module(sim_dir, spec["module_file"])
+def _load_local_nh_evaluator(sim_dir, spec, arrays, compiled=None):
+    """Build the evaluator of a local / pooled NH term from the module files shipped in the project: the
+    compiled one when the spec names a ``compiled_module`` and numba imports (``compiled`` None = when
+    possible, True = required, False = numpy only), else the numpy one."""
+    for name, file in (spec.get("requires") or {}).items():  # e.g. the pooled term's local_nh.py
+        _vendor_module(sim_dir, file, as_name=name)
+    mod = _vendor_module(sim_dir, spec["module_file"], as_name=spec.get("module_name"))
     factory = getattr(mod, spec["factory"])
     weights = {k[len(spec["prefix"]):]: arrays[k] for k in arrays.files if k.startswith(spec["prefix"])}
-    return factory(spec["config"], weights, float(spec.get("scale", 1.0)))
+    ev = factory(spec["config"], weights, float(spec.get("scale", 1.0)))
+    cfile = spec.get("compiled_module")
+    if compiled is False or not cfile:
+        if compiled:
+            raise ValueError(f"{sim_dir}: the {spec['kind']} term has no compiled evaluator in this project")
+        return ev
+    try:
+        import numba  # noqa: F401
+    except Exception:
+        if compiled:
+            raise
+        sys.stderr.write(f"NeuralCPM: numba is not importable here: the {spec['kind']} term runs on the numpy "
+                         "evaluator (slow). Add numba to this Python (conda install numba / pip install numba).\n")
+        return ev
+    return getattr(_compiled_module(sim_dir, cfile), spec["compiled_factory"])(ev)
 
 
-def load_python_energy(sim_dir, mirror: LatticeMirror | None = None, cfg: dict | None = None) -> PythonEnergy:
-    """Build the :class:`PythonEnergy` described by an exported project's configuration and arrays."""
+def _compiled_module(sim_dir, cfile):
+    """The project's compiled evaluator module; the package's own copy when it is importable and identical
+    (so that numba's compilation cache is shared between projects)."""
+    path = os.path.join(str(sim_dir), cfile)
+    try:
+        from neuralcpm_plugin.hamiltonian import _local_nh_numba as pk
+        with open(pk.__file__, "rb") as a, open(path, "rb") as b:
+            if a.read() == b.read():
+                return pk
+    except Exception:  # noqa: BLE001, S110 - no package here: the project's copy
+        pass
+    return _vendor_module(sim_dir, cfile, as_name="_local_nh_numba")
+
+
+def load_python_energy(sim_dir, mirror: LatticeMirror | None = None, cfg: dict | None = None,
+                       compiled: bool | None = None) -> PythonEnergy:
+    """Build the :class:`PythonEnergy` described by an exported project's configuration and arrays.
+
+    ``compiled``: neural terms on the compiled evaluator when numba imports (None, default), always (True:
+    an error without numba) or never (False: the numpy evaluators)."""
     cfg = load_config(sim_dir) if cfg is None else cfg
     arrays_path = os.path.join(str(sim_dir), ARRAYS_NAME)
     arrays = np.load(arrays_path, allow_pickle=False) if os.path.exists(arrays_path) else None
@@ -400,8 +490,8 @@ def load_python_energy(sim_dir, mirror: LatticeMirror | None = None, cfg: dict |
             terms.append(TypeFieldTerm(arrays[spec["phi"]]))
         elif kind == "directed_motion":
             terms.append(DirectedMotionTerm(spec["strength"], spec["direction"], shape, periodic))
-        elif kind == "local_nh":
-            terms.append(LocalNHTerm(_load_local_nh_evaluator(sim_dir, spec, arrays)))
+        elif kind in ("local_nh", "pooled_nh"):
+            terms.append(LocalNHTerm(_load_local_nh_evaluator(sim_dir, spec, arrays, compiled), kind))
         else:
             raise ValueError(f"{sim_dir}/{CONFIG_NAME}: unknown Python term kind {kind!r}")
     return PythonEnergy(terms, mirror, forbid_deletion=bool(cfg.get("forbid_deletion", True)))
@@ -493,7 +583,11 @@ class _WatcherCallback:
             new = w.getNewCell()
             nid = 0 if new is None else int(new.id)
             site = (int(pt.y), int(pt.x)) if o.ndim == 2 else (int(pt.z), int(pt.y), int(pt.x))
-            o.mirror.set_site(site, nid, None if new is None else int(new.type))
+            m = o.mirror
+            if new is not None and (nid >= len(m.types) or m.types[nid] != int(new.type)):
+                m.ensure_id(nid, int(new.type))
+            o.energy.accept(site, nid)  # compiled neural caches: before the mirror changes
+            m.set_site(site, nid, None if new is None else int(new.type))
         except BaseException:  # noqa: BLE001
             o.errors.record("change watcher (field3DChange)", o.out_dir())
 
@@ -527,6 +621,7 @@ class NeuralCPMEnergySteppable(_SteppableBase):
 
     def start(self):
         from cc3d.cpp import CompuCell
+        limit_blas_threads(1)
         cfg = self.cfg
         if cfg.get("python_terms") or cfg.get("forbid_deletion_python", False):
             ids, types = _read_cell_field(self.cell_field, self.dim, self.ndim)
@@ -561,11 +656,19 @@ class NeuralCPMEnergySteppable(_SteppableBase):
         if self._fields is not None and mcs > 0:
             self._fields.maybe_update(mcs, self.mirror)
 
+    def _cache_error(self):
+        """Max |cached − recomputed| of the compiled neural terms (None without such terms)."""
+        errs = [t.evaluator.cache_error() for t in (self.energy.terms if self.energy else [])
+                if getattr(t, "compiled", False) and t.evaluator.S is not None]
+        return max(errs) if errs else None
+
     def _report(self):
         wall = time.time() - (self._t0 or time.time())
         rep = {"mcs": int(self._mcs_done), "wall_s": wall,
                "mcs_per_s": (self._mcs_done / wall) if wall > 0 else None,
                "python_term": self.energy is not None,
+               "compiled_terms": [] if self.energy is None else self.energy.compiled,
+               "neural_cache_error": self._cache_error(),
                "energy_calls": 0 if self._energy_cb is None else self._energy_cb.calls,
                "callback_errors": self.errors.count, "first_error": self.errors.first,
                "mirror_checks": self.mirror_checks,

@@ -238,6 +238,66 @@ def test_local_nh_export_matches_torch_delta(tmp_path):
     assert np.allclose(got, ref, rtol=1e-6, atol=1e-9)
 
 
+def _neural_closure(shape, pooled=True, D=2):
+    from neuralcpm_plugin.hamiltonian.local_nh import LocalNeuralHamiltonian
+    from neuralcpm_plugin.hamiltonian.pooled_nh import PooledNeuralHamiltonian
+    J = [[0, 2, 2], [2, 1, 1.6], [2, 1.6, 1]]
+    terms = [ContactEnergy(J, 2), VolumeConstraint([0, 0.8, 0.8], [0, 20, 20]),
+             LocalNeuralHamiltonian({"n_types": 2, "stride": 4, "channels": 8, "kernel": 3}, seed=0, scale=3.0)]
+    if pooled:
+        terms.append(PooledNeuralHamiltonian({"n_types": 2, "stride": 3, "channels": 5, "kernel": 3, "hidden": 8,
+                                              "position_dim": D, "lattice_shape": list(shape)}, seed=1, scale=40.0))
+    return Hamiltonian(terms, LatticeSpec(shape, True, 2, 2), 1.0, ["medium", "a", "b"])
+
+
+def test_local_and_pooled_nh_export_matches_bundle_compiled_and_numpy(tmp_path):
+    """Local + pooled NH closure: the exported files' ΔH (compiled evaluator) == the bundle's; the project's
+    numpy evaluators give the same ΔH; along 200 accepted copies told to the energy through ``accept`` (as
+    the change watcher does) the compiled caches stay equal to a full recomputation."""
+    pytest.importorskip("torch")
+    from cc3d_steppables import steppables as stp
+    rng = np.random.default_rng(4)
+    shape = (24, 24)
+    ham = _neural_closure(shape)
+    state = random_state(rng, shape, 2, 10)
+    res, n = check_equivalence(ham, state, tmp_path / "p", rng, n_attempts=40)
+    assert n > 10 and res.python_terms == ["local_nh", "pooled_nh"]
+    sim = tmp_path / "p" / "Simulation"
+    for f in ("neuralcpm_local_nh.py", "neuralcpm_pooled_nh.py", "neuralcpm_local_nh_numba.py"):
+        assert (sim / f).is_file()
+    st0 = res.initial_state
+    m_c = stp.LatticeMirror(st0.ids, st0.types)
+    m_n = stp.LatticeMirror(st0.ids, st0.types)
+    e_c = stp.load_python_energy(sim, m_c, compiled=True)
+    e_n = stp.load_python_energy(sim, m_n, compiled=False)
+    assert e_c.compiled == ["local_nh", "pooled_nh"] and e_n.compiled == []
+    acc = big = 0
+    while acc < 200:
+        atts = attempts(rng, CellState(m_c.ids, m_c.types), 2, True, 1)
+        if not atts:
+            continue
+        site, a = atts[0]
+        d_c, d_n = e_c.delta(site, a), e_n.delta(site, a)
+        if not np.isfinite(d_n):
+            assert d_c == d_n
+            continue
+        assert abs(d_c - d_n) <= 1e-9 * max(1.0, abs(d_n))
+        big = max(big, abs(d_n))
+        if rng.random() < 0.6:
+            e_c.accept(site, a)
+            m_c.set_site(site, a)
+            m_n.set_site(site, a)
+            acc += 1
+    assert big > 0.01
+    for t in e_c.terms:
+        if getattr(t, "compiled", False):
+            assert t.evaluator.cache_error() < 1e-10
+    # a change the energy was not told about (another writer): caches rebuilt from the mirror
+    m_c.set_site((0, 0), int(m_c.ids[0, 1]))
+    m_n.set_site((0, 0), int(m_n.ids[0, 1]))
+    assert e_c.delta((5, 5), int(m_c.ids[5, 6])) == pytest.approx(e_n.delta((5, 5), int(m_n.ids[5, 6])), abs=1e-9)
+
+
 def test_unsupported_term_is_an_export_error(tmp_path):
     lat = LatticeSpec((12, 12), True, 2, 2)
     ham = Hamiltonian([ContactEnergy([[0, 1], [1, 0.5]], 2), SurfaceConstraint([0, 1.0], [0, 10.0])], lat, 1.0,

@@ -12,8 +12,11 @@ with its own default initial state), run headless ``$CC3D_PYTHON -m cc3d.run_scr
 * no error inside the Python callbacks; the Python term's lattice mirror equals CC3D's field (checked every
   50 MCS); the speed (MCS/s, from ``neuralcpm_run.json``) is printed (``pytest -s`` shows it).
 
-Models: cell sorting (Contact + Volume, C++ plugins only) and the same with a local NH term (Python energy
-term through ``EnergyFunctionPyWrapper``). Expected duration with a real CC3D on 8+ cores: a few minutes.
+Models: cell sorting (Contact + Volume, C++ plugins only), the same with a local NH term (Python energy
+term through ``EnergyFunctionPyWrapper``), and with a local NH + pooled NH closure (the compiled evaluator when
+numba imports in ``CC3D_PYTHON`` — asserted then, with its caches equal to a full recomputation at the end —
+the numpy one otherwise; mirror checked every 10 MCS). Expected duration with a real CC3D on 8+ cores: a few
+minutes.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ EXACT_SEEDS_PER_START = 2
 RUN_TIMEOUT_S = 3600
 
 
-def _sorting_hamiltonian(shape, with_local_nh: bool):
+def _sorting_hamiltonian(shape, with_local_nh: bool, with_pooled: bool = False):
     from neuralcpm_plugin.hamiltonian.analytic import ContactEnergy, VolumeConstraint
     from neuralcpm_plugin.hamiltonian.base import Hamiltonian, LatticeSpec
     lat = LatticeSpec(shape, True, 2, 2)
@@ -49,6 +52,11 @@ def _sorting_hamiltonian(shape, with_local_nh: bool):
         from neuralcpm_plugin.hamiltonian.local_nh import LocalNeuralHamiltonian
         terms.append(LocalNeuralHamiltonian({"n_types": 2, "stride": 4, "channels": 8, "kernel": 3}, seed=0,
                                             scale=0.3))
+    if with_pooled:
+        from neuralcpm_plugin.hamiltonian.pooled_nh import PooledNeuralHamiltonian
+        terms.append(PooledNeuralHamiltonian({"n_types": 2, "stride": 4, "channels": 8, "kernel": 3,
+                                              "position_dim": 2, "hidden": 16, "lattice_shape": list(shape)},
+                                             seed=1, scale=3.0))
     return Hamiltonian(terms, lat, 1.0, ["medium", "A", "B"])
 
 
@@ -88,20 +96,26 @@ def _run_cc3d_projects(projects, outs, logs):
     return codes
 
 
-def _check_model(tmp_path, with_local_nh: bool, shape):
+def _cc3d_has_numba() -> bool:
+    r = subprocess.run([CC3D_PYTHON, "-c", "import numba"], capture_output=True, check=False)
+    return r.returncode == 0
+
+
+def _check_model(tmp_path, with_local_nh: bool, shape, with_pooled: bool = False):
     from cc3d_steppables.export import export_project
     from neuralcpm_plugin.bundle import save_bundle
     from neuralcpm_plugin.io import load_states
     from neuralcpm_plugin.metrics.stats import n_cells, sorting_index
 
-    label = "local NH" if with_local_nh else "cell sorting"
-    ham = _sorting_hamiltonian(shape, with_local_nh)
+    label = ("local NH + pooled NH" if with_pooled else "local NH") if with_local_nh else "cell sorting"
+    ham = _sorting_hamiltonian(shape, with_local_nh, with_pooled)
+    check_every = 10 if with_pooled else 50
     target = 40.0
     bundle = save_bundle(tmp_path / "bundle", ham)
     projects, outs, logs, starts = [], [], [], []
     for i in range(N_RUNS):
         res = export_project(bundle, tmp_path / f"proj{i}", mcs=MCS, seed=1001 + i, snapshot_every=50,
-                             verify_mirror_every=50 if with_local_nh else 0, quiet=(i > 0))
+                             verify_mirror_every=check_every if with_local_nh else 0, quiet=(i > 0))
         projects.append(res.project)
         outs.append(tmp_path / f"out{i}")
         logs.append(tmp_path / f"run{i}.log")
@@ -128,6 +142,11 @@ def _check_model(tmp_path, with_local_nh: bool, shape):
         rep = json.loads((outs[i] / "neuralcpm_run.json").read_text())
         assert rep["callback_errors"] == 0, rep["first_error"]
         assert all(m == 0 for _, m in rep["mirror_checks"]), rep["mirror_checks"]
+        if with_local_nh:
+            assert len(rep["mirror_checks"]) >= MCS // check_every, rep["mirror_checks"]
+        if with_pooled and _cc3d_has_numba():
+            assert rep["compiled_terms"] == ["local_nh", "pooled_nh"], rep
+            assert rep["neural_cache_error"] < 1e-9, rep
         speeds.append(rep["mcs_per_s"])
 
     jobs = [(str(bundle), s.ids, s.types, 7000 + 100 * i + r)
@@ -141,7 +160,8 @@ def _check_model(tmp_path, with_local_nh: bool, shape):
     tol = 4 * np.hypot(se_a, se_b)
     msg = (f"{label} on {shape[0]}x{shape[1]}: sorting index after {MCS} MCS — CC3D {a.mean():.4f} ± {se_a:.4f} "
            f"({len(a)} runs), exact sampler {b.mean():.4f} ± {se_b:.4f} ({len(b)} runs); CC3D speed "
-           f"{np.median(speeds):.1f} MCS/s (median of {len(speeds)} runs)")
+           f"{np.median(speeds):.1f} MCS/s (median of {len(speeds)} runs"
+           + (f", compiled neural terms: {_cc3d_has_numba()})" if with_local_nh else ")"))
     print(msg, file=sys.stderr)
     print(msg)
     assert abs(a.mean() - b.mean()) <= tol, msg
@@ -153,3 +173,7 @@ def test_cell_sorting_model_in_cc3d(tmp_path):
 
 def test_local_nh_model_in_cc3d(tmp_path):
     _check_model(tmp_path, with_local_nh=True, shape=(32, 32))
+
+
+def test_local_and_pooled_nh_closure_in_cc3d(tmp_path):
+    _check_model(tmp_path, with_local_nh=True, shape=(32, 32), with_pooled=True)

@@ -110,6 +110,27 @@ def test_project_runs_under_cc3d_api_double(tmp_path):
     assert "MCS/s" in r.stdout
 
 
+def test_local_and_pooled_nh_project_runs_compiled_under_cc3d_api_double(tmp_path):
+    """Local + pooled NH closure in the CC3D double: the compiled evaluator runs (caches kept by the change
+    watcher: equal to a full recomputation at the end), the mirror equals the field at every MCS."""
+    import pytest
+    pytest.importorskip("torch")
+    from test_cc3d_export import _neural_closure
+    ham = _neural_closure((18, 18))
+    st = blocks((18, 18), n=10)
+    res = export_project(ham, tmp_path / "p", init=st, mcs=4, seed=2, snapshot_every=2, verify_mirror_every=1,
+                         quiet=True, measure_cost=False)
+    r = _run_fake(res.project, tmp_path / "out", timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads((tmp_path / "out" / "neuralcpm_run.json").read_text())
+    assert rep["callback_errors"] == 0 and rep["energy_calls"] > 100
+    assert rep["compiled_terms"] == ["local_nh", "pooled_nh"]
+    assert rep["neural_cache_error"] is not None and rep["neural_cache_error"] < 1e-10
+    assert all(mis == 0 for _, mis in rep["mirror_checks"]) and len(rep["mirror_checks"]) == 5
+    frames = load_states(tmp_path / "out" / "lattice.npz")
+    assert not np.array_equal(frames[-1].ids, frames[0].ids)
+
+
 def test_exception_in_energy_term_is_caught_and_reported(tmp_path):
     ham = model()
     res = export_project(ham, tmp_path / "p", init=blocks((16, 18)), mcs=3, seed=4, quiet=True, measure_cost=False)
