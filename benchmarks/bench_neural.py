@@ -7,15 +7,20 @@ Figures printed:
   NH term alone, and a plain full forward (states/s) for comparison;
 * local NH (default: stride 4, 16 channels, 3×3 coarse kernel → receptive-field radius 5 sites):
   batched torch ΔH/s (16 × 50 proposals) and numpy ΔH/s one attempt at a time;
+* pooled NH (default: the local NH's features, position embedding D = 4, MLP width 32): batched torch ΔH/s
+  (16 × 50 proposals) and numpy ΔH/s one attempt at a time with the cached Z;
 * peak resident memory of one 16-chain parallel-sampler step for each (child processes).
 
-Each speed figure is spot-checked against full recomputation H(after) − H(before) and the largest error is
-printed.  The machine is shared: the load average is printed with the figures.
+Every figure runs in its own fresh process (the parent imports neither torch nor the package), which prints
+its own peak memory (VmHWM, see ``benchmarks/_measure.py``) and CPU time beside wall time.  Each speed figure is
+spot-checked against full recomputation H(after) − H(before) and the largest error is printed.  The machine is
+shared: the load average is printed with the figures.
 
 Usage::
 
     python benchmarks/bench_neural.py            # all figures (a few minutes on 2 cores)
     python benchmarks/bench_neural.py --quick    # fewer repeats
+    python benchmarks/bench_neural.py --only pooled --threads 1
 """
 
 from __future__ import annotations
@@ -23,19 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 
 import numpy as np
-import torch
 
-from neuralcpm_plugin.hamiltonian import Batch, LatticeSpec
-from neuralcpm_plugin.hamiltonian.closure import closure_hamiltonian
-from neuralcpm_plugin.hamiltonian.local_nh import LocalNeuralHamiltonian
-from neuralcpm_plugin.hamiltonian.neural import NeuralHamiltonian
-from neuralcpm_plugin.lattice import CellState, boundary_mask
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import peak_rss_mib, rss_mib, run_child
 
 SHAPE = (100, 100)
 N_CELLS = 50
@@ -65,11 +64,15 @@ def mnist_like_state(rng, shape=SHAPE, n_cells=N_CELLS, radius=45.0, cell_r=6.0,
         best[m] = d[m]
         ids[m] = k + 1
     types = np.concatenate([[0], rng.permutation(np.repeat([1, 2], n_cells // 2 + 1))[:n_cells]])
+    from neuralcpm_plugin.lattice import CellState
     return CellState(ids, types)
 
 
 def proposals(states, P, rng):
     """Paper-style proposals: boundary sites, each with a neighbour's (different) cell copied into it."""
+    import torch
+
+    from neuralcpm_plugin.lattice import boundary_mask
     S, N = [], []
     for s in states:
         H, W = s.shape
@@ -108,6 +111,10 @@ def median_time(fn, repeats, label=None):
 
 def spot_check(ham, states, sites, new, d, n_check, W):
     """Largest |ΔH − (H(after) − H(before))| over n_check proposals (full recomputation)."""
+    import torch
+
+    from neuralcpm_plugin.hamiltonian import Batch
+    from neuralcpm_plugin.lattice import CellState
     err, scale = 0.0, 0.0
     with torch.no_grad():
         for k in range(n_check):
@@ -130,12 +137,18 @@ def analytic_terms():
 
 
 def mnist_closure(seed=0):
+    from neuralcpm_plugin.hamiltonian import LatticeSpec
+    from neuralcpm_plugin.hamiltonian.closure import closure_hamiltonian
+    from neuralcpm_plugin.hamiltonian.neural import NeuralHamiltonian
     nh = NeuralHamiltonian(preset="mnist", seed=seed)
     ham = closure_hamiltonian(analytic_terms(), [nh], LatticeSpec(SHAPE), 1.0, ["medium", "type1", "type2"])
     return ham, nh
 
 
 def bench_global(args, rng):
+    import torch
+
+    from neuralcpm_plugin.hamiltonian import Batch
     torch.manual_seed(0)
     ham, nh = mnist_closure()
     states = [mnist_like_state(rng) for _ in range(CHAINS)]
@@ -163,6 +176,10 @@ def bench_global(args, rng):
 
 
 def bench_local(args, rng):
+    import torch
+
+    from neuralcpm_plugin.hamiltonian import Batch
+    from neuralcpm_plugin.hamiltonian.local_nh import LocalNeuralHamiltonian
     torch.manual_seed(0)
     term = LocalNeuralHamiltonian(seed=0)
     with torch.no_grad():  # O(1) energies, so the checks are not vacuous
@@ -207,61 +224,134 @@ def bench_local(args, rng):
     }
 
 
+def bench_pooled(args, rng):
+    import torch
+
+    from neuralcpm_plugin.hamiltonian import Batch
+    from neuralcpm_plugin.hamiltonian.pooled_nh import PooledNeuralHamiltonian
+    torch.manual_seed(0)
+    term = PooledNeuralHamiltonian({"lattice_shape": list(SHAPE)}, seed=0)
+    with torch.no_grad():  # O(0.1-1) ΔH, so the checks are not vacuous
+        for p in term.parameters():
+            if p.dim() > 1:
+                p.mul_(3.0)
+    states = [mnist_like_state(rng) for _ in range(CHAINS)]
+    batch = Batch.from_states(states)
+    sites, new = proposals(states, P, rng)
+    n = sites.numel()
+    with torch.no_grad():
+        term.delta(batch, sites[:, :1], new[:, :1])
+        t_t, _ = median_time(lambda: term.delta(batch, sites, new), args.repeats, "pooled")
+        t_c, _ = median_time(lambda: term.delta(batch, sites, new, method="crop"), args.repeats, "pooled_crop")
+        d = term.delta(batch, sites, new)
+    err, scale = spot_check(term, states, sites, new, d, args.checks, SHAPE[1])
+    ev = term.numpy_evaluator()
+    W = SHAPE[1]
+    # one chain at a time (the cached Z follows its lattice), as the exact sampler and CC3D call it
+    attempts = [(b, divmod(int(sites[b, p]), W), int(new[b, p]), float(d[b, p]))
+                for b in range(CHAINS) for p in range(P)]
+    arrs = [(s.ids, s.types) for s in states]
+    np_err = 0.0
+    for b, ij, nid, dt in attempts[:200]:
+        np_err = max(np_err, abs(ev.delta(arrs[b][0], arrs[b][1], ij, nid) - dt) / max(1.0, abs(dt)))
+
+    def run_np():
+        for b, ij, nid, _ in attempts[:P]:  # chain 0: Z cached after the first call
+            ev.delta(arrs[b][0], arrs[b][1], ij, nid)
+
+    ev.reset(*arrs[0])
+    t_np, _ = median_time(run_np, args.repeats, "pooled_np")
+    return {
+        "pooled_radius_sites": term.radius, "pooled_channels": term.config["channels"],
+        "pooled_position_dim": term.config["position_dim"], "pooled_hidden": term.config["hidden"],
+        "pooled_torch_delta_per_s": n / t_t, "pooled_torch_delta_per_cpu_s": n / CPU_TIMES["pooled"],
+        "pooled_torch_crop_delta_per_s": n / t_c, "pooled_torch_crop_delta_per_cpu_s": n / CPU_TIMES["pooled_crop"],
+        "pooled_numpy_delta_per_s": P / t_np, "pooled_numpy_delta_per_cpu_s": P / CPU_TIMES["pooled_np"],
+        "spot_check_max_abs_err": err, "spot_check_max_abs_dH": scale, "numpy_vs_torch_max_rel_err": np_err,
+    }
+
+
 def child_memory(which):
-    """Peak RSS (MiB) increase of one 16-chain ParallelSampler step (run in a fresh process)."""
+    """Peak RSS (MiB) of one 16-chain ParallelSampler step (run in a fresh process)."""
+    import torch
+
+    from neuralcpm_plugin.hamiltonian import Batch, LatticeSpec
     from neuralcpm_plugin.sampling.parallel import ParallelSampler
     rng = np.random.default_rng(1)
     if which == "nh":
         ham, _ = mnist_closure()
     else:
         from neuralcpm_plugin.hamiltonian.base import Hamiltonian
-        ham = Hamiltonian([LocalNeuralHamiltonian(seed=0)], LatticeSpec(SHAPE), 1.0, ["medium", "a", "b"])
+        if which == "pooled":
+            from neuralcpm_plugin.hamiltonian.pooled_nh import PooledNeuralHamiltonian
+            term = PooledNeuralHamiltonian({"lattice_shape": list(SHAPE)}, seed=0)
+        else:
+            from neuralcpm_plugin.hamiltonian.local_nh import LocalNeuralHamiltonian
+            term = LocalNeuralHamiltonian(seed=0)
+        ham = Hamiltonian([term], LatticeSpec(SHAPE), 1.0, ["medium", "a", "b"])
     batch = Batch.from_states([mnist_like_state(rng) for _ in range(CHAINS)])
     sampler = ParallelSampler(ham, n_flips=P, backend="torch")
     g = torch.Generator().manual_seed(0)
-    peak_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20  # current RSS
-    t0 = time.perf_counter()
+    peak_setup = peak_rss_mib()
+    before = rss_mib()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         sampler.step(batch, g)
-    dt = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_mib": after, "rss_before_step_mib": before, "peak_before_step_mib": peak_setup,
-                      "step_s": dt}))
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    return {"peak_rss_mib": peak_rss_mib(), "rss_before_step_mib": before, "peak_before_step_mib": peak_setup,
+            "step_s": dt, "step_cpu_s": dc}
 
 
-def memory(which, threads=None):
-    cmd = [sys.executable, __file__, "--child", which] + (["--threads", str(threads)] if threads else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def child(section: str, args) -> None:
+    """Run one figure in this (fresh) process and print its results as one JSON line."""
+    import torch
+
+    from neuralcpm_plugin.threads import configure_threads
+    thr = configure_threads(args.threads or 0)
+    rng = np.random.default_rng(0)
+    w0, c0 = time.perf_counter(), time.process_time()
+    if section.startswith("memory-"):
+        r = child_memory(section[len("memory-"):])
+    else:
+        r = {"global": bench_global, "local": bench_local, "pooled": bench_pooled}[section](args, rng)
+    r.update({"figure_wall_s": time.perf_counter() - w0, "figure_cpu_s": time.process_time() - c0,
+              "figure_peak_rss_mib": peak_rss_mib(), "torch_threads": torch.get_num_threads(),
+              "blas_threads": thr["blas"], "torch_version": torch.__version__})
+    print(json.dumps(r))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and checks")
-    ap.add_argument("--only", choices=["global", "local", "memory"], default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--only", choices=["global", "local", "pooled", "memory"], default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (torch, BLAS, numba; default: neuralcpm_plugin.threads' policy)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.child:
-        child_memory(args.child)
-        return
     args.repeats = 3 if args.quick else 5
     args.checks = 3 if args.quick else 8
-    rng = np.random.default_rng(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {os.getloadavg()}",
-          flush=True)
-    if args.only in (None, "global"):
-        r = bench_global(args, rng)
+    if args.child:
+        child(args.child, args)
+        return
+    fwd = (["--quick"] if args.quick else []) + (["--threads", str(args.threads)] if args.threads else [])
+
+    def run(section):
+        r = run_child(__file__, ["--child", section, *fwd])
+        if "error" in r:
+            print(f"{section}: failed ({r['error']})", flush=True)
+            return None
+        return r
+
+    def footer(r):
+        print(f"(this figure's process: wall {r['figure_wall_s']:.1f} s, CPU {r['figure_cpu_s']:.1f} s, peak RSS "
+              f"{r['figure_peak_rss_mib']:.0f} MiB; torch threads {r['torch_threads']}, BLAS threads "
+              f"{r['blas_threads']})", flush=True)
+
+    print(f"load average {os.getloadavg()}; every figure in a fresh process", flush=True)
+    if args.only in (None, "global") and (r := run("global")):
         print("\n== global NH (Cellular-MNIST preset, 100x100, 50 cells, closure contact+volume+NH) ==")
         print(f"closure ΔH evaluations/s (16 chains x 50 proposals): wall {r['nh_closure_delta_per_s']:.0f}, "
-              f"per CPU-second {r['nh_closure_delta_per_cpu_s']:.0f}  (target >= 150; authors' JAX sampler ~2.2/s)",
-              flush=True)
+              f"per CPU-second {r['nh_closure_delta_per_cpu_s']:.0f}  (target >= 150; authors' JAX sampler ~2.2/s)")
         print(f"NH term alone ΔH/s: wall {r['nh_term_delta_per_s']:.0f}, "
               f"per CPU-s {r['nh_term_delta_per_cpu_s']:.0f}; "
               f"plain full forward: wall {r['full_forward_states_per_s']:.1f} states/s, per CPU-s "
@@ -269,8 +359,8 @@ def main(argv=None):
               f"{r['delta_by_full_recompute_per_s']:.1f}/s")
         print(f"spot check vs H(after)-H(before): max |err| = {r['spot_check_max_abs_err']:.2e} "
               f"(max |ΔH| {r['spot_check_max_abs_dH']:.2e}, network dtype {r['dtype']})")
-    if args.only in (None, "local"):
-        r = bench_local(args, rng)
+        footer(r)
+    if args.only in (None, "local") and (r := run("local")):
         print(f"\n== local NH (radius {r['local_nh_radius_sites']} sites, {r['local_nh_channels']} channels) ==")
         print(f"torch batched ΔH/s (16 x 50): wall {r['local_torch_delta_per_s']:.0f}, per CPU-s "
               f"{r['local_torch_delta_per_cpu_s']:.0f}  (target >= 20000)")
@@ -282,18 +372,30 @@ def main(argv=None):
         print(f"spot check vs H(after)-H(before): max |err| = {r['spot_check_max_abs_err']:.2e} "
               f"(max |ΔH| {r['spot_check_max_abs_dH']:.2e}); numpy vs torch max rel err "
               f"{r['numpy_vs_torch_max_rel_err']:.1e}")
+        footer(r)
+    if args.only in (None, "pooled") and (r := run("pooled")):
+        print(f"\n== pooled NH (features: radius {r['pooled_radius_sites']} sites, {r['pooled_channels']} channels; "
+              f"position dim {r['pooled_position_dim']}, MLP width {r['pooled_hidden']}) ==")
+        print(f"torch batched ΔH/s (16 x 50): wall {r['pooled_torch_delta_per_s']:.0f}, per CPU-s "
+              f"{r['pooled_torch_delta_per_cpu_s']:.0f}  (method='crop': wall {r['pooled_torch_crop_delta_per_s']:.0f},"
+              f" per CPU-s {r['pooled_torch_crop_delta_per_cpu_s']:.0f})")
+        print(f"numpy one-at-a-time ΔH/s (cached Z): wall {r['pooled_numpy_delta_per_s']:.0f}, per CPU-s "
+              f"{r['pooled_numpy_delta_per_cpu_s']:.0f}")
+        print(f"spot check vs H(after)-H(before): max |err| = {r['spot_check_max_abs_err']:.2e} "
+              f"(max |ΔH| {r['spot_check_max_abs_dH']:.2e}); numpy vs torch max rel err "
+              f"{r['numpy_vs_torch_max_rel_err']:.1e}")
+        footer(r)
     if args.only in (None, "memory"):
-        print("\n== peak memory of one 16-chain parallel-sampler step (fresh process) ==")
-        for which in ("nh", "local"):
-            m = memory(which, args.threads)
-            if "error" in m:
-                print(f"{which}: could not measure ({m['error']})")
-            else:
-                extra = m["peak_rss_mib"] - m["rss_before_step_mib"]
-                note = "" if m["peak_rss_mib"] > m["peak_before_step_mib"] else " (at most; setup peak not exceeded)"
-                print(f"{which}: peak RSS {m['peak_rss_mib']:.0f} MiB, RSS before the step "
-                      f"{m['rss_before_step_mib']:.0f} MiB -> the step adds {extra:.0f} MiB{note}; "
-                      f"step took {m['step_s']:.2f} s")
+        print("\n== peak memory of one 16-chain parallel-sampler step (each in a fresh process) ==")
+        for which in ("nh", "local", "pooled"):
+            m = run(f"memory-{which}")
+            if m is None:
+                continue
+            extra = m["peak_rss_mib"] - m["rss_before_step_mib"]
+            note = "" if m["peak_rss_mib"] > m["peak_before_step_mib"] else " (at most; setup peak not exceeded)"
+            print(f"{which}: peak RSS {m['peak_rss_mib']:.0f} MiB, RSS before the step "
+                  f"{m['rss_before_step_mib']:.0f} MiB -> the step adds {extra:.0f} MiB{note}; "
+                  f"step took wall {m['step_s']:.2f} s, CPU {m['step_cpu_s']:.2f} s", flush=True)
 
 
 if __name__ == "__main__":
