@@ -103,3 +103,17 @@ def test_overview_of_3d_data_shows_middle_planes(tmp_path):
     assert replay_cellsort(path, 2, n_frames=2)[2] is True
     res = overview(tmp_path / "o", ham, states, _info(path), n_runs=2)
     assert res["replayed_exactly"] is True and (tmp_path / "o" / "overview.png").is_file()
+
+
+def test_overview_needs_matplotlib_only(tmp_path, monkeypatch):
+    """`pip install .[experiments]` brings matplotlib, not pyvista: the figure must not import pyvista."""
+    import sys
+    monkeypatch.setitem(sys.modules, "pyvista", None)          # `import pyvista` raises ImportError
+    states = block_states(2, size=24)
+    f = write_npz(tmp_path / "snap.npz", states)
+    from neuralcpm_plugin.hamiltonian.analytic import ContactEnergy, VolumeConstraint
+    from neuralcpm_plugin.hamiltonian.base import Hamiltonian, LatticeSpec
+    ham = Hamiltonian([ContactEnergy([[0, 2, 2], [2, 1, 2], [2, 2, 1]], 2),
+                       VolumeConstraint([0, 0.5, 0.5], [0, 15, 15])], LatticeSpec((24, 24), True, 2, 2), 1.0)
+    res = overview(tmp_path / "o", ham, states, _info(f), fallback_mcs=4)
+    assert res is not None and (tmp_path / "o" / "overview.png").is_file()
