@@ -355,11 +355,11 @@ def test_readme_shows_the_overview_figure_at_the_top():
 
 # ------------------------------------------------------------------------------------------ printed commands
 def _printed_commands(text: str) -> list[str]:
-    """Command lines in printed output: after ``run:``, ``evaluate:``, ``resume with:``, ``make it with:``
+    """Command lines in printed output: after ``run:``, ``fit:``, ``evaluate:``, ``resume with:``, ``make it with:``
     or ``(the energy hook):``, up to three spaces or the end of the line."""
     out = []
     for line in text.splitlines():
-        m = re.search(r"(?:^|\s)(?:run|evaluate|resume with|make it with|energy hook\)):\s+(.+)$", line)
+        m = re.search(r"(?:^|\s)(?:run|fit|evaluate|resume with|make it with|energy hook\)):\s+(.+)$", line)
         if m:
             out.append(re.split(r"\s{3,}", m.group(1).strip())[0])
     return out
@@ -494,3 +494,15 @@ def test_missing_preset_data_hint_is_a_runnable_command(tmp_path):
     assert argv[:3] == ["python", "-m", "training.generate"]
     assert parse_only("training.generate", argv[3:]) is None
     assert _opt(argv, "--out") == str(tmp_path / "nope.npz") and _opt(argv, "--scale") == "cpu"
+
+
+def test_generators_print_fit_commands_that_parse(tmp_path, monkeypatch, capsys):
+    from training.generate import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["tissue", "--size", "20", "--cells", "16", "--target", "20", "--snapshots", "1", "--mcs", "2",
+                 "--out", "my data/t.npz", "--no-progress"]) == 0
+    cmds = _printed_commands(capsys.readouterr().out)
+    assert len(cmds) == 1, cmds
+    argv = shlex.split(cmds[0])
+    assert argv[:3] == ["python", "-m", "training.fit"] and parse_only("training.fit", argv[3:]) is None
+    assert (tmp_path / _opt(argv, "--data")).is_file() and (tmp_path / _opt(argv, "--truth")).is_file()

@@ -117,3 +117,14 @@ def test_overview_needs_matplotlib_only(tmp_path, monkeypatch):
                        VolumeConstraint([0, 0.5, 0.5], [0, 15, 15])], LatticeSpec((24, 24), True, 2, 2), 1.0)
     res = overview(tmp_path / "o", ham, states, _info(f), fallback_mcs=4)
     assert res is not None and (tmp_path / "o" / "overview.png").is_file()
+
+
+def test_data_with_other_starts_is_not_replayed(tmp_path):
+    """training.gen_tissue writes the cell-sorting format with Voronoi starts: not replayable by init_points."""
+    from training.gen_tissue import generate_tissue
+    rep = {}
+    states, ham = generate_tissue("b", 1, 0, size=20, cells=16, target=20.0, mcs=2.0, progress=False, report=rep)
+    path = save_cellsort(tmp_path / "t.npz", states, ham, scenario="b", scale="tissue", report=rep)
+    assert replay_cellsort(path, 1) is None
+    res = overview(tmp_path / "o", ham, states, _info(path), fallback_mcs=2)
+    assert "data snapshots" in res["source"]

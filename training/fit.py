@@ -524,6 +524,10 @@ def _overview_figure(run_dir: Path, ham, states, data_info: dict, cfg: dict, see
     except (NeuralCPMError, OSError, ValueError) as e:
         _say(f"overview figure: not written ({type(e).__name__}: {e})")
         return None
+    except Exception as e:  # noqa: BLE001 - the model is saved; a figure bug must not lose the exports
+        _say(f"overview figure: not written, a bug of training/overview.py ({type(e).__name__}: {e}); the run "
+             "itself is complete")
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -751,7 +755,7 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
             for line in _export(run_dir, bundle_dir, cfg, init_state):
                 _say(line)
         if truth is not None:
-            _say(f"evaluate: python -m training.evaluate params {run_dir}")
+            _say(f"evaluate: python -m training.evaluate params {shlex.quote(str(run_dir))}")
         _say(f"done in {time.perf_counter() - t_start:.1f} s; run folder: {run_dir}")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     if dist is not None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -180,5 +181,6 @@ def run(args) -> int:
              "target": args.target}
     tpath.write_text(json.dumps(truth, indent=1))
     print(f"wrote {path} ({len(states)} snapshots, {report['seconds']:.1f} s) and {tpath}")
-    print(f"fit: python -m training.fit --data {path} --frames all --truth {tpath} --no-export")
+    print(f"fit: python -m training.fit --data {shlex.quote(str(path))} --frames all --truth {shlex.quote(str(tpath))} "
+          "--no-export")
     return 0

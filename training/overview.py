@@ -36,6 +36,8 @@ __all__ = ["overview", "replay_cellsort", "rollout"]
 
 MAX_ATTEMPTS = 5e7  # copy attempts for all model roll-outs together (a few seconds of the compiled sampler)
 MAX_TIMES = 11      # time points of the statistics (frames of longer trajectories are thinned)
+STATS_SITES = 2e7   # lattice sites over all states whose statistics are computed (bounds the time points)
+_REPLAY_KEYS = ("scenario", "size", "cells", "target", "radius", "mcs", "proposal")
 
 
 def rollout(start, ham, times, *, seed: int, proposal: str = "classic"):
@@ -69,7 +71,8 @@ def replay_cellsort(path, n_runs: int, n_frames: int = MAX_TIMES - 1):
     ``(times, [[state at each time] per run], replayed_exactly, proposal)``, or ``None`` when ``path`` is not
     such a data set. ``replayed_exactly``: every replay ends in the stored snapshot (same seeds, same sampler)."""
     p = _params_json(path)
-    if p is None or p.get("dataset") != "cellsort" or p.get("sampler") != "exact":
+    if p is None or p.get("dataset") != "cellsort" or p.get("sampler") != "exact" or "start" in p or \
+            any(k not in p for k in _REPLAY_KEYS):   # other starts (e.g. training.gen_tissue): not replayable here
         return None
     from .gen_cellsort import cellsort_hamiltonian_for, init_points
     shape = (int(p["size"]),) * int(p.get("dim", 2))
@@ -85,7 +88,7 @@ def replay_cellsort(path, n_runs: int, n_frames: int = MAX_TIMES - 1):
     return times, runs, exact, p["proposal"]
 
 
-def _trajectory_files(files, n_runs: int):
+def _trajectory_files(files, n_runs: int, n_times: int = MAX_TIMES):
     """Data trajectories from files holding ≥ 3 frames with increasing ``mcs``; ``None`` if there are none."""
     from neuralcpm_plugin.io import load_states
     runs, times = [], None
@@ -102,8 +105,8 @@ def _trajectory_files(files, n_runs: int):
         t = [float(m) - float(mcs[0]) for m in mcs]
         if any(b <= a for a, b in itertools.pairwise(t)):
             return None
-        if len(t) > MAX_TIMES:               # thin to at most MAX_TIMES frames, keeping the first and last
-            keep = sorted({round(k * (len(t) - 1) / (MAX_TIMES - 1)) for k in range(MAX_TIMES)})
+        if len(t) > n_times:                 # thin to at most n_times frames, keeping the first and last
+            keep = sorted({round(k * (len(t) - 1) / (n_times - 1)) for k in range(n_times)})
             frames, t = [frames[k] for k in keep], [t[k] for k in keep]
         if times is None:
             times = t
@@ -157,16 +160,17 @@ def overview(run_dir, ham, states, data_info: dict, *, proposal: str = "classic"
         return None
     n_sites = int(np.prod(states[0].shape))
     n_runs = max(4, min(int(n_runs), int(n_runs * 4096 / n_sites)))   # bigger lattices: fewer runs (statistics cost)
+    n_times = int(np.clip(STATS_SITES / (2 * n_runs * n_sites), 3, MAX_TIMES))
     n_types = max(s.n_types for s in states)
     files = data_info.get("files") or []
-    src = replay_cellsort(files[0], n_runs) if len(files) == 1 and files[0].endswith(".npz") else None
+    src = replay_cellsort(files[0], n_runs, n_times - 1) if len(files) == 1 and files[0].endswith(".npz") else None
     replayed = None
     if src is not None:
         times, data_runs, replayed, proposal = src
         source = (f"{len(data_runs)} runs of the data set replayed from their seeds (true Hamiltonian, exact "
                   f"sampler, {proposal} proposals){'' if replayed else ' — WARNING: a replay differs from the data'}")
     else:
-        tr = _trajectory_files(files, n_runs)
+        tr = _trajectory_files(files, n_runs, n_times)
         if tr is not None:
             times, data_runs = tr
             source = "{n} data trajectories (first frame = the model's start)"
@@ -183,7 +187,7 @@ def overview(run_dir, ham, states, data_info: dict, *, proposal: str = "classic"
         rng = np.random.default_rng(seed)
         pick = rng.choice(len(states), size=min(n_runs, len(states)), replace=False)
         mcs = min(float(fallback_mcs), MAX_ATTEMPTS / (n_sites * len(pick)))
-        model_times = [mcs * k / (MAX_TIMES - 1) for k in range(MAX_TIMES)]
+        model_times = [mcs * k / (n_times - 1) for k in range(n_times)]
         starts = [states[i] for i in pick]
     model_runs = [rollout(s, ham, model_times, seed=seed * 1000 + 500 + i, proposal=proposal)
                   for i, s in enumerate(starts)]
@@ -192,7 +196,7 @@ def overview(run_dir, ham, states, data_info: dict, *, proposal: str = "classic"
         data_stats, data_times = _stats(data_runs, n_types), times
         data_show = [r[-1] for r in data_runs[:n_show]]
     else:
-        flat = _stats([list(states)], n_types)
+        flat = _stats([[states[i] for i in pick]], n_types)      # the same number of data snapshots
         data_stats = {k: v.reshape(-1, 1) for k, v in flat.items()}      # (snapshots, 1): a constant band
         data_times = None
         data_show = [r[0] for r in model_runs[:n_show]]
