@@ -59,6 +59,7 @@ import numpy as np
 
 from neuralcpm_plugin.cli import claim_output, command
 from neuralcpm_plugin.errors import ExportError
+from neuralcpm_plugin.export_checks import check_export, check_run_options
 from neuralcpm_plugin.lattice import CellState, neighbour_offsets
 
 from . import steppables as _stp
@@ -368,9 +369,10 @@ def export_project(bundle, out, *, init=None, init_frame: int = 0, mcs: int = 10
     name = name or "NeuralCPM"
     if not name.isidentifier():
         raise ExportError(f"project name {name!r} must be a valid Python identifier (it names the main script)")
+    check_run_options(mcs=mcs, intervals={"--snapshot-every": snapshot_every,
+                                          "--nh-recompute-every": nh_recompute_every},
+                      counts={"--verify-mirror-every": verify_mirror_every})
     mcs = int(mcs)
-    if mcs < 1:
-        raise ExportError(f"--mcs must be >= 1, got {mcs}")
     every = int(snapshot_every) if snapshot_every else max(1, mcs // 20)
 
     # ---- initial state ---------------------------------------------------------------------------------
@@ -384,11 +386,8 @@ def export_project(bundle, out, *, init=None, init_frame: int = 0, mcs: int = 10
             state = states[init_frame]
         except IndexError:
             raise ExportError(f"{init}: has {len(states)} frames, no frame {init_frame}") from None
-    if tuple(state.shape) != shape:
-        raise ExportError(f"the initial state has shape {state.shape}, the model's lattice {shape}")
+    check_export(ham, state)    # the validation shared with the Morpheus exporter
     state = state.relabelled()  # ids 1..N: CC3D creates cells with the PIFF ids, snapshots report them
-    if state.n_types > n_t1 - 1:
-        raise ExportError(f"the initial state has cell type {state.n_types}, the model only {n_t1 - 1} types")
 
     # ---- terms -----------------------------------------------------------------------------------------
     contact = volume = None
@@ -404,8 +403,6 @@ def export_project(bundle, out, *, init=None, init_frame: int = 0, mcs: int = 10
             if contact is not None:
                 raise ExportError("the model has two contact terms; CC3D has one Contact plugin")
             J = np.asarray(p["J"], dtype=np.float64) * scale
-            if J.shape != (n_t1, n_t1):
-                raise ExportError(f"contact J has shape {J.shape}, the model has {n_t1} types (medium included)")
             contact = (J.tolist(), int(p.get("order", lat.contact_order)))
             cpp_terms.append("Contact")
         elif kind == "volume":
@@ -413,8 +410,6 @@ def export_project(bundle, out, *, init=None, init_frame: int = 0, mcs: int = 10
                 raise ExportError("the model has two volume terms; CC3D has one Volume plugin")
             lam = np.asarray(p["lambda"], dtype=np.float64) * scale
             tgt = np.asarray(p["target"], dtype=np.float64)
-            if np.any(tgt[1:] < 0):
-                raise ExportError(f"negative target volume {tgt.tolist()} (CC3D uses |V*|)")
             volume = (lam.tolist(), tgt.tolist())
             cpp_terms.append("Volume")
         elif kind == "external":

@@ -53,6 +53,7 @@ from lxml import etree
 
 from neuralcpm_plugin.cli import claim_output, command
 from neuralcpm_plugin.errors import DataError, ExportError
+from neuralcpm_plugin.export_checks import check_export, check_run_options
 from neuralcpm_plugin.lattice import CellState, neighbour_offsets
 
 __all__ = [
@@ -428,8 +429,8 @@ def build_xml(hamiltonian, state: CellState, *, mcs: int = 1000, seed: int = 1, 
     shape = tuple(int(v) for v in lat.shape)
     H, W = shape[-2:]
     D = shape[0] if nd == 3 else 0
-    if tuple(state.shape) != shape:
-        raise ExportError(f"the initial state has shape {state.shape}, the model's lattice {lat.shape}")
+    check_export(hamiltonian, state, mcs=mcs, intervals={"--record-every": record_every,
+                                                         "--save-interval": save_interval})
     max_order = MAX_ORDER if nd == 2 else MAX_ORDER_CUBIC
     for name, o in (("copy", lat.copy_order), ("contact", lat.contact_order)):
         if not 1 <= o <= max_order:
@@ -596,6 +597,8 @@ def resolve_model_and_state(bundle, init, frame: int = 0, *, cells_per_type: int
     (``cells_per_type`` cells per type at the volume term's target volumes, seeded by ``seed``).
     """
     from neuralcpm_plugin.bundle import ModelBundle, load_bundle
+    if init is None:
+        check_run_options(intervals={"--cells-per-type": cells_per_type})
     if isinstance(bundle, (str, Path)):
         bundle = load_bundle(bundle)
     ham = bundle.hamiltonian if isinstance(bundle, ModelBundle) else bundle
@@ -636,10 +639,11 @@ def export_model(bundle, out, *, init=None, frame: int = 0, mcs: int = 1000, see
     device : str, optional
         Torch device for the network evaluations (e.g. ``"cuda"``).
     """
+    check_run_options(mcs=mcs, intervals={"--record-every": record_every, "--save-interval": save_interval},
+                      counts={"--field-attempts": field_attempts})
     ham, n_types, state = resolve_model_and_state(bundle, init, frame, cells_per_type=cells_per_type, seed=seed)
     lat = ham.lattice
-    if tuple(state.shape) != tuple(lat.shape):
-        raise ExportError(f"the initial state has shape {state.shape}, the model's lattice {tuple(lat.shape)}")
+    check_export(ham, state)    # the validation shared with the CC3D exporter (again in build_xml: cheap)
     if ham.neural_terms() and len(lat.shape) != 2:
         raise ExportError(f"neural terms are 2-D only; this model has a {len(lat.shape)}-D lattice {tuple(lat.shape)}")
     report = ExportReport(Path(out), len(state.cell_ids()), [], bool(ham.neural_terms()), mcs=int(mcs),

@@ -31,13 +31,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ._fsutil import make_temp_dir
 from .errors import BundleError
 from .hamiltonian.base import Hamiltonian, LatticeSpec, term_class
 
@@ -130,7 +130,7 @@ def save_bundle(path, hamiltonian: Hamiltonian, *, provenance: dict | None = Non
     if extra:
         doc["extra"] = extra
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = make_temp_dir(path)     # umask permissions; stale temporaries of killed writes removed
     try:
         with open(tmp / MODEL_JSON, "w") as f:
             json.dump(doc, f, indent=2)

@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from neuralcpm_plugin._fsutil import make_temp_dir
 from neuralcpm_plugin.errors import ConfigError
 
 __all__ = [
@@ -54,7 +54,7 @@ def save_checkpoint(path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write ``tensors`` (safetensors) and ``meta`` (JSON) as the checkpoint directory ``path``, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = make_temp_dir(path)     # umask permissions; stale temporaries of killed writes removed
     try:
         flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
         save_file(flat, str(tmp / CHECKPOINT_TENSORS), metadata={"format": FORMAT})

@@ -65,6 +65,7 @@ __all__ = [
     "MODEL_KINDS",
     "OBJECTIVES",
     "PRESETS",
+    "check_bounds",
     "list_presets",
     "load_config",
     "merge",
@@ -209,8 +210,25 @@ def validate(cfg: dict, *, where: str = "") -> dict:
     if cfg["objective"]["name"] not in OBJECTIVES:
         raise ConfigError(f"{where}objective.name {cfg['objective']['name']!r} is not one of "
                           f"{', '.join(OBJECTIVES)}")
-    if cfg["device"] not in ("cpu", "cuda") and not str(cfg["device"]).startswith("cuda:"):
-        raise ConfigError(f"{where}device must be 'cpu' or 'cuda', got {cfg['device']!r}")
+    dev = str(cfg["device"])
+    if dev not in ("cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+        raise ConfigError(f"{where}device must be 'cpu', 'cuda' or 'cuda:N', got {cfg['device']!r}")
+    _check_finite(cfg, where)
+    check_bounds(cfg, {"threads": (0, MAX_THREADS, "threads")}, where=where)
+    check_bounds(cfg["data"], {"max_states": (0, None, "data.max_states")}, where=where)
+    m_ = cfg["model"]
+    check_bounds(m_, {"copy_order": (1, MAX_ORDER, "model.copy_order"),
+                      "contact_order": (1, MAX_ORDER, "model.contact_order"),
+                      "target_volume": (0, None, "model.target_volume")}, where=where)
+    check_bounds(cfg["pcd"], {"batch": (1, MAX_BATCH, "pcd.batch"), "iterations": (0, MAX_ITERATIONS, "pcd.iterations"),
+                              "mcs": (None, MAX_PCD_MCS, "pcd.mcs"), "flips": (1, MAX_FLIPS, "pcd.flips"),
+                              "checkpoint_every": (1, None, "pcd.checkpoint_every"),
+                              "plot_every": (0, None, "pcd.plot_every"), "max_rollbacks": (0, 1000, "pcd.max_rollbacks")},
+                 where=where)
+    check_bounds(cfg["pl"], {"max_iter": (1, MAX_ITERATIONS, "pl.max_iter"), "steps": (1, MAX_ITERATIONS, "pl.steps"),
+                             "sites_per_state": (1, MAX_SITES_PER_STATE, "pl.sites_per_state"),
+                             "states_per_step": (1, MAX_BATCH, "pl.states_per_step"),
+                             "lr": (0, None, "pl.lr"), "tolerance": (0, None, "pl.tolerance")}, where=where)
     if cfg["data"]["ndim"] not in (2, 3):
         raise ConfigError(f"{where}data.ndim must be 2 or 3, got {cfg['data']['ndim']!r}")
     fr = cfg["data"]["frames"]
@@ -240,6 +258,58 @@ def validate(cfg: dict, *, where: str = "") -> dict:
         if not ok:
             raise ConfigError(where + msg)
     return cfg
+
+
+def check_bounds(values: dict, bounds: dict, *, where: str = "") -> None:
+    """Refuse values outside their bounds, naming the option and the bound.
+
+    ``bounds`` maps a key of ``values`` to ``(lo, hi, label)``; ``lo``/``hi`` may be None (unbounded), ``label``
+    names the option for the user (e.g. ``"--size"`` or ``"pcd.batch"``). Missing or None values are skipped;
+    every other value must be a finite number within ``[lo, hi]``.
+    """
+    import math
+    for key, (lo, hi, label) in bounds.items():
+        v = values.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}{label} must be a number, got {v!r}") from None
+        if not math.isfinite(v):
+            raise ConfigError(f"{where}{label} must be a finite number, got {v}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = (f"from {lo} to {hi}" if lo is not None and hi is not None else
+                   f">= {lo}" if lo is not None else f"<= {hi}")
+            raise ConfigError(f"{where}{label} must be {rng}, got {v}")
+
+
+MAX_THREADS = 1024               #: bound of ``threads``
+MAX_ORDER = 20                   #: bound of the neighbourhood orders (order 20 is already ~1200 neighbours)
+MAX_BATCH = 65536                #: bound of ``pcd.batch`` and ``pl.states_per_step`` (chains / states in memory)
+MAX_ITERATIONS = 100_000_000     #: bound of ``pcd.iterations``, ``pl.steps``, ``pl.max_iter``
+MAX_PCD_MCS = 1e6                #: bound of ``pcd.mcs`` (sampler sweeps per iteration)
+MAX_FLIPS = 10_000_000           #: bound of ``pcd.flips`` (proposals per parallel-sampler step)
+MAX_SITES_PER_STATE = 100_000_000  #: bound of ``pl.sites_per_state``
+
+
+# the command-line options of training.fit that set configuration keys (for messages)
+CLI_FLAGS = {"pcd.iterations": "--iterations", "pl.steps": "--iterations", "threads": "--threads",
+             "device": "--device", "seed": "--seed", "data.frames": "--frames", "model.kind": "--model",
+             "objective.name": "--objective", "data.path": "--data", "model.prior": "--prior"}
+
+
+def _check_finite(cfg: dict, where: str, prefix: str = "") -> None:
+    """No NaN or infinity anywhere in the fixed-schema sections (TOML allows ``nan`` and ``inf``)."""
+    import math
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            if tuple(key.split(".")) not in FREE_TABLES:
+                _check_finite(v, where, key + ".")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{where}{key} must be a finite number, got {v}")
 
 
 def _read_toml(text: str, where: str) -> dict:
@@ -300,7 +370,17 @@ def load_config(spec: str | None = None, overrides: dict | None = None) -> dict:
     raw = dict(raw)
     cfg = merge(_with_parents(raw, where, []), raw, where=where)
     if overrides:
-        cfg = merge(cfg, overrides, where="command line: ")
+        merged = merge(cfg, overrides, where="command line: ")
+        try:
+            return validate(merged, where=where)
+        except ConfigError:
+            validate(cfg, where=where)       # raises if the file's own values are wrong: named as the file's
+            try:                             # else the command line's mistake: say so, with the option
+                return validate(merged, where="command line: ")
+            except ConfigError as e:
+                msg = str(e)
+                flags = [f for k, f in CLI_FLAGS.items() if f" {k} " in f" {msg.split('command line: ', 1)[-1]}"]
+                raise ConfigError(msg + (f" (option {flags[0]})" if flags else "")) from None
     return validate(cfg, where=where)
 
 

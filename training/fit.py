@@ -262,7 +262,12 @@ def load_training_data(cfg: dict, run_dir: Path, *, progress: bool = True):
 def _truth_from(spec: str | None, data_info: dict) -> dict | None:
     from neuralcpm_plugin.metrics.params import KNOWN_TRUTHS, param_names, param_vector, truth_from_source
     if spec:
-        return truth_from_source(spec)
+        try:
+            return truth_from_source(spec)
+        except NeuralCPMError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--truth {spec}: {e}") from None
     th = data_info.get("truth_hamiltonian")
     if th is not None:
         try:
@@ -412,6 +417,72 @@ def _pooled_term(m: dict, n_types: int, shape, seed: int):
         raise ConfigError(f"{where}: {e}") from None
 
 
+def check_identifiable(states, cfg: dict) -> tuple[list[str], set[str]]:
+    """What the training data cannot tell: ``(warnings, names of unidentified analytic parameters)``.
+
+    Raises :class:`DataError` for data no model can be fitted to: a lattice side not larger than twice the
+    reach of the copy/contact neighbourhood (on the torus a site would neighbour itself; the bound is in the
+    message), or no boundary site at all (no copy attempt could change anything). Warns about a single
+    training state, identical states, cell types that never occur (their J and λ are not learned) and type
+    pairs that never touch (their J is not learned): those parameters keep their initial values and are not
+    reported as learned.
+    """
+    from neuralcpm_plugin.lattice import boundary_mask, half_offsets
+    m = cfg["model"]
+    order = max(int(m["copy_order"]), int(m["contact_order"]))
+    shape = tuple(states[0].shape)
+    reach = int(np.abs(half_offsets(order, len(shape))).max())
+    if min(shape) <= 2 * reach:
+        raise DataError(f"the lattice {'x'.join(map(str, shape))} is too small for neighbourhood order {order}: "
+                        f"each side must be at least {2 * reach + 1} sites", path=states[0].meta.get("path"))
+    n_boundary = sum(int(boundary_mask(s.ids, int(m["copy_order"]), True).sum()) for s in states)
+    if n_boundary == 0:
+        raise DataError("no boundary site in any training state (every neighbourhood lies inside one cell): no "
+                        "copy attempt can change a state, so the data say nothing about the energy",
+                        path=states[0].meta.get("path"))
+    warns: list[str] = []
+    if len(states) == 1:
+        warns.append("only 1 training state: estimates from one snapshot are noisy and cannot be checked across "
+                     "snapshots; give more snapshots")
+    elif len({data_hash([s]) for s in states}) == 1:
+        warns.append(f"all {len(states)} training states are identical: the data hold one configuration only")
+    n_types = max(s.n_types for s in states)
+    seen = np.zeros(n_types + 1, bool)
+    touch = np.zeros((n_types + 1, n_types + 1), bool)
+    offs = half_offsets(int(m["contact_order"]), len(shape))
+    for s in states:
+        cells = s.cell_ids()
+        types = np.asarray(s.types)
+        seen[np.unique(types[cells])] = True
+        tmap = types[s.ids]
+        for off in offs:
+            other = np.roll(s.ids, tuple(-int(o) for o in off), axis=tuple(range(len(shape))))
+            diff = other != s.ids
+            a, b = tmap[diff], types[other[diff]]
+            touch[a, b] = True
+            touch[b, a] = True
+    unidentified: set[str] = set()
+    absent = [t for t in range(1, n_types + 1) if not seen[t]]
+    if absent:
+        warns.append(f"cell type(s) {absent} never occur in the training data: their parameters are not learned "
+                     "(they keep their initial values and are not reported)")
+        for t in absent:
+            unidentified |= {f"J({min(t, u)},{max(t, u)})" if u else f"J({t},0)" for u in range(n_types + 1)}
+            unidentified |= {f"J({max(t, u)},{min(t, u)})" for u in range(1, n_types + 1)}
+    pairs = [(a, b) for a in range(1, n_types + 1) for b in range(a + 1)
+             if seen[a] and (b == 0 or seen[b]) and not touch[a, b]]
+    if pairs:
+        names = [f"J({b},{a})" if b else f"J({a},0)" for a, b in pairs]
+        warns.append(f"no contact in the training data between the types of {', '.join(names)}: these are not "
+                     "learned (they keep their initial values and are not reported)")
+        unidentified |= set(names)
+    if absent and not m["share_lambda"]:
+        unidentified |= {f"lambda({t})" for t in absent}
+    if absent and len(absent) == n_types:
+        unidentified.add("lambda")
+    return warns, unidentified
+
+
 def _check_compatible(ham, states):
     n_types = max(s.n_types for s in states)
     if ham.type_names and ham.n_types < n_types:
@@ -492,14 +563,15 @@ def _closure_weights(ham) -> dict:
     return closure_weights(ham)
 
 
-def _report_params(ham, truth, log) -> dict | None:
+def _report_params(ham, truth, log, unidentified: set[str] = frozenset()) -> dict | None:
     from neuralcpm_plugin.metrics.params import param_names, param_rmse_both_scalings, param_vector
     if ham.term("contact") is None or ham.term("volume") is None:
         return None
     n = ham.term("contact").n_types
     v = param_vector(ham)
     names = param_names(n)
-    log("learned parameters (per unordered pair; λ): " + ", ".join(f"{a} = {b:.4f}" for a, b in zip(names, v)))
+    log("learned parameters (per unordered pair; λ): " + ", ".join(
+        f"{a} = not identified" if a in unidentified else f"{a} = {b:.4f}" for a, b in zip(names, v)))
     if truth is None:
         return None
     tv = np.asarray(truth["vector"], dtype=np.float64)
@@ -638,6 +710,8 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
     """
     from neuralcpm_plugin.bundle import save_bundle
     t_start = time.perf_counter()
+    if truth_spec:
+        _truth_from(truth_spec, {})     # a bad --truth is refused before the work, not after it
     dist = _init_distributed(cfg["device"])
     rank = dist.get_rank() if dist else 0
     device = torch.device(cfg["device"])
@@ -669,6 +743,9 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
         states, data_info = obj
     _say(f"data: {len(states)} states of {'x'.join(map(str, states[0].shape))} sites, "
          f"{max(s.n_types for s in states)} cell types, from {data_info['path']}")
+    data_warnings, unidentified = check_identifiable(states, cfg)
+    for w in data_warnings:
+        _say(f"warning: {w}")
     ham, info = build_model(cfg, states, seed=seed)
     _check_compatible(ham, states)
     ham = ham.to(device)
@@ -689,7 +766,8 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
     provenance = {"data_sha256": dhash, "data": data_info["path"], "data_files": data_info["files"][:50],
                   "n_states": len(states), "config": cfg, "seed": seed, "objective": objective,
                   "model_kind": cfg["model"]["kind"], "package_version": _package_version(),
-                  "trainer": "training.fit"}
+                  "trainer": "training.fit", "data_warnings": data_warnings,
+                  "unidentified_parameters": sorted(unidentified)}
     bundle_dir = run_dir / "model"
     summary: dict = {"run_dir": str(run_dir), "bundle": str(bundle_dir), "objective": objective}
 
@@ -703,6 +781,13 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
                      states_per_step=pl["states_per_step"], seed=seed, device=device, log=_file_log(run_dir),
                      progress=progress, proposal=pl["proposal"],
                      max_sites=pl["max_sites"] or None)
+        if res.nll < 1e-6:
+            _say("warning: the pseudo-likelihood fits the data perfectly (nll ~ 0): every observed copy is "
+                 "predicted with certainty, so the parameters run off to infinity and their values mean nothing; "
+                 "give more varied snapshots")
+            from neuralcpm_plugin.metrics.params import param_names
+            if ham.term("contact") is not None:
+                unidentified = unidentified | set(param_names(ham.term("contact").n_types))
         provenance["pl"] = {"nll": res.nll, "iterations": res.iterations, "method": res.method,
                             "sites": res.n_sites, "seconds": round(res.seconds, 3)}
         summary["fit_seconds"] = res.seconds
@@ -738,7 +823,7 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
         with torch.no_grad():
             from neuralcpm_plugin.bundle import load_bundle
             final = load_bundle(bundle_dir).hamiltonian
-        rep = _report_params(final, truth, _say)
+        rep = _report_params(final, truth, _say, unidentified)
         cw = {k: v for k, v in _closure_weights(final).items() if v is not None}
         if len(cw) > 1:
             summary["closure_weights"] = cw

@@ -116,8 +116,8 @@ def generate_bipolar(out=None, *, scale: str = "cpu", n: int | None = None, size
     for k, v in {"n": n, "size": size, "cells": cells, "mcs": mcs}.items():
         if v is not None:
             cfg[k] = v
-    if cfg["n"] < 1 or cfg["cells"] < 2 or cfg["size"] < 12:
-        raise ConfigError(f"bad bipolar options {cfg}")
+    from .gen_cellsort import check_generator_options
+    check_generator_options(cfg, min_size=12, where="bipolar: ")
     out = Path(out) if out else default_out(scale)
     shape = (int(cfg["size"]), int(cfg["size"]))
     H = bipolar_hamiltonian(shape)

@@ -123,9 +123,31 @@ def _config(scale: str, overrides: dict, dim: int = 2) -> dict:
     for k, v in overrides.items():
         if v is not None:
             cfg[k] = v
-    if int(cfg["n"]) < 1 or int(cfg["cells"]) < 2 or int(cfg["size"]) < 4 or not float(cfg["mcs"]) > 0:
-        raise ConfigError(f"bad cell-sorting options {cfg}")
+    check_generator_options(cfg, min_size=4, where="cellsort: ")
     return cfg
+
+
+def check_generator_options(cfg: dict, *, min_size: int, where: str = "") -> None:
+    """Bounds on the options of the data generators (shared by cellsort, mnist and bipolar): enough snapshots,
+    cells and sites to be data at all, and no more than a run can hold in memory or finish in a day."""
+    from .config import check_bounds
+    size = cfg.get("size")
+    check_bounds(cfg, {"n": (1, MAX_SNAPSHOTS, "--snapshots/-n (number of snapshots)"),
+                       "size": (min_size, MAX_SIZE, "--size (lattice side)"),
+                       "mcs": (1e-3, MAX_MCS, "--mcs"),
+                       "target": (1.0, None if size is None else float(size) ** 2, "--target (V*)"),
+                       "radius": (0.5, None, "--radius")}, where=where)
+    check_bounds(cfg, {"cells": (2, None if size is None else int(size) ** 2 // 4, "--cells")}, where=where)
+    total = int(cfg["n"]) * int(size) ** 2 if size is not None else 0
+    if total > MAX_TOTAL_SITES:
+        raise ConfigError(f"{where}--snapshots x --size² = {total:.3g} lattice sites exceeds {MAX_TOTAL_SITES:.0e} "
+                          "(about 2 GB of data in memory); make fewer or smaller snapshots")
+
+
+MAX_SNAPSHOTS = 100_000       #: most snapshots one generator call makes
+MAX_SIZE = 4096               #: largest lattice side of the generators
+MAX_MCS = 1e6                 #: most MCS per snapshot
+MAX_TOTAL_SITES = 250_000_000  #: snapshots x sites per snapshot (the int32 ids + types of ~2 GB)
 
 
 def generate_cellsort(scenario: str = "a", scale: str = "cpu", n_snapshots: int | None = None, seed: int = 0, *,

@@ -130,8 +130,8 @@ def generate_mnist(out=None, *, scale: str = "cpu", n: int | None = None, size: 
                  "target": target}.items():
         if v is not None:
             cfg[k] = v
-    if cfg["n"] < 1 or cfg["cells"] < 2 or cfg["size"] < 8:
-        raise ConfigError(f"bad Cellular MNIST options {cfg}")
+    from .gen_cellsort import check_generator_options
+    check_generator_options(cfg, min_size=8, where="mnist: ")
     out = Path(out) if out else default_out(scale)
     shape = (int(cfg["size"]), int(cfg["size"]))
     load_digits()

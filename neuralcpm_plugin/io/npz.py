@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._fsutil import clean_stale
 from ..errors import DataError
 from ..lattice import CellState, states_from_channels, states_to_channels
 from ._npy import read_npy_array, read_npy_header
@@ -135,6 +136,7 @@ def save_npz(path, states, *, compress: bool = True, **extra) -> Path:
         raise DataError(f"'mcs' must have one entry per state ({len(states)}), got shape {arrays['mcs'].shape}",
                         path=path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)           # temporaries of writes that were killed
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
