@@ -71,10 +71,12 @@ def run_morpheus(morpheus, model: Path, outdir: Path, *, timeout: float | None =
 
     Raises :class:`ExportError` if the binary cannot be started, exits with an error, or its log lacks
     ``=== Simulation finished ===`` (Morpheus 2.2.4 exits with status 0 when a model fails to load).
+    Morpheus runs on one OpenMP thread whatever ``OMP_NUM_THREADS`` says: its trajectory depends on the
+    thread count, and one thread reproduces a run bit for bit.
     """
     outdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env["OMP_NUM_THREADS"] = "1"
     cmd = [str(morpheus), "--file", str(Path(model).resolve()), "--outdir", str(outdir.resolve())]
     try:
         proc = subprocess.run(cmd, check=False, cwd=outdir, env=env, capture_output=True, text=True, timeout=timeout)

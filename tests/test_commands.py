@@ -506,3 +506,15 @@ def test_generators_print_fit_commands_that_parse(tmp_path, monkeypatch, capsys)
     argv = shlex.split(cmds[0])
     assert argv[:3] == ["python", "-m", "training.fit"] and parse_only("training.fit", argv[3:]) is None
     assert (tmp_path / _opt(argv, "--data")).is_file() and (tmp_path / _opt(argv, "--truth")).is_file()
+
+
+def test_the_energy_hook_runs_morpheus_on_one_thread_whatever_the_environment(tmp_path, monkeypatch):
+    from morpheus_xml.run import FINISHED, run_morpheus
+    exe = tmp_path / "morpheus"
+    exe.write_text(f'#!/bin/sh\necho "$OMP_NUM_THREADS" > "{tmp_path / "threads.txt"}"\necho "{FINISHED}"\n')
+    exe.chmod(0o755)
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    model = tmp_path / "m.xml"
+    model.write_text("<MorpheusModel/>")
+    run_morpheus(exe, model, tmp_path / "out")
+    assert (tmp_path / "threads.txt").read_text().strip() == "1"
