@@ -37,11 +37,9 @@ Type indices are CellType document positions (the medium must be first).
 from __future__ import annotations
 
 import base64
-import gzip
 from pathlib import Path
 
 import numpy as np
-from lxml import etree
 
 from neuralcpm_plugin.errors import ModelImportError
 
@@ -84,10 +82,9 @@ def _read_text(source) -> str:
     s = str(source)
     if s.lstrip().startswith("<"):
         return s
+    from neuralcpm_plugin._xmlsafe import read_xml_bytes
     p = Path(s)
-    data = p.read_bytes()
-    if p.suffix == ".gz":
-        data = gzip.decompress(data)
+    data = read_xml_bytes(p, lambda msg: ModelImportError(f"{p}: {msg}"), gz=True if p.suffix == ".gz" else None)
     return data.decode()
 
 
@@ -111,7 +108,8 @@ class MorpheusEvaluator:
 
     def __init__(self, source):
         text = _read_text(source)
-        root = etree.fromstring(text.encode())
+        from neuralcpm_plugin._xmlsafe import parse_xml_bytes
+        root = parse_xml_bytes(text.encode(), lambda msg: ModelImportError(f"evaluator: {msg}"))
         self.root = root
         lat = root.find("Space/Lattice")
         if lat is None or lat.get("class") not in ("square", "cubic"):

@@ -32,13 +32,11 @@ Anything else — any element that would change the dynamics — raises
 from __future__ import annotations
 
 import base64
-import gzip
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from lxml import etree
 
 from neuralcpm_plugin.errors import ModelImportError
 from neuralcpm_plugin.lattice import CellState
@@ -105,19 +103,13 @@ def _children(el):
 
 
 def _read_root(path: Path):
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ModelImportError(f"{path}: cannot read ({e.strerror})") from None
-    if path.suffix == ".gz" or data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise ModelImportError(f"{path}: corrupt gzip file ({e})") from None
-    try:
-        return etree.fromstring(data)
-    except etree.XMLSyntaxError as e:
-        raise ModelImportError(f"{path}: not well-formed XML ({e})") from None
+    """The root element; size-limited (gzip decompressed in chunks), lxml without huge_tree or entities."""
+    from neuralcpm_plugin._xmlsafe import parse_xml_bytes, read_xml_bytes
+
+    def error(msg):
+        return ModelImportError(f"{path}: {msg}")
+    data = read_xml_bytes(path, error, gz=True if path.suffix == ".gz" else None)
+    return parse_xml_bytes(data, error)
 
 
 def _order(nb, path, default=None):

@@ -15,12 +15,10 @@ Bad files raise :class:`~neuralcpm_plugin.errors.DataError` naming the file (and
 
 from __future__ import annotations
 
-import gzip
 import re
 from pathlib import Path
 
 import numpy as np
-from lxml import etree
 
 from neuralcpm_plugin.errors import DataError
 from neuralcpm_plugin.lattice import CellState
@@ -86,19 +84,12 @@ def read_tiff_stack(path, *, channels=None, id_channel: str = "cell.id", type_ch
 
 
 def _read_xml(path: Path):
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read ({e.strerror})", path=path) from None
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise DataError(f"corrupt gzip data ({e})", path=path) from None
-    try:
-        return etree.fromstring(data)
-    except etree.XMLSyntaxError as e:
-        raise DataError(f"not well-formed XML ({e})", path=path) from None
+    """The root element; size-limited (gzip decompressed in chunks), lxml without huge_tree or entities."""
+    from neuralcpm_plugin._xmlsafe import parse_xml_bytes, read_xml_bytes
+
+    def error(msg):
+        return DataError(msg, path=path)
+    return parse_xml_bytes(read_xml_bytes(path, error), error)
 
 
 def checkpoint_time(path) -> float:

@@ -32,7 +32,6 @@ per-site approximation of ΔZ itself (which goes stale as cells move, as for eve
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import subprocess
 import sys
@@ -114,10 +113,11 @@ def continue_from_checkpoint(checkpoint: Path, out: Path, *, stop_time: float, s
     """Write a model that continues ``checkpoint``: the medium ``Population`` removed, ``StopTime``,
     ``RandomSeed`` and ``SaveInterval`` set, and the ``Global/Field`` data of ``fields`` (symbol → array [y, x])
     replaced. Returns ``out``."""
-    data = Path(checkpoint).read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    root = etree.fromstring(data)
+    from neuralcpm_plugin._xmlsafe import parse_xml_bytes, read_xml_bytes
+
+    def error(msg):
+        return ExportError(f"{checkpoint}: {msg}")
+    root = parse_xml_bytes(read_xml_bytes(checkpoint, error), error)
     media = {c.get("name") for c in root.findall("CellTypes/CellType") if c.get("class") == "medium"}
     for pop in root.findall("CellPopulations/Population"):
         if pop.get("type") in media:
