@@ -2,7 +2,8 @@
 
 Setting (issue 3): 100×100 torus, 49 cells of 100 sites (10×10 squares, then 20 MCS of the sampler to roughen
 them), contact + volume Hamiltonian (P1 parameters), P = 50 proposals per chain and step, 1 and 16 chains.
-Each configuration runs in its own subprocess, so that its peak resident memory (ru_maxrss) is its own.
+Each configuration runs in its own subprocess, so that its peak resident memory (VmHWM, see
+``benchmarks/_measure.py``) is its own.
 Reported: median (and min–max) of ``--repeats`` timed runs of ``--steps`` steps each, after one warm-up run
 (numba compilation excluded), attempts = proposals actually made.
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -79,7 +79,9 @@ def child(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     chains = args.chains[0]
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _measure import peak_rss_mib
+    rss0 = peak_rss_mib()
     z = np.load(args.states)
     states = [CellState(z["ids"][b % len(z["ids"])], z["types"]) for b in range(chains)]
     dev = torch.device(args.device)
@@ -104,8 +106,7 @@ def child(args) -> dict:
            "threads": torch.get_num_threads(), "numba_threads": _numba_threads() if args.numba_threads else 1,
            "median": statistics.median(rates), "cpu_median": statistics.median(cpu_rates), "min": min(rates), "max": max(rates), "repeats": len(rates),
            "steps": args.steps, "acceptance": st["acceptance"],
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "rss_after_imports_mb": rss0 / 1024}
+           "peak_rss_mb": peak_rss_mib(), "rss_after_imports_mb": rss0}
     if dev.type == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out

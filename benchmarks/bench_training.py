@@ -34,14 +34,14 @@ def _neural_cfg(kind: str) -> dict:
     return {"preset": "mnist"} if kind in ("nh", "nh-closure") else {}
 
 
-def bench(kind: str, states, repeats: int, log=print):
+def bench(kind: str, states, repeats: int, log=print, sampler: str = "parallel", proposal: str = "boundary"):
     from training.config import load_config
     from training.fit import _sampler_factory, build_model
     from training.pcd import PCDTrainer
     cfg = load_config("mnist", {"model": {"kind": kind, "neural": _neural_cfg(kind)}})
     ham, _ = build_model(cfg, states, seed=0)
     with tempfile.TemporaryDirectory() as d:
-        tr = PCDTrainer(ham, states, cfg["pcd"], sampler_factory=_sampler_factory("parallel"), run_dir=d,
+        tr = PCDTrainer(ham, states, cfg["pcd"], sampler_factory=_sampler_factory(sampler, proposal), run_dir=d,
                         seed=0, progress=False, log=lambda m: None)
         t_samp, t_tot, c_tot = [], [], []
         orig = tr._advance
@@ -59,7 +59,7 @@ def bench(kind: str, states, repeats: int, log=print):
             t_tot.append(time.perf_counter() - t0)
             c_tot.append(time.process_time() - c0)
     med, ms = statistics.median(t_tot), statistics.median(t_samp)
-    log(f"{kind:>20}: one iteration {med:8.2f} s wall, {statistics.median(c_tot):.2f} s CPU (median of {repeats}; "
+    log(f"{kind:>20} ({sampler} sampler): one iteration {med:8.2f} s wall, {statistics.median(c_tot):.2f} s CPU (median of {repeats}; "
         f"sampling {ms:.2f} s, energies + gradient {med - ms:.2f} s wall); all: "
         f"{', '.join(f'{t:.2f}' for t in t_tot)}")
     return med
@@ -105,6 +105,11 @@ def main(argv=None):
                    help="CPU threads (torch, BLAS, numba; default: neuralcpm_plugin.threads' policy)")
     p.add_argument("--extrapolate", type=int, default=0,
                    help="time this many sampler steps and extrapolate one iteration (for slow models)")
+    p.add_argument("--sampler", choices=["parallel", "exact"], default="parallel",
+                   help="pcd chains: the paper's parallel sampler (default) or the exact sequential one (compiled "
+                        "local / pooled NH)")
+    p.add_argument("--proposal", choices=["boundary", "classic"], default="boundary",
+                   help="proposal of the exact sampler (the Cellular-MNIST generator's: boundary)")
     a = p.parse_args(argv)
     from neuralcpm_plugin.threads import configure_threads
     configure_threads(a.threads)
@@ -116,7 +121,7 @@ def main(argv=None):
         if a.extrapolate:
             bench_extrapolated(kind.strip(), states, a.extrapolate)
         else:
-            bench(kind.strip(), states, a.repeats)
+            bench(kind.strip(), states, a.repeats, sampler=a.sampler, proposal=a.proposal)
 
 
 if __name__ == "__main__":

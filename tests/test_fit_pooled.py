@@ -168,8 +168,9 @@ def test_pcd_fit_with_pooled_closure_changes_the_weights_and_reports_them(tmp_pa
 
 def test_pcd_local_pooled_closure_and_pl_pooled_nh(tmp_path, data, capsys):
     small = {"stride": 3, "channels": 4, "hidden": 8}
-    fit(_cfg(tmp_path, data, "local-pooled-closure", pooled=small, neural={"stride": 3, "channels": 4}),
-        progress=False)
+    cfg = _cfg(tmp_path, data, "local-pooled-closure", pooled=small, neural={"stride": 3, "channels": 4})
+    cfg["pcd"].update(sampler="exact", proposal="boundary")  # as the pooled presets: compiled neural terms
+    fit(cfg, progress=False)
     out = capsys.readouterr().out
     assert "closure weights: " in out and "w_l = " in out and "w_g = " in out
     rows = _rows(tmp_path / "local-pooled-closure" / "pcd" / "metrics.csv")
