@@ -518,3 +518,51 @@ def test_the_energy_hook_runs_morpheus_on_one_thread_whatever_the_environment(tm
     model.write_text("<MorpheusModel/>")
     run_morpheus(exe, model, tmp_path / "out")
     assert (tmp_path / "threads.txt").read_text().strip() == "1"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("NEURALCPM_TEST_FRESH_CLONE"),
+                    reason="opt-in (NEURALCPM_TEST_FRESH_CLONE=1): numba compiles everything afresh in a new copy, "
+                           "minutes")
+def test_tutorial_in_a_fresh_clone_leaves_git_status_clean(tmp_path):
+    """The tutorial's commands (all but the CompuCell3D / Morpheus runs and the lines reading their output), run
+    as written in a fresh copy of the repository (its tracked files, committed) with ../shared beside it: each
+    succeeds and `git status` stays clean afterwards. Opt-in: the copy has no numba cache, so the first
+    sampler calls compile (≈ 6 min on a loaded 2-core machine)."""
+    shared = ROOT.parent / "shared"
+    if not (shared / "reference-data" / "P1_morpheus").is_dir():
+        pytest.skip("../shared/reference-data is not there")
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, check=True).stdout
+    clone = tmp_path / "clone"
+    import shutil
+    for f in files.decode().split("\0"):
+        if f and (ROOT / f).is_file():
+            (clone / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, clone / f)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(clone)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "clone"], check=True)
+    (tmp_path / "shared").symlink_to(shared)
+    env = dict(os.environ, PYTHONPATH=str(clone), OMP_NUM_THREADS="1")
+    text = (clone / "README.md").read_text()
+    ran = []
+    for lang, first, lines in readme_blocks(text):
+        if not _section_of(text, first).startswith("Five-minute tutorial"):
+            continue
+        if lang == "python":
+            r = subprocess.run([sys.executable, "-c", "\n".join(lines)], cwd=clone, env=env, capture_output=True,
+                               text=True, check=False)
+            assert r.returncode == 0, f"README.md python block at line {first}:\n{r.stderr[-2000:]}"
+            continue
+        for i, line in enumerate(lines):
+            needs_tool = re.search(r"\bmorpheus --file|cc3d\.run_script|_out/", line)
+            if needs_tool or not line.strip() or line.lstrip().startswith("#"):
+                continue
+            r = subprocess.run(["bash", "-c", line], cwd=clone, env=env, capture_output=True, text=True, check=False)
+            assert r.returncode == 0, f"README.md line {first + i}: {line}\n{r.stdout[-1500:]}\n{r.stderr[-2000:]}"
+            ran.append(line)
+    assert len(ran) >= 4, ran
+    status = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True, check=True).stdout
+    assert status == "", f"the tutorial left files outside git-ignored folders:\n{status}"
+    assert (clone / "runs" / "tutorial" / "p1" / "overview.png").is_file()
