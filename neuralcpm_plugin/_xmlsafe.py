@@ -28,10 +28,12 @@ def safe_parser() -> etree.XMLParser:
                            remove_comments=False)
 
 
-def read_xml_bytes(path, error, *, limit: int = MAX_XML_BYTES, gz: bool | None = None) -> bytes:
+def read_xml_bytes(path, error, *, limit: int | None = None, gz: bool | None = None) -> bytes:
     """The (decompressed) bytes of ``path``; ``error(message)`` builds the exception raised for an unreadable,
-    too large or corrupt file. ``gz``: None = decide by the gzip magic bytes."""
+    too large or corrupt file. ``limit``: at most this many bytes (default :data:`MAX_XML_BYTES`); ``gz``: None =
+    decide by the gzip magic bytes."""
     path = Path(path)
+    limit = MAX_XML_BYTES if limit is None else int(limit)
     try:
         size = path.stat().st_size
         if size > limit:

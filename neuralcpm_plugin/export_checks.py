@@ -36,10 +36,21 @@ def _finite(term, i: int) -> None:
     if not math.isfinite(scale):
         raise ExportError(f"term {i} ({kind}): its scale is {scale}: the model holds non-finite weights (a "
                           "diverged fit?); refit it or export an earlier checkpoint")
-    for name, t in term.tensors().items():
-        a = t.detach().cpu()
-        if a.is_floating_point() and not bool(a.isfinite().all()):
-            bad = int((~a.isfinite()).sum())
+    arrays = {name: t.detach().cpu().double().numpy() for name, t in term.tensors().items()
+              if t.is_floating_point()}
+    try:
+        params = term.spec().get("params", {})
+    except Exception:  # noqa: BLE001 - a term without a spec has only its tensors to check
+        params = {}
+    for name, v in (params.items() if isinstance(params, dict) else ()):
+        if isinstance(v, (int, float, list, tuple)) and not isinstance(v, bool):
+            try:
+                arrays[name] = np.asarray(v, dtype=np.float64)
+            except (TypeError, ValueError):
+                continue
+    for name, a in arrays.items():
+        if not np.isfinite(a).all():
+            bad = int((~np.isfinite(a)).sum())
             raise ExportError(f"term {i} ({kind}): {name} holds {bad} non-finite value(s) (NaN or inf): the model "
                               "is broken (a diverged fit?); refit it or export an earlier checkpoint")
 
