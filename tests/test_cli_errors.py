@@ -183,7 +183,7 @@ def test_existing_outputs_are_refused_without_overwrite(assets, work, capsys):
 
 def test_overwrite_replaces_and_fit_reruns_need_it(assets, work, capsys):
     B, D = assets["bundle"], assets["data"]
-    code, out, err = run_main("morpheus", [B, "--out", "old.xml", "--overwrite"], capsys)
+    code, _, err = run_main("morpheus", [B, "--out", "old.xml", "--overwrite"], capsys)
     assert code == 0, err
     assert "<MorpheusModel" in (work / "old.xml").read_text()
     args = ["--data", D, "--out", "newrun", "--no-export", "--no-figure", "--no-progress"]
