@@ -479,7 +479,9 @@ def test_training_fit_prints_commands_that_are_valid(tmp_path, monkeypatch, caps
     summary = json.loads((work / "runs/small/summary.json").read_text())
     assert (work / summary["figure"]).is_file()
     assert f"overview figure: {summary['figure']}" in out
-    assert (work / "runs/small/train.log").read_text().count("pl: convex fit") == 1
+    log = (work / "runs/small/train.log").read_text()
+    assert log.count("pl: convex fit") == 1 and log.count("data: 6 states") == 1
+    assert "overview figure:" in log and "done in" in log.splitlines()[-1]
 
 
 def test_missing_preset_data_hint_is_a_runnable_command(tmp_path):

@@ -72,10 +72,13 @@ def test_pcd_writes_train_log_from_the_start_with_status_lines(tmp_path, data, c
     log = (tmp_path / "run" / "train.log").read_text().splitlines()
     stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
     assert all(re.match(stamp, line) for line in log), log
-    assert re.match(stamp + r"pcd: iterations 0 → 4; 4 chains", log[0]), log[0]
-    status = [line for line in log if "pcd: iteration 4/4 (100.0 %), loss" in line]
-    assert len(status) == 1 and "it/s" in status[0] and "ETA 0:00" in status[0]
-    assert "pcd: finished at iteration 4" in log[-1]
+    assert "data: 6 states" in log[0]                       # from the first line the job prints
+    start = [i for i, line in enumerate(log) if re.match(stamp + r"pcd: iterations 0 → 4; 4 chains", line)]
+    status = [i for i, line in enumerate(log) if "pcd: iteration 4/4 (100.0 %), loss" in line]
+    finish = [i for i, line in enumerate(log) if "pcd: finished at iteration 4" in line]
+    assert len(start) == len(status) == len(finish) == 1 and start[0] < status[0] < finish[0], log
+    assert "it/s" in log[status[0]] and "ETA 0:00" in log[status[0]]
+    assert "done in" in log[-1]
     out = capsys.readouterr().out
     # on the console only when there is no progress bar
     assert ("pcd: iteration 4/4" in out) == (not progress)

@@ -11,7 +11,9 @@ checkpoints, ``--resume``, divergence guard, and scale-out under ``torchrun --np
 
 Run folder (``--out``, default ``runs/<name>``): ``model/`` (bundle), ``config.toml`` (the full
 configuration used), ``data.npz`` (generated data, if any), ``truth.json`` (true parameters, when known),
-``metrics.csv`` + ``training.png`` + ``train.log`` + ``checkpoint/`` (pcd), ``cc3d/``, ``morpheus/``.
+``metrics.csv`` + ``training.png`` + ``checkpoint/`` (pcd), ``cc3d/``, ``morpheus/``, ``overview.png`` (data beside
+roll-outs of the fitted model, :mod:`training.overview`), ``train.log`` (every line printed, time-stamped, from the
+start; pcd adds a status line every 30 s), ``summary.json``.
 """
 
 from __future__ import annotations
@@ -42,23 +44,37 @@ _NEURAL_KIND = {"nh": "nh", "nh-closure": "nh", "local-nh": "local_nh", "local-n
                 "cnn": "cnn", "nh1-cnn": "nh1_cnn"}
 
 
+_LOG_FILE: Path | None = None   # RUN/train.log of the running fit(): _say copies every line into it
+
+
 def _say(msg: str = "") -> None:
+    """Print (rank 0) and append, time-stamped, to the running job's ``train.log``."""
+    if _rank() == 0:
+        _print(msg)
+        _to_log_file(msg)
+
+
+def _print(msg: str = "") -> None:
     if _rank() == 0:
         print(msg, flush=True)
 
 
+def _to_log_file(msg: str) -> None:
+    if _LOG_FILE is not None:
+        try:
+            with open(_LOG_FILE, "a") as f:
+                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
+        except OSError:          # the run folder went away (a failed run is cleaned up): the console has it
+            pass
+
+
+def _log_to(path: Path | None) -> None:
+    global _LOG_FILE
+    _LOG_FILE = path
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
-
-
-def _file_log(run_dir: Path):
-    """A logger for long steps: the console (rank 0) and, time-stamped, ``RUN/train.log``."""
-    def log(msg: str) -> None:
-        if _rank() == 0:
-            _say(msg)
-            with open(Path(run_dir) / "train.log", "a") as f:
-                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
-    return log
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -725,6 +741,7 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
     if dist is not None:
         dist.barrier()          # every rank has checked the folder before rank 0 writes into it
     run_dir.mkdir(parents=True, exist_ok=True)
+    _log_to(run_dir / "train.log" if rank == 0 else None)      # everything _say prints, also in train.log
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
     from neuralcpm_plugin.threads import configure_threads
@@ -778,7 +795,7 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
         pl = cfg["pl"]
         res = fit_pl(ham, states, share_lambda=cfg["model"]["share_lambda"], max_iter=pl["max_iter"],
                      tolerance=pl["tolerance"], steps=pl["steps"], lr=pl["lr"], sites_per_state=pl["sites_per_state"],
-                     states_per_step=pl["states_per_step"], seed=seed, device=device, log=_file_log(run_dir),
+                     states_per_step=pl["states_per_step"], seed=seed, device=device, log=_say,
                      progress=progress, proposal=pl["proposal"],
                      max_sites=pl["max_sites"] or None)
         if res.nll < 1e-6:
@@ -803,7 +820,7 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
 
         trainer = PCDTrainer(ham, states, cfg["pcd"], sampler_factory=sampler_factory, run_dir=run_dir, seed=seed,
                              device=device, share_lambda=cfg["model"]["share_lambda"], on_checkpoint=on_ckpt,
-                             param_columns=param_columns, log=_say, progress=progress)
+                             param_columns=param_columns, log=_print, progress=progress)   # it writes train.log
         write_rank_info(run_dir, trainer)
         from neuralcpm_plugin.cli import forget_output
         forget_output(run_dir)      # from here on the run folder holds checkpoints and logs worth keeping
@@ -815,6 +832,7 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
             _say(f"stopped by signal {res['signal']} at iteration {res['iteration']}; resume with: "
                  f"python -m training.fit {shlex.join(again)}")
             summary["exit_code"] = 130 if res["signal"] == 2 else 143
+            _log_to(None)
             return summary
         # the final bundle holds the EMA weights (written by the last checkpoint)
         if trainer.iteration == 0 and rank == 0:
@@ -843,6 +861,7 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
             _say(f"evaluate: python -m training.evaluate params {shlex.quote(str(run_dir))}")
         _say(f"done in {time.perf_counter() - t_start:.1f} s; run folder: {run_dir}")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    _log_to(None)
     if dist is not None:
         dist.barrier()
     return summary
