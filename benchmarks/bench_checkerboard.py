@@ -7,7 +7,8 @@ sequential sampler for 2 MCS. Then ``--repeats`` interleaved blocks of ``--mcs``
 Prints the median MCS/s by wall clock and by CPU time (process CPU time summed over threads, so a perfect
 2-thread run has CPU rate = wall rate / 2), the speed-up of K threads over 1 (wall clock) and the
 checkerboard's refused shared-cell attempts. ``NUMBA_NUM_THREADS`` is set to the largest ``--threads`` before
-numba starts.
+numba starts, and ``NUMBA_THREADING_LAYER`` to ``workqueue`` unless set (OpenMP's spin-waiting at the phase
+barriers cost 5× the CPU time per MCS on a loaded 2-core machine).
 
 Wall-clock speed-ups need idle cores: on a shared machine, say so next to the figure (the load average is
 printed).
@@ -34,6 +35,9 @@ def main(argv=None):
     ap.add_argument("--block", type=int, default=32, help="minimum strip width (rows)")
     args = ap.parse_args(argv)
     os.environ["NUMBA_NUM_THREADS"] = str(max([1, *args.threads]))
+    # OpenMP's spin-waiting at the phase barriers burns the CPU other processes need on a shared machine
+    # (measured here: 5x the CPU time per MCS on 2 threads); the workqueue layer sleeps instead.
+    os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
     import numpy as np
@@ -48,7 +52,7 @@ def main(argv=None):
     kw = {"terms": terms, "temperature": 1.0, "periodic": True, "copy_order": 2}
     print(f"checkerboard sampler, P1 contact + volume (V* = 90), classic proposal; median of {args.repeats} "
           f"interleaved blocks of {args.mcs:g} MCS; load average {os.getloadavg()[0]:.2f} at the start, "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs, numba threading layer {os.environ['NUMBA_THREADING_LAYER']}")
     print(f"{'size':>9s} {'cells':>6s} {'sampler':>22s} {'MCS/s wall':>11s} {'MCS/s CPU':>10s} {'speed-up':>9s} "
           f"{'refused shared':>15s}")
     for L in args.sizes:
