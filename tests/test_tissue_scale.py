@@ -56,7 +56,7 @@ def test_generate_tissue_small_writes_data_and_truth(tmp_path, capsys):
     truth = json.loads(out.with_name("t.truth.json").read_text())
     assert truth["lambda"] == 0.5 and truth["J"]["1-2"] == pytest.approx(4.5 / 4)
     params = json.loads(bytes(d["params_json"]).decode())
-    assert params["scale"] == "tissue" and params["size"] == 60
+    assert params["scale"] == "tissue" and params["size"] == 60 and params["dataset"] == "tissue"
     again = ["tissue", "--size", "60", "--cells", "36", "--mcs", "1", "--snapshots", "1", "--out", str(out),
              "--no-progress"]
     assert generate_main(again) == 2  # an existing output is not overwritten without --overwrite

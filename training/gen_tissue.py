@@ -137,7 +137,9 @@ def generate_tissue(scenario: str = "b", n_snapshots: int = 16, seed: int = 0, *
                        "seconds": time.perf_counter() - t0, "mcs_per_s": rates,
                        "start_mean_volume": float(np.mean(start_vol)),
                        "mean_volume": float(vols[vols > 0].mean()), "n_cells": int((vols > 0).sum()),
-                       "config": {"size": int(size), "cells": int(cells), "target": float(target), "mcs": float(mcs),
+                       # "dataset" overrides save_cellsort's "cellsort" label: these runs do not start from
+                       # gen_cellsort's single pixels, so training.overview must not replay them as such
+                       "config": {"dataset": "tissue", "size": int(size), "cells": int(cells), "target": float(target), "mcs": float(mcs),
                                   "n": int(n_snapshots), "start": "jittered-grid Voronoi", "threads": int(threads)},
                        "sampler": "exact" if threads == 1 else "checkerboard", "proposal": "classic"})
     return finals, ham
