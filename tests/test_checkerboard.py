@@ -149,6 +149,12 @@ def test_refuses_what_it_cannot_run():
             return 0.0
     with pytest.raises(ConfigError, match="analytic terms only"):
         CheckerboardSampler(_start(), None, callback_terms=[Neural()], **KW)
+    # a Hamiltonian with a local NH (which the sequential sampler would run compiled) is refused, not ignored
+    from neuralcpm_plugin.hamiltonian.base import Hamiltonian, LatticeSpec
+    from neuralcpm_plugin.hamiltonian.local_nh import LocalNeuralHamiltonian
+    ham = Hamiltonian([LocalNeuralHamiltonian(seed=0)], LatticeSpec((100, 100)), 1.0, ["medium", "a", "b"])
+    with pytest.raises(ConfigError, match="LocalNeuralHamiltonian"):
+        CheckerboardSampler(_start(), ham, block=16)
 
 
 CHECK = (50, 150, 300)

@@ -205,7 +205,7 @@ class CheckerboardSampler(ExactSampler):
             raise ConfigError(f"CheckerboardSampler supports the classic proposal only, got {proposal!r}")
         super().__init__(state, hamiltonian, seed=seed, proposal="classic", terms=terms, temperature=temperature,
                          periodic=periodic, copy_order=copy_order, contact_order=contact_order,
-                         callback_terms=callback_terms)
+                         callback_terms=callback_terms, compiled_neural=False)
         if self.callback_terms:
             names = ", ".join(type(t).__name__ for t in self.callback_terms)
             raise ConfigError(f"CheckerboardSampler runs analytic terms only; {names} would need the sequential "
