@@ -59,18 +59,39 @@ def _print(msg: str = "") -> None:
         print(msg, flush=True)
 
 
+_LOG_PENDING: list[str] | None = None   # lines held back until --resume is known to continue this run
+
+
 def _to_log_file(msg: str) -> None:
+    line = time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n"
+    if _LOG_PENDING is not None:
+        _LOG_PENDING.append(line)
+    else:
+        _append_raw(line)
+
+
+def _log_to(path: Path | None, *, defer: bool = False) -> None:
+    """Copy _say's lines into ``path``; ``defer``: hold them back until :func:`_log_flush` (a refused --resume
+    leaves the run's train.log untouched)."""
+    global _LOG_FILE, _LOG_PENDING
+    _LOG_FILE = path
+    _LOG_PENDING = [] if defer else None
+
+
+def _log_flush() -> None:
+    global _LOG_PENDING
+    pending, _LOG_PENDING = _LOG_PENDING, None
+    for line in pending or []:
+        _append_raw(line)
+
+
+def _append_raw(line: str) -> None:
     if _LOG_FILE is not None:
         try:
             with open(_LOG_FILE, "a") as f:
-                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
+                f.write(line)
         except OSError:          # the run folder went away (a failed run is cleaned up): the console has it
             pass
-
-
-def _log_to(path: Path | None) -> None:
-    global _LOG_FILE
-    _LOG_FILE = path
 
 
 def _rank() -> int:
@@ -741,7 +762,7 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
     if dist is not None:
         dist.barrier()          # every rank has checked the folder before rank 0 writes into it
     run_dir.mkdir(parents=True, exist_ok=True)
-    _log_to(run_dir / "train.log" if rank == 0 else None)      # everything _say prints, also in train.log
+    _log_to(run_dir / "train.log" if rank == 0 else None, defer=resume)   # everything _say prints, also in train.log
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
     from neuralcpm_plugin.threads import configure_threads
@@ -770,6 +791,7 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
     dhash = data_hash(states)
     if resume and objective == "pcd":
         _check_resume(run_dir, cfg, dhash)
+    _log_flush()
     if rank == 0:
         (run_dir / "config.toml").write_text(to_toml(cfg))
         if truth is not None:
