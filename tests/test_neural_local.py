@@ -315,3 +315,40 @@ def test_numpy_delta_new_cell_and_types_change(term):
     ref2 = energy(term, [CellState(after, types2)])[0] - energy(term, [CellState(s.ids, types2)])[0]
     assert ev.delta(s.ids, types2, (4, 7), new_id) == pytest.approx(ref2, abs=1e-9 * max(1, abs(ref2)))
     assert abs(ref2 - ref) > 1e-9
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                              HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 100_000), cfg=st.sampled_from([SMALL, {"stride": 2, "channels": 4, "kernel": 5},
+                                                          {"stride": 2, "channels": 3, "kernel": 7}]))
+def test_numpy_lattice_cache_equals_crop_and_rebuild_along_accepted_copies(seed, cfg):
+    """Property: the numpy evaluator's per-lattice cache (ΔH from the changed patch and the k×k outputs) gives
+    the crop's ΔH along hundreds of accepted copies found by itself, and its per-patch quantities then equal
+    a rebuild from scratch; ΔH == H(after) − H(before) at the end."""
+    rng = np.random.default_rng(seed)
+    cfg = dict(cfg, n_types=2)
+    shape = (31, 28) if cfg["stride"] == 2 else (26, 24)  # (rows beyond the patch grid are not seen)
+    t = make_term(cfg, seed=seed % 5)
+    ev = t.numpy_evaluator()
+    ev.cache_refresh_every = 10 ** 9
+    s = rand_state(shape, 9, rng)
+    ids = s.ids.copy()
+    for _ in range(250):
+        site, nid = proposals(CellState(ids, s.types), 1, rng)
+        site, nid = int(site[0]), int(nid[0])
+        ij = divmod(site, shape[1])
+        d = ev.delta(ids, s.types, ij, nid)
+        assert d == pytest.approx(ev.delta_crop(ids, s.types, ij, nid), abs=1e-10)
+        if rng.random() < 0.5:
+            ids.flat[site] = nid
+    ev._cache_sync(ids, s.types)  # apply the last accepted copies
+    c = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in ev._cache.items()}
+    assert c["n"] > 80
+    ev._cache_build(ids, s.types)
+    for key in ("CA", "q", "A", "ugW", "cnt"):
+        assert np.allclose(c[key], ev._cache[key], rtol=0, atol=1e-10), key
+    cur = CellState(ids, s.types)
+    for site, nid in zip(*proposals(cur, 3, rng)):
+        ref = energy(t, [CellState(np.where(np.arange(ids.size).reshape(ids.shape) == site, nid, ids), s.types)])[0] \
+            - energy(t, [cur])[0]
+        assert ev.delta(ids, s.types, divmod(int(site), shape[1]), int(nid)) == pytest.approx(ref, abs=1e-9)

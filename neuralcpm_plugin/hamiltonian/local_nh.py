@@ -333,7 +333,24 @@ class LocalNHNumpy:
         return g, (i - gi * s) * s + (j - gj * s)
 
     def delta(self, ids, types, site, new_id) -> float:
-        """ΔH (float, scale included) of copying cell ``new_id`` into ``site`` = (row, col)."""
+        """ΔH (float, scale included) of copying cell ``new_id`` into ``site`` = (row, col).
+
+        On lattices of at least 2k−1 patches per side from the per-lattice cache (see :meth:`cached_dq`;
+        synchronised with ``ids`` first), else by full recomputation.  :meth:`delta_crop` is the cache-free
+        form (the crop of (2k−1)² patches around the site; the tests' oracle).
+        """
+        ids = np.asarray(ids)
+        i, j = int(site[0]), int(site[1])
+        if ids[i, j] == new_id:
+            return 0.0
+        s, k = self.s, self.k
+        if ids.shape[0] // s < 2 * k - 1 or ids.shape[1] // s < 2 * k - 1:
+            return self.delta_crop(ids, types, site, new_id)
+        dq, _ = self.cached_dq(ids, np.asarray(types), site, new_id)
+        return self.scale * float(dq.sum(0) @ self.Wo)
+
+    def delta_crop(self, ids, types, site, new_id) -> float:
+        """ΔH of one attempt from the crop around the site, no cache (full recomputation on small lattices)."""
         s = self.s
         H, W = ids.shape
         i, j = int(site[0]), int(site[1])
@@ -349,6 +366,159 @@ class LocalNHNumpy:
             return self.energy(after, types) - self.energy(ids, types)
         idx, c = self._crop_index((H, W), (i, j))
         return self.scale * self._crop_delta(ids.reshape(-1)[idx], np.asarray(types), c, new_id)
+
+    # --- per-lattice cache: the "lattice" form of ΔH -----------------------------------------------------
+    #: incremental cache updates between two rebuilds from scratch (bounds float drift)
+    cache_refresh_every = 1000
+    #: more changed sites than this since the last call: rebuild instead of updating
+    max_incremental = 16
+
+    def _v(self, h):
+        """Interaction-branch output v = SiLU(W3·SiLU(h) + b3) of pre-activations h = φ_u(u) + conv(A)."""
+        return _silu_np(_silu_np(h) @ self.W3 + self.b3)
+
+    def _stage1_patches(self, pat, tp):
+        """Stage 1 of M patches (ids / types [M, s*s], row-major sites): ``(pr [nR] patch of each (patch, cell)
+        row, u [nR, C], ug [M, C] ghost features, A [M, C] aggregate, cnt [M] cells per patch)``."""
+        M, ss = pat.shape
+        eq = pat[:, :, None] == pat[:, None, :]
+        first = eq.argmax(2) == self._d_ar
+        R = first.ravel().nonzero()[0]
+        pr = R // ss
+        cnt = first.sum(1)
+        tpart = self._d_eyeT[tp].reshape(M, -1) @ self.Et_flat + self.b
+        u = _silu_np(eq.reshape(-1, ss)[R] @ self.Em + tpart[pr])
+        ug = _silu_np(tpart)
+
+        def psi(x):
+            return _silu_np(_silu_np(x @ self.W1 + self.b1) @ self.W2 + self.b2)
+
+        A = -cnt[:, None] * psi(ug)
+        np.add.at(A, pr, psi(u))
+        return pr, u, ug, A, cnt
+
+    def _q_rows(self, uW, cnt, ugW, CA):
+        """q of N patches from their padded rows φ_u(u) [N, K, C] (the first cnt[n] valid), ghosts' φ_u(u_∅)
+        [N, C] and conv(A) [N, C] (bias included) → [N, C]."""
+        K = uW.shape[1]
+        v = self._v(uW + CA[:, None])
+        v *= (np.arange(K) < cnt[:, None])[..., None]
+        return v.sum(1) - cnt[:, None] * self._v(ugW + CA)
+
+    def _cache_build(self, ids, types):
+        """Per-patch quantities of one lattice: padded rows φ_u(u) [G, K, C], cell counts, ghosts' φ_u(u_∅), A,
+        conv(A), q — the state :meth:`cached_dq` updates."""
+        s, C, k, r = self.s, self.C, self.k, self.r
+        Gh, Gw = ids.shape[0] // s, ids.shape[1] // s
+        G = Gh * Gw
+        pat = ids[: Gh * s, : Gw * s].reshape(Gh, s, Gw, s).transpose(0, 2, 1, 3).reshape(G, s * s)
+        pr, u, ug, A, cnt = self._stage1_patches(pat, types[pat])
+        K = max(int(cnt.max()), 1)
+        rank = np.arange(pr.size) - (np.cumsum(cnt) - cnt)[pr]
+        uW = np.zeros((G, K, C))
+        uW[pr, rank] = u @ self.Wu
+        ugW = ug @ self.Wu
+        g = np.arange(G)
+        dk = np.arange(-r, r + 1)
+        win = ((((g // Gw)[:, None, None] + dk[:, None]) % Gh) * Gw + ((g % Gw)[:, None, None] + dk[None, :]) % Gw)
+        win = win.reshape(G, k * k)  # the k×k patches around each patch, row-major offsets −r..r
+        CA = A[win].reshape(G, k * k * C) @ self.WA + self.bA
+        if not hasattr(self, "_Wcat"):
+            # ΔCA at the outputs g0 + (dy, dx) of a change ΔA at g0: ΔA @ W[kernel position (r−dy, r−dx)]
+            Wk = self.WA.reshape(k * k, C, C)
+            self._Wcat = np.ascontiguousarray(Wk[::-1].transpose(1, 0, 2).reshape(C, k * k * C))
+        self._cache = {"ids": np.array(ids, copy=True), "types": np.array(types, copy=True), "uW": uW,
+                       "cnt": cnt, "ugW": ugW, "A": A, "CA": CA, "q": self._q_rows(uW, cnt, ugW, CA), "win": win,
+                       "Gw": Gw, "n": 0}
+        self._clast = None
+
+    def _cache_sync(self, ids, types):
+        """Bring the cache to this lattice: sites changed since (≤ max_incremental) are applied as accepted
+        copies, anything else (another lattice, new types, many changes, refresh due) rebuilds."""
+        c = getattr(self, "_cache", None)
+        if (c is None or c["ids"].shape != ids.shape or c["types"].shape != types.shape
+                or not np.array_equal(c["types"], types)):
+            self._cache_build(ids, types)
+            return
+        cf, nf = c["ids"].reshape(-1), ids.reshape(-1)
+        diff = np.flatnonzero(cf != nf)
+        if diff.size == 0:
+            return
+        if diff.size > self.max_incremental or c["n"] + diff.size > self.cache_refresh_every:
+            self._cache_build(ids, types)
+            return
+        W = ids.shape[1]
+        for x in diff:
+            x = int(x)
+            last = self._clast
+            if not (last is not None and last[0] == x and last[1] == cf[x] and last[2] == nf[x]):
+                self._cached_dq_of(c["ids"], types, divmod(x, W), nf[x])
+            if self._clast is None:  # a site the network does not see
+                cf[x] = nf[x]
+                continue
+            self._cache_apply()
+
+    def _cache_apply(self):
+        """Write the last evaluated attempt (``_clast``) into the cache: it was accepted."""
+        c = self._cache
+        x, _, new, g0, og, uWc, n0, ugWc, A0, CAo, qa = self._clast
+        K = c["uW"].shape[1]
+        if n0 > K:
+            c["uW"] = np.concatenate([c["uW"], np.zeros((c["uW"].shape[0], n0 - K, self.C))], 1)
+        c["uW"][g0] = 0.0
+        c["uW"][g0, :n0] = uWc
+        c["cnt"][g0] = n0
+        c["ugW"][g0] = ugWc
+        c["A"][g0] = A0
+        c["CA"][og] = CAo
+        c["q"][og] = qa
+        c["ids"].reshape(-1)[x] = new
+        c["n"] += 1
+        self._clast = None
+
+    def cached_dq(self, ids, types, site, new_id):
+        """Δq [k*k, C] of the k×k output patches around ``site`` (row-major offsets) and their patch indices
+        [k*k], from the per-lattice cache (synchronised with ``ids`` first).
+
+        Per attempt: stage 1 of the changed patch only, conv(A) at the outputs updated by its ΔA, stage 2 on
+        the outputs' cell rows — the numpy twin of the torch ``method="lattice"``.  The cache follows the
+        lattice by itself (it compares ``ids`` with its own copy and applies the changed sites as accepted
+        copies, reusing this evaluation when it is the one accepted) and is rebuilt from scratch every
+        :attr:`cache_refresh_every` updates.
+        """
+        self._cache_sync(ids, types)
+        return self._cached_dq_of(ids, types, site, new_id)
+
+    def _cached_dq_of(self, ids, types, site, new_id):
+        c = self._cache
+        s, C, k = self.s, self.C, self.k
+        kk = k * k
+        i, j = int(site[0]), int(site[1])
+        if ids[i, j] == new_id or i >= (ids.shape[0] // s) * s or j >= (ids.shape[1] // s) * s:
+            self._clast = None  # no change, or a site the network does not see
+            return np.zeros((kk, C)), c["win"][0]
+        gi, gj = i // s, j // s
+        g0 = gi * c["Gw"] + gj
+        og = c["win"][g0]
+        pat = np.array(ids[gi * s:(gi + 1) * s, gj * s:(gj + 1) * s]).reshape(1, s * s)
+        pat[0, (i - gi * s) * s + (j - gj * s)] = new_id
+        _, u, ug, A0, cnt0 = self._stage1_patches(pat, types[pat])
+        CAo = c["CA"][og] + ((A0[0] - c["A"][g0]) @ self._Wcat).reshape(kk, C)
+        n0 = int(cnt0[0])
+        uWo = c["uW"][og]
+        if n0 > uWo.shape[1]:
+            uWo = np.concatenate([uWo, np.zeros((kk, n0 - uWo.shape[1], C))], 1)
+        jc = kk // 2
+        uWc, ugWc = u @ self.Wu, ug[0] @ self.Wu
+        uWo[jc] = 0.0
+        uWo[jc, :n0] = uWc
+        cnto = c["cnt"][og].copy()
+        cnto[jc] = n0
+        ugWo = c["ugW"][og].copy()
+        ugWo[jc] = ugWc
+        qa = self._q_rows(uWo, cnto, ugWo, CAo)
+        self._clast = (i * ids.shape[1] + j, ids[i, j], new_id, g0, og, uWc, n0, ugWc, A0[0], CAo, qa)
+        return qa - c["q"][og], og
 
     def _crop_delta(self, crop, types, c: int, new_id) -> float:
         """e(after) − e(before) (without ``scale``) of a crop; see :meth:`_crop_nv`."""

@@ -202,8 +202,9 @@ class PooledNHNumpy:
         """Full energy H = scale·F(Z) (float) of one periodic state."""
         return self.scale * float(self.F(self.Z(ids, types)))
 
-    def delta_Z(self, ids, types, site, new_id):
-        """ΔZ [C(1+D)] of copying ``new_id`` into ``site`` (exact, from one crop)."""
+    def delta_Z(self, ids, types, site, new_id, *, crop: bool = False):
+        """ΔZ [C(1+D)] of copying ``new_id`` into ``site`` (exact): from the feature block's per-lattice cache
+        (:meth:`LocalNHNumpy.cached_dq`), or with ``crop=True`` from the crop around the site, no cache."""
         ids = np.asarray(ids)
         types = np.asarray(types)
         s = self.s
@@ -217,12 +218,15 @@ class PooledNHNumpy:
             after = np.array(ids, copy=True)
             after[i, j] = new_id
             return self.Z(after, types) - self.Z(ids, types)
-        idx, c = f._crop_index((H, W), (i, j))
-        dq = f._crop_dq(ids.reshape(-1)[idx], types, c, new_id)  # [k*k, C]
+        if crop:
+            idx, c = f._crop_index((H, W), (i, j))
+            dq = f._crop_dq(ids.reshape(-1)[idx], types, c, new_id)  # [k*k, C]
+            gi, gj = i // s, j // s
+            og = (((gi + self._dk) % Gh)[:, None] * Gw + ((gj + self._dk) % Gw)[None]).ravel()
+        else:  # the feature block's per-lattice cache (synchronised with ids)
+            dq, og = f.cached_dq(ids, types, (i, j), new_id)
         if not self.D:
             return dq.sum(0)
-        gi, gj = i // s, j // s
-        og = (((gi + self._dk) % Gh)[:, None] * Gw + ((gj + self._dk) % Gw)[None]).ravel()
         return np.concatenate([dq.sum(0), (dq.T @ self._posflat[og]).ravel()])
 
     # --- the cache ---------------------------------------------------------------------------------------
@@ -305,9 +309,9 @@ class PooledNHNumpy:
         return self.scale * (float(self.F(c["Z"] + dZ)) - c["FZ"])
 
     def delta_uncached(self, ids, types, site, new_id) -> float:
-        """ΔH with Z recomputed from scratch (slow; the oracle of the cache)."""
+        """ΔH with Z recomputed from scratch and ΔZ from the crop (slow; the oracle of the caches)."""
         Z = self.Z(ids, types)
-        dZ = self.delta_Z(ids, types, site, new_id)
+        dZ = self.delta_Z(ids, types, site, new_id, crop=True)
         return self.scale * (float(self.F(Z + dZ)) - float(self.F(Z)))
 
 
