@@ -65,6 +65,11 @@ _S_DQ = 18     # [k*k, C] q' − q
 _S_MARK = 19   # int64 [G] output slot of a patch during an attempt (−1 otherwise)
 _S_TMP = 20    # [6, C] work rows
 _S_PIDS = 21   # int64 [ss] work: ids of a patch
+_S_T1 = 22     # [k*k*(ss+1), C] work rows (batched stage 1 / stage 2)
+_S_T2 = 23     # [k*k*(ss+1), C]
+_S_T3 = 24     # [k*k*(ss+1), C]
+_S_ROWO = 25   # int64 [k*k*(ss+1)] output slot (stage 2) / cell slot (stage 1, −1 = ghost) of each work row
+_S_ROWW = 26   # [k*k*(ss+1)] weight of each stage-2 row (+1 cell, −n ghost)
 
 
 def weights_from_numpy(ev) -> tuple:
@@ -96,7 +101,9 @@ def new_state(W, shape, refresh_every: int = 4096) -> tuple:
     return (geo, np.zeros(G, np.int64), np.zeros((G, ss), np.int64), z(G, ss, C), z(G, ss, C), z(G, C), z(G, C),
             z(G, C), z(G, C), z(G, C), np.zeros(8, np.int64), np.zeros(ss, np.int64), z(ss, C), z(ss, C),
             z(3, C), np.zeros(k * k, np.int64), z(k * k, C), z(k * k, C), z(k * k, C),
-            np.full(G, -1, np.int64), z(6, C), np.zeros(ss, np.int64))
+            np.full(G, -1, np.int64), z(6, C), np.zeros(ss, np.int64), z(k * k * (ss + 1), C),
+            z(k * k * (ss + 1), C), z(k * k * (ss + 1), C), np.zeros(k * k * (ss + 1), np.int64),
+            z(k * k * (ss + 1)))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -178,18 +185,46 @@ def _v_acc(uw, ca, W, acc, sign, t1, t2):
 
 
 @_jit
-def _patch_features(pids, types, W, cells, psi, uw, gpsi, guw, A, tmp):
+def _mm_rows(X, R, M, bias, OUT):
+    """OUT[:R] = X[:R] @ M + bias (rows of independent products: the CPU overlaps them)."""
+    C = M.shape[1]
+    K = M.shape[0]
+    for r in range(R):
+        for o in range(C):
+            OUT[r, o] = bias[o]
+    for i in range(K):  # i outermost: consecutive updates hit different rows (no store→load chain)
+        for r in range(R):
+            xi = X[r, i]
+            for o in range(C):
+                OUT[r, o] += xi * M[i, o]
+
+
+@_jit
+def _silu_rows(X, R):
+    """X[:R] = SiLU(X[:R]) in one flat (vectorized) loop."""
+    f = X.reshape(-1)
+    for i in range(R * X.shape[1]):
+        f[i] = _silu(f[i])
+
+
+@_jit
+def _patch_features(pids, types, W, cells, psi, uw, gpsi, guw, A, S, g_reuse, keep_a, keep_b):
     """Stage 1 of one patch (ids ``pids`` [ss], patch-major positions): its distinct cells, their ψ and
-    W_u·u, the ghost's, and A.  Returns the number of cells."""
+    W_u·u, the ghost's, and A.  Returns the number of cells.
+
+    ``g_reuse`` ≥ 0: the patch's types are those of cached patch ``g_reuse`` (a copy between two cells of one
+    type), so the ghost and every cell other than ``keep_a``/``keep_b`` keep their cached rows."""
     dims = W[0]
     C = dims[2]
     ss = dims[4]
     Em = W[1]
     Et = W[2]
     b = W[3]
-    tp = tmp[0]
-    u = tmp[1]
-    t = tmp[2]
+    tp = S[_S_TMP][0]
+    U = S[_S_T1]
+    T2 = S[_S_T2]
+    T3 = S[_S_T3]
+    rowm = S[_S_ROWO]
     for c in range(C):
         tp[c] = b[c]
     for p in range(ss):
@@ -207,22 +242,57 @@ def _patch_features(pids, types, W, cells, psi, uw, gpsi, guw, A, tmp):
         if not found:
             cells[n] = cid
             n += 1
-    for c in range(C):
-        u[c] = _silu(tp[c])
-    _psi_uw(u, W, gpsi, guw, t)
-    for c in range(C):
-        A[c] = -n * gpsi[c]
+    nr = 0
+    if g_reuse < 0:
+        for c in range(C):
+            U[nr, c] = tp[c]
+        rowm[nr] = -1
+        nr += 1
+    else:
+        for c in range(C):
+            gpsi[c] = S[_S_GPSI][g_reuse, c]
+            guw[c] = S[_S_GUW][g_reuse, c]
+    pcell = S[_S_PCELL]
     for m in range(n):
         cid = cells[m]
+        if g_reuse >= 0 and cid != keep_a and cid != keep_b:
+            for mm in range(S[_S_PN][g_reuse]):
+                if pcell[g_reuse, mm] == cid:
+                    for c in range(C):
+                        psi[m, c] = S[_S_PSI][g_reuse, mm, c]
+                        uw[m, c] = S[_S_UW][g_reuse, mm, c]
+                    break
+            continue
         for c in range(C):
-            u[c] = 0.0
+            U[nr, c] = tp[c]
         for p in range(ss):
             if pids[p] == cid:
                 for c in range(C):
-                    u[c] += Em[p, c]
-        for c in range(C):
-            u[c] = _silu(u[c] + tp[c])
-        _psi_uw(u, W, psi[m], uw[m], t)
+                    U[nr, c] += Em[p, c]
+        rowm[nr] = m
+        nr += 1
+    _silu_rows(U, nr)
+    zero = S[_S_TMP][1]
+    for c in range(C):
+        zero[c] = 0.0
+    _mm_rows(U, nr, W[8], zero, T3)  # W_u·u (phi_u has no bias)
+    _mm_rows(U, nr, W[4], W[5], T2)
+    _silu_rows(T2, nr)
+    _mm_rows(T2, nr, W[6], W[7], U)
+    _silu_rows(U, nr)
+    for r in range(nr):
+        m = rowm[r]
+        if m < 0:
+            for c in range(C):
+                gpsi[c] = U[r, c]
+                guw[c] = T3[r, c]
+        else:
+            for c in range(C):
+                psi[m, c] = U[r, c]
+                uw[m, c] = T3[r, c]
+    for c in range(C):
+        A[c] = -n * gpsi[c]
+    for m in range(n):
         for c in range(C):
             A[c] += psi[m, c]
     return n
@@ -291,11 +361,10 @@ def full_init(ids, types, W, S):
     geo = S[_S_GEO]
     G = geo[4]
     pids = S[_S_PIDS]
-    tmp = S[_S_TMP]
     for g in range(G):
         _gather_patch(ids, S, W, g, pids)
         S[_S_PN][g] = _patch_features(pids, types, W, S[_S_PCELL][g], S[_S_PSI][g], S[_S_UW][g],
-                                      S[_S_GPSI][g], S[_S_GUW][g], S[_S_A][g], tmp)
+                                      S[_S_GPSI][g], S[_S_GUW][g], S[_S_A][g], S, -1, -1, -1)
     _conv_all(S, W)
     geo[5] += 1
     geo[6] = 0
@@ -360,7 +429,9 @@ def nh_delta_q(x, new, ids, types, W, S):
     pids[(i - gi * s) * s + (j - gj * s)] = new
     tmp = S[_S_TMP]
     cg = S[_S_CG]
-    n = _patch_features(pids, types, W, S[_S_CELL], S[_S_CPSI], S[_S_CUW], cg[0], cg[1], cg[2], tmp)
+    g_reuse = g0 if types[old] == types[new] else -1
+    n = _patch_features(pids, types, W, S[_S_CELL], S[_S_CPSI], S[_S_CUW], cg[0], cg[1], cg[2], S, g_reuse, old,
+                        new)
     A = S[_S_A]
     dA = tmp[5]
     for c in range(C):
@@ -371,6 +442,7 @@ def nh_delta_q(x, new, ids, types, W, S):
     oca = S[_S_OCA]
     WAb = W[9]
     nout = 0
+    slot = S[_S_ROWO]  # output slot of each kernel offset (a, b)
     for a in range(k):
         ro = (gi - (a - r)) % Gh
         for b in range(k):
@@ -383,20 +455,58 @@ def nh_delta_q(x, new, ids, types, W, S):
                 for c in range(C):
                     oca[o, c] = CA[go, c]
                 nout += 1
-            for ii in range(C):
-                d = dA[ii]
+            slot[a * k + b] = o
+    for ii in range(C):  # CA' = CA + W_ab·ΔA (ii outermost: consecutive updates hit different outputs)
+        d = dA[ii]
+        for a in range(k):
+            for b in range(k):
+                o = slot[a * k + b]
                 for oo in range(C):
                     oca[o, oo] += d * WAb[a, b, ii, oo]
+    # stage 2 of every output patch at once: rows (output, cell or ghost) → v, accumulated into q'
     q = S[_S_Q]
     oq = S[_S_OQ]
     dq = S[_S_DQ]
+    T1 = S[_S_T1]
+    T2 = S[_S_T2]
+    rowo = S[_S_ROWO]
+    roww = S[_S_ROWW]
+    nr = 0
     for o in range(nout):
         go = out[o]
         mark[go] = -1
         if go == g0:
-            _patch_q(S, W, go, oca[o], n, S[_S_CUW], cg[1], oq[o], tmp[3], tmp[4])
+            no = n
+            uwsrc = S[_S_CUW]
+            gsrc = cg[1]
         else:
-            _patch_q(S, W, go, oca[o], S[_S_PN][go], S[_S_UW][go], S[_S_GUW][go], oq[o], tmp[3], tmp[4])
+            no = S[_S_PN][go]
+            uwsrc = S[_S_UW][go]
+            gsrc = S[_S_GUW][go]
+        for m in range(no):
+            for c in range(C):
+                T1[nr, c] = uwsrc[m, c] + oca[o, c]
+            rowo[nr] = o
+            roww[nr] = 1.0
+            nr += 1
+        for c in range(C):
+            T1[nr, c] = gsrc[c] + oca[o, c]
+        rowo[nr] = o
+        roww[nr] = -float(no)
+        nr += 1
+    _silu_rows(T1, nr)
+    _mm_rows(T1, nr, W[11], W[12], T2)
+    _silu_rows(T2, nr)
+    for o in range(nout):
+        for c in range(C):
+            oq[o, c] = 0.0
+    for r in range(nr):
+        o = rowo[r]
+        w = roww[r]
+        for c in range(C):
+            oq[o, c] += w * T2[r, c]
+    for o in range(nout):
+        go = out[o]
         for c in range(C):
             dq[o, c] = oq[o, c] - q[go, c]
     key[4] = n
@@ -487,7 +597,7 @@ def cache_error(ids, types, W, S, S2):
 # pooled weights tuple P: 0 dims int64 [C, D, hidden]; 1 pos [G, D] (patch-major; [1, 0] when D = 0);
 # 2 W0 [C(1+D), h] (in, out); 3 b0; 4 W2 [h, h]; 5 b2; 6 w4 [h]; 7 b4 [1]
 # pooled state tuple PS: 0 Z [C(1+D)]; 1 Z + ΔZ of the last attempt; 2 float [2]: F(Z), F(Z + ΔZ);
-# 3 int64 [6]: x, new, feature version, valid, accepts since the refresh of Z, refresh_every; 4 tmp [2, h]
+# 3 int64 [6]: x, new, feature version, valid, accepts since the refresh of Z, refresh_every; 4 tmp [6, h]
 
 
 def pooled_weights(ev) -> tuple:
@@ -509,18 +619,35 @@ def new_pooled_state(P, refresh_every: int = 1000) -> tuple:
     dims = P[0]
     dim = int(dims[0]) * (1 + int(dims[1]))
     return (np.zeros(dim), np.zeros(dim), np.zeros(2), np.array([0, 0, 0, 0, 0, max(int(refresh_every), 1)],
-                                                                   np.int64), np.zeros((2, int(dims[2]))))
+                                                                   np.int64), np.zeros((6, int(dims[2]))))
+
+
+@_jit
+def _matvec4(x, M, bias, out, acc):
+    """out = x @ M + bias with four interleaved partial sums (acc [4, len(out)]): no long store→load chain."""
+    C = out.shape[0]
+    for j in range(4):
+        for o in range(C):
+            acc[j, o] = 0.0
+    for i in range(x.shape[0]):
+        xi = x[i]
+        j = i & 3
+        for o in range(C):
+            acc[j, o] += xi * M[i, o]
+    for o in range(C):
+        out[o] = bias[o] + ((acc[0, o] + acc[1, o]) + (acc[2, o] + acc[3, o]))
 
 
 @_jit
 def pooled_F(Z, P, tmp):
-    """F(Z) (without scale)."""
+    """F(Z) (without scale); tmp [6, hidden] work rows."""
     h1 = tmp[0]
     h2 = tmp[1]
-    _matvec(Z, P[2], P[3], h1, True)
+    acc = tmp[2:6]
+    _matvec4(Z, P[2], P[3], h1, acc)
     for c in range(h1.shape[0]):
         h1[c] = _silu(h1[c])
-    _matvec(h1, P[4], P[5], h2, True)
+    _matvec4(h1, P[4], P[5], h2, acc)
     e = P[7][0]
     w4 = P[6]
     for c in range(h2.shape[0]):
