@@ -23,6 +23,7 @@ import sys
 __all__ = ["available_cpus", "configure_threads"]
 
 _LIMITER = None  # keeps threadpoolctl's limits alive for the process
+MAX_THREADS = 1024  #: the largest --threads accepted
 
 
 def available_cpus() -> int:
@@ -45,12 +46,12 @@ def configure_threads(n: int | None = None) -> dict:
     """Apply the thread policy of the module docstring; returns ``{"torch": .., "blas": .., "numba": ..}`` (the
     values set, None where a library is absent or was left alone).
 
-    Raises :class:`~neuralcpm_plugin.errors.ConfigError` for n < 0.
+    Raises :class:`~neuralcpm_plugin.errors.ConfigError` for n outside 0..:data:`MAX_THREADS`.
     """
     global _LIMITER
-    if n is not None and int(n) < 0:
+    if n is not None and not 0 <= int(n) <= MAX_THREADS:
         from .errors import ConfigError
-        raise ConfigError(f"--threads must be >= 0 (0 = the default), got {n}")
+        raise ConfigError(f"--threads must be between 0 (the default) and {MAX_THREADS}, got {n}")
     n = int(n or 0)
     out: dict = {"torch": None, "blas": None, "numba": None}
     compute = n or _env_int("OMP_NUM_THREADS") or available_cpus()

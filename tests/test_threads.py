@@ -50,8 +50,9 @@ def test_default_is_available_cpus_for_torch_and_one_blas_thread_unless_the_envi
 def test_negative_threads_is_a_clear_error():
     from neuralcpm_plugin.errors import ConfigError
     from neuralcpm_plugin.threads import configure_threads
-    with pytest.raises(ConfigError, match="--threads must be >= 0"):
-        configure_threads(-1)
+    for bad in (-1, 10 ** 6):
+        with pytest.raises(ConfigError, match="--threads must be between 0"):
+            configure_threads(bad)
 
 
 @pytest.mark.parametrize("cmd", [["training.generate", "mnist"], ["morpheus_xml.run"]])
