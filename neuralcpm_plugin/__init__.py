@@ -3,6 +3,10 @@
 Public names are re-exported here; see the README for a tutorial.
 """
 
+from ._startup import install_interrupt_hook as _install_interrupt_hook
+
+_install_interrupt_hook()    # in `python -m <a command of the package>` only: Ctrl-C during the imports below
+
 from .bundle import ModelBundle, load_bundle, save_bundle
 from .errors import BundleError, ConfigError, DataError, ExportError, ModelImportError, NeuralCPMError
 from .hamiltonian import Batch, Hamiltonian, LatticeSpec, Term, register_term

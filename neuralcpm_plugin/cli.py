@@ -40,7 +40,7 @@ EXIT_BUG = 1             #: an unexpected exception: a bug of the package
 _claims: list[list[Path]] = []
 
 _OS_HINTS = {
-    "ENOENT": "check the path (a missing file or folder)",
+    "ENOENT": "check the path: a file or folder in it is missing",
     "EACCES": "no permission: choose a path you can read/write or fix its permissions",
     "EPERM": "no permission: choose a path you can read/write or fix its permissions",
     "EROFS": "the file system is read-only: choose another output path",
@@ -67,7 +67,7 @@ def describe_os_error(e: OSError) -> str:
         where += ": "
     what = e.strerror or str(e) or type(e).__name__
     hint = _OS_HINTS.get(name)
-    return f"{where}{what}" + (f" ({hint})" if hint else "")
+    return f"{where}{what}" + (f"; {hint}" if hint else "")
 
 
 def _debug_requested(argv: list[str]) -> bool:
@@ -109,6 +109,7 @@ def command(fn):
         argv = [a for a in argv if a != "--debug"]
         claims: list[Path] = []
         _claims.append(claims)
+        interrupted = _watch_sigint()
         try:
             return fn(argv)
         except KeyboardInterrupt:
@@ -140,8 +141,12 @@ def command(fn):
             if e.code not in (None, 0):
                 _clean_up(claims)
             raise
-        except Exception as e:
-            _clean_up(claims)
+        except Exception as e:  # anything else is a bug: one line, the traceback with --debug
+            removed = _clean_up(claims)
+            if interrupted() and not debug:     # a library turned Ctrl-C into another exception
+                note = f"; removed the unfinished {', '.join(map(str, removed))}" if removed else ""
+                print(f"interrupted (Ctrl-C){note}", file=sys.stderr, flush=True)
+                return EXIT_INTERRUPTED
             if debug:
                 raise
             where = ""
@@ -153,8 +158,41 @@ def command(fn):
             return EXIT_BUG
         finally:
             _claims.pop()
+            interrupted.restore()
 
     return main
+
+
+class _SigintWatch:
+    """Records that SIGINT arrived (then raises KeyboardInterrupt as Python's default handler does)."""
+
+    def __init__(self):
+        import signal
+        self.seen = False
+        self.previous = None
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:          # not the main thread: leave signals alone
+            self.previous = None
+
+    def _handler(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __call__(self) -> bool:
+        return self.seen
+
+    def restore(self) -> None:
+        import signal
+        if self.previous is not None:
+            try:
+                signal.signal(signal.SIGINT, self.previous)
+            except (ValueError, TypeError):
+                pass
+
+
+def _watch_sigint() -> _SigintWatch:
+    return _SigintWatch()
 
 
 def _first_missing(path: Path) -> Path | None:
