@@ -35,6 +35,11 @@ import functools
 import numpy as np
 from numba import njit
 
+try:
+    from ..errors import ConfigError
+except ImportError:  # loaded on its own (inside a host tool)
+    ConfigError = ValueError
+
 # error_model="numpy": no ZeroDivisionError checks, so LLVM can vectorize the loops; "contract": FMA
 _jit = functools.partial(njit, cache=True, error_model="numpy", fastmath={"contract"})
 
@@ -765,10 +770,10 @@ class LocalNHCompiled:
         """Build the caches for the lattice ``ids`` (2-D array, kept by reference) and ``types``."""
         ids = np.asarray(ids)
         if ids.ndim != 2:
-            raise ValueError(f"local_nh compiled: needs a 2-D lattice, got shape {ids.shape}")
+            raise ConfigError(f"local_nh compiled: needs a 2-D lattice, got shape {ids.shape}")
         types = np.asarray(types)
         if types.size and int(types.max()) > self.T:
-            raise ValueError(f"local_nh: the states hold cell type {int(types.max())} but the network was "
+            raise ConfigError(f"local_nh: the states hold cell type {int(types.max())} but the network was "
                              f"built for types 0..{self.T}")
         self._ids = ids
         self._types = types
@@ -788,7 +793,7 @@ class LocalNHCompiled:
         x = self._flat(ids, types, site)
         new_id = int(new_id)
         if new_id >= len(types) or int(types[new_id]) > self.T:
-            raise ValueError(f"local_nh compiled: id {new_id} has no type <= {self.T}")
+            raise ConfigError(f"local_nh compiled: id {new_id} has no type <= {self.T}")
         return self.scale * nh_delta(x, new_id, self._ids.reshape(-1), self._types, self.W, self.S)
 
     def accept(self, site, new_id) -> None:
@@ -833,7 +838,7 @@ class PooledNHCompiled(LocalNHCompiled):
         x = self._flat(ids, types, site)
         new_id = int(new_id)
         if new_id >= len(types) or int(types[new_id]) > self.T:
-            raise ValueError(f"pooled_nh compiled: id {new_id} has no type <= {self.T}")
+            raise ConfigError(f"pooled_nh compiled: id {new_id} has no type <= {self.T}")
         return self.scale * pooled_delta(x, new_id, self._ids.reshape(-1), self._types, self.W, self.S, self.P,
                                          self.PS)
 
