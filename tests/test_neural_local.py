@@ -352,3 +352,22 @@ def test_numpy_lattice_cache_equals_crop_and_rebuild_along_accepted_copies(seed,
         ref = energy(t, [CellState(np.where(np.arange(ids.size).reshape(ids.shape) == site, nid, ids), s.types)])[0] \
             - energy(t, [cur])[0]
         assert ev.delta(ids, s.types, divmod(int(site), shape[1]), int(nid)) == pytest.approx(ref, abs=1e-9)
+
+
+def test_numpy_cache_is_not_rebuilt_by_callers_alternating_between_lattices(term):
+    """Alternating lattices use the crop form (no rebuild per call); a lattice seen twice in a row is cached."""
+    rng = np.random.default_rng(21)
+    ev = LocalNHNumpy.from_torch(term)
+    a, b = rand_state((24, 24), 6, rng), rand_state((24, 24), 7, rng)
+    builds = []
+    orig = ev._cache_build
+    ev._cache_build = lambda ids, types: (builds.append(1), orig(ids, types))
+    for s in (a, b, a, b, a, b):
+        site, nid = proposals(s, 1, rng)
+        d = ev.delta(s.ids, s.types, divmod(int(site[0]), 24), int(nid[0]))
+        assert d == pytest.approx(ev.delta_crop(s.ids, s.types, divmod(int(site[0]), 24), int(nid[0])), abs=1e-10)
+    assert builds == []
+    for _ in range(2):
+        site, nid = proposals(a, 1, rng)
+        ev.delta(a.ids, a.types, divmod(int(site[0]), 24), int(nid[0]))
+    assert builds == [1] and np.array_equal(ev._cache["ids"], a.ids)

@@ -432,21 +432,25 @@ class LocalNHNumpy:
                        "Gw": Gw, "n": 0}
         self._clast = None
 
-    def _cache_sync(self, ids, types):
+    def _cache_sync(self, ids, types) -> bool:
         """Bring the cache to this lattice: sites changed since (≤ max_incremental) are applied as accepted
-        copies, anything else (another lattice, new types, many changes, refresh due) rebuilds."""
+        copies; a refresh that is due rebuilds.  Another lattice (or new types, or many changes) is cached only
+        when the next call sees it again (≤ max_incremental changes later): callers that alternate between
+        lattices keep the crop form instead of rebuilding at every call.  Returns whether the cache holds
+        ``ids`` now."""
         c = getattr(self, "_cache", None)
         if (c is None or c["ids"].shape != ids.shape or c["types"].shape != types.shape
                 or not np.array_equal(c["types"], types)):
-            self._cache_build(ids, types)
-            return
+            return self._cache_pending(ids, types)
         cf, nf = c["ids"].reshape(-1), ids.reshape(-1)
         diff = np.flatnonzero(cf != nf)
         if diff.size == 0:
-            return
-        if diff.size > self.max_incremental or c["n"] + diff.size > self.cache_refresh_every:
+            return True
+        if diff.size > self.max_incremental:
+            return self._cache_pending(ids, types)
+        if c["n"] + diff.size > self.cache_refresh_every:
             self._cache_build(ids, types)
-            return
+            return True
         W = ids.shape[1]
         for x in diff:
             x = int(x)
@@ -457,6 +461,17 @@ class LocalNHNumpy:
                 cf[x] = nf[x]
                 continue
             self._cache_apply()
+        return True
+
+    def _cache_pending(self, ids, types) -> bool:
+        p = getattr(self, "_pend", None)
+        if (p is not None and p[0].shape == ids.shape and p[1].shape == types.shape and np.array_equal(p[1], types)
+                and np.count_nonzero(p[0] != ids) <= self.max_incremental):
+            self._pend = None
+            self._cache_build(ids, types)
+            return True
+        self._pend = (np.array(ids, copy=True), np.array(types, copy=True))
+        return False
 
     def _cache_apply(self):
         """Write the last evaluated attempt (``_clast``) into the cache: it was accepted."""
@@ -486,8 +501,20 @@ class LocalNHNumpy:
         copies, reusing this evaluation when it is the one accepted) and is rebuilt from scratch every
         :attr:`cache_refresh_every` updates.
         """
-        self._cache_sync(ids, types)
-        return self._cached_dq_of(ids, types, site, new_id)
+        if self._cache_sync(ids, types):
+            return self._cached_dq_of(ids, types, site, new_id)
+        # not cached (yet): the crop form
+        s, r = self.s, self.r
+        i, j = int(site[0]), int(site[1])
+        H, W = ids.shape
+        Gh, Gw = H // s, W // s
+        gi, gj = i // s, j // s
+        dk = np.arange(-r, r + 1)
+        og = (((gi + dk) % Gh)[:, None] * Gw + ((gj + dk) % Gw)[None]).ravel()
+        if ids[i, j] == new_id or i >= Gh * s or j >= Gw * s:
+            return np.zeros((self.k * self.k, self.C)), og
+        idx, c = self._crop_index((H, W), (i, j))
+        return self._crop_dq(ids.reshape(-1)[idx], types, c, new_id), og
 
     def _cached_dq_of(self, ids, types, site, new_id):
         c = self._cache
