@@ -27,6 +27,10 @@ __all__ = ["MAX_MCS", "check_export", "check_run_options"]
 MAX_MCS = 10**9          #: upper bound of --mcs (a run of 10⁹ MCS would take years; a typo, most likely)
 
 
+# the numeric tables of the analytic terms' specs (other entries, e.g. a direction spec, may hold None)
+_NUMERIC_PARAMS = ("J", "lambda", "target", "mu", "strength", "field", "lambda_surface", "target_surface")
+
+
 def _finite(term, i: int) -> None:
     kind = getattr(term, "kind", type(term).__name__)
     try:
@@ -43,7 +47,7 @@ def _finite(term, i: int) -> None:
     except Exception:  # noqa: BLE001 - a term without a spec has only its tensors to check
         params = {}
     for name, v in (params.items() if isinstance(params, dict) else ()):
-        if isinstance(v, (int, float, list, tuple)) and not isinstance(v, bool):
+        if name in _NUMERIC_PARAMS and isinstance(v, (int, float, list, tuple)) and not isinstance(v, bool):
             try:
                 arrays[name] = np.asarray(v, dtype=np.float64)
             except (TypeError, ValueError):
