@@ -10,7 +10,8 @@ top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), `
     means ``runs/<name>``), ``threads`` (CPU threads for torch, BLAS and numba; 0 = the default policy of
     :mod:`neuralcpm_plugin.threads`).
 ``[data]`` : ``path`` (npz file or directory of npz files; "" = generate with ``[generate]``),
-    ``frames`` ("all", "final" = last frame of each file, or "last:N"), ``max_states`` (0 = all), ``ndim`` (2 or
+    ``frames`` ("auto" = the final frame of each recorded time series, all frames of other files; "all",
+    "final" = last frame of each file, or "last:N"), ``max_states`` (0 = all), ``ndim`` (2 or
     3: whether a TIFF stack is a 2-D time series or one 3-D volume; ``--dim``).
 ``[generate]`` : ``dataset`` (a ``training.gen_<name>`` module), ``options`` (free table of keyword
     arguments of its ``generate_<name>(...)`` function), ``cache`` (path of the generated npz; "" = inside the
@@ -85,7 +86,7 @@ DEFAULTS: dict = {
     "device": "cpu",
     "threads": 0,                    # CPU threads (0 = neuralcpm_plugin.threads' default policy)
     "out": "",
-    "data": {"path": "", "frames": "all", "max_states": 0, "ndim": 2},
+    "data": {"path": "", "frames": "auto", "max_states": 0, "ndim": 2},
     "generate": {"dataset": "cellsort", "options": {}, "cache": ""},
     "model": {
         "kind": "analytic",
@@ -232,8 +233,8 @@ def validate(cfg: dict, *, where: str = "") -> dict:
     if cfg["data"]["ndim"] not in (2, 3):
         raise ConfigError(f"{where}data.ndim must be 2 or 3, got {cfg['data']['ndim']!r}")
     fr = cfg["data"]["frames"]
-    if fr not in ("all", "final") and not (fr.startswith("last:") and fr[5:].isdigit() and int(fr[5:]) > 0):
-        raise ConfigError(f"{where}data.frames must be 'all', 'final' or 'last:N', got {fr!r}")
+    if fr not in ("auto", "all", "final") and not (fr.startswith("last:") and fr[5:].isdigit() and int(fr[5:]) > 0):
+        raise ConfigError(f"{where}data.frames must be 'auto', 'all', 'final' or 'last:N', got {fr!r}")
     p = cfg["pcd"]
     checks = [(p["batch"] >= 1, "pcd.batch must be >= 1"),
               (p["iterations"] >= 0, "pcd.iterations must be >= 0"),

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "small cell-sorting data set, fit it, and export to CompuCell3D and Morpheus in runs/default/.")
     p.add_argument("--config", help=f"preset name ({', '.join(list_presets())}) or a TOML file")
     p.add_argument("--data", help="snapshot file (.npz, .tif, ...) or directory / glob of them")
-    p.add_argument("--frames", help="which frames of each file: all | final | last:N")
+    p.add_argument("--frames", help="which frames of each file: auto | all | final | last:N (default auto: the final "
+                                    "frame of each recorded time series, every frame of other files)")
     p.add_argument("--dim", type=int, choices=[2, 3], help="lattice dimension of TIFF data: 2 = a stack is a time "
                    "series (default), 3 = a stack is one 3-D volume (npz, PIFF, cellpose carry their dimension)")
     p.add_argument("--model", choices=MODEL_KINDS, help="model kind (default: analytic)")
@@ -164,6 +165,12 @@ def _overrides(args) -> dict:
 def _select_frames(states, frames: str):
     if frames == "all":
         return list(states)
+    if frames == "auto":
+        from .diagnostics import auto_frames
+        kept, note = auto_frames(states)
+        if note:
+            _say(note)
+        return kept
     by_file: dict = {}
     for s in states:
         by_file.setdefault(s.meta.get("path"), []).append(s)
@@ -303,7 +310,7 @@ def _truth_from(spec: str | None, data_info: dict) -> dict | None:
             return truth_from_source(spec)
         except NeuralCPMError:
             raise
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, OSError) as e:
             raise ConfigError(f"--truth {spec}: {e}") from None
     th = data_info.get("truth_hamiltonian")
     if th is not None:
@@ -830,6 +837,11 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
         provenance["pl"] = {"nll": res.nll, "iterations": res.iterations, "method": res.method,
                             "sites": res.n_sites, "seconds": round(res.seconds, 3)}
         summary["fit_seconds"] = res.seconds
+        from .diagnostics import diagnose_pl
+        diag = diagnose_pl(res, ham, states, log=_say)
+        res.problem = None                          # free the tabulated problem
+        if diag is not None:
+            provenance["diagnostics"] = summary["diagnostics"] = diag
         if rank == 0:
             save_bundle(bundle_dir, ham, provenance=provenance, extra={"init": {}})
     else:
@@ -870,6 +882,9 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
             _say("closure weights: " + ", ".join(f"{k} = {v:.4g}" for k, v in cw.items()))
         if rep is not None:
             summary["rmse"] = rep
+            if summary.get("diagnostics"):
+                from .diagnostics import report_coverage
+                summary["coverage"] = report_coverage(summary["diagnostics"]["uncertainty"], truth, _say)
         _say(f"bundle: {bundle_dir}  (load with neuralcpm_plugin.load_bundle('{bundle_dir}'))")
         fig = _overview_figure(run_dir, final, states, data_info, cfg, seed) if cfg["export"]["figure"] else None
         if fig is not None:

@@ -39,7 +39,7 @@ from neuralcpm_plugin.lattice import _shift, neighbour_offsets
 from .optim import Adam, newton_minimize
 from .parammap import ParamMap, using_params
 
-__all__ = ["Candidates", "PLResult", "build_candidates", "fit_pl", "pl_nll"]
+__all__ = ["Candidates", "LinearPL", "PLResult", "build_candidates", "fit_pl", "pl_nll"]
 
 
 @dataclass
@@ -52,6 +52,7 @@ class Candidates:
     group, slot : LongTensor [B, P]      site group (0..S-1; S = dummy) and slot 1..K inside it.
     own_log_k : float64 [B, S]           log k of the observed value per site group.
     group_mask : bool [B, S]             real groups.
+    group_site : LongTensor [B, S]       flat site index of each group (0 for padding).
     """
 
     batch: Batch
@@ -63,6 +64,7 @@ class Candidates:
     own_log_k: torch.Tensor
     group_mask: torch.Tensor
     n_slots: int
+    group_site: torch.Tensor | None = None
 
     @property
     def n_sites(self) -> int:
@@ -108,7 +110,8 @@ def _state_candidates(ids: np.ndarray, offs: np.ndarray, periodic: bool, rng=Non
     g, k = np.nonzero(cand)
     rank = np.cumsum(cand, axis=1)          # slot of a candidate = its rank among the site's candidates
     return {"sites": sites[g], "new_ids": srt[g, k], "log_k": _log_weight(counts[g, k], K, proposal), "group": g,
-            "slot": rank[g, k], "own_log_k": _log_weight(k_own[sites], K, proposal), "n_groups": len(sites)}
+            "slot": rank[g, k], "own_log_k": _log_weight(k_own[sites], K, proposal), "n_groups": len(sites),
+            "group_site": sites}
 
 
 def build_candidates(states, *, copy_order: int = 2, periodic: bool = True, device=None, n_ids=None,
@@ -131,6 +134,7 @@ def build_candidates(states, *, copy_order: int = 2, periodic: bool = True, devi
     slot = np.ones((B, P), np.int64)
     own = np.zeros((B, S), np.float64)
     gmask = np.zeros((B, S), bool)
+    gsite = np.zeros((B, S), np.int64)
     for b, p in enumerate(per):
         n = len(p["sites"])
         if n:
@@ -145,10 +149,11 @@ def build_candidates(states, *, copy_order: int = 2, periodic: bool = True, devi
             new_ids[b, :] = int(states[b].ids.reshape(-1)[0])
         own[b, : p["n_groups"]] = p["own_log_k"]
         gmask[b, : p["n_groups"]] = True
+        gsite[b, : p["n_groups"]] = p["group_site"]
     batch = Batch.from_states(states, n_ids=n_ids, device=device, periodic=periodic)
     t = lambda a: torch.as_tensor(a, device=device)
     return Candidates(batch, t(sites), t(new_ids), t(log_k), t(group), t(slot), t(own), t(gmask),
-                      int(slot.max()) + 1)
+                      int(slot.max()) + 1, t(gsite))
 
 
 def _nll_from_delta(c: Candidates, dH: torch.Tensor, T: float, proposal_aware: bool = True) -> torch.Tensor:
@@ -196,6 +201,11 @@ class PLResult:
     method: str
     n_sites: int
     history: list = field(default_factory=list)
+    #: convex fits only (not serialised): the free parameter vector at the optimum, the tabulated problem
+    #: (:class:`LinearPL`, for uncertainty and per-window refits: ``training.diagnostics``) and the ParamMap
+    theta: torch.Tensor | None = None
+    problem: LinearPL | None = None
+    param_map: ParamMap | None = None
 
 
 def _volume_target_pairs(pmap: ParamMap):
@@ -273,38 +283,79 @@ def _linear_tabulate(ham, pmap: ParamMap, c: Candidates, pairs=()):
     return (c0, F) if ok else None
 
 
-def _dense_linear_problem(c: Candidates, c0: torch.Tensor, F: torch.Tensor, T: float, proposal_aware: bool):
-    """``theta -> (nll, grad, hessian)`` for ΔH = c0 + F θ, on a dense [sites, slots] layout."""
-    B, S = c.group_mask.shape
-    K = c.n_slots
-    n = F.shape[-1]
-    real = c.group < S
-    bidx = torch.arange(B, device=c.group.device)[:, None].expand_as(c.group)
-    gidx = (bidx * S + c.group)[real]
-    slot = c.slot[real]
-    own = c.own_log_k if proposal_aware else torch.zeros_like(c.own_log_k)
-    base = torch.full((B * S, K), -math.inf, dtype=torch.float64, device=c0.device)
-    base[:, 0] = own.reshape(-1)
-    lk = c.log_k[real] if proposal_aware else torch.zeros_like(c.log_k[real])
-    base[gidx, slot] = lk - c0[real] / T
-    feat = torch.zeros((B * S, K, n), dtype=torch.float64, device=c0.device)
-    feat[gidx, slot] = -F[real] / T                     # d logit / d theta
-    keep = c.group_mask.reshape(-1)
-    base, feat, own_v = base[keep], feat[keep], own.reshape(-1)[keep]
-    m = base.shape[0]
+class LinearPL:
+    """The convex pseudo-likelihood of an analytic model, ΔH = c0 + F θ, on a dense [sites, slots] layout.
 
-    def fgh(theta):
-        z = base + feat @ theta
+    Row i is one boundary site of one state (``row_state[i]``, flat site ``row_site[i]``); slot 0 holds its
+    observed value (ΔH = 0), slots 1.. its candidates. ``ℓ_i(θ) = logsumexp_k z_ik(θ) − z_i0`` is the site's
+    negative log conditional likelihood; the fit minimises their mean.
+    """
+
+    def __init__(self, c: Candidates, c0: torch.Tensor, F: torch.Tensor, T: float, proposal_aware: bool):
+        B, S = c.group_mask.shape
+        K = c.n_slots
+        n = F.shape[-1]
+        real = c.group < S
+        bidx = torch.arange(B, device=c.group.device)[:, None].expand_as(c.group)
+        gidx = (bidx * S + c.group)[real]
+        slot = c.slot[real]
+        own = c.own_log_k if proposal_aware else torch.zeros_like(c.own_log_k)
+        base = torch.full((B * S, K), -math.inf, dtype=torch.float64, device=c0.device)
+        base[:, 0] = own.reshape(-1)
+        lk = c.log_k[real] if proposal_aware else torch.zeros_like(c.log_k[real])
+        base[gidx, slot] = lk - c0[real] / T
+        feat = torch.zeros((B * S, K, n), dtype=torch.float64, device=c0.device)
+        feat[gidx, slot] = -F[real] / T                     # d logit / d theta
+        keep = c.group_mask.reshape(-1)
+        self.base, self.feat, self.own = base[keep], feat[keep], own.reshape(-1)[keep]
+        rows = torch.arange(B * S, device=c0.device)[keep]
+        self.row_state = (rows // S).cpu().numpy()
+        gs = c.group_site if c.group_site is not None else torch.zeros((B, S), dtype=torch.long)
+        self.row_site = gs.reshape(-1)[keep].cpu().numpy()
+        self.n_params = n
+
+    @property
+    def n_rows(self) -> int:
+        return self.base.shape[0]
+
+    def subset(self, rows) -> LinearPL:
+        """The same problem over the sites ``rows`` only (a copy)."""
+        out = LinearPL.__new__(LinearPL)
+        r = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=self.base.device)
+        out.base, out.feat, out.own = self.base[r], self.feat[r], self.own[r]
+        rn = np.asarray(rows)
+        out.row_state, out.row_site, out.n_params = self.row_state[rn], self.row_site[rn], self.n_params
+        return out
+
+    def _probs(self, theta):
+        z = self.base + self.feat @ theta
         lse = torch.logsumexp(z, dim=1)
-        f = (lse - own_v).mean()
         p = torch.exp(z - lse[:, None])                   # [m, K]
-        ef = torch.bmm(p[:, None, :], feat)[:, 0]         # E_p[dz/dθ], [m, n]
+        ef = torch.bmm(p[:, None, :], self.feat)[:, 0]    # E_p[dz/dθ] = ∇ℓ_i, [m, n]
+        return lse, p, ef
+
+    def __call__(self, theta):
+        """``(f, ∇f, ∇²f)`` of the mean NLL over the rows."""
+        lse, p, ef = self._probs(theta)
+        m, n = self.n_rows, self.n_params
+        f = (lse - self.own).mean()
         g = ef.mean(0)
-        w = (feat * p.sqrt()[:, :, None]).reshape(-1, n)
+        w = (self.feat * p.sqrt()[:, :, None]).reshape(-1, n)
         h = (w.T @ w - ef.T @ ef) / m
         return f, g, h
 
-    return fgh
+    def scores(self, theta) -> torch.Tensor:
+        """Per-site gradients ∇ℓ_i(θ), [m, n] (they sum to zero at the unweighted optimum)."""
+        return self._probs(theta)[2]
+
+    def support(self) -> np.ndarray:
+        """Per free parameter: the number of sites whose candidate ΔH depends on it (0 = not identified)."""
+        return (self.feat != 0).any(1).sum(0).cpu().numpy()
+
+
+def _dense_linear_problem(c: Candidates, c0: torch.Tensor, F: torch.Tensor, T: float, proposal_aware: bool):
+    """``theta -> (nll, grad, hessian)`` for ΔH = c0 + F θ (a :class:`LinearPL`)."""
+    return LinearPL(c, c0, F, T, proposal_aware)
 
 
 def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bool = True,
@@ -375,7 +426,8 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
                 o += k
         pmap.sync()
         final = float(final)
-        res = PLResult(final, n_it, time.perf_counter() - t0, "convex Newton (float64)", cands.n_sites, history)
+        res = PLResult(final, n_it, time.perf_counter() - t0, "convex Newton (float64)", cands.n_sites, history,
+                       theta=theta.detach(), problem=fgh, param_map=pmap)
         if log:
             log(f"pl: convex fit over {cands.n_sites} boundary sites of {len(states)} states: "
                 f"nll {final:.6f} after {n_it} Newton steps, {res.seconds:.2f} s")

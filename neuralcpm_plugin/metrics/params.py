@@ -139,11 +139,49 @@ def _J_from(J) -> np.ndarray:
     return np.asarray(J, dtype=np.float64)
 
 
+def _truth_from_names(spec: dict, scaling: str, source: str | None) -> dict:
+    """``{"J(1,0)": v, ..., "lambda": v[, "scaling": ...]}`` → truth dict (see :func:`truth_from_source`)."""
+    import re
+    pairs, lam, unknown = {}, None, []
+    for k, val in spec.items():
+        key = k.replace(" ", "") if isinstance(k, str) else k
+        m = re.fullmatch(r"J\((\d+),(\d+)\)", key) if isinstance(key, str) else None
+        if m:
+            a, b = sorted((int(m.group(1)), int(m.group(2))))
+            if (a, b) in pairs:
+                raise ValueError(f"truth: J({a},{b}) is given twice ({k!r})")
+            pairs[(a, b)] = float(val)
+        elif key in ("lambda", "λ"):
+            lam = float(val)
+        elif key not in ("scaling", "source"):
+            unknown.append(k)
+    if unknown:
+        raise ValueError(f"truth: unknown parameter name(s) {unknown}; the names are J(a,b) (a, b = 0 medium, "
+                         "1..T types) and lambda")
+    n_types = max(b for _, b in pairs)
+    names = param_names(n_types)
+    def key(n):                                   # "J(a,b)" → (a, b), a <= b
+        return tuple(sorted(int(x) for x in n[2:-1].split(",")))
+
+    missing = [n for n in names[:-1] if key(n) not in pairs]
+    if lam is None:
+        missing.append("lambda")
+    if missing:
+        raise ValueError(f"truth: missing parameter(s) {missing} (a model with {n_types} cell types has "
+                         f"{', '.join(names)})")
+    f = PAPER_J_FACTOR if spec.get("scaling", scaling) == "paper" else 1.0
+    vec = [pairs[key(n)] / f for n in names[:-1]] + [lam]
+    return {"vector": vec, "names": names, "source": source or "given parameters"}
+
+
 def truth_from_source(spec, *, scaling: str = "per_pair", source: str | None = None) -> dict:
     """True parameters as ``{"vector": per-pair vector, "names": [...], "source": str}``.
 
-    ``spec``: a name of :data:`KNOWN_TRUTHS`; a dict ``{"J": table or {"a-b": v}, "lambda": number or per type}``
-    (``scaling`` says its unit; ``"paper"`` divides J by 4) or ``{"vector": [...]}``; a path to a bundle
+    ``spec``: a name of :data:`KNOWN_TRUTHS`; a dict of parameter names → values as :func:`param_names`
+    prints them (``{"J(1,0)": 0.625, "J(2,0)": 0.25, "J(1,1)": 0.25, "J(1,2)": 1.125, "J(2,2)": 0.25,
+    "lambda": 0.5}``; J(a,b) and J(b,a) are the same; every name once); a dict
+    ``{"J": table or {"a-b": v}, "lambda": number or per type}`` or ``{"vector": [...]}`` (in every dict form
+    an optional ``"scaling": "paper"`` says J is in the paper's unit and divides it by 4); a path to a bundle
     directory, a JSON file of such a dict, or a Morpheus ``.xml`` / CompuCell3D ``.cc3d`` model.
     """
     from pathlib import Path
@@ -151,6 +189,8 @@ def truth_from_source(spec, *, scaling: str = "per_pair", source: str | None = N
         d = dict(KNOWN_TRUTHS[spec])
         d["names"] = param_names(2)
         return d
+    if isinstance(spec, dict) and any(isinstance(k, str) and k.replace(" ", "").startswith("J(") for k in spec):
+        return _truth_from_names(spec, scaling, source)
     if isinstance(spec, dict):
         if "vector" in spec:
             v = np.asarray(spec["vector"], dtype=np.float64)
