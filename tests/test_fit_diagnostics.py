@@ -152,7 +152,7 @@ def test_fit_cli_prints_intervals_and_evaluate_shows_them(tmp_path, capsys):
     truth.write_text(json.dumps({"J(1,0)": 1.0, "J(2,0)": 1.0, "J(1,1)": 1.0, "J(1,2)": 1.0, "J(2,2)": 1.0,
                                  "lambda": 0.2}))
     out = tmp_path / "run"
-    assert fit(["--data", str(data), "--out", str(out), "--no-export", "--truth", str(truth)]) == 0
+    assert fit(["--data", str(data), "--out", str(out), "--no-export", "--no-figure", "--truth", str(truth)]) == 0
     text = capsys.readouterr().out
     assert "uncertainty (cluster sandwich" in text and "95 % interval" in text
     assert "true parameters inside the 95 % intervals:" in text
@@ -167,7 +167,7 @@ def test_fit_cli_prints_intervals_and_evaluate_shows_them(tmp_path, capsys):
     assert "95 % interval" in text and "inside" in text and "after dividing by T*" in text
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"J(1,0)": 1.0}))
-    assert fit(["--data", str(data), "--out", str(tmp_path / "r2"), "--no-export", "--truth", str(bad)]) == 2
+    assert fit(["--data", str(data), "--out", str(tmp_path / "r2"), "--no-export", "--no-figure", "--truth", str(bad)]) == 2
     assert "--truth" in capsys.readouterr().err
 
 
@@ -176,9 +176,45 @@ def test_default_frames_on_reference_time_series_is_the_final_frame(tmp_path, ca
     p1 = REF / "P1_morpheus"
     _files("P1_morpheus")
     out = tmp_path / "p1"
-    assert fit(["--data", str(p1), "--out", str(out), "--no-export"]) == 0
+    assert fit(["--data", str(p1), "--out", str(out), "--no-export", "--no-figure"]) == 0
     text = capsys.readouterr().out
     assert "keeps the final frame of each (16 of 336 states)" in text
     s = json.loads((out / "summary.json").read_text())
     assert s["rmse"]["per_pair"]["rmse_T1"] <= 0.04            # the all-frames error was 0.20
     assert s["diagnostics"]["stationarity"] is None
+
+
+@pytest.mark.slow
+def test_convex_fit_learns_vstar_through_lambda_vstar():
+    """V* learnable: ΔH is linear in (J, λ, λV*), so the fit stays convex; on the 16 final P2 frames it finds
+    V* = 90 (the data's mean volume is 89.65) and the intervals of V* hold 90 (8-run halves: z of the 8 V*
+    estimates of P1 and P2 between −2.1 and 1.3, measured)."""
+    import torch
+    files = _files("P2_cc3d")
+    states, _ = auto_frames(load_dataset(files).states)
+    J = np.ones((3, 3))
+    J[0, 0] = 0
+    ham = cellsort_hamiltonian(J, 0.1, 89.65, LatticeSpec((100, 100)))
+    vol = ham.term("volume")
+    vol.target = torch.nn.Parameter(vol.target.detach().clone())
+    res = fit_pl(ham, states)
+    assert res.method.startswith("convex") and res.to_free is not None
+    tgt = vol.target.detach().numpy()[1:]
+    assert np.all(np.abs(tgt - 90.0) < 0.3), tgt
+    d = diagnose_pl(res, ham, states)
+    tg = d["uncertainty"]["targets"]
+    assert tg["names"] == ["V*(1)", "V*(2)"] and all(lo <= 90.0 <= hi for lo, hi in zip(tg["lo"], tg["hi"]))
+    np.testing.assert_allclose(tg["estimate"], tgt, atol=1e-9)
+
+
+def test_bench_abc_without_pyabc_says_so_and_exits_0(monkeypatch, capsys):
+    import importlib.util
+    import sys
+
+    from fit_helpers import ROOT
+    spec = importlib.util.spec_from_file_location("bench_abc", ROOT / "benchmarks" / "bench_abc.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setitem(sys.modules, "pyabc", None)           # import pyabc → ImportError
+    assert mod.main(["--sims", "1"]) == 0
+    assert "pyabc is not installed" in capsys.readouterr().out

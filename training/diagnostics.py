@@ -155,13 +155,25 @@ def _refit(problem, theta0):
 
 
 # ----------------------------------------------------------------------------------------- parameter vector
-def _vector_map(ham, pmap, theta: torch.Tensor):
-    """``(v(θ), J)``: the model's parameter vector (per pair, λ) and its Jacobian in the free parameters."""
+def _vector_map(ham, pmap, theta: torch.Tensor, to_free=None, with_target: bool = False):
+    """``(v(θ), J)``: the model's parameter vector (per pair, λ) and its Jacobian in the fit's parameters θ.
+
+    ``to_free`` maps θ to the ParamMap's free vector (a learned V*: θ holds λV*); ``with_target`` appends the
+    volume targets V*(1..T) to the vector.
+    """
     from neuralcpm_plugin.metrics.params import param_vector
     free = pmap.parameters()
     sizes = [p.numel() for p in free]
 
+    def vector():
+        v = param_vector(ham)
+        if with_target:
+            v = np.concatenate([v, ham.term("volume").target.detach().cpu().numpy().astype(np.float64)[1:]])
+        return v
+
     def put(vec):
+        if to_free is not None:
+            vec = to_free(vec)
         with torch.no_grad():
             o = 0
             for p, k in zip(free, sizes):
@@ -171,7 +183,7 @@ def _vector_map(ham, pmap, theta: torch.Tensor):
 
     try:
         put(theta)
-        v0 = param_vector(ham)
+        v0 = vector()
         n = theta.numel()
         h = 1e-4
         cols = []
@@ -179,9 +191,9 @@ def _vector_map(ham, pmap, theta: torch.Tensor):
             e = torch.zeros(n, dtype=torch.float64)
             e[j] = h
             put(theta + e)
-            vp = param_vector(ham)
+            vp = vector()
             put(theta - e)
-            vm = param_vector(ham)
+            vm = vector()
             cols.append((vp - vm) / (2 * h))
         return v0, np.stack(cols, axis=1)
     finally:
@@ -254,13 +266,22 @@ def diagnose_pl(res, ham, states, *, level: float = 0.95, block: int | None = No
     warnings: list[str] = []
     # identifiability: parameters no (or few) boundary sites see
     support = problem.support()
+    to_free = getattr(res, "to_free", None)
+    n_target = 0
     try:
-        v, Jac = _vector_map(ham, pmap, theta)
         names = param_names(ham.term("contact").n_types)
+        v, Jac = _vector_map(ham, pmap, theta, to_free, with_target=to_free is not None)
+        n_target = len(v) - len(names)
     except (ValueError, AttributeError, TypeError):
         v, Jac = theta.cpu().numpy(), np.eye(theta.numel())
         names = [f"free[{i}]" for i in range(theta.numel())]
-    cov = Jac @ cov_free @ Jac.T
+    cov_all = Jac @ cov_free @ Jac.T
+    extra = None
+    if n_target:
+        tnames = [f"V*({a})" for a in range(1, n_target + 1)]
+        extra = interval_table(v[-n_target:], cov_all[-n_target:, -n_target:], _tcrit(level, G - 1), tnames)
+        v, Jac, cov_all = v[:-n_target], Jac[:-n_target], cov_all[:-n_target, :-n_target]
+    cov = cov_all
     # a vector entry is unidentified if it depends on a free parameter with too little support
     weak_free = support < MIN_SUPPORT
     weak = (np.abs(Jac[:, weak_free]) > 1e-9).any(1) if weak_free.any() else np.zeros(len(v), bool)
@@ -284,11 +305,13 @@ def diagnose_pl(res, ham, states, *, level: float = 0.95, block: int | None = No
                method=f"cluster sandwich: {cinfo['runs']} run(s) × {cinfo['blocks_per_state']} blocks of "
                       f"{cinfo['block_sites']}×{cinfo['block_sites']} sites, G = {G}, t({dof})",
                paper=_paper(table))
+    if extra is not None:
+        unc["targets"] = extra
     out = {"uncertainty": unc,
            "identifiability": {"support": [int(x) for x in support], "min_support": MIN_SUPPORT,
                                "unidentified": unidentified},
            "stationarity": None, "warnings": warnings}
-    st = _stationarity(problem, theta, states, labels, ham, pmap, names)
+    st = _stationarity(problem, theta, states, labels, ham, pmap, names, to_free)
     if st is not None:
         out["stationarity"] = st
         if st["warn"]:
@@ -304,7 +327,7 @@ def diagnose_pl(res, ham, states, *, level: float = 0.95, block: int | None = No
     return out
 
 
-def _stationarity(problem, theta, states, labels, ham, pmap, names) -> dict | None:
+def _stationarity(problem, theta, states, labels, ham, pmap, names, to_free=None) -> dict | None:
     ts = time_series_files(states)
     if not ts:
         return None
@@ -333,9 +356,9 @@ def _stationarity(problem, theta, states, labels, ham, pmap, names) -> dict | No
     D = D - D.mean(0)
     used = len(np.unique(labels[np.concatenate([r_e, r_l])]))
     cov_d_free = D.T @ D * (used / max(used - 1, 1))
-    v_e, Jac = _vector_map(ham, pmap, th_e)
-    v_l, _ = _vector_map(ham, pmap, th_l)
-    _vector_map(ham, pmap, theta)                   # leave the model at the full fit
+    v_e, Jac = _vector_map(ham, pmap, th_e, to_free)
+    v_l, _ = _vector_map(ham, pmap, th_l, to_free)
+    _vector_map(ham, pmap, theta, to_free)          # leave the model at the full fit
     cov_d = Jac @ cov_d_free @ Jac.T
     d = v_e - v_l
     sd = np.sqrt(np.clip(np.diag(cov_d), 1e-300, None))
@@ -381,6 +404,11 @@ def format_uncertainty(unc: dict) -> list[str]:
     for i, n in enumerate(unc["names"]):
         lines.append(f"{n:>10} {unc['estimate'][i]:9.4f} {unc['se'][i]:8.4f}   [{unc['lo'][i]:7.4f}, "
                      f"{unc['hi'][i]:7.4f}]   | {pp['estimate'][i]:8.4f}  [{pp['lo'][i]:7.4f}, {pp['hi'][i]:7.4f}]")
+    tg = unc.get("targets")
+    if tg:
+        for i, n in enumerate(tg["names"]):
+            lines.append(f"{n:>10} {tg['estimate'][i]:9.3f} {tg['se'][i]:8.3f}   [{tg['lo'][i]:7.3f}, "
+                         f"{tg['hi'][i]:7.3f}]   (learned target volume, sites)")
     return lines
 
 

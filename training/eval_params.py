@@ -25,7 +25,8 @@ from neuralcpm_plugin.errors import BundleError, ConfigError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run folder of training.fit (or a bundle directory)")
     p.add_argument("--truth", help="true parameters: P1 | P2 | cellsort-a | cellsort-b, a bundle, a JSON file "
-                                   "{J, lambda[, scaling]}, or a Morpheus/CC3D model (default RUN_DIR/truth.json)")
+                                   "({\"J(1,0)\": 0.6, ..., \"lambda\": 0.5} or {J, lambda}; optional \"scaling\": "
+                                   "\"paper\"), or a Morpheus/CC3D model (default RUN_DIR/truth.json)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

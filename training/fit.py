@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--iterations", type=int, help="pcd iterations (or stochastic pl steps)")
-    p.add_argument("--truth", help="true parameters for the report: a bundle, a JSON {J, lambda}, a Morpheus/CC3D "
-                                   "model, or P1 | P2 | cellsort-a | cellsort-b")
+    p.add_argument("--truth", help="true parameters for the report: a bundle, a JSON file ({\"J(1,0)\": 0.6, ..., "
+                                   "\"lambda\": 0.5} or {J, lambda}), a Morpheus/CC3D model, or P1 | P2 | cellsort-a | "
+                                   "cellsort-b")
     p.add_argument("--threads", type=int, help="CPU threads for torch, BLAS and numba (default: torch and "
                    "numba use the available CPUs, BLAS 1; see neuralcpm_plugin.threads)")
     p.add_argument("--no-export", action="store_true", help="do not write the CC3D / Morpheus exports")

@@ -26,6 +26,7 @@ DESIGN.md) — kept for comparison only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 import time
 from dataclasses import dataclass, field
 
@@ -201,11 +202,13 @@ class PLResult:
     method: str
     n_sites: int
     history: list = field(default_factory=list)
-    #: convex fits only (not serialised): the free parameter vector at the optimum, the tabulated problem
+    #: convex fits only (not serialised): the fit coordinates at the optimum, the tabulated problem
     #: (:class:`LinearPL`, for uncertainty and per-window refits: ``training.diagnostics``) and the ParamMap
     theta: torch.Tensor | None = None
     problem: LinearPL | None = None
     param_map: ParamMap | None = None
+    #: fit coordinates → free parameters when V* is learned (``theta`` then holds κ = λ·V*); None otherwise
+    to_free: Callable | None = None
 
 
 def _volume_target_pairs(pmap: ParamMap):
@@ -427,7 +430,8 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
         pmap.sync()
         final = float(final)
         res = PLResult(final, n_it, time.perf_counter() - t0, "convex Newton (float64)", cands.n_sites, history,
-                       theta=theta.detach(), problem=fgh, param_map=pmap)
+                       theta=coords.detach(), problem=fgh, param_map=pmap,
+                       to_free=(lambda c: _from_coords(pmap, pairs, c)) if pairs else None)
         if log:
             log(f"pl: convex fit over {cands.n_sites} boundary sites of {len(states)} states: "
                 f"nll {final:.6f} after {n_it} Newton steps, {res.seconds:.2f} s")
