@@ -26,8 +26,8 @@ DESIGN.md) — kept for comparison only.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
