@@ -86,3 +86,15 @@ def test_pl_site_cap_subsamples_and_still_recovers(tmp_path):
     assert not np.allclose(vs, vf)  # a different (sub)set of sites was used
     with pytest.raises(ConfigError, match="max_sites"):
         fit_pl(cellsort_hamiltonian_for("b", (80, 80), 64.0, learnable=True), states, max_sites=2)
+
+
+def test_generate_tissue_with_the_checkerboard_sampler(tmp_path, capsys):
+    out = tmp_path / "c.npz"
+    assert generate_main(["tissue", "--size", "80", "--cells", "64", "--mcs", "2", "--snapshots", "1", "--threads",
+                          "2", "--out", str(out), "--no-progress"]) == 0
+    assert "checkerboard, 2 thread(s)" in capsys.readouterr().out
+    d = np.load(out)
+    v = np.bincount(d["data"][0, 0].ravel())
+    assert (v[1:] > 0).sum() == 64
+    params = json.loads(bytes(d["params_json"]).decode())
+    assert params["sampler"] == "checkerboard" and params["threads"] == 2
