@@ -71,6 +71,8 @@ def test_cli_writes_reference_npz(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "sorting index" in printed and "MCS" in printed
+    # --no-progress: no bar, but a status line (at least the final one) says how far the generator got
+    assert "cellsort b (cpu, exact): run 2/2 (100.0 %)" in printed and "ETA" in printed
     z = np.load(out)
     assert z["data"].shape == (2, 2, 24, 24) and z["data"].dtype == np.int32
     params = json.loads(z["params_json"].tobytes().decode())

@@ -104,3 +104,19 @@ def test_generator_help_agrees_with_the_scales_table(name, capsys):
     text = " ".join(capsys.readouterr().out.split())
     for scale, v in mod.SCALES.items():
         assert f"{scale}: {v['size']}x{v['size']}, {v['cells']} cells, {v['n']} snapshots" in text, (scale, text)
+
+
+def test_progress_counter_without_a_bar_prints_rate_limited_status_lines():
+    from training.status import progress_counter
+    lines = []
+    bar = progress_counter(5, "bipolar (cpu)", "snapshot", progress=False, every=3600.0, emit=lines.append)
+    for _ in range(5):
+        bar.update(1)
+    bar.close()
+    # the first update comes before `every` seconds: silent; the last one always prints
+    assert len(lines) == 1 and lines[0].startswith("bipolar (cpu): snapshot 5/5 (100.0 %)"), lines
+    lines.clear()
+    bar = progress_counter(3, "x", "run", progress=False, every=0.0, emit=lines.append)
+    for _ in range(3):
+        bar.update(1)
+    assert [ln.split(",")[0] for ln in lines] == ["x: run 1/3 (33.3 %)", "x: run 2/3 (66.7 %)", "x: run 3/3 (100.0 %)"]

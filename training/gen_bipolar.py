@@ -36,6 +36,8 @@ from scipy import ndimage
 from neuralcpm_plugin.errors import ConfigError
 from neuralcpm_plugin.lattice import CellState
 
+from .status import progress_counter
+
 __all__ = ["SCALES", "add_arguments", "bipolar_hamiltonian", "generate_bipolar", "init_circle", "rotate_state",
            "run"]
 
@@ -122,9 +124,7 @@ def generate_bipolar(out=None, *, scale: str = "cpu", n: int | None = None, size
     shape = (int(cfg["size"]), int(cfg["size"]))
     H = bipolar_hamiltonian(shape)
     it = range(int(start), int(start) + int(cfg["n"]))
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc=f"bipolar ({scale})", unit="snapshot")
+    bar = progress_counter(len(it), f"bipolar ({scale})", "snapshot", progress=progress)
     states, angles, seeds = [], [], []
     t0 = time.perf_counter()
     for i in it:
@@ -136,6 +136,8 @@ def generate_bipolar(out=None, *, scale: str = "cpu", n: int | None = None, size
         states.append(rotate_state(final, angle) if rotate else final)
         angles.append(angle)
         seeds.append(s)
+        bar.update(1)
+    bar.close()
     meta = {"dataset": "bipolar", "scale": scale, **cfg, "seed": seed, "start": start, "rotate": rotate,
             "proposal": proposal, "morpheus_params": MORPHEUS, "seconds": round(time.perf_counter() - t0, 1)}
     return save_npz(out, states, angle=np.array(angles), seed=np.array(seeds, np.int64),

@@ -60,6 +60,8 @@ from neuralcpm_plugin.hamiltonian.base import LatticeSpec
 from neuralcpm_plugin.lattice import CellState
 from neuralcpm_plugin.metrics.stats import sorting_index
 
+from .status import progress_counter
+
 __all__ = ["SCALES", "SCENARIOS", "add_arguments", "cellsort_hamiltonian_for", "generate_cellsort", "init_points",
            "run", "save_cellsort"]
 
@@ -184,11 +186,8 @@ def generate_cellsort(scenario: str = "a", scale: str = "cpu", n_snapshots: int 
     starts = [init_points(np.random.default_rng(s), shape, int(cfg["cells"]), float(cfg["radius"])) for s in seeds]
     si = np.full((n, N_CHECKPOINTS), np.nan)
     t0 = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=n if sampler == "exact" else N_CHECKPOINTS,
-                   desc=f"cellsort {scenario} ({scale}, {sampler})", unit="run" if sampler == "exact" else "chunk")
+    bar = progress_counter(n if sampler == "exact" else N_CHECKPOINTS, f"cellsort {scenario} ({scale}, {sampler})",
+                           "run" if sampler == "exact" else "chunk", progress=progress)
     finals = []
     if sampler == "exact":
         from neuralcpm_plugin.sampling.exact import ExactSampler
@@ -201,8 +200,7 @@ def generate_cellsort(scenario: str = "a", scale: str = "cpu", n_snapshots: int 
                 si[i, k] = sorting_index(smp.state)
             fin = smp.state
             finals.append(fin)
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
     else:
         import torch
 
@@ -217,11 +215,9 @@ def generate_cellsort(scenario: str = "a", scale: str = "cpu", n_snapshots: int 
             done = c
             for i, st in enumerate(batch.to_states()):
                 si[i, k] = sorting_index(st)
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
         finals = batch.to_states()
-    if bar is not None:
-        bar.close()
+    bar.close()
     for s, st in zip(seeds, finals):
         st.meta["mcs"] = round(total)
         st.meta["seed"] = s

@@ -41,6 +41,7 @@ from neuralcpm_plugin.hamiltonian.analytic import from_paper_scale, reference_la
 from neuralcpm_plugin.hamiltonian.base import LatticeSpec
 
 from .gen_cellsort import init_points
+from .status import progress_counter
 
 __all__ = ["SCALES", "add_arguments", "digit_field", "generate_mnist", "init_points", "load_digits",
            "mnist_hamiltonian", "run"]
@@ -136,9 +137,7 @@ def generate_mnist(out=None, *, scale: str = "cpu", n: int | None = None, size: 
     shape = (int(cfg["size"]), int(cfg["size"]))
     load_digits()
     it = range(int(start), int(start) + int(cfg["n"]))
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc=f"Cellular MNIST ({scale})", unit="snapshot")
+    bar = progress_counter(len(it), f"Cellular MNIST ({scale})", "snapshot", progress=progress)
     states, labels, idxs, seeds, fields = [], [], [], [], []
     t0 = time.perf_counter()
     for i in it:
@@ -149,6 +148,8 @@ def generate_mnist(out=None, *, scale: str = "cpu", n: int | None = None, size: 
         idxs.append(idx)
         seeds.append(s)
         fields.append(f.astype(np.float16))
+        bar.update(1)
+    bar.close()
     meta = {"dataset": "mnist", "scale": scale, **cfg, "seed": seed, "start": start, "j12": j12,
             "proposal": proposal,
             "params_paper_scale": {**PAPER_PARAMS, "J": {**PAPER_PARAMS["J"], "1-2": j12}, "target": cfg["target"]},

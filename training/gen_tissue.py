@@ -39,6 +39,7 @@ from neuralcpm_plugin.lattice import CellState
 from neuralcpm_plugin.metrics.stats import sorting_index
 
 from .gen_cellsort import SCENARIOS, cellsort_hamiltonian_for, save_cellsort
+from .status import progress_counter
 
 __all__ = ["add_arguments", "generate_tissue", "run", "voronoi_start"]
 
@@ -102,10 +103,7 @@ def generate_tissue(scenario: str = "b", n_snapshots: int = 16, seed: int = 0, *
     si = np.full((n_snapshots, len(checkpoints)), np.nan)
     rates, finals, start_vol = [], [], []
     t0 = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=n_snapshots, desc=f"tissue {scenario} {size}x{size}", unit="run")
+    bar = progress_counter(n_snapshots, f"tissue {scenario} {size}x{size}", "run", progress=progress)
     for i, s in enumerate(seeds):
         st = voronoi_start(np.random.default_rng(s), int(size), int(cells), float(target))
         v = np.bincount(st.ids.ravel())[1:]
@@ -127,10 +125,8 @@ def generate_tissue(scenario: str = "b", n_snapshots: int = 16, seed: int = 0, *
         fin.meta["mcs"] = round(mcs)
         fin.meta["seed"] = s
         finals.append(fin)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     vols = np.bincount(finals[-1].ids.ravel())[1:]
     if report is not None:
         report.update({"checkpoints": checkpoints, "sorting_index": np.nanmean(si, 0).tolist(), "seeds": seeds,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 
-__all__ = ["StatusLine", "format_duration"]
+__all__ = ["StatusLine", "format_duration", "progress_counter"]
 
 
 def format_duration(seconds: float) -> str:
@@ -48,8 +48,8 @@ class StatusLine:
     """
 
     def __init__(self, what: str, total: int, *, every: float = 30.0, start: int = 0, emit=print,
-                 clock=time.monotonic):
-        self.what, self.total, self.every = what, int(total), float(every)
+                 clock=time.monotonic, unit: str = "iteration"):
+        self.what, self.total, self.every, self.unit = what, int(total), float(every), unit
         self.start = int(start)
         self.emit, self.clock = emit, clock
         self.t0 = clock()
@@ -60,7 +60,7 @@ class StatusLine:
         done = i - self.start
         rate = done / elapsed if elapsed > 0 and done > 0 else float("nan")
         eta = (self.total - i) / rate if math.isfinite(rate) and rate > 0 else float("nan")
-        parts = [f"{self.what}: iteration {i}/{self.total} ({100.0 * i / max(1, self.total):.1f} %)"]
+        parts = [f"{self.what}: {self.unit} {i}/{self.total} ({100.0 * i / max(1, self.total):.1f} %)"]
         for k, v in fields.items():
             parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
         parts.append(f"{rate:.3g} it/s" if math.isfinite(rate) else "? it/s")
@@ -75,3 +75,32 @@ class StatusLine:
         msg = self.line(i, now, **fields)
         self.emit(msg)
         return msg
+
+
+class _StatusCounter:
+    """A tqdm-like counter (``update``/``close``) that prints a :class:`StatusLine` instead of a bar."""
+
+    def __init__(self, total: int, desc: str, unit: str, every: float, emit):
+        self.n = 0
+        self.status = StatusLine(desc, total, every=every, emit=emit, unit=unit)
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        self.status.update(self.n)
+
+    def close(self) -> None:
+        pass
+
+
+def _print_flush(line: str) -> None:
+    print(line, flush=True)
+
+
+def progress_counter(total: int, desc: str, unit: str, *, progress: bool, every: float = 30.0,
+                     emit=_print_flush):
+    """A tqdm bar when ``progress``, otherwise a status line every ``every`` seconds and at the end (so that
+    long runs started with ``--no-progress`` still say how far they are). Call ``update(k)`` and ``close()``."""
+    if progress:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, unit=unit)
+    return _StatusCounter(total, desc, unit, every, emit)
