@@ -740,6 +740,46 @@ def pooled_accept(x, new, ids, types, Wf, S, P, PS):
         _pooled_Z_from_q(P, S, PS)
 
 
+# ------------------------------------------------------------------------------------------- packed calls
+# One Python → numba call per ΔH (CompuCell3D): the arrays travel in a numba typed List (one cheap argument)
+# instead of tuples of ~30 arrays, each of which numba would unbox on every call.
+@_jit
+def _type_ok(new, types, W):
+    return new >= 0 and new < types.shape[0] and types[new] <= W[0][3]
+
+
+@_jit
+def local_delta_packed(x, new, L):
+    """nh_delta with (ids, types, W, S) = L[0]; NaN when ``new`` has no valid type."""
+    ids, types, W, S = L[0]
+    if not _type_ok(new, types, W):
+        return np.nan
+    return nh_delta(x, new, ids, types, W, S)
+
+
+@_jit
+def local_accept_packed(x, new, L):
+    ids, types, W, S = L[0]
+    nh_accept(x, new, ids, types, W, S)
+
+
+@_jit
+def pooled_delta_packed(x, new, L, LP):
+    """pooled_delta with (ids, types, W, S) = L[0], (P, PS) = LP[0]; NaN for an invalid ``new``."""
+    ids, types, W, S = L[0]
+    P, PS = LP[0]
+    if not _type_ok(new, types, W):
+        return np.nan
+    return pooled_delta(x, new, ids, types, W, S, P, PS)
+
+
+@_jit
+def pooled_accept_packed(x, new, L, LP):
+    ids, types, W, S = L[0]
+    P, PS = LP[0]
+    pooled_accept(x, new, ids, types, W, S, P, PS)
+
+
 # ------------------------------------------------------------------------------------------- Python face
 class LocalNHCompiled:
     """Compiled ΔH of a local NH for one lattice, with caches kept by :meth:`accept`.
@@ -780,26 +820,31 @@ class LocalNHCompiled:
         self.shape = ids.shape
         self.S = new_state(self.W, ids.shape, self.refresh_every)
         full_init(ids.reshape(-1), types, self.W, self.S)
+        from numba import typed
+        self._L = typed.List()
+        self._L.append((ids.reshape(-1), types, self.W, self.S))  # same buffers, one cheap argument
+        self._Wd = int(ids.shape[1])
 
     def _flat(self, ids, types, site):
-        if ids is not self._ids or self.S is None or ids.shape != self.shape or types is not self._types:
+        if ids is not self._ids or types is not self._types or self.S is None:
             self.bind(ids, types)
-        if np.isscalar(site):
+        if type(site) is int or np.isscalar(site):
             return int(site)
-        return int(site[0]) * self.shape[1] + int(site[1])
+        return int(site[0]) * self._Wd + int(site[1])
+
+    def _bad(self, new_id):
+        return ConfigError(f"{type(self).__name__}: id {new_id} has no cell type in 0..{self.T}")
 
     def delta(self, ids, types, site, new_id) -> float:
         """ΔH (scale included) of copying ``new_id`` into ``site`` ((row, col) or flat index)."""
-        x = self._flat(ids, types, site)
-        new_id = int(new_id)
-        if new_id >= len(types) or int(types[new_id]) > self.T:
-            raise ConfigError(f"local_nh compiled: id {new_id} has no type <= {self.T}")
-        return self.scale * nh_delta(x, new_id, self._ids.reshape(-1), self._types, self.W, self.S)
+        d = local_delta_packed(self._flat(ids, types, site), int(new_id), self._L)
+        if d != d:  # noqa: PLR0124 (NaN: an id without a valid type)
+            raise self._bad(new_id)
+        return self.scale * d
 
     def accept(self, site, new_id) -> None:
         """Record the accepted copy of ``new_id`` into ``site`` (``ids`` still holds the before state)."""
-        x = self._flat(self._ids, self._types, site)
-        nh_accept(x, int(new_id), self._ids.reshape(-1), self._types, self.W, self.S)
+        local_accept_packed(self._flat(self._ids, self._types, site), int(new_id), self._L)
 
     def energy(self) -> float:
         """H of the bound lattice from the caches (scale included)."""
@@ -833,18 +878,18 @@ class PooledNHCompiled(LocalNHCompiled):
         LocalNHCompiled.bind(self, ids, types)
         self.PS = new_pooled_state(self.P, self.z_refresh_every)
         _pooled_Z_from_q(self.P, self.S, self.PS)
+        from numba import typed
+        self._LP = typed.List()
+        self._LP.append((self.P, self.PS))
 
     def delta(self, ids, types, site, new_id) -> float:
-        x = self._flat(ids, types, site)
-        new_id = int(new_id)
-        if new_id >= len(types) or int(types[new_id]) > self.T:
-            raise ConfigError(f"pooled_nh compiled: id {new_id} has no type <= {self.T}")
-        return self.scale * pooled_delta(x, new_id, self._ids.reshape(-1), self._types, self.W, self.S, self.P,
-                                         self.PS)
+        d = pooled_delta_packed(self._flat(ids, types, site), int(new_id), self._L, self._LP)
+        if d != d:  # noqa: PLR0124 (NaN: an id without a valid type)
+            raise self._bad(new_id)
+        return self.scale * d
 
     def accept(self, site, new_id) -> None:
-        x = self._flat(self._ids, self._types, site)
-        pooled_accept(x, int(new_id), self._ids.reshape(-1), self._types, self.W, self.S, self.P, self.PS)
+        pooled_accept_packed(self._flat(self._ids, self._types, site), int(new_id), self._L, self._LP)
 
     def Z(self) -> np.ndarray:
         """The cached Z (a copy)."""
