@@ -363,15 +363,22 @@ def test_sigint_during_data_generation_in_a_real_process(tmp_path):
     """SIGINT while the generator runs (numba code included): exit 130, one line, no file and no folder left."""
     env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     out = tmp_path / "gen" / "data.npz"
+    # a run far longer than the test (≈ 400 s of generation on an idle core): the interrupt lands in it whatever
+    # the machine's speed (the output folder is only made when the data are written, so it cannot be waited for)
     p = subprocess.Popen([sys.executable, "-m", "training.generate", "cellsort", "--scenario", "a", "--out",
-                          str(out), "--snapshots", "200", "--size", "48", "--mcs", "200"], cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    t0 = time.time()
-    while not (tmp_path / "gen").exists() and time.time() - t0 < 60 and p.poll() is None:
-        time.sleep(0.05)
-    time.sleep(1.0)
-    p.send_signal(signal.SIGINT)
-    _o, e = p.communicate(timeout=120)
+                          str(out), "--snapshots", "200", "--size", "48", "--mcs", "2000"], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         # a shell that starts pytest in the background ignores SIGINT, and children inherit that
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
+    try:
+        time.sleep(12.0)
+        assert p.poll() is None, p.communicate()
+        p.send_signal(signal.SIGINT)
+        _o, e = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
     assert p.returncode == 130, e
     assert "Traceback" not in e and "interrupted (Ctrl-C)" in e
     assert not (tmp_path / "gen").exists()
