@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neuralcpm_plugin._xmlsafe import read_xml_bytes
 from neuralcpm_plugin.errors import ModelImportError
 
 from .cc3dml import cc3d_neighbour_offsets
@@ -90,15 +91,19 @@ def _num(el, what, path, conv=float):
         raise ModelImportError(f"{path}: {what} must be a number, got {txt!r}") from None
 
 
+def _read_root(path: Path, what: str):
+    """The root element of a CC3D XML file, read with the package's size limit (``_xmlsafe.MAX_XML_BYTES``)."""
+    data = read_xml_bytes(path, lambda msg: ModelImportError(f"{path}: {what}: {msg}"), gz=False)
+    try:
+        return ET.fromstring(data)
+    except ET.ParseError as e:
+        raise ModelImportError(f"{path}: {what}: not well-formed XML ({e})") from None
+
+
 def parse_cc3dml(path) -> CC3DMLModel:
     """Parse a CC3DML file into a :class:`CC3DMLModel` (no package objects involved)."""
     path = Path(path)
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as e:
-        raise ModelImportError(f"{path}: not well-formed XML ({e})") from None
-    except OSError as e:
-        raise ModelImportError(f"{path}: cannot read ({e})") from None
+    root = _read_root(path, "CC3DML")
     if root.tag != "CompuCell3D":
         raise ModelImportError(f"{path}: root element is <{root.tag}>, expected <CompuCell3D>")
     unsupported, ignored = [], []
@@ -250,10 +255,7 @@ def _parse_volume(el, path, unsupported) -> dict:
 def parse_cc3d_project(path) -> dict:
     """Read a ``.cc3d`` project file → {"xml": Path, "python": [Path], "resources": [Path], "piff": Path|None}."""
     path = Path(path)
-    try:
-        root = ET.parse(path).getroot()
-    except (ET.ParseError, OSError) as e:
-        raise ModelImportError(f"{path}: cannot read the CC3D project file ({e})") from None
+    root = _read_root(path, "the CC3D project file")
     base = path.parent
     xml = root.find("XMLScript")
     out = {"xml": None if xml is None else base / xml.text.strip(),

@@ -321,9 +321,12 @@ def test_compressed_xml_inputs_are_size_limited(assets, work, capsys, monkeypatc
     ent = work / "adir" / "entities.xml"
     ent.write_text('<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;">]>'
                    "<MorpheusModel>&b;</MorpheusModel>")
+    big_cc3d = work / "adir" / "big.cc3d"        # CompuCell3D project files are size-limited too
+    big_cc3d.write_text("<Simulation><XMLScript>" + "x" * 20_000 + "</XMLScript></Simulation>")
     cases = [
         ("morpheus", [assets["bundle"], "--out", "m.xml", "--init", bomb], ["bomb.xml.gz", "limit of 10000"]),
         ("fit", ["--data", assets["data"], "--out", "r", "--prior", bomb], ["bomb.xml.gz", "limit of 10000"]),
+        ("fit", ["--data", assets["data"], "--out", "r", "--prior", big_cc3d], ["big.cc3d", "limit of 10000"]),
     ]
     for name, argv, must in cases:
         _check_case(name, argv, must, capsys, work)
