@@ -237,6 +237,8 @@ def test_degenerate_data_and_out_of_bounds_configuration_are_refused(assets, wor
     (work / "nan.toml").write_text("[pcd]\nlr = nan\n")
     (work / "big.toml").write_text("[pcd]\nbatch = 100000000\n")
     (work / "orders.toml").write_text("[model]\ncopy_order = 1000\n")
+    (work / "wide.toml").write_text('[model]\nkind = "local-nh"\n[model.neural]\nchannels = 1000000\n')
+    (work / "layers.toml").write_text('[model]\nkind = "nh"\n[model.neural]\nhidden = [8, 16, 10000000]\n')
     cases = [
         ("fit", ["--data", deg["one_site"], "--out", "r"], ["one_site.npz", "too small", "at least 3"]),
         ("fit", ["--data", deg["full"], "--out", "r"], ["full.npz", "no boundary site"]),
@@ -245,6 +247,8 @@ def test_degenerate_data_and_out_of_bounds_configuration_are_refused(assets, wor
         ("fit", ["--config", "nan.toml", "--data", D, "--out", "r"], ["nan.toml", "pcd.lr", "finite"]),
         ("fit", ["--config", "big.toml", "--data", D, "--out", "r"], ["big.toml", "pcd.batch", "65536"]),
         ("fit", ["--config", "orders.toml", "--data", D, "--out", "r"], ["orders.toml", "copy_order", "20"]),
+        ("fit", ["--config", "wide.toml", "--data", D, "--out", "r"], ["wide.toml", "model.neural.channels", "4096"]),
+        ("fit", ["--config", "layers.toml", "--data", D, "--out", "r"], ["layers.toml", "model.neural.hidden[2]"]),
         ("generate", ["cellsort", "--scenario", "a", "--out", "g.npz", "--size", "100000"], ["--size", "4096"]),
         ("generate", ["cellsort", "--scenario", "a", "--out", "g.npz", "--target", "-3"], ["--target"]),
         ("generate", ["bipolar", "--out", "g.npz", "-n", "100000", "--size", "4000"], ["--snapshots", "sites"]),

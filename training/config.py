@@ -230,6 +230,8 @@ def validate(cfg: dict, *, where: str = "") -> dict:
                              "sites_per_state": (1, MAX_SITES_PER_STATE, "pl.sites_per_state"),
                              "states_per_step": (1, MAX_BATCH, "pl.states_per_step"),
                              "lr": (0, None, "pl.lr"), "tolerance": (0, None, "pl.tolerance")}, where=where)
+    for table in ("neural", "pooled"):
+        _check_architecture(m_[table], f"model.{table}", where)
     if cfg["data"]["ndim"] not in (2, 3):
         raise ConfigError(f"{where}data.ndim must be 2 or 3, got {cfg['data']['ndim']!r}")
     fr = cfg["data"]["frames"]
@@ -286,6 +288,24 @@ def check_bounds(values: dict, bounds: dict, *, where: str = "") -> None:
             raise ConfigError(f"{where}{label} must be {rng}, got {v}")
 
 
+def _check_architecture(arch: dict, table: str, where: str) -> None:
+    """Bounds on the sizes in a neural architecture table (``model.neural``, ``model.pooled``): widths (a number
+    or a list of numbers per layer) up to :data:`MAX_WIDTH`, kernels, strides and layer counts up to
+    :data:`MAX_KERNEL` — an oversized network would otherwise end in an out-of-memory error after the data load."""
+    for key, v in arch.items():
+        hi = MAX_WIDTH if key in _WIDTH_KEYS else MAX_KERNEL if key in _KERNEL_KEYS else None
+        if hi is None:
+            continue
+        values = v if isinstance(v, (list, tuple)) else [v]
+        for j, x in enumerate(values):
+            label = f"{table}.{key}" + (f"[{j}]" if isinstance(v, (list, tuple)) else "")
+            check_bounds({key: x}, {key: (0, hi, label)}, where=where)
+
+
+MAX_WIDTH = 4096                 #: bound of the channel / hidden-unit counts of a neural architecture
+MAX_KERNEL = 64                  #: bound of its kernel sizes, strides, pools and layer counts
+_WIDTH_KEYS = {"hidden", "channels", "agg_channels", "conv_hidden", "mlp", "position_dim"}
+_KERNEL_KEYS = {"kernel", "stride", "embed_stride", "pools", "conv_pools", "conv_layers"}
 MAX_THREADS = 1024               #: bound of ``threads``
 MAX_ORDER = 20                   #: bound of the neighbourhood orders (order 20 is already ~1200 neighbours)
 MAX_BATCH = 65536                #: bound of ``pcd.batch`` and ``pl.states_per_step`` (chains / states in memory)
