@@ -344,27 +344,34 @@ def _dm_delta(x, old, new, types, vol, P, A):
 # applying a copy (incremental bookkeeping)
 # ----------------------------------------------------------------------------------------------------------
 @njit(cache=True, inline="always")
+def surface_change(x, old, new, ids, snb):
+    """Changes of the surfaces of ``old`` and ``new`` (unlike surface-neighbour pairs) when site ``x`` passes
+    from cell ``old`` to cell ``new``: ``(d_old, d_new)``."""
+    n_old = 0
+    n_new = 0
+    n_valid = 0
+    for j in range(snb.shape[1]):
+        y = snb[x, j]
+        if y < 0:
+            continue
+        n_valid += 1
+        s = ids[y]
+        if s == old:
+            n_old += 1
+        elif s == new:
+            n_new += 1
+    return n_old - (n_valid - n_old), (n_valid - n_new) - n_new
+
+
+@njit(cache=True, inline="always")
 def apply_copy(x, new, ids, vol, P, A, track_boundary, bnb, bflag, blist, bpos, bcount):
     """Set ``ids[x] = new`` and update volumes, surfaces, centre sums and (optionally) the boundary set."""
     old = ids[x]
     if P[8]:
-        snb = P[9]
+        d_old, d_new = surface_change(x, old, new, ids, P[9])
         surf = A[0]
-        n_old = 0
-        n_new = 0
-        n_valid = 0
-        for j in range(snb.shape[1]):
-            y = snb[x, j]
-            if y < 0:
-                continue
-            n_valid += 1
-            s = ids[y]
-            if s == old:
-                n_old += 1
-            elif s == new:
-                n_new += 1
-        surf[old] += n_old - (n_valid - n_old)
-        surf[new] += (n_valid - n_new) - n_new
+        surf[old] += d_old
+        surf[new] += d_new
     ids[x] = new
     vol[old] -= 1
     vol[new] += 1

@@ -70,25 +70,12 @@ def _apply(x, new, ids, vol, P, A):
     are left alone (every strip would write them)."""
     old = ids[x]
     if P[8]:
-        snb = P[9]
+        d_old, d_new = K.surface_change(x, old, new, ids, P[9])
         surf = A[0]
-        n_old = 0
-        n_new = 0
-        n_valid = 0
-        for j in range(snb.shape[1]):
-            y = snb[x, j]
-            if y < 0:
-                continue
-            n_valid += 1
-            s = ids[y]
-            if s == old:
-                n_old += 1
-            elif s == new:
-                n_new += 1
         if old != 0:
-            surf[old] += n_old - (n_valid - n_old)
+            surf[old] += d_old
         if new != 0:
-            surf[new] += (n_valid - n_new) - n_new
+            surf[new] += d_new
     ids[x] = new
     if old != 0:
         vol[old] -= 1
