@@ -48,6 +48,17 @@ def timed(fn, repeats: int):
     return ws[len(ws) // 2], cs[len(cs) // 2]
 
 
+def sampler_rates(sampler, mcs: float, repeats: int):
+    """``repeats`` timed blocks of ``sampler.step(mcs)``: lists of MCS per wall-second and per CPU-second."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        sampler.step(mcs)
+        walls.append(mcs / (time.perf_counter() - w0))
+        cpus.append(mcs / (time.process_time() - c0))
+    return walls, cpus
+
+
 def run_child(script: str, args: list[str], timeout: float = 3600) -> dict:
     """Run ``python script *args`` in a fresh process; its last stdout line is a JSON dict (returned), or
     ``{"error": ...}``."""

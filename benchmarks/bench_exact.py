@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _measure import sampler_rates
 
 from neuralcpm_plugin.lattice import CellState
 from neuralcpm_plugin.sampling.exact import ExactSampler
@@ -46,12 +47,7 @@ def bench(proposal: str, mcs: float, repeats: int):
     compile_s = time.perf_counter() - t0
     s.step(100)  # relax: cells grow from 25 to ~100 sites
     vols = s.volumes[1:]
-    walls, cpus = [], []
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        s.step(mcs)
-        walls.append(mcs / (time.perf_counter() - w0))
-        cpus.append(mcs / (time.process_time() - c0))
+    walls, cpus = sampler_rates(s, mcs, repeats)
     return {"proposal": proposal, "cells": int((vols > 0).sum()), "mean_volume": float(vols[vols > 0].mean()),
             "wall": walls, "cpu": cpus, "compile_s": compile_s, "acceptance": s.stats()["acceptance"]}
 

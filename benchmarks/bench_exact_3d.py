@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import time
 
 import numpy as np
+from _measure import peak_rss_mib, sampler_rates
 
 from neuralcpm_plugin.sampling.exact import ExactSampler
 from training.gen_cellsort import SCALES_3D, cellsort_hamiltonian_for, init_points
@@ -37,12 +37,7 @@ def bench(proposal: str, size: int, cells: int, mcs: float, repeats: int, relax:
     compile_s = time.perf_counter() - t0
     s.step(relax)
     vols = s.volumes[1:]
-    walls, cpus = [], []
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        s.step(mcs)
-        walls.append(mcs / (time.perf_counter() - w0))
-        cpus.append(mcs / (time.process_time() - c0))
+    walls, cpus = sampler_rates(s, mcs, repeats)
     return {"cells": int((vols > 0).sum()), "mean_volume": float(vols[vols > 0].mean()), "wall": walls,
             "cpu": cpus, "compile_s": compile_s, "acceptance": s.stats()["acceptance"], "sites": s.n_sites}
 
@@ -68,7 +63,7 @@ def main(argv=None):
         print(f"{prop:9s} {r['cells']:5d} {r['mean_volume']:7.1f} {w:10.3g} ({min(r['wall']):6.3g}-{max(r['wall']):6.3g})"
               f"{'':8s} {c:19.3g} {c * r['sites']:15.3g} {w * r['sites']:16.3g} {r['acceptance']:7.3f} "
               f"{r['compile_s']:14.2f}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     print(f"peak resident memory of this process: {peak:.0f} MiB")
 
 
