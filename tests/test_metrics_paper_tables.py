@@ -99,3 +99,42 @@ def test_run_label_from_terms(tmp_path):
     b = load_bundle(_bundle(tmp_path, kind="nh-closure"))
     assert eval_table1.run_label(b) == "Neural Hamiltonian + closure"
     assert eval_table1.find_bundle(tmp_path / "run") == tmp_path / "run" / "model"
+
+
+def test_three_part_closure_reports_w_a_w_l_w_g(tmp_path):
+    """A w_a·H_a + w_l·H_local + w_g·H_pooled bundle: its row is labelled by kind and the tables show all three
+    weights (not one w_n); an analytic model shows none."""
+    from neuralcpm_plugin.bundle import load_bundle
+    from neuralcpm_plugin.hamiltonian import analytic
+    from neuralcpm_plugin.hamiltonian.closure import closure_hamiltonian
+    from neuralcpm_plugin.hamiltonian.local_nh import LocalNeuralHamiltonian
+    from neuralcpm_plugin.hamiltonian.pooled_nh import PooledNeuralHamiltonian
+
+    J = np.array([[0.0, 1.0, 1.2], [1.0, 0.8, 1.5], [1.2, 1.5, 0.6]])
+    a = [analytic.ContactEnergy(J, 2), analytic.VolumeConstraint([0, 0.5, 0.5], [0, 25.0, 25.0])]
+    loc = LocalNeuralHamiltonian({"n_types": 2, "stride": 3, "channels": 4}, seed=0)
+    pool = PooledNeuralHamiltonian({"n_types": 2, "stride": 3, "channels": 4, "hidden": 6, "position_dim": 2,
+                                    "lattice_shape": [24, 24]}, seed=0)
+    ham = closure_hamiltonian(a, {"w_l": [loc], "w_g": [pool]}, LatticeSpec((24, 24)), 1.0, ["medium", "a", "b"], w_a=0.7,
+                              weights={"w_l": 1.3, "w_g": 0.4})
+    path = save_bundle(tmp_path / "lpc" / "model", ham, provenance={"model_kind": "local-pooled-closure"})
+    b = load_bundle(path)
+    assert eval_table1.run_label(b) == "Local + pooled NH + closure"
+    w = eval_table1.closure_weights_of(b.hamiltonian)
+    assert w == pytest.approx({"w_a": 0.7, "w_l": 1.3, "w_g": 0.4})
+    b.provenance.pop("model_kind")
+    assert eval_table1.run_label(b) == "Local + pooled NH + closure"          # from the term kinds
+    assert eval_table1.closure_weights_of(load_bundle(_bundle(tmp_path)).hamiltonian) == {}
+
+    states = _data(6)
+    labels = np.arange(6) % 2
+    data = save_npz(tmp_path / "d.npz", states, label=labels)
+    model, info = train_classifier(states, labels, steps=2, config=ClassifierConfig(channels=(4, 4), mlp=(8,)))
+    save_classifier(model, tmp_path / "clf", info)
+    res = eval_table1.evaluate_table1(data, [(None, path)], scale="smoke", classifier=tmp_path / "clf", frames=1,
+                                      trajectories=5, log=lambda *a: None)
+    md = eval_table1.table1_markdown(res)
+    assert "| Local + pooled NH + closure | 1 |" in md and "w_a 0.7, w_l 1.3, w_g 0.4" in md
+    res2 = eval_table2.evaluate_table2(data, [(None, path)], scale="smoke", frames=1, trajectories=5,
+                                       log=lambda *a: None)
+    assert "w_a 0.7, w_l 1.3, w_g 0.4" in eval_table2.table2_markdown(res2)

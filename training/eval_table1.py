@@ -56,7 +56,8 @@ PAPER_TABLE1 = {  # vol, frag, CS (paper Table 1)
     "Neural Hamiltonian + closure": (1.00, 1.00, 4.35),
 }
 ROW_ORDER = ["real data", "Cellsort Hamiltonian", "Cellsort + External Potential", "CNN", "1 NH layer + CNN",
-             "Neural Hamiltonian", "Neural Hamiltonian + closure", "Local NH", "Local NH + closure"]
+             "Neural Hamiltonian", "Neural Hamiltonian + closure", "Local NH", "Local NH + closure", "Pooled NH",
+             "Pooled NH + closure", "Local + pooled NH + closure"]
 SCALES = {  # roll-out presets
     "paper": {"trajectories": 50, "frames": 100, "mcs_per_frame": 0.67, "flips": 50, "every": 5, "chains": 10},
     "cpu": {"trajectories": 20, "frames": 40, "mcs_per_frame": 0.67, "flips": 50, "every": 5, "chains": 10},
@@ -64,7 +65,9 @@ SCALES = {  # roll-out presets
 }
 _KIND_LABEL = {"analytic": "Cellsort Hamiltonian", "cnn": "CNN", "nh1-cnn": "1 NH layer + CNN",
                "nh": "Neural Hamiltonian", "nh-closure": "Neural Hamiltonian + closure", "local-nh": "Local NH",
-               "local-nh-closure": "Local NH + closure"}
+               "local-nh-closure": "Local NH + closure", "pooled-nh": "Pooled NH",
+               "pooled-closure": "Pooled NH + closure", "local-pooled-closure": "Local + pooled NH + closure"}
+WEIGHT_KEYS = ("w_a", "w_n", "w_l", "w_g")  # closure weights reported per row (hamiltonian.closure names)
 
 
 # ------------------------------------------------------------------------------------------ run discovery
@@ -90,13 +93,16 @@ def run_label(bundle) -> str:
     mk = prov.get("model_kind")
     label = _KIND_LABEL.get(mk) if mk else None
     if label is None:
-        neural = [k for k in kinds if k in ("nh", "cnn", "nh1_cnn", "local_nh")]
+        neural = [k for k in kinds if k in ("nh", "cnn", "nh1_cnn", "local_nh", "pooled_nh")]
         analytic = any(t.analytic for t in ham.terms)
         if not neural:
             label = "Cellsort Hamiltonian"
         else:
-            base = {"nh": "Neural Hamiltonian", "cnn": "CNN", "nh1_cnn": "1 NH layer + CNN",
-                    "local_nh": "Local NH"}[neural[0]]
+            if "local_nh" in neural and "pooled_nh" in neural:
+                base = "Local + pooled NH"
+            else:
+                base = {"nh": "Neural Hamiltonian", "cnn": "CNN", "nh1_cnn": "1 NH layer + CNN",
+                        "local_nh": "Local NH", "pooled_nh": "Pooled NH"}[neural[0]]
             label = base + (" + closure" if analytic else "")
     if label == "Cellsort Hamiltonian" and "external" in kinds:
         label = "Cellsort + External Potential"
@@ -106,15 +112,22 @@ def run_label(bundle) -> str:
 
 
 def closure_weights_of(ham) -> dict:
-    """``{"w_a": ..., "w_n": ...}`` (shared scales of analytic / neural terms) where the model has them."""
-    out = {}
-    a = [t for t in ham.terms if t.analytic]
-    n = [t for t in ham.terms if not t.analytic]
-    if a and n:
-        out["w_a"] = a[0].scale_value()
-    if n:
-        out["w_n"] = n[0].scale_value()
-    return out
+    """The closure weights of a model with neural terms, by group name (:mod:`~neuralcpm_plugin.hamiltonian.
+    closure`): ``w_a`` (analytic terms, when there are neural ones too) and ``w_n`` (one neural group, the
+    paper's Eq. 5) or ``w_l``/``w_g`` (local / pooled NH of a three-part closure); ``{}`` for analytic models."""
+    from neuralcpm_plugin.hamiltonian.closure import closure_groups
+
+    if all(t.analytic for t in ham.terms):
+        return {}
+    groups = closure_groups(ham)
+    return {name: float(terms[0].scale_value()) for name, terms in groups.items()
+            if name != "w_a" or len(groups) > 1}
+
+
+def weights_text(d: dict, digits: int = 3) -> str:
+    """``"w_a 0.93, w_l 1.02, w_g 0.87"`` from the closure weights in ``d`` (``–`` when it has none)."""
+    parts = [f"{k} {d[k]:.{digits}g}" for k in WEIGHT_KEYS if d.get(k) is not None and np.isfinite(d[k])]
+    return ", ".join(parts) if parts else "–"
 
 
 def parse_runs(specs) -> list[tuple[str | None, Path]]:
@@ -226,7 +239,7 @@ def summarise(rows: dict, metric_keys, per_group_key="groups") -> dict:
                 d[k + "_ci_over"] = "seeds"
             d[k] = m
             d[k + "_ci"] = h
-        for k in ("w_a", "w_n"):
+        for k in WEIGHT_KEYS:
             vals = [r[k] for r in runs if k in r]
             if vals:
                 d[k] = float(np.mean(vals))
@@ -342,7 +355,7 @@ def evaluate_table1(data, runs, *, scale: str = "cpu", classifier=None, seed: in
                           "frag": groups_ci(lambda g, a=frag_ok: a[g].mean(), n_t),
                           "cs": groups_ci(lambda g, p=probs: classifier_score(p[g]), n_t)},
                **closure_weights_of(ham)}
-        wn = f"  w_n {row['w_n']:.3g}" if "w_n" in row else ""
+        wn = f"  {weights_text(row)}" if any(k in row for k in WEIGHT_KEYS) else ""
         log(f"{lab} [{path}]: vol {row['vol']:.2f} frag {row['frag']:.2f} CS {row['cs']:.2f} "
             f"({secs:.0f} s roll-out){wn}")
         results.setdefault(lab, []).append(row)
@@ -364,7 +377,7 @@ def _real_row(states, bounds, clf) -> dict:
 
 def table1_markdown(res: dict) -> str:
     rows = res["rows"]
-    lines = ["| Model | runs | vol | frag | CS | w_n | paper vol | paper frag | paper CS |",
+    lines = ["| Model | runs | vol | frag | CS | closure weights | paper vol | paper frag | paper CS |",
              "|---|---|---|---|---|---|---|---|---|"]
     for lab in order_labels(set(rows) | set(PAPER_TABLE1)):
         d = rows.get(lab)
@@ -375,7 +388,7 @@ def table1_markdown(res: dict) -> str:
         p = PAPER_TABLE1.get(lab, (None, None, None))
         dag = "†" if d["n_runs"] == 1 and lab != "real data" else ""
         lines.append(f"| {lab} | {d['n_runs']} | {fmt(d['vol'], d['vol_ci'])}{dag} | {fmt(d['frag'], d['frag_ci'])}"
-                     f"{dag} | {fmt(d['cs'], d['cs_ci'])}{dag} | {fmt(d.get('w_n'), None, 3)} | "
+                     f"{dag} | {fmt(d['cs'], d['cs_ci'])}{dag} | {weights_text(d)} | "
                      + " | ".join("–" if v is None else f"{v:.2f}" for v in p) + " |")
     cfg = res["rollout"]
     lines.append("")

@@ -36,6 +36,7 @@ from .eval_table1 import (
     rollout_run,
     states_of,
     summarise,
+    weights_text,
     write_outputs,
 )
 
@@ -116,7 +117,7 @@ def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: st
 
 def table2_markdown(res: dict) -> str:
     rows = res["rows"]
-    lines = [("| Model | runs | vol | frag | error (sites²) | org type 1 | org type 2 | w_n | paper vol | paper frag "
+    lines = [("| Model | runs | vol | frag | error (sites²) | org type 1 | org type 2 | closure weights | paper vol | paper frag "
              "| paper error |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for lab in order_labels(set(rows) | set(PAPER_TABLE2)):
         d = rows.get(lab)
@@ -128,7 +129,7 @@ def table2_markdown(res: dict) -> str:
         dag = "†" if d["n_runs"] == 1 and lab != "real data" else ""
         lines.append(f"| {lab} | {d['n_runs']} | {fmt(d['vol'], d['vol_ci'])}{dag} | {fmt(d['frag'], d['frag_ci'])}"
                      f"{dag} | {fmt(d['err'], d['err_ci'], 1)}{dag} | {fmt(d['org1'], None)} | {fmt(d['org2'], None)} "
-                     f"| {fmt(d.get('w_n'), None, 3)} | "
+                     f"| {weights_text(d)} | "
                      + " | ".join("–" if v is None else (f"{v:.1f}" if k == 2 else f"{v:.2f}")
                                   for k, v in enumerate(p)) + " |")
     cfg = res["rollout"]
