@@ -15,7 +15,10 @@ Wrap a command's ``main(argv=None) -> int`` with :func:`command`:
 Outputs are claimed with :func:`claim_output` before the work starts: an existing non-empty output is refused
 unless ``--overwrite`` (or, for ``training.fit``, ``--resume``), and an output that did not exist before the
 command — with every folder created for it — is removed again when the command fails or is interrupted, so no
-half-made file or folder is left behind. Outside a wrapped command (library use) claiming only checks.
+half-made file or folder is left behind. An output replaced with ``--overwrite`` is first moved aside (to a
+hidden sibling ``.NAME.replaced-PID``) and put back if the command fails or is interrupted, so a failed
+``--overwrite`` loses nothing; the old output is deleted when the command succeeds (or when the command keeps
+its new output, :func:`forget_output`). Outside a wrapped command (library use) claiming only checks.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 from .errors import ConfigError, NeuralCPMError
 
 __all__ = ["EXIT_BUG", "EXIT_INTERRUPTED", "EXIT_USER", "claim_output", "command", "describe_os_error",
-           "forget_output"]
+           "forget_output", "replace_output"]
 
 EXIT_USER = 2            #: a user mistake (bad option, file, data, configuration)
 EXIT_INTERRUPTED = 130   #: Ctrl-C (128 + SIGINT), as shells report it
@@ -38,6 +41,8 @@ EXIT_BUG = 1             #: an unexpected exception: a bug of the package
 
 # the outputs that did not exist before the running command: removed again if it fails (a stack: nested commands)
 _claims: list[list[Path]] = []
+# outputs replaced with --overwrite, moved aside: (original path, where it waits); put back if the command fails
+_asides: list[list[tuple[Path, Path]]] = []
 
 _OS_HINTS = {
     "ENOENT": "check the path: a file or folder in it is missing",
@@ -84,13 +89,29 @@ def _remove(path: Path) -> None:
         pass
 
 
-def _clean_up(claims: list[Path]) -> list[Path]:
+def _clean_up(claims: list[Path], asides: list[tuple[Path, Path]] = ()) -> list[Path]:
+    """Remove the outputs the failed command made, then put back what it was replacing (``--overwrite``)."""
     removed = []
     for p in reversed(claims):
         if p.exists() or p.is_symlink():
             _remove(p)
             removed.append(p)
+    for original, backup in reversed(asides):
+        try:
+            if original.exists() or original.is_symlink():
+                _remove(original)
+            backup.rename(original)
+        except OSError:
+            print(f"warning: could not put {original} back; the previous version is in {backup}", file=sys.stderr)
+    asides.clear()
     return removed
+
+
+def _drop(asides: list[tuple[Path, Path]]) -> None:
+    """The command succeeded: delete the outputs it replaced."""
+    for _original, backup in asides:
+        _remove(backup)
+    asides.clear()
 
 
 def _say_error(msg: str) -> None:
@@ -108,41 +129,47 @@ def command(fn):
         debug = _debug_requested(argv)
         argv = [a for a in argv if a != "--debug"]
         claims: list[Path] = []
+        asides: list[tuple[Path, Path]] = []
         _claims.append(claims)
+        _asides.append(asides)
         interrupted = _watch_sigint()
         try:
-            return fn(argv)
+            code = fn(argv)
+            _drop(asides)
+            return code
         except KeyboardInterrupt:
-            removed = _clean_up(claims)
+            removed = _clean_up(claims, asides)
             if debug:
                 raise
             note = f"; removed the unfinished {', '.join(map(str, removed))}" if removed else ""
             print(f"interrupted (Ctrl-C){note}", file=sys.stderr, flush=True)
             return EXIT_INTERRUPTED
         except NeuralCPMError as e:
-            _clean_up(claims)
+            _clean_up(claims, asides)
             if debug:
                 raise
             _say_error(str(e))
             return EXIT_USER
         except OSError as e:
-            _clean_up(claims)
+            _clean_up(claims, asides)
             if debug:
                 raise
             _say_error(describe_os_error(e))
             return EXIT_USER
         except MemoryError:
-            _clean_up(claims)
+            _clean_up(claims, asides)
             if debug:
                 raise
             _say_error("out of memory: use smaller data or smaller settings (batch, lattice, snapshots)")
             return EXIT_USER
         except SystemExit as e:
             if e.code not in (None, 0):
-                _clean_up(claims)
+                _clean_up(claims, asides)
+            else:
+                _drop(asides)
             raise
         except Exception as e:  # anything else is a bug: one line, the traceback with --debug
-            removed = _clean_up(claims)
+            removed = _clean_up(claims, asides)
             if interrupted() and not debug:     # a library turned Ctrl-C into another exception
                 note = f"; removed the unfinished {', '.join(map(str, removed))}" if removed else ""
                 print(f"interrupted (Ctrl-C){note}", file=sys.stderr, flush=True)
@@ -158,6 +185,7 @@ def command(fn):
             return EXIT_BUG
         finally:
             _claims.pop()
+            _asides.pop()
             interrupted.restore()
 
     return main
@@ -265,7 +293,9 @@ def claim_output(path, *, option: str = "--out", kind: str = "file", overwrite: 
             raise ConfigError(f"{option} {path}: no permission to write there (choose another {option})")
         if kind == "file" and not os.access(path, os.W_OK) and not os.access(path.parent, os.W_OK):
             raise ConfigError(f"{option} {path}: the file is read-only")
-    else:
+        if non_empty and overwrite and _claims:
+            replace_output(path)
+    if not path.exists():
         _writable_ancestor(path, option)
         top = _first_missing(path)
         if top is not None and _claims:
@@ -273,8 +303,34 @@ def claim_output(path, *, option: str = "--out", kind: str = "file", overwrite: 
     return path
 
 
+def replace_output(path) -> None:
+    """Make room for a new version of the existing output ``path`` (``--overwrite``).
+
+    Inside a wrapped command the old version is moved to a hidden sibling ``.NAME.replaced-PID`` and put back if
+    the command fails or is interrupted (deleted when it succeeds); outside one (library use) it is deleted now.
+    """
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not _asides:
+        _remove(path)
+        return
+    n = 0
+    while True:
+        backup = path.with_name(f".{path.name}.replaced-{os.getpid()}" + (f"-{n}" if n else ""))
+        if not (backup.exists() or backup.is_symlink()):
+            break
+        n += 1
+    path.rename(backup)
+    _asides[-1].append((path, backup))
+
+
 def forget_output(path) -> None:
     """Keep ``path`` even if the command fails from now on (e.g. a checkpoint worth resuming)."""
     path = Path(path)
     if _claims:
         _claims[-1][:] = [p for p in _claims[-1] if p != path and path not in p.parents and p not in path.parents]
+    if _asides:         # the new output is kept: what it replaced goes now
+        keep = [(o, b) for o, b in _asides[-1] if o != path and path not in o.parents and o not in path.parents]
+        _drop([a for a in _asides[-1] if a not in keep])
+        _asides[-1][:] = keep

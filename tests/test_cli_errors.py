@@ -197,6 +197,38 @@ def test_overwrite_replaces_and_fit_reruns_need_it(assets, work, capsys):
     assert not (work / "newrun" / "stale.txt").exists() and (work / "newrun" / "model" / "model.json").is_file()
 
 
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, "data", OSError])
+def test_a_failed_overwrite_puts_the_old_output_back(assets, work, capsys, monkeypatch, failure):
+    """--overwrite moves the old output aside; a run that then fails or is interrupted restores it untouched
+    (and leaves no hidden copy behind); a successful one deletes it."""
+    from neuralcpm_plugin.errors import DataError
+
+    def boom(*_a, **_k):
+        assert [p for p in work.iterdir() if ".replaced-" in p.name], "the old output was not moved aside"
+        if failure == "data":
+            raise DataError("bad.npz: corrupt (test)")
+        raise failure() if failure is KeyboardInterrupt else OSError(28, "No space left on device", "x.npz")
+
+    B, D = assets["bundle"], assets["data"]
+    expected = 130 if failure is KeyboardInterrupt else 2
+    with monkeypatch.context() as m:
+        m.setattr(fit, "load_training_data", boom)
+        m.setattr(cc3d_export, "export_project", boom)
+        m.setattr(morpheus_export, "export_model", boom)
+        for name, argv in [("fit", ["--data", D, "--out", "oldrun", "--no-export", "--overwrite"]),
+                           ("cc3d", [B, "--out", "oldcc3d", "--overwrite"]),
+                           ("morpheus", [B, "--out", "old.xml", "--overwrite"])]:
+            before = tree_hash(work)
+            code, _out, err = run_main(name, argv, capsys)
+            assert code == expected, err
+            assert "Traceback" not in err
+            assert tree_hash(work) == before, f"{name}: the old output was not restored exactly"
+    code, _out, err = run_main("cc3d", [B, "--out", "oldcc3d", "--overwrite"], capsys)
+    assert code == 0, err
+    assert "<previous/>" not in (work / "oldcc3d" / "NeuralCPM.cc3d").read_text()
+    assert not [p for p in work.iterdir() if ".replaced-" in p.name], "a set-aside copy was left behind"
+
+
 def _pcd_args(data, out, **extra):
     a = ["--data", str(data), "--out", str(out), "--objective", "pcd", "--iterations", "2", "--no-export",
          "--no-figure", "--no-progress", "--threads", "1"]

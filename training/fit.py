@@ -677,8 +677,9 @@ RUN_FOLDER_MARKERS = ("config.toml", "model", "summary.json", "checkpoint", "tra
 
 def _claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, rank: int = 0) -> None:
     """Refuse to replace an existing run by accident: a non-empty run folder needs ``--resume`` or ``--overwrite``
-    (which deletes it, but only if it is a run folder: it holds one of :data:`RUN_FOLDER_MARKERS`)."""
-    from neuralcpm_plugin.cli import claim_output
+    (which replaces it, but only if it is a run folder: it holds one of :data:`RUN_FOLDER_MARKERS`; from the
+    command line the old run is put back if the new one fails before its first checkpoint)."""
+    from neuralcpm_plugin.cli import claim_output, replace_output
     where = f"run folder {run_dir}"
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in the "
@@ -693,8 +694,7 @@ def _claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, rank: int = 
             raise ConfigError(f"{where} is not a training.fit run folder (it holds {sample}, none of "
                               f"{', '.join(RUN_FOLDER_MARKERS)}); --overwrite will not delete it: choose another --out")
         if rank == 0:
-            import shutil
-            shutil.rmtree(run_dir)
+            replace_output(run_dir)
     claim_output(run_dir, option="--out", kind="dir", allow_existing=resume)
 
 
