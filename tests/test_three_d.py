@@ -244,7 +244,11 @@ def test_fit_cli_3d_and_neural_refused(tmp_path, capsys):
                                                               "n_snapshots": 2, "proposal": "classic", "size": 12,
                                                               "cells": 8, "target": 20.0, "radius": 4.0,
                                                               "mcs": 10.0}}})
-    fit(cfg, progress=False)
+    summary = fit(cfg, progress=False)
+    out = capsys.readouterr().out
+    # the paper's J x 4 scaling belongs to its 2-D neighbourhood: not printed (nor stored) for a 3-D fit
+    assert "parameter RMSE per pair" in out and "uncertainty (" in out and "paper scaling" not in out
+    assert "paper" not in summary["rmse"]
     b = load_bundle(tmp_path / "r" / "model")
     assert b.hamiltonian.lattice.shape == (12, 12, 12)
     assert (tmp_path / "r" / "cc3d" / "NeuralCPM.cc3d").is_file()

@@ -304,7 +304,7 @@ def diagnose_pl(res, ham, states, *, level: float = 0.95, block: int | None = No
     unc = dict(table, cov=cov.tolist(), level=level, crit=crit, dof=dof, clusters=G,
                method=f"cluster sandwich: {cinfo['runs']} run(s) × {cinfo['blocks_per_state']} blocks of "
                       f"{cinfo['block_sites']}×{cinfo['block_sites']} sites, G = {G}, t({dof})",
-               paper=_paper(table))
+               paper=_paper(table), ndim=int(states[0].ids.ndim))
     if extra is not None:
         unc["targets"] = extra
     out = {"uncertainty": unc,
@@ -395,15 +395,18 @@ def _stationarity(problem, theta, states, labels, ham, pmap, names, to_free=None
 
 
 def format_uncertainty(unc: dict) -> list[str]:
-    """The printed table: estimate, SE and interval per parameter (per pair; λ), and in paper scaling."""
+    """The printed table: estimate, SE and interval per parameter (per pair; λ), and in paper scaling (2-D
+    lattices only: the paper's factor 4 on J belongs to its 2-D neighbourhood; ``unc["ndim"]``)."""
     lvl = round(100 * unc["level"])
+    paper = unc.get("ndim", 2) == 2
     lines = [f"uncertainty ({unc['method']}):",
              (f"{'parameter':>10} {'estimate':>9} {'SE':>8}   {lvl} % interval       "
-             f"| paper scaling (J x 4): estimate, {lvl} % interval")]
+              + (f"| paper scaling (J x 4): estimate, {lvl} % interval" if paper else ""))]
     pp = unc["paper"]
     for i, n in enumerate(unc["names"]):
         lines.append(f"{n:>10} {unc['estimate'][i]:9.4f} {unc['se'][i]:8.4f}   [{unc['lo'][i]:7.4f}, "
-                     f"{unc['hi'][i]:7.4f}]   | {pp['estimate'][i]:8.4f}  [{pp['lo'][i]:7.4f}, {pp['hi'][i]:7.4f}]")
+                     f"{unc['hi'][i]:7.4f}]" + (f"   | {pp['estimate'][i]:8.4f}  [{pp['lo'][i]:7.4f}, "
+                                               f"{pp['hi'][i]:7.4f}]" if paper else ""))
     tg = unc.get("targets")
     if tg:
         for i, n in enumerate(tg["names"]):

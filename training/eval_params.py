@@ -101,12 +101,13 @@ def run(args) -> int:
             if unc is not None:
                 row += "  " + ("yes" if res["coverage"]["inside"][i] else "NO")
         print(row)
-    if unc is not None:
+    two_d = unc is None or unc.get("ndim", 2) == 2     # paper scaling belongs to the paper's 2-D lattices
+    if unc is not None and two_d:
         pp = unc["paper"]
         print("paper scaling (J x 4): " + ", ".join(
             f"{n} {e:.3f} [{lo:.3f}, {hi:.3f}]" for n, e, lo, hi in zip(pp["names"], pp["estimate"], pp["lo"], pp["hi"])))
     if res["truth"] is not None:
-        for scaling, label in (("per_pair", "per pair"), ("paper", "paper scaling (J x 4)")):
+        for scaling, label in (("per_pair", "per pair"), ("paper", "paper scaling (J x 4)"))[:2 if two_d else 1]:
             r = res[scaling]
             print(f"RMSE {label}: T=1 {r['rmse_T1']:.4f}   T* {r['rmse_Tstar']:.4f}   (T* = {r['Tstar']:.4f})")
     cov = res.get("coverage")

@@ -608,7 +608,7 @@ def _closure_weights(ham) -> dict:
     return closure_weights(ham)
 
 
-def _report_params(ham, truth, log, unidentified: set[str] = frozenset()) -> dict | None:
+def _report_params(ham, truth, log, unidentified: set[str] = frozenset(), ndim: int = 2) -> dict | None:
     from neuralcpm_plugin.metrics.params import param_names, param_rmse_both_scalings, param_vector
     if ham.term("contact") is None or ham.term("volume") is None:
         return None
@@ -625,8 +625,11 @@ def _report_params(ham, truth, log, unidentified: set[str] = frozenset()) -> dic
     out = param_rmse_both_scalings(v, tv)
     log(f"true parameters ({truth.get('source', '?')}): " + ", ".join(f"{a} = {b:.4f}" for a, b in zip(names, tv)))
     pp, pa = out["per_pair"], out["paper"]
-    log(f"parameter RMSE per pair: T=1 {pp['rmse_T1']:.4f}, T* {pp['rmse_Tstar']:.4f} (T* = {pp['Tstar']:.4f});"
-        f" paper scaling (J x 4): T=1 {pa['rmse_T1']:.4f}, T* {pa['rmse_Tstar']:.4f}")
+    paper = f"; paper scaling (J x 4): T=1 {pa['rmse_T1']:.4f}, T* {pa['rmse_Tstar']:.4f}" if ndim == 2 else ""
+    log(f"parameter RMSE per pair: T=1 {pp['rmse_T1']:.4f}, T* {pp['rmse_Tstar']:.4f} (T* = {pp['Tstar']:.4f})"
+        + paper)
+    if ndim != 2:       # the paper's factor 4 on J is its 2-D neighbourhood's: no paper scaling in 3-D
+        out.pop("paper", None)
     return out
 
 
@@ -876,7 +879,7 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
         with torch.no_grad():
             from neuralcpm_plugin.bundle import load_bundle
             final = load_bundle(bundle_dir).hamiltonian
-        rep = _report_params(final, truth, _say, unidentified)
+        rep = _report_params(final, truth, _say, unidentified, ndim=int(states[0].ids.ndim))
         cw = {k: v for k, v in _closure_weights(final).items() if v is not None}
         if len(cw) > 1:
             summary["closure_weights"] = cw
