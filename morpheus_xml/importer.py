@@ -4,11 +4,13 @@
 
 What is read, and how it is converted (Morpheus 2.2.4 semantics, see :mod:`morpheus_xml.evaluator`):
 
-* ``Space/Lattice`` (square, periodic in x and y; ``Size`` x, y → array shape ``(y, x)``), its ``Neighborhood``
-  (the default for the others).
+* ``Space/Lattice``: square (periodic in x and y; ``Size`` x, y → array shape ``(y, x)``) or cubic (periodic in
+  x, y and z; ``Size`` x, y, z → array shape ``(z, y, x)``), its ``Neighborhood`` (the default for the others;
+  square orders 1..6, cubic 1..8, where Morpheus's order n is the package's).
 * ``CPM/Interaction/Contact`` + ``CPM/ShapeSurface``: Morpheus divides the neighbour sum by the scaling
-  (``none`` → 1, ``size`` → the number of neighbours, ``norm`` → Magno's 1, 3, 5, 11, 15, 18 by order), so the
-  package's per-pair J is ``value / scaling`` over the ShapeSurface order (``contact_order``).
+  (``none`` → 1, ``size`` → the number of neighbours, ``norm`` → Magno's 1, 3, 5, 11, 15, 18 by order on
+  square lattices, 1, 5, 9, 11, 23, 39, 47, 70 on cubic ones), so the package's per-pair J is
+  ``value / scaling`` over the ShapeSurface order (``contact_order``).
 * ``CPM/MonteCarloSampler``: ``Neighborhood`` → ``copy_order``; ``MetropolisKinetics/@temperature`` → T;
   ``stepper`` is recorded in ``meta["stepper"]`` (``random`` = the classic sampler, ``edgelist`` = proposals on
   cell boundaries: the exact sampler's ``proposal="boundary"``).
@@ -17,7 +19,8 @@ What is read, and how it is converted (Morpheus 2.2.4 semantics, see :mod:`morph
   Haptotaxis is folded into the biological types: H differs by a constant); ``DirectedMotion`` →
   ``DirectedMotion`` (constant directions, or band directions recognised by evaluating the expression).
 * ``CellPopulations/Population``: ``Cell/Nodes`` (ids kept; node coordinates wrapped into the lattice),
-  ``InitCircle`` (random, regular), ``InitRectangle`` (random, grid) and ``TIFFReader`` (``keepIDs``). The
+  ``InitCircle`` (random, regular), ``InitRectangle`` (random, grid) and ``TIFFReader`` (``keepIDs``); on cubic
+  lattices ``Cell/Nodes`` and ``InitRectangle`` random (Morpheus's InitCircle is 2-D). The
   random layouts follow Morpheus's documented algorithms with this package's random generator, seeded by
   ``Time/RandomSeed`` (or ``seed=``) — the same layout family, not Morpheus's random stream.
 * ``Global/Constant`` values (and, per type, constant ``CellType/Property``/``Constant`` values) feed
@@ -44,6 +47,8 @@ from neuralcpm_plugin.lattice import CellState
 from .expr import ExprError, evaluate, evaluate_vector, symbols_of
 
 __all__ = [
+    "CUBIC_MAGNO_NORM",
+    "CUBIC_ORDER_SIZES",
     "MAGNO_NORM",
     "SQUARE_ORDER_SIZES",
     "ImportedModel",
@@ -55,6 +60,11 @@ __all__ = [
 
 MAGNO_NORM = {1: 1.0, 2: 3.0, 3: 5.0, 4: 11.0, 5: 15.0, 6: 18.0}  # core/cpm_shape.cpp (square)
 SQUARE_ORDER_SIZES = {1: 4, 2: 8, 3: 12, 4: 20, 5: 24, 6: 28}       # core/lattice.cpp (square)
+CUBIC_MAGNO_NORM = {1: 1.0, 2: 5.0, 3: 9.0, 4: 11.0, 5: 23.0, 6: 39.0, 7: 47.0, 8: 70.0}    # cpm_shape.cpp (cubic)
+CUBIC_ORDER_SIZES = {1: 6, 2: 18, 3: 26, 4: 32, 5: 56, 6: 80, 7: 92, 8: 122}   # orders 1..8 = the package's
+# the distances of the neighbour shells, by order (square, cubic)
+_SHELLS = {2: [1.0, math.sqrt(2), 2.0, math.sqrt(5), math.sqrt(8), 3.0],
+           3: [1.0, math.sqrt(2), math.sqrt(3), 2.0, math.sqrt(5), math.sqrt(6), math.sqrt(8), 3.0]}
 
 
 @dataclass
@@ -112,7 +122,7 @@ def _read_root(path: Path):
     return parse_xml_bytes(data, error)
 
 
-def _order(nb, path, default=None):
+def _order(nb, path, default=None, nd: int = 2):
     if nb is None:
         return default
     o = nb.find("Order")
@@ -124,8 +134,7 @@ def _order(nb, path, default=None):
     d = nb.find("Distance")
     if d is not None and (d.text or "").strip():
         dist = float(d.text)
-        dists = [1.0, math.sqrt(2), 2.0, math.sqrt(5), math.sqrt(8), 3.0]
-        n = sum(1 for x in dists if x < dist + 1e-5)
+        n = sum(1 for x in _SHELLS[nd] if x < dist + 1e-5)
         if n == 0:
             raise _err(path, f"{_xml_path(d)}: neighbourhood distance {dist} holds no neighbours")
         return n
@@ -160,7 +169,7 @@ class _Ctx:
 # fields
 # ------------------------------------------------------------------------------------------------------
 def _read_field(ctx: _Ctx, el, shape, space_symbol) -> np.ndarray:
-    H, W = shape
+    n_sites = int(np.prod(shape))
     for c in _children(el):
         if c.tag not in ("Data", "Annotation"):
             raise _err(ctx.path, f"{_xml_path(c)}: <{c.tag}> in a Field is not supported (only static fields "
@@ -180,10 +189,10 @@ def _read_field(ctx: _Ctx, el, shape, space_symbol) -> np.ndarray:
         except ValueError as e:
             raise _err(ctx.path, f"{_xml_path(data)}: corrupt base64 data ({e})") from None
         arr = np.frombuffer(raw, dtype="<f8")
-        if arr.size != H * W:
+        if arr.size != n_sites:
             raise _err(ctx.path, f"{_xml_path(data)}: Field {el.get('symbol')!r} holds {arr.size} values, the "
-                                 f"lattice has {H * W}")
-        return arr.reshape(H, W).astype(np.float64)
+                                 f"lattice has {n_sites}")
+        return arr.reshape(shape).astype(np.float64)      # x fastest, then y (then z): the array's row-major order
     expr = el.get("value")
     if expr is None:
         raise _err(ctx.path, f"{_xml_path(el)}: Field without 'value'")
@@ -192,20 +201,23 @@ def _read_field(ctx: _Ctx, el, shape, space_symbol) -> np.ndarray:
     except ExprError as e:
         raise _err(ctx.path, f"{_xml_path(el)}: cannot parse value {expr!r} ({e})") from None
     if not any(s.startswith(space_symbol + ".") for s in syms):
-        return np.full((H, W), ctx.num(expr, el, "value"))
-    out = np.empty((H, W))
+        return np.full(shape, ctx.num(expr, el, "value"))
+    out = np.empty(shape)
     env = dict(ctx.env)
-    for y in range(H):
-        for x in range(W):
-            env[space_symbol + ".x"], env[space_symbol + ".y"], env[space_symbol + ".z"] = float(x), float(y), 0.0
-            out[y, x] = ctx.num(expr, el, "value", env)
+    for idx in np.ndindex(*shape):
+        xyz = tuple(float(v) for v in reversed(idx)) + (0.0,) * (3 - len(shape))     # array (z, y, x) → x, y, z
+        env[space_symbol + ".x"], env[space_symbol + ".y"], env[space_symbol + ".z"] = xyz
+        out[idx] = ctx.num(expr, el, "value", env)
     return out
 
 
 # ------------------------------------------------------------------------------------------------------
 # directed motion directions
 # ------------------------------------------------------------------------------------------------------
-def _direction(ctx: _Ctx, el, size_xy, env=None):
+def _direction(ctx: _Ctx, el, size_xyz, env=None):
+    """The package's direction spec of a DirectedMotion: constant (array order ``[dy, dx]`` / ``[dz, dy, dx]``)
+    or a band along one axis of ``cell.center``. ``size_xyz``: the lattice size (x, y, z; z = 0 in 2-D)."""
+    nd = 3 if size_xyz[2] else 2
     text = el.get("direction")
     if text is None:
         raise _err(ctx.path, f"{_xml_path(el)}: missing direction")
@@ -217,15 +229,16 @@ def _direction(ctx: _Ctx, el, size_xy, env=None):
     cell_syms = {s for s in syms if s.startswith("cell.")}
     if not cell_syms:
         v = ctx.vec(text, el, "direction", base_env)
-        return {"mode": "constant", "vector": [v[1], v[0]]}
-    if len(cell_syms) != 1 or next(iter(cell_syms)) not in ("cell.center.x", "cell.center.y"):
+        return {"mode": "constant", "vector": [v[k] for k in reversed(range(nd))]}
+    allowed = ("cell.center.x", "cell.center.y", "cell.center.z")[:nd]
+    if len(cell_syms) != 1 or next(iter(cell_syms)) not in allowed:
         raise _err(ctx.path, f"{_xml_path(el)}: DirectedMotion direction {text!r} depends on "
-                             f"{sorted(cell_syms)}; only constant directions or bands in cell.center.x/y can be "
-                             "imported")
+                             f"{sorted(cell_syms)}; only constant directions or bands in "
+                             f"{'/'.join(allowed)} can be imported")
     sym = next(iter(cell_syms))
-    axis_xyz = 0 if sym.endswith(".x") else 1
-    axis = 1 if axis_xyz == 0 else 0      # array axis: x -> 1, y -> 0
-    L = float(size_xy[axis_xyz])
+    axis_xyz = "xyz".index(sym[-1])
+    axis = nd - 1 - axis_xyz      # array axis: x -> nd-1, y -> nd-2, z -> 0
+    L = float(size_xyz[axis_xyz])
 
     def f(p):
         e = dict(base_env)
@@ -234,7 +247,7 @@ def _direction(ctx: _Ctx, el, size_xy, env=None):
 
     grid = (np.arange(int(L * 8)) + 0.5) / 8.0
     vals = np.array([f(p) for p in grid])
-    if np.any(np.abs(vals[:, 1 - axis_xyz]) > 0) or np.any(np.abs(vals[:, 2]) > 0):
+    if np.any(np.abs(np.delete(vals, axis_xyz, axis=1)) > 0):
         raise _err(ctx.path, f"{_xml_path(el)}: DirectedMotion direction {text!r} is not along one lattice axis")
     comp = np.sign(vals[:, axis_xyz])
 
@@ -283,7 +296,8 @@ def _direction(ctx: _Ctx, el, size_xy, env=None):
 # populations
 # ------------------------------------------------------------------------------------------------------
 def _parse_nodes(ctx, el, text, shape):
-    H, W = shape
+    """The sites of ``x, y, z; …`` as array indices ``(y, x)`` / ``(z, y, x)``, wrapped into the lattice."""
+    nd = len(shape)
     out = []
     for chunk in (text or "").replace("\n", " ").split(";"):
         chunk = chunk.strip()
@@ -296,9 +310,11 @@ def _parse_nodes(ctx, el, text, shape):
             raise _err(ctx.path, f"{_xml_path(el)}: bad node {chunk!r}") from None
         if len(v) < 2:
             raise _err(ctx.path, f"{_xml_path(el)}: bad node {chunk!r} (expected 'x, y, z')")
-        if len(v) > 2 and v[2] != 0:
+        if nd == 2 and len(v) > 2 and v[2] != 0:
             raise _err(ctx.path, f"{_xml_path(el)}: node {chunk!r} has z != 0 on a 2-D lattice")
-        out.append((v[1] % H, v[0] % W))
+        if nd == 3 and len(v) < 3:
+            raise _err(ctx.path, f"{_xml_path(el)}: node {chunk!r} has no z on a 3-D lattice (expected 'x, y, z')")
+        out.append(tuple(v[nd - 1 - a] % shape[a] for a in range(nd)))
     return out
 
 
@@ -320,11 +336,13 @@ class _Layout:
         self.next_id = max(self.next_id, cid + 1)
         return cid
 
-    def put(self, y, x, cid):
-        if self.ids[y, x] != 0:
+    def put(self, *site_and_cid):
+        *site, cid = site_and_cid
+        site = tuple(site)
+        if self.ids[site] != 0:
             self.skipped += 1
             return False
-        self.ids[y, x] = cid
+        self.ids[site] = cid
         return True
 
 
@@ -400,27 +418,31 @@ def _grid_shape(size_x, size_y, n):
 
 
 def _init_rectangle(ctx, lay: _Layout, el, t):
-    H, W = lay.shape
+    nd = len(lay.shape)
+    L = lay.shape[::-1]            # lattice size in x, y (, z)
     n = round(ctx.num(el.get("number-of-cells"), el, "number-of-cells"))
     mode = el.get("mode", "regular")
     dims = el.find("Dimensions")
     if dims is None:
         raise _err(ctx.path, f"{_xml_path(el)}: missing Dimensions")
-    ox, oy, _ = [int(v) for v in ctx.vec(dims.get("origin"), dims, "origin")]
-    sx, sy, _ = [int(v) for v in ctx.vec(dims.get("size"), dims, "size")]
-    sx, sy = min(max(sx, 1), W), min(max(sy, 1), H)
-    if ox + sx > W or oy + sy > H:
+    o = [int(v) for v in ctx.vec(dims.get("origin"), dims, "origin")][:nd]
+    sz = [min(max(int(v), 1), L[k]) for k, v in enumerate(ctx.vec(dims.get("size"), dims, "size")[:nd])]
+    if any(o[k] + sz[k] > L[k] for k in range(nd)):
         raise _err(ctx.path, f"{_xml_path(el)}: origin + size exceeds the lattice")
     off = ctx.num(el.get("random-offset", "0"), el, "random-offset")
     if mode == "random":
         for _ in range(n):
             for _try in range(1001):
-                x = ox + int(lay.rng.integers(max(sx - 1, 0) + 1))
-                y = oy + int(lay.rng.integers(max(sy - 1, 0) + 1))
-                if lay.ids[y, x] == 0:
-                    lay.put(y, x, lay.new_id(t))
+                xyz = [o[k] + int(lay.rng.integers(max(sz[k] - 1, 0) + 1)) for k in range(nd)]
+                site = tuple(reversed(xyz))
+                if lay.ids[site] == 0:
+                    lay.put(*site, lay.new_id(t))
                     break
+    elif nd == 3:
+        raise _err(ctx.path, f"{_xml_path(el)}: InitRectangle mode {mode!r} is not supported on a cubic lattice "
+                             "(random only; or give the cells as Cell/Nodes)")
     elif mode == "grid":
+        (ox, oy), (sx, sy), (W, H) = o, sz, L
         gx, gy = _grid_shape(sx, sy, n)
         made = 0
         for j in range(gy):
@@ -502,8 +524,9 @@ def parse_model(path, *, seed: int | None = None) -> ParsedModel:
     lat = root.find("Space/Lattice")
     if lat is None:
         raise _err(path, "no Space/Lattice")
-    if lat.get("class") != "square":
-        raise _err(path, f"Space/Lattice class {lat.get('class')!r} is not supported (square only)")
+    if lat.get("class") not in ("square", "cubic"):
+        raise _err(path, f"Space/Lattice class {lat.get('class')!r} is not supported (square, cubic)")
+    nd = 3 if lat.get("class") == "cubic" else 2
     for c in _children(root.find("Space")):
         if c.tag not in ("Lattice", "SpaceSymbol"):
             raise _err(path, f"unsupported element <{_xml_path(c)}>")
@@ -515,22 +538,24 @@ def parse_model(path, *, seed: int | None = None) -> ParsedModel:
     if size_el is None:
         raise _err(path, "Space/Lattice has no Size")
     sz = ctx.vec(size_el.get("value"), size_el, "size")
-    W, H = int(sz[0]), int(sz[1])
-    if int(sz[2]) > 1:
-        raise _err(path, "3-D lattices are not supported by the importer")
-    if W < 1 or H < 1:
+    W, H, D = int(sz[0]), int(sz[1]), int(sz[2])
+    if nd == 2 and D > 1:
+        raise _err(path, f"Space/Lattice class 'square' with size z = {D}: use class 'cubic' for a 3-D lattice")
+    if W < 1 or H < 1 or (nd == 3 and D < 1):
         raise _err(path, f"bad lattice size {sz}")
-    shape = (H, W)
+    shape = (H, W) if nd == 2 else (D, H, W)
     size_sym = (size_el.get("symbol") or "size")
-    ctx.env.update({f"{size_sym}.x": float(W), f"{size_sym}.y": float(H), f"{size_sym}.z": 0.0})
+    ctx.env.update({f"{size_sym}.x": float(W), f"{size_sym}.y": float(H), f"{size_sym}.z": float(D if nd == 3 else 0)})
     conds = {c.get("boundary"): c.get("type") for c in lat.findall("BoundaryConditions/Condition")}
-    if conds.get("x") != "periodic" or conds.get("y") != "periodic":
+    axes = "xyz"[:nd]
+    if any(conds.get(a) != "periodic" for a in axes):
         raise _err(path, f"Space/Lattice/BoundaryConditions {conds} are not supported: the importer needs "
-                         "periodic boundaries in x and y")
+                         f"periodic boundaries in {' and '.join(axes)}")
     for c in _children(lat):
         if c.tag not in ("Size", "BoundaryConditions", "Neighborhood", "NodeLength", "Annotation"):
             raise _err(path, f"unsupported element <{_xml_path(c)}>")
-    default_order = _order(lat.find("Neighborhood"), path, default=1)
+    default_order = _order(lat.find("Neighborhood"), path, default=1, nd=nd)
+    order_sizes, magno = (SQUARE_ORDER_SIZES, MAGNO_NORM) if nd == 2 else (CUBIC_ORDER_SIZES, CUBIC_MAGNO_NORM)
     # --- global
     fields_el = {}
     glob = root.find("Global")
@@ -608,7 +633,7 @@ def parse_model(path, *, seed: int | None = None) -> ParsedModel:
                     if c.get(flag, "true").strip().lower() != "true":
                         raise _err(path, f"<{_xml_path(c)}>: {flag}='{c.get(flag)}' is not supported")
                 dm_strength[t] = ctx.num(c.get("strength"), c, "strength", tenv)
-                dm_dir[t] = _direction(ctx, c, (W, H), tenv)
+                dm_dir[t] = _direction(ctx, c, (W, H, D if nd == 3 else 0), tenv)
                 has_dm = True
             elif c.tag in ("Annotation", "Property", "Constant"):
                 continue
@@ -622,16 +647,18 @@ def parse_model(path, *, seed: int | None = None) -> ParsedModel:
         if c.tag not in ("Interaction", "MonteCarloSampler", "ShapeSurface", "Annotation"):
             raise _err(path, f"unsupported element <{_xml_path(c)}>")
     ss = cpm.find("ShapeSurface")
-    contact_order = _order(ss.find("Neighborhood"), path, default_order) if ss is not None else default_order
+    contact_order = (_order(ss.find("Neighborhood"), path, default_order, nd) if ss is not None
+                     else default_order)
     scaling = ss.get("scaling", "norm") if ss is not None else "norm"
-    if contact_order not in SQUARE_ORDER_SIZES:
-        raise _err(path, f"ShapeSurface neighbourhood order {contact_order} is outside Morpheus's 1..6")
+    if contact_order not in order_sizes:
+        raise _err(path, f"ShapeSurface neighbourhood order {contact_order} is outside 1..{max(order_sizes)} "
+                         f"(the {lat.get('class')} orders whose neighbourhoods match the package's)")
     if scaling == "none":
         div = 1.0
     elif scaling == "size":
-        div = float(SQUARE_ORDER_SIZES[contact_order])
+        div = float(order_sizes[contact_order])
     elif scaling in ("norm", "magno"):
-        div = MAGNO_NORM[contact_order]
+        div = magno[contact_order]
     else:
         raise _err(path, f"CPM/ShapeSurface scaling {scaling!r} is not supported (none, size, norm)")
     J = np.zeros((nt, nt))
@@ -664,9 +691,12 @@ def parse_model(path, *, seed: int | None = None) -> ParsedModel:
     for c in _children(mcs):
         if c.tag not in ("MCSDuration", "Neighborhood", "MetropolisKinetics", "Annotation"):
             raise _err(path, f"unsupported element <{_xml_path(c)}>")
-    copy_order = _order(mcs.find("Neighborhood"), path, None)
+    copy_order = _order(mcs.find("Neighborhood"), path, None, nd)
     if copy_order is None:
         raise _err(path, "CPM/MonteCarloSampler has no Neighborhood")
+    if copy_order not in order_sizes:
+        raise _err(path, f"CPM/MonteCarloSampler neighbourhood order {copy_order} is outside 1..{max(order_sizes)} "
+                         f"(the {lat.get('class')} orders whose neighbourhoods match the package's)")
     mk = mcs.find("MetropolisKinetics")
     if mk is None:
         raise _err(path, "CPM/MonteCarloSampler has no MetropolisKinetics")
@@ -738,8 +768,11 @@ def _populations(ctx, root, shape, tindex, path):
                 for sub in _children(c):
                     if sub.tag not in ("Nodes", "Center", "Property", "PropertyVector", "Annotation"):
                         raise _err(path, f"unsupported element <{_xml_path(sub)}>")
-                for y, x in _parse_nodes(ctx, c, c.findtext("Nodes"), shape):
-                    lay.put(y, x, cid)
+                for site in _parse_nodes(ctx, c, c.findtext("Nodes"), shape):
+                    lay.put(*site, cid)
+            elif c.tag in ("InitCircle", "TIFFReader") and len(shape) == 3:
+                raise _err(path, f"<{_xml_path(c)}> is not supported on a cubic lattice (Cell/Nodes and "
+                                 "InitRectangle random are)")
             elif c.tag == "InitCircle":
                 _init_circle(ctx, lay, c, t)
             elif c.tag == "InitRectangle":

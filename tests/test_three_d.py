@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from neuralcpm_plugin.errors import ConfigError, ExportError
+from neuralcpm_plugin.errors import ConfigError, ExportError, ModelImportError
 from neuralcpm_plugin.hamiltonian.analytic import (
     ContactEnergy,
     DirectedMotion,
@@ -309,6 +309,71 @@ def test_morpheus_cubic_export_reproduces_bundle_delta(seed, contact_order, copy
             continue
         want = ham.delta_np(state, site, a)
         assert abs(got - want) <= 1e-6 * max(1.0, abs(want)), (site, a, got, want)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2 ** 31 - 1), contact_order=st.integers(1, 4), copy_order=st.integers(1, 3),
+       n_types=st.integers(1, 3), shape=st.tuples(st.integers(6, 9), st.integers(6, 9), st.integers(6, 9)))
+def test_morpheus_cubic_model_imports_back(seed, contact_order, copy_order, n_types, shape):
+    """Round trip bundle → cubic MorpheusML → ``morpheus_xml.load_model``: the same lattice, orders, T and
+    state, and the imported Hamiltonian's ΔH equals the original's for every attempt (contact, volume, external
+    potential via Haptotaxis fields, directed motion)."""
+    import tempfile
+
+    from morpheus_xml.export import build_xml
+    from morpheus_xml.importer import load_model
+    rng = np.random.default_rng(seed)
+    state = blob_state(rng, shape, int(rng.integers(2, 7)), n_types)
+    ham = random_model_3d(rng, shape, n_types, contact_order, copy_order)
+    root = build_xml(ham, state, mcs=10, seed=3)
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "m.xml"
+        p.write_bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8"))
+        m = load_model(p)
+    assert m.meta["shape"] == tuple(shape)
+    assert (m.meta["copy_order"], m.meta["contact_order"]) == (copy_order, contact_order)
+    assert m.hamiltonian.temperature == pytest.approx(ham.temperature, rel=1e-12)
+    assert m.state == state
+    vols = state.volumes()
+    for site, a in attempts(rng, state, copy_order, True, 25):
+        old = int(state.ids[site])
+        if old != 0 and vols[old] == 1:
+            continue
+        want = ham.delta_np(state, site, a)
+        got = m.hamiltonian.delta_np(m.state, site, a)
+        assert abs(got - want) <= 1e-9 * max(1.0, abs(want)), (site, a, got, want)
+
+
+def test_morpheus_cubic_import_norm_scaling_and_refusals(tmp_path):
+    """Cubic ShapeSurface scalings use Morpheus's cubic tables; what the cubic importer cannot read is named."""
+    from morpheus_xml.export import build_xml
+    from morpheus_xml.importer import CUBIC_MAGNO_NORM, CUBIC_ORDER_SIZES, load_model
+    rng = np.random.default_rng(4)
+    shape = (6, 7, 8)
+    state = blob_state(rng, shape, 4, 2)
+    ham = random_model_3d(rng, shape, 2, 3, 2, external=False, directed=False)
+    text = etree.tostring(build_xml(ham, state, mcs=5, seed=1), encoding="unicode")
+    p = tmp_path / "none.xml"
+    p.write_text(text)
+    J = load_model(p).hamiltonian.term("contact").J.detach().numpy()      # the values as written (scaling none)
+    assert J[1, 2] != 0
+    for scaling, div in (("norm", CUBIC_MAGNO_NORM[3]), ("size", CUBIC_ORDER_SIZES[3])):
+        p = tmp_path / f"{scaling}.xml"
+        p.write_text(text.replace('ShapeSurface scaling="none"', f'ShapeSurface scaling="{scaling}"'))
+        got = load_model(p).hamiltonian.term("contact").J.detach().numpy()
+        np.testing.assert_allclose(got * div, J, rtol=1e-12)
+    for old, new, msg in [('<Order>2</Order></Neighborhood><MetropolisKinetics',
+                           '<Order>9</Order></Neighborhood><MetropolisKinetics', "outside 1..8"),
+                          ('boundary="z"', 'boundary="q"', "periodic boundaries in x and y and z"),
+                          ("<Cell ", '<InitCircle number-of-cells="2"><Dimensions center="3,3,3" radius="2"/>'
+                                     '</InitCircle><Cell ', "InitCircle.*cubic")]:
+        bad = text.replace(old, new, 1)
+        assert bad != text, old
+        p = tmp_path / "bad.xml"
+        p.write_text(bad)
+        with pytest.raises(ModelImportError, match=msg) as e:
+            load_model(p)
+        assert str(p) in str(e.value)
 
 
 def test_morpheus_cubic_export_validates_and_refuses(tmp_path, schema):
