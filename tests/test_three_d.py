@@ -365,8 +365,8 @@ def test_morpheus_cubic_import_norm_scaling_and_refusals(tmp_path):
     for old, new, msg in [('<Order>2</Order></Neighborhood><MetropolisKinetics',
                            '<Order>9</Order></Neighborhood><MetropolisKinetics', "outside 1..8"),
                           ('boundary="z"', 'boundary="q"', "periodic boundaries in x and y and z"),
-                          ("<Cell ", '<InitCircle number-of-cells="2"><Dimensions center="3,3,3" radius="2"/>'
-                                     '</InitCircle><Cell ', "InitCircle.*cubic")]:
+                          ("<Cell ", ('<InitCircle number-of-cells="2"><Dimensions center="3,3,3" radius="2"/>'
+                                      '</InitCircle><Cell '), "InitCircle.*cubic")]:
         bad = text.replace(old, new, 1)
         assert bad != text, old
         p = tmp_path / "bad.xml"
