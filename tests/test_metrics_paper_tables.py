@@ -69,8 +69,14 @@ def test_table1_end_to_end(tmp_path):
     res = eval_table1.evaluate_table1(data, [(None, b), ("my model", b)], scale="smoke", classifier=tmp_path / "clf",
                                       frames=2, trajectories=5, log=lambda *a: None)
     rows = res["rows"]
-    assert set(rows) == {"real data", "Cellsort Hamiltonian", "my model"}
+    assert set(rows) == {"real data", "permuted starts (no dynamics)", "Cellsort Hamiltonian", "my model"}
     assert rows["real data"]["vol"] == 1.0 and rows["real data"]["frag"] == 1.0
+    # the starts row scores the first run's frame 0: the same permuted states rollout_run starts from
+    starts = eval_table1.permuted_starts(states, 5, np.random.default_rng(0))
+    from neuralcpm_plugin.classifier import predict_proba
+    from neuralcpm_plugin.metrics.paper import classifier_score
+    p0 = predict_proba(model, np.stack([s.to_channels()[1] for s in starts]))
+    assert rows["permuted starts (no dynamics)"]["cs"] == pytest.approx(classifier_score(p0))
     for lab in ("Cellsort Hamiltonian", "my model"):
         assert 0 <= rows[lab]["vol"] <= 1 and 0 <= rows[lab]["frag"] <= 1 and 1 <= rows[lab]["cs"] <= 10
     md = eval_table1.table1_markdown(res)
@@ -138,3 +144,28 @@ def test_three_part_closure_reports_w_a_w_l_w_g(tmp_path):
     res2 = eval_table2.evaluate_table2(data, [(None, path)], scale="smoke", frames=1, trajectories=5,
                                        log=lambda *a: None)
     assert "w_a 0.7, w_l 1.3, w_g 0.4" in eval_table2.table2_markdown(res2)
+
+
+def test_exact_classic_rollouts_and_trajectory_groups(tmp_path):
+    """--sampler exact --proposal classic runs CC3D's dynamics; --groups sets the interval's groups (an interval
+    over 2 groups of 6 trajectories differs from one over 3 groups); a bad proposal is an error naming it."""
+    from neuralcpm_plugin.errors import ConfigError
+    states = _data(8)
+    data = save_npz(tmp_path / "d.npz", states)
+    b = _bundle(tmp_path)
+    res = {g: eval_table2.evaluate_table2(data, [(None, b)], scale="smoke", frames=2, trajectories=6, groups=g,
+                                          sampler="exact", proposal="classic", log=lambda *a: None)
+           for g in (2, 3)}
+    assert res[2]["rollout"]["groups"] == 2 and res[2]["proposal"] == "classic"
+    assert res[2]["rows"]["Cellsort Hamiltonian"]["err"] == res[3]["rows"]["Cellsort Hamiltonian"]["err"]
+    assert res[2]["rows"]["Cellsort Hamiltonian"]["err_ci"] != res[3]["rows"]["Cellsort Hamiltonian"]["err_ci"]
+    assert "exact sampler, classic proposals" in eval_table2.table2_markdown(res[2])
+    assert "interval over 2 groups" in eval_table2.table2_markdown(res[2])
+    from neuralcpm_plugin.bundle import load_bundle
+    ham = load_bundle(b).hamiltonian
+    a = eval_table1.rollout(ham, states[:1], frames=1, mcs_per_frame=1.0, sampler="exact", proposal="classic")
+    c = eval_table1.rollout(ham, states[:1], frames=1, mcs_per_frame=1.0, sampler="exact", proposal="boundary")
+    assert not np.array_equal(a, c)
+    with pytest.raises(ConfigError, match="proposal"):
+        eval_table1.rollout(ham, states[:1], frames=1, mcs_per_frame=1.0, sampler="exact", proposal="random")
+    assert eval_table1.SCALES["cpu-wide"]["trajectories"] == 100 and eval_table1.SCALES["cpu-wide"]["groups"] == 10

@@ -55,13 +55,19 @@ PAPER_TABLE1 = {  # vol, frag, CS (paper Table 1)
     "Neural Hamiltonian": (0.11, 0.99, 4.91),
     "Neural Hamiltonian + closure": (1.00, 1.00, 4.35),
 }
-ROW_ORDER = ["real data", "Cellsort Hamiltonian", "Cellsort + External Potential", "CNN", "1 NH layer + CNN",
+ROW_ORDER = ["real data", "permuted starts (no dynamics)", "Cellsort Hamiltonian", "Cellsort + External Potential", "CNN", "1 NH layer + CNN",
              "Neural Hamiltonian", "Neural Hamiltonian + closure", "Local NH", "Local NH + closure", "Pooled NH",
              "Pooled NH + closure", "Local + pooled NH + closure"]
-SCALES = {  # roll-out presets
-    "paper": {"trajectories": 50, "frames": 100, "mcs_per_frame": 0.67, "flips": 50, "every": 5, "chains": 10},
-    "cpu": {"trajectories": 20, "frames": 40, "mcs_per_frame": 0.67, "flips": 50, "every": 5, "chains": 10},
-    "smoke": {"trajectories": 5, "frames": 4, "mcs_per_frame": 0.5, "flips": 50, "every": 2, "chains": 5},
+SCALES = {  # roll-out presets (groups: disjoint trajectory groups of a one-run row's 95 % interval)
+    "paper": {"trajectories": 50, "frames": 100, "mcs_per_frame": 0.67, "flips": 50, "every": 5, "chains": 10,
+              "groups": 5},
+    "cpu": {"trajectories": 20, "frames": 40, "mcs_per_frame": 0.67, "flips": 50, "every": 5, "chains": 10,
+            "groups": 5},
+    # the CPU-scale Table 1/2 of the README: 5x the trajectories, intervals over 10 groups of 10
+    "cpu-wide": {"trajectories": 100, "frames": 40, "mcs_per_frame": 0.67, "flips": 50, "every": 5, "chains": 10,
+                 "groups": 10},
+    "smoke": {"trajectories": 5, "frames": 4, "mcs_per_frame": 0.5, "flips": 50, "every": 2, "chains": 5,
+              "groups": 5},
 }
 _KIND_LABEL = {"analytic": "Cellsort Hamiltonian", "cnn": "CNN", "nh1-cnn": "1 NH layer + CNN",
                "nh": "Neural Hamiltonian", "nh-closure": "Neural Hamiltonian + closure", "local-nh": "Local NH",
@@ -155,12 +161,15 @@ def permuted_starts(states, n: int, rng: np.random.Generator) -> list[CellState]
 
 
 def rollout(hamiltonian, starts, *, frames: int, mcs_per_frame: float, flips: int = 50, seed: int = 0,
-            chains: int = 10, device="cpu", sampler: str = "parallel", progress: bool = False) -> np.ndarray:
+            chains: int = 10, device="cpu", sampler: str = "parallel", proposal: str = "boundary",
+            progress: bool = False) -> np.ndarray:
     """Trajectories ``(n, frames + 1, 2, H, W)`` int32 (frame 0 = start) under ``hamiltonian``.
 
     ``sampler="parallel"``: :class:`~neuralcpm_plugin.sampling.parallel.ParallelSampler` with ``flips``
     proposals per step and ``round(mcs_per_frame·H·W/flips)`` steps between frames, ``chains`` trajectories per
-    batch. ``sampler="exact"``: the exact sampler with boundary proposals (``mcs_per_frame`` MCS per frame).
+    batch. ``sampler="exact"``: the exact sequential sampler (``mcs_per_frame`` MCS per frame) with ``proposal``
+    "boundary" (the data generators' boundary-site proposals) or "classic" (random site, random neighbour: the
+    dynamics CompuCell3D and Morpheus run).
     """
     starts = list(starts)
     H, W = starts[0].shape
@@ -169,10 +178,12 @@ def rollout(hamiltonian, starts, *, frames: int, mcs_per_frame: float, flips: in
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(starts) * frames, desc="roll-out", unit="frame")
+    if proposal not in ("boundary", "classic"):
+        raise ConfigError(f"unknown proposal {proposal!r}; use 'boundary' or 'classic'")
     if sampler == "exact":
         from neuralcpm_plugin.sampling.exact import run_exact
         for k, s in enumerate(starts):
-            res = run_exact(s, hamiltonian, frames * mcs_per_frame, seed=seed * 7919 + k, proposal="boundary",
+            res = run_exact(s, hamiltonian, frames * mcs_per_frame, seed=seed * 7919 + k, proposal=proposal,
                             record_every=mcs_per_frame)
             for f, st in enumerate(res.frames[: frames + 1]):
                 out[k, f] = st.to_channels()
@@ -247,6 +258,14 @@ def summarise(rows: dict, metric_keys, per_group_key="groups") -> dict:
     return out
 
 
+def _dynamics(res: dict) -> str:
+    """'MCS-equivalents per frame (parallel sampler, P = 50)' or 'MCS per frame (exact sampler, ... proposals)'."""
+    cfg = res["rollout"]
+    if res["sampler"] == "exact":
+        return f"MCS per frame (exact sampler, {res.get('proposal') or 'boundary'} proposals)"
+    return f"MCS-equivalents per frame ({res['sampler']} sampler, P = {cfg['flips']})"
+
+
 def fmt(m, h, digits=2) -> str:
     if m is None or not np.isfinite(m):
         return "–"
@@ -297,7 +316,7 @@ def load_data(path):
 
 
 def rollout_run(i: int, label, path, states, bounds, cfg: dict, *, seed: int, device: str, sampler: str,
-                gif_dir=None, table: str = "table"):
+                gif_dir=None, table: str = "table", proposal: str = "boundary"):
     """Load the run at ``path``, roll it out from type-permuted real states and score every ``cfg["every"]``-th
     frame for the volume and fragmentation metrics (the part shared by Tables 1 and 2).
 
@@ -314,7 +333,7 @@ def rollout_run(i: int, label, path, states, bounds, cfg: dict, *, seed: int, de
     starts = permuted_starts(states, cfg["trajectories"], np.random.default_rng(seed * 1000 + i))
     t0 = time.perf_counter()
     traj = rollout(ham, starts, frames=cfg["frames"], mcs_per_frame=cfg["mcs_per_frame"], flips=cfg["flips"],
-                   seed=seed * 1000 + i, chains=cfg["chains"], device=device, sampler=sampler)
+                   seed=seed * 1000 + i, chains=cfg["chains"], device=device, sampler=sampler, proposal=proposal)
     secs = time.perf_counter() - t0
     sel = list(range(0, cfg["frames"] + 1, cfg["every"]))
     n_t = len(starts)
@@ -329,7 +348,8 @@ def rollout_run(i: int, label, path, states, bounds, cfg: dict, *, seed: int, de
 
 
 def evaluate_table1(data, runs, *, scale: str = "cpu", classifier=None, seed: int = 0, device: str = "cpu",
-                    sampler: str = "parallel", gif_dir=None, log=print, **overrides) -> dict:
+                    sampler: str = "parallel", proposal: str = "boundary", gif_dir=None, log=print,
+                    **overrides) -> dict:
     """Compute Table 1 for ``runs`` (paths or ``(label, path)``); returns the result dict (see module doc)."""
     from neuralcpm_plugin.classifier import predict_proba
     from neuralcpm_plugin.metrics.paper import classifier_score, volume_bounds
@@ -342,29 +362,36 @@ def evaluate_table1(data, runs, *, scale: str = "cpu", classifier=None, seed: in
     clf, clf_info = _classifier_for(data, states, labels, classifier, seed, log)
     log(f"data: {len(states)} states {states[0].shape}, volume bounds [{bounds[0]:.1f}, {bounds[1]:.1f}]; "
         f"roll-outs: {cfg}")
-    results = {"real data": [_real_row(states, bounds, clf)]}
+    results = {"real data": [_real_row(states, bounds, clf, int(cfg.get("groups", 5)))]}
     for i, (label, path) in enumerate(runs):
         lab, ham, traj, secs, vol_ok, frag_ok = rollout_run(i, label, path, states, bounds, cfg, seed=seed,
                                                             device=device, sampler=sampler, gif_dir=gif_dir,
-                                                            table="table1")
-        n_t = len(traj)
+                                                            table="table1", proposal=proposal)
+        n_t, ng = len(traj), int(cfg.get("groups", 5))
         probs = predict_proba(clf, traj[:, -1, 1])
+        if i == 0:  # the starts of the first run, before any dynamics (the same for every model at one seed)
+            p0 = predict_proba(clf, traj[:, 0, 1])
+            results["permuted starts (no dynamics)"] = [{
+                "run": "frame 0 of " + str(path), "vol": float(vol_ok[:, 0].mean()),
+                "frag": float(frag_ok[:, 0].mean()), "cs": classifier_score(p0),
+                "groups": {"cs": groups_ci(lambda g, p=p0: classifier_score(p[g]), n_t, ng)}}]
         row = {"run": str(path), "vol": float(vol_ok.mean()), "frag": float(frag_ok.mean()),
                "cs": classifier_score(probs), "seconds": round(secs, 1),
-               "groups": {"vol": groups_ci(lambda g, a=vol_ok: a[g].mean(), n_t),
-                          "frag": groups_ci(lambda g, a=frag_ok: a[g].mean(), n_t),
-                          "cs": groups_ci(lambda g, p=probs: classifier_score(p[g]), n_t)},
+               "groups": {"vol": groups_ci(lambda g, a=vol_ok: a[g].mean(), n_t, ng),
+                          "frag": groups_ci(lambda g, a=frag_ok: a[g].mean(), n_t, ng),
+                          "cs": groups_ci(lambda g, p=probs: classifier_score(p[g]), n_t, ng)},
                **closure_weights_of(ham)}
         wn = f"  {weights_text(row)}" if any(k in row for k in WEIGHT_KEYS) else ""
         log(f"{lab} [{path}]: vol {row['vol']:.2f} frag {row['frag']:.2f} CS {row['cs']:.2f} "
             f"({secs:.0f} s roll-out){wn}")
         results.setdefault(lab, []).append(row)
     summary = summarise(results, ["vol", "frag", "cs"])
-    return {"table": "table1", "data": str(data), "rollout": cfg, "sampler": sampler, "volume_bounds": bounds,
+    return {"table": "table1", "data": str(data), "rollout": cfg, "sampler": sampler,
+            "proposal": proposal if sampler == "exact" else None, "volume_bounds": bounds,
             "classifier": {k: v for k, v in clf_info.items() if k != "curve"}, "rows": summary, "raw": results}
 
 
-def _real_row(states, bounds, clf) -> dict:
+def _real_row(states, bounds, clf, n_groups: int = 5) -> dict:
     from neuralcpm_plugin.classifier import predict_proba
     from neuralcpm_plugin.metrics.paper import classifier_score, fragmentation_metric, volume_metric
 
@@ -372,7 +399,7 @@ def _real_row(states, bounds, clf) -> dict:
     n = len(states)
     return {"run": "data", "vol": volume_metric(states, bounds), "frag": fragmentation_metric(states),
             "cs": classifier_score(probs),
-            "groups": {"cs": groups_ci(lambda g: classifier_score(probs[g]), n)}}
+            "groups": {"cs": groups_ci(lambda g: classifier_score(probs[g]), n, n_groups)}}
 
 
 def table1_markdown(res: dict) -> str:
@@ -386,16 +413,18 @@ def table1_markdown(res: dict) -> str:
             lines.append(_not_run_row(lab, p))
             continue
         p = PAPER_TABLE1.get(lab, (None, None, None))
-        dag = "†" if d["n_runs"] == 1 and lab != "real data" else ""
+        dag = "†" if d["n_runs"] == 1 and lab not in ("real data", "permuted starts (no dynamics)") else ""
         lines.append(f"| {lab} | {d['n_runs']} | {fmt(d['vol'], d['vol_ci'])}{dag} | {fmt(d['frag'], d['frag_ci'])}"
                      f"{dag} | {fmt(d['cs'], d['cs_ci'])}{dag} | {weights_text(d)} | "
                      + " | ".join("–" if v is None else f"{v:.2f}" for v in p) + " |")
     cfg = res["rollout"]
     lines.append("")
     lines.append(f"Roll-outs: {cfg['trajectories']} trajectories per run × {cfg['frames']} frames, "
-                 f"{cfg['mcs_per_frame']} MCS-equivalents per frame ({res['sampler']} sampler, P = {cfg['flips']}), "
+                 f"{cfg['mcs_per_frame']} {_dynamics(res)}, "
                  f"metrics on every {cfg['every']}th frame; CS on final frames. ± = 95 % interval over seeds; "
-                 "† = one run: interval over 5 groups of its trajectories.")
+                 f"† = one run: interval over {cfg.get('groups', 5)} groups of its trajectories. The permuted-starts "
+                 "row scores the first run's start frames (real final frames, cell types permuted), before any "
+                 "dynamics.")
     return "\n".join(lines)
 
 
@@ -405,7 +434,8 @@ def add_common_arguments(p: argparse.ArgumentParser, default_data: str) -> None:
                    help="run folders or bundles (LABEL=PATH to name the row); several runs of one model = seeds")
     p.add_argument("--data", default=default_data, help=f"training data .npz (default {default_data})")
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
-                   help="roll-out preset: paper (50 traj x 100 frames), cpu (20 x 40), smoke (5 x 4)")
+                   help="roll-out preset: paper (50 traj x 100 frames), cpu (20 x 40), cpu-wide (100 x 40, "
+                        "10 groups), smoke (5 x 4)")
     p.add_argument("--trajectories", type=int, default=None)
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--mcs-per-frame", type=float, default=None)
@@ -413,6 +443,11 @@ def add_common_arguments(p: argparse.ArgumentParser, default_data: str) -> None:
     p.add_argument("--every", type=int, default=None, help="metrics on every k-th frame")
     p.add_argument("--chains", type=int, default=None, help="trajectories simulated together")
     p.add_argument("--sampler", choices=["parallel", "exact"], default="parallel")
+    p.add_argument("--proposal", choices=["boundary", "classic"], default="boundary",
+                   help="exact sampler's copy proposals: boundary (the data generators') or classic (random site "
+                        "and neighbour: CompuCell3D's and Morpheus's dynamics)")
+    p.add_argument("--groups", type=int, default=None,
+                   help="disjoint trajectory groups for a one-run row's 95 %% interval (preset: 5; cpu-wide: 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
@@ -430,7 +465,7 @@ def overrides_of(args) -> dict:
     if getattr(args, "threads", None):
         torch.set_num_threads(int(args.threads))
     return {"trajectories": args.trajectories, "frames": args.frames, "mcs_per_frame": args.mcs_per_frame,
-            "flips": args.flips, "every": args.every, "chains": args.chains}
+            "flips": args.flips, "every": args.every, "chains": args.chains, "groups": args.groups}
 
 
 def claim_outputs(args) -> None:
@@ -457,8 +492,8 @@ def write_outputs(res: dict, md: str, out) -> None:
 def run(args) -> int:
     claim_outputs(args)
     res = evaluate_table1(args.data, parse_runs(args.runs), scale=args.scale, classifier=args.classifier,
-                          seed=args.seed, device=args.device, sampler=args.sampler, gif_dir=args.gif,
-                          **overrides_of(args))
+                          seed=args.seed, device=args.device, sampler=args.sampler, proposal=args.proposal,
+                          gif_dir=args.gif, **overrides_of(args))
     write_outputs(res, table1_markdown(res), args.out)
     return 0
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from .eval_table1 import (
     SCALES,
+    _dynamics,
     _not_run_row,
     add_common_arguments,
     claim_outputs,
@@ -61,7 +62,7 @@ def _org(states) -> tuple[float, float]:
 
 
 def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: str = "cpu", sampler: str = "parallel",
-                    gif_dir=None, log=print, **overrides) -> dict:
+                    proposal: str = "boundary", gif_dir=None, log=print, **overrides) -> dict:
     """Compute Table 2 for ``runs`` (paths or ``(label, path)``); returns the result dict."""
     from neuralcpm_plugin.metrics.paper import (
         fragmentation_metric,
@@ -91,8 +92,8 @@ def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: st
     for i, (label, path) in enumerate(runs):
         lab, ham, traj, secs, vol_ok, frag_ok = rollout_run(i, label, path, states, bounds, cfg, seed=seed,
                                                             device=device, sampler=sampler, gif_dir=gif_dir,
-                                                            table="table2")
-        n_t = len(traj)
+                                                            table="table2", proposal=proposal)
+        n_t, ng = len(traj), int(cfg.get("groups", 5))
         finals = states_of(traj[:, -1])
         m2 = np.stack([second_moments(s) for s in finals])
 
@@ -103,15 +104,16 @@ def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: st
         o1, o2 = _org(finals)
         row = {"run": str(path), "vol": float(vol_ok.mean()), "frag": float(frag_ok.mean()),
                "err": err_of(np.arange(n_t)), "org1": o1, "org2": o2, "seconds": round(secs, 1),
-               "groups": {"vol": groups_ci(lambda g, a=vol_ok: a[g].mean(), n_t),
-                          "frag": groups_ci(lambda g, a=frag_ok: a[g].mean(), n_t),
-                          "err": groups_ci(err_of, n_t)},
+               "groups": {"vol": groups_ci(lambda g, a=vol_ok: a[g].mean(), n_t, ng),
+                          "frag": groups_ci(lambda g, a=frag_ok: a[g].mean(), n_t, ng),
+                          "err": groups_ci(err_of, n_t, ng)},
                **closure_weights_of(ham)}
         log(f"{lab} [{path}]: vol {row['vol']:.2f} frag {row['frag']:.2f} err {row['err']:.1f} "
             f"org {o1:.2f}/{o2:.2f} ({secs:.0f} s roll-out)")
         results.setdefault(lab, []).append(row)
     summary = summarise(results, ["vol", "frag", "err", "org1", "org2"])
-    return {"table": "table2", "data": str(data), "rollout": cfg, "sampler": sampler, "volume_bounds": bounds,
+    return {"table": "table2", "data": str(data), "rollout": cfg, "sampler": sampler,
+            "proposal": proposal if sampler == "exact" else None, "volume_bounds": bounds,
             "real_second_moments": real_m2.tolist(), "rows": summary, "raw": results}
 
 
@@ -135,9 +137,10 @@ def table2_markdown(res: dict) -> str:
     cfg = res["rollout"]
     lines.append("")
     lines.append(f"Roll-outs: {cfg['trajectories']} trajectories per run × {cfg['frames']} frames, "
-                 f"{cfg['mcs_per_frame']} MCS-equivalents per frame ({res['sampler']} sampler, P = {cfg['flips']}); "
+                 f"{cfg['mcs_per_frame']} {_dynamics(res)}; "
                  f"vol/frag on every {cfg['every']}th frame, error and organisation on final frames. ± = 95 % "
-                 "interval over seeds; † = one run: interval over 5 groups of its trajectories. The real-data row's "
+                 f"interval over seeds; † = one run: interval over {cfg.get('groups', 5)} groups of its trajectories. The "
+                 "real-data row's "
                  "error compares two random halves of the data.")
     return "\n".join(lines)
 
@@ -149,6 +152,6 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     claim_outputs(args)
     res = evaluate_table2(args.data, parse_runs(args.runs), scale=args.scale, seed=args.seed, device=args.device,
-                          sampler=args.sampler, gif_dir=args.gif, **overrides_of(args))
+                          sampler=args.sampler, proposal=args.proposal, gif_dir=args.gif, **overrides_of(args))
     write_outputs(res, table2_markdown(res), args.out)
     return 0
