@@ -188,17 +188,60 @@ def test_stop_and_resume_in_process_matches_uninterrupted(tmp_path, data, chain_
 def test_exact_chains_use_the_configured_proposal(tmp_path, data, monkeypatch, proposal):
     from neuralcpm_plugin.sampling import exact
     seen = []
-    real = exact.run_exact
+    real = exact.ExactSampler
 
-    def spy(*a, **kw):
-        seen.append(kw.get("proposal"))
-        return real(*a, **kw)
+    class Spy(real):
+        def __init__(self, *a, **kw):
+            seen.append(kw.get("proposal"))
+            super().__init__(*a, **kw)
 
-    monkeypatch.setattr(exact, "run_exact", spy)
+    monkeypatch.setattr(exact, "ExactSampler", Spy)
     out = tmp_path / "run"
     fit(_cfg(tmp_path, data, out, iterations=2, sampler="exact", proposal=proposal, reset_prob=1.0,
              reset_permute=False), progress=False)
     assert len(seen) == 2 * 4 and set(seen) == {proposal}
+
+
+def test_exact_chain_sweep_equals_run_exact_per_chain():
+    """ExactChainSampler (one sampler per chain, neural weights shared across chains) moves every chain as
+    ``run_exact`` from the chain's state with the seed drawn from the generator: same lattices, same counts."""
+    from neuralcpm_plugin.hamiltonian.base import Batch
+    from neuralcpm_plugin.sampling.exact import run_exact
+    from training.fit import build_model
+    from training.pcd import ExactChainSampler
+    states = block_states(3, size=24)
+    cfg = load_config(None, {"name": "t", "model": {"kind": "local-pooled-closure",
+                                                    "neural": {"stride": 3, "channels": 4},
+                                                    "pooled": {"stride": 3, "channels": 4, "hidden": 8}}})
+    ham, _ = build_model(cfg, states, seed=0)
+    batch = Batch.from_states(states)
+    g = torch.Generator().manual_seed(5)
+    g2 = torch.Generator().manual_seed(5)
+    seeds = [int(torch.randint(0, 2 ** 62, (), generator=g2)) for _ in states]
+    before = batch.ids.clone()
+    st = ExactChainSampler(ham, proposal="boundary").sweep(batch, 0.5, g)
+    acc = cand = 0
+    for b, (state, seed) in enumerate(zip(states, seeds)):
+        ref = run_exact(state, ham, 0.5, seed=seed, proposal="boundary")
+        assert np.array_equal(batch.ids[b].numpy(), ref.final.ids)
+        vol = np.bincount(ref.final.ids.ravel(), minlength=batch.volumes.shape[1])
+        assert np.array_equal(batch.volumes[b].numpy()[1:], vol[1:])
+        acc, cand = acc + ref.stats["accepted"], cand + ref.stats["candidates"]
+    assert not torch.equal(before, batch.ids) and st["acceptance"] == acc / cand
+
+
+def test_resume_with_exact_chains_and_compiled_neural_terms_matches_uninterrupted(tmp_path, data):
+    """pcd.sampler = "exact" with the local + pooled closure (compiled terms in the sampler's loop): stopping
+    after 2 iterations and resuming gives the same checkpoint as 4 iterations at once."""
+    def cfg(out, n):
+        c = _cfg(tmp_path, data, out, iterations=n, sampler="exact", proposal="boundary", checkpoint_every=2)
+        c["model"].update(kind="local-pooled-closure", neural={"stride": 3, "channels": 4},
+                          pooled={"stride": 3, "channels": 4, "hidden": 8})
+        return c
+    fit(cfg(tmp_path / "ref", 4), progress=False)
+    fit(cfg(tmp_path / "split", 2), progress=False)
+    fit(cfg(tmp_path / "split", 4), resume=True, progress=False)
+    _same(_ckpt(tmp_path / "ref")[0], _ckpt(tmp_path / "split")[0])
 
 
 def test_unknown_pcd_proposal_is_a_clear_error(tmp_path, data):

@@ -59,13 +59,24 @@ def chain_seed(seed: int, chain: int, stream: int) -> int:
 
 
 class ExactChainSampler:
-    """The classic sequential sampler (``sampling.exact.run_exact``) behind the parallel sampler's ``sweep`` API.
+    """The classic sequential sampler (:class:`~neuralcpm_plugin.sampling.exact.ExactSampler`) behind the
+    parallel sampler's ``sweep`` API.
 
     ``pcd.sampler = "exact"``: chains follow the same dynamics as CompuCell3D / Morpheus (random site, random
     neighbour, Metropolis), so PCD targets the distribution the classic-CPM data came from (``pcd.proposal =
-    "boundary"``: the boundary-site proposal of the cell-sorting generator instead); slower per MCS than
-    the parallel sampler for neural terms (they go through ``delta_np``). One seed per chain and sweep is drawn
-    from the chain's sampler generator, so runs stay reproducible and resumable.
+    "boundary"``: the boundary-site proposal of the cell-sorting generator instead).  Analytic terms and the
+    compiled neural terms (one ``local_nh``, one ``pooled_nh``, 2-D) run inside the sampler's compiled loop,
+    from per-lattice caches; any other neural term goes through ``delta_np`` once per candidate (slow).
+
+    Per :meth:`sweep` the current parameters are read once: the numpy evaluators and the compiled weight
+    tuples of the neural terms are built once and shared by every chain of the batch (they are cached on the
+    terms until a parameter changes), then each chain gets a sampler whose caches are filled from its lattice
+    (one compiled pass, O(sites)).  The caches cannot outlive a sweep: the optimiser changes the weights
+    between sweeps, and every cached per-patch quantity depends on them.
+
+    Randomness: one seed per chain and sweep is drawn from the chain's sampler generator, and the sampler's
+    state at the start of a sweep is a function of (chain lattice, parameters, seed) only, so runs stay
+    reproducible and ``--resume`` continues exactly as an uninterrupted run.
     """
 
     def __init__(self, hamiltonian, n_flips: int = 0, *, proposal: str = "classic"):
@@ -75,16 +86,18 @@ class ExactChainSampler:
     @torch.no_grad()
     def sweep(self, batch: Batch, mcs: float, generator: torch.Generator | None = None) -> dict:
         from neuralcpm_plugin.lattice import CellState
-        from neuralcpm_plugin.sampling.exact import run_exact
+        from neuralcpm_plugin.sampling.exact import ExactSampler
         acc = cand = 0
+        ids_all = batch.ids.cpu().numpy()
+        types_all = batch.types.cpu().numpy()
         for b in range(batch.B):
             seed = int(torch.randint(0, 2 ** 62, (), generator=generator))
-            ids = batch.ids[b].cpu().numpy().astype(np.int32)
-            types = batch.types[b].cpu().numpy().astype(np.int32)
-            res = run_exact(CellState(ids, types), self.hamiltonian, float(mcs), seed=seed, proposal=self.proposal)
-            batch.ids[b].copy_(torch.as_tensor(res.final.ids.astype(np.int64)))
-            acc += int(res.stats.get("accepted", 0))
-            cand += int(res.stats.get("candidates", 0))
+            state = CellState(ids_all[b].astype(np.int32), types_all[b].astype(np.int32))
+            sampler = ExactSampler(state, self.hamiltonian, seed=seed, proposal=self.proposal)
+            st = sampler.step(float(mcs))
+            batch.ids[b].copy_(torch.from_numpy(sampler.ids.astype(np.int64)))
+            acc += int(st.get("accepted", 0))
+            cand += int(st.get("candidates", 0))
         batch.recount_volumes()
         return {"acceptance": acc / cand if cand else float("nan")}
 

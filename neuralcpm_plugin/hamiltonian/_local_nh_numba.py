@@ -118,30 +118,34 @@ _LN2LO = 1.90821492927058770002e-10
 _MAGIC = 6755399441055744.0  # 1.5·2^52: x + _MAGIC − _MAGIC rounds x to the nearest integer
 
 
+_MAGIC_BITS = int(np.float64(_MAGIC).view(np.int64))
+# Taylor coefficients 1/k! of e^r, k = 0..13
+_E3, _E4, _E5, _E6, _E7 = 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0
+_E8, _E9, _E10, _E11 = 1.0 / 40320.0, 1.0 / 362880.0, 1.0 / 3628800.0, 1.0 / 39916800.0
+_E12, _E13 = 1.0 / 479001600.0, 1.0 / 6227020800.0
+
+
 @_jit(inline="always")
 def _exp(x):
-    """e^x for |x| ≤ 700 (clamped beyond), within 1 ulp of libm: Cody–Waite reduction x = n·ln2 + r,
-    |r| ≤ ln2/2, degree-13 Taylor polynomial, 2^n from the exponent bits.  Written without calls so that
-    LLVM vectorizes the loops that use it (numba has no vector exp without Intel SVML)."""
+    """e^x for |x| ≤ 700 (clamped beyond), within 2 ulp of libm: Cody–Waite reduction x = n·ln2 + r,
+    |r| ≤ ln2/2, degree-13 Taylor polynomial in Estrin's form (short dependency chains), 2^n from the
+    exponent bits.  n is read from the bits of x·log2(e) + 1.5·2^52 (no float → int conversion, which AVX2
+    cannot vectorize).  Written without calls so that LLVM vectorizes the loops that use it (numba has no
+    vector exp without Intel SVML)."""
     x = min(x, 700.0)
     x = max(x, -700.0)
-    n = (x * _LOG2E + _MAGIC) - _MAGIC
+    t = x * _LOG2E + _MAGIC
+    n = t - _MAGIC
     r = (x - n * _LN2HI) - n * _LN2LO
-    p = 1.0 / 6227020800.0
-    p = p * r + 1.0 / 479001600.0
-    p = p * r + 1.0 / 39916800.0
-    p = p * r + 1.0 / 3628800.0
-    p = p * r + 1.0 / 362880.0
-    p = p * r + 1.0 / 40320.0
-    p = p * r + 1.0 / 5040.0
-    p = p * r + 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
-    return p * np.int64((np.int64(n) + 1023) << 52).view(np.float64)
+    r2 = r * r
+    r4 = r2 * r2
+    q0 = (1.0 + r) + (0.5 + r * _E3) * r2
+    q1 = (_E4 + r * _E5) + (_E6 + r * _E7) * r2
+    q2 = (_E8 + r * _E9) + (_E10 + r * _E11) * r2
+    q3 = _E12 + r * _E13
+    p = (q0 + q1 * r4) + (q2 + q3 * r4) * (r4 * r4)
+    ni = np.float64(t).view(np.int64) - _MAGIC_BITS
+    return p * np.int64((ni + 1023) << 52).view(np.float64)
 
 
 @_jit(inline="always")
@@ -212,7 +216,7 @@ def _silu_rows(X, R):
         f[i] = _silu(f[i])
 
 
-@_jit
+@_jit(inline="always")
 def _patch_features(pids, types, W, cells, psi, uw, gpsi, guw, A, S, g_reuse, keep_a, keep_b):
     """Stage 1 of one patch (ids ``pids`` [ss], patch-major positions): its distinct cells, their ψ and
     W_u·u, the ghost's, and A.  Returns the number of cells.
@@ -303,7 +307,7 @@ def _patch_features(pids, types, W, cells, psi, uw, gpsi, guw, A, S, g_reuse, ke
     return n
 
 
-@_jit
+@_jit(inline="always")
 def _gather_patch(ids, S, W, g, pids):
     geo = S[_S_GEO]
     Wd = geo[1]
@@ -476,29 +480,34 @@ def nh_delta_q(x, new, ids, types, W, S):
     T2 = S[_S_T2]
     rowo = S[_S_ROWO]
     roww = S[_S_ROWW]
+    pn = S[_S_PN]
+    uw = S[_S_UW]
+    guw = S[_S_GUW]
+    cuw = S[_S_CUW]
     nr = 0
     for o in range(nout):
         go = out[o]
         mark[go] = -1
-        if go == g0:
+        if go == g0:  # the changed patch: its after-state rows
             no = n
-            uwsrc = S[_S_CUW]
-            gsrc = cg[1]
-        else:
-            no = S[_S_PN][go]
-            uwsrc = S[_S_UW][go]
-            gsrc = S[_S_GUW][go]
-        for m in range(no):
+            for m in range(no):
+                for c in range(C):
+                    T1[nr + m, c] = cuw[m, c] + oca[o, c]
             for c in range(C):
-                T1[nr, c] = uwsrc[m, c] + oca[o, c]
-            rowo[nr] = o
-            roww[nr] = 1.0
-            nr += 1
-        for c in range(C):
-            T1[nr, c] = gsrc[c] + oca[o, c]
-        rowo[nr] = o
-        roww[nr] = -float(no)
-        nr += 1
+                T1[nr + no, c] = cg[1, c] + oca[o, c]
+        else:
+            no = pn[go]
+            for m in range(no):
+                for c in range(C):
+                    T1[nr + m, c] = uw[go, m, c] + oca[o, c]
+            for c in range(C):
+                T1[nr + no, c] = guw[go, c] + oca[o, c]
+        for m in range(no):
+            rowo[nr + m] = o
+            roww[nr + m] = 1.0
+        rowo[nr + no] = o
+        roww[nr + no] = -float(no)
+        nr += no + 1
     _silu_rows(T1, nr)
     _mm_rows(T1, nr, W[11], W[12], T2)
     _silu_rows(T2, nr)
@@ -781,6 +790,19 @@ def pooled_accept_packed(x, new, L, LP):
 
 
 # ------------------------------------------------------------------------------------------- Python face
+def _cached_on(evaluator, attr, build):
+    """``build(evaluator)``, kept on the evaluator (its weights never change: a parameter update makes a new
+    evaluator), so every sampler built from one evaluator shares one weights tuple."""
+    w = getattr(evaluator, attr, None)
+    if w is None:
+        w = build(evaluator)
+        try:
+            setattr(evaluator, attr, w)
+        except AttributeError:  # an evaluator with __slots__: no sharing
+            pass
+    return w
+
+
 class LocalNHCompiled:
     """Compiled ΔH of a local NH for one lattice, with caches kept by :meth:`accept`.
 
@@ -794,7 +816,7 @@ class LocalNHCompiled:
     def __init__(self, evaluator, refresh_every: int = 4096):
         self.evaluator = evaluator
         self.scale = float(evaluator.scale)
-        self.W = weights_from_numpy(evaluator)
+        self.W = _cached_on(evaluator, "_nb_weights", weights_from_numpy)
         self.T = int(evaluator.T)
         self.refresh_every = int(refresh_every)
         self.S = None
@@ -820,10 +842,18 @@ class LocalNHCompiled:
         self.shape = ids.shape
         self.S = new_state(self.W, ids.shape, self.refresh_every)
         full_init(ids.reshape(-1), types, self.W, self.S)
-        from numba import typed
-        self._L = typed.List()
-        self._L.append((ids.reshape(-1), types, self.W, self.S))  # same buffers, one cheap argument
+        self._L_cache = None
         self._Wd = int(ids.shape[1])
+
+    @property
+    def _L(self):
+        """(ids, types, W, S) in a numba typed List (one cheap argument for the packed calls; built on first
+        use: its construction costs ≈ 1 ms, which the exact sampler, which never uses it, need not pay)."""
+        if self._L_cache is None:
+            from numba import typed
+            self._L_cache = typed.List()
+            self._L_cache.append((self._ids.reshape(-1), self._types, self.W, self.S))  # same buffers
+        return self._L_cache
 
     def _flat(self, ids, types, site):
         if ids is not self._ids or types is not self._types or self.S is None:
@@ -868,7 +898,7 @@ class PooledNHCompiled(LocalNHCompiled):
         LocalNHCompiled.__init__(self, evaluator.features, refresh_every)
         self.pooled = evaluator
         self.scale = float(evaluator.scale)
-        self.P = pooled_weights(evaluator)
+        self.P = _cached_on(evaluator, "_nb_pooled_weights", pooled_weights)
         self.z_refresh_every = int(z_refresh_every)
         self.PS = None
 
@@ -878,9 +908,16 @@ class PooledNHCompiled(LocalNHCompiled):
         LocalNHCompiled.bind(self, ids, types)
         self.PS = new_pooled_state(self.P, self.z_refresh_every)
         _pooled_Z_from_q(self.P, self.S, self.PS)
-        from numba import typed
-        self._LP = typed.List()
-        self._LP.append((self.P, self.PS))
+        self._LP_cache = None
+
+    @property
+    def _LP(self):
+        """(P, PS) in a numba typed List (built on first use, as :attr:`_L`)."""
+        if self._LP_cache is None:
+            from numba import typed
+            self._LP_cache = typed.List()
+            self._LP_cache.append((self.P, self.PS))
+        return self._LP_cache
 
     def delta(self, ids, types, site, new_id) -> float:
         d = pooled_delta_packed(self._flat(ids, types, site), int(new_id), self._L, self._LP)
