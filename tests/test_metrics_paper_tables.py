@@ -96,8 +96,13 @@ def test_table2_end_to_end(tmp_path):
     assert rows["real data"]["org2"] > 0.5
     d = rows["Cellsort Hamiltonian"]
     assert d["err"] >= 0 and 0 <= d["vol"] <= 1 and np.isfinite(d["err_ci"])
+    # the starts before any dynamics: the first run's frame 0, i.e. the permuted data states of its seed
+    from neuralcpm_plugin.metrics.paper import mean_second_moments, moment_error
+    starts = eval_table1.permuted_starts(states, 5, np.random.default_rng(0))
+    s0 = rows["permuted starts (no dynamics)"]
+    assert s0["err"] == pytest.approx(moment_error(mean_second_moments(starts), mean_second_moments(states)))
     md = eval_table2.table2_markdown(res)
-    assert "37.3" in md and "| Cellsort Hamiltonian | 1 |" in md
+    assert "37.3" in md and "| Cellsort Hamiltonian | 1 |" in md and "| permuted starts (no dynamics) | 1 |" in md
 
 
 def test_run_label_from_terms(tmp_path):

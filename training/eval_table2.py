@@ -11,6 +11,8 @@ the parallel sampler (P = 50), ``frames`` frames ``mcs_per_frame`` apart. Metric
   axis of the type-2 pixels (final frames; the real data's values are in the "real data" row).
 
 The "real data" row compares two random halves of the data with each other (the error's noise floor).
+The "permuted starts (no dynamics)" row scores the first run's start states (frame 0): what the dynamics
+have to improve on.
 The paper's numbers (149 × 149 lattice) are printed beside ours; the error is in sites², so it only compares
 at the same lattice scale.
 """
@@ -101,6 +103,13 @@ def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: st
             with np.errstate(invalid="ignore"):
                 return float(np.sqrt(np.nanmean((np.nanmean(m2[g], axis=0) - real_m2) ** 2)))
 
+        if i == 0:  # the starts of the first run, before any dynamics (the same for every model at one seed)
+            m0 = np.stack([second_moments(s) for s in states_of(traj[:, 0])])
+            s1, s2 = _org(states_of(traj[:, 0]))
+            results["permuted starts (no dynamics)"] = [{
+                "run": "frame 0 of " + str(path), "vol": float(vol_ok[:, 0].mean()),
+                "frag": float(frag_ok[:, 0].mean()), "err": err_of(np.arange(n_t), m0), "org1": s1, "org2": s2,
+                "groups": {"err": groups_ci(lambda g, m=m0: err_of(g, m), n_t, ng)}}]
         o1, o2 = _org(finals)
         row = {"run": str(path), "vol": float(vol_ok.mean()), "frag": float(frag_ok.mean()),
                "err": err_of(np.arange(n_t)), "org1": o1, "org2": o2, "seconds": round(secs, 1),
@@ -128,7 +137,7 @@ def table2_markdown(res: dict) -> str:
             lines.append(_not_run_row(lab, p, n_ours=6))
             continue
         p = PAPER_TABLE2.get(lab, (None, None, None))
-        dag = "†" if d["n_runs"] == 1 and lab != "real data" else ""
+        dag = "†" if d["n_runs"] == 1 and lab not in ("real data", "permuted starts (no dynamics)") else ""
         lines.append(f"| {lab} | {d['n_runs']} | {fmt(d['vol'], d['vol_ci'])}{dag} | {fmt(d['frag'], d['frag_ci'])}"
                      f"{dag} | {fmt(d['err'], d['err_ci'], 1)}{dag} | {fmt(d['org1'], None)} | {fmt(d['org2'], None)} "
                      f"| {weights_text(d)} | "
