@@ -76,9 +76,10 @@ def test_incremental_bookkeeping_matches_recount(proposal, periodic):
     assert s.stats()["accepted"] > 50
     if proposal == "boundary":
         bm = boundary_mask(s.ids, 2, periodic).ravel()
-        assert s._bcount[0] == bm.sum()
-        assert set(s._blist[: s._bcount[0]].tolist()) == set(np.nonzero(bm)[0].tolist())
-        assert np.array_equal(s._bflag.astype(bool), bm)
+        bflag, blist, _bpos, bcount = s._B
+        assert bcount[0] == bm.sum()
+        assert set(blist[: bcount[0]].tolist()) == set(np.nonzero(bm)[0].tolist())
+        assert np.array_equal(bflag.astype(bool), bm)
 
 
 def test_cells_are_never_deleted():
@@ -97,9 +98,7 @@ def _candidate_distribution(state, proposal, n_draws, seed=0):
     s = ExactSampler(state, None, seed=seed, terms=[], temperature=1.0, proposal=proposal)
     counts = {}
     for _ in range(n_draws):
-        _done, pending, x, new, _dh = K.sweep(s._ids, s._types, s._vol, s.pack.P, s._A, s._nb, s._nvalid, s._rng,
-                                            10**6, 1.0, 0 if proposal == "classic" else 1, True, s._bflag,
-                                            s._blist, s._bpos, s._bcount, s.counters)
+        _done, pending, x, new, _dh = s._sweep(10**6, stop_at_candidate=True)
         assert pending == 1
         counts[(int(x), int(new))] = counts.get((int(x), int(new)), 0) + 1
     return s, counts
@@ -153,8 +152,7 @@ def test_metropolis_acceptance_probability(dh):
     n, acc = 20000, 0
     x = 5  # (1, 1), in cell 1; copying medium there keeps the cell alive
     for _ in range(n):
-        a = K.decide(x, 0, dh, s._ids, s._vol, s.pack.P, s._A, s._rng, 1 / 1.3, 0, s._nb, s._bflag, s._blist,
-                     s._bpos, s._bcount, s.counters)
+        a = s._decide(x, 0, dh)
         if a:
             acc += 1
             s._ids[x] = 1

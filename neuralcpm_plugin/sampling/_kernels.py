@@ -2,43 +2,86 @@
 
 Everything here works on *flat* lattices: a state is ``ids`` (int32, shape ``(N,)``, row-major over the
 lattice shape), ``types`` (int32, ``(C,)``, type per id) and ``vol`` (int64, ``(C,)``, sites per id, kept
-incrementally). Geometry enters only through neighbour tables (int32 ``(N, K)``, flat site index of each
-neighbour, ``-1`` outside a non-periodic lattice), so the same kernels serve 2-D and 3-D, periodic or not.
+incrementally).
 
-Analytic parameters are packed into one tuple ``P`` (see :func:`pack_params` in ``exact.py``)::
+Geometry (no per-site tables): neighbours are computed by index arithmetic from a tuple built by
+``exact.geometry``::
 
-    P = (has_contact, cnb, Jn,                # contact: table (N, Kn), per-column J (Kn, T1, T1)
-         has_volume, lam, lamV,               # volume: Σλ_k and Σλ_k·V*_k per type (T1,)
-         has_ext, ext,                        # external: Σ μ_k(t)·φ_k(i), (T1, N)
-         has_surface, snb, slam, starget,     # surface: table (N, Ks), λ and S* per type (T1,)
-         has_dm, dm_mode, dm_vec, dm_band, dm_strength, shape, coords, periodic)  # directed motion
+    G = (shape, periodic, offs, fd, M1, M2, fd_array)
 
-and the mutable per-cell state into ``A = (surf, cm_ref, cm_sum, head, nxt, prv)`` (surface per id; for
+``shape`` a tuple of ints (2-D or 3-D: the tuple's length is a compile-time constant, so every loop over the
+axes is unrolled), ``offs`` (K, ndim) int64 the copy neighbourhood's offsets (``lattice.neighbour_offsets``
+order) and ``fd`` the same offsets as flat index deltas, both tuples of ints (loops over them unroll, their
+values stay in registers), ``fd_array`` = ``fd`` as an int64 array (for the random pick of a neighbour). A site whose coordinates lie at least ``M1``
+from every edge (``M1`` = the largest of the copy, contact and surface ranges) has all its neighbours at
+``x + fd[j]`` — no wrap, no boundary check (the *fast* path, true for all but a thin frame of sites); other
+sites take the *slow* path: coordinates, per-axis periodic wrap (``%``, so tiny lattices work) or ``-1``
+outside a non-periodic lattice, and a neighbour that wraps onto the site itself is dropped by the energy
+terms (as ``exact.neighbour_table(..., drop_self=True)``). A classic source ``s`` at least ``M2 = copy
+range + M1`` from every edge has a fast target. The neighbour order is the offset order in both paths, so
+sums and picks are identical to table-based code.
+
+Analytic terms: ``P = (C, V, E, S, D)``, each ``None`` when the Hamiltonian has no such term. Each term's
+ΔH and bookkeeping is an ``overload`` that picks its implementation from the argument's type at compile time
+(``None`` → nothing) and is inlined, so every term set gets its own specialised kernel with no flag tests,
+calls or reference counting in the loop::
+
+    C = (coffs (Kn, nd), cfd (Kn,), J (T1, T1), Jn (Kn, T1, T1) or None)   # contact; Jn per column when
+                                                                          # terms of several orders add up
+    V = (lam, lamv)                    # volume: Σλ_k and Σλ_k·V*_k per type (T1,)
+    E = ext                            # external: Σ μ_k(t)·φ_k(i), (T1, N)
+    S = (soffs, sfd, slam, starget)    # surface: neighbourhood, λ and S* per type (T1,)
+    D = (dm_mode, dm_vec, dm_band, dm_strength, shape_f, coords, periodic)  # directed motion
+
+and the mutable per-cell state ``A = (surf, cm_ref, cm_sum, head, nxt, prv)`` (surface per id; for
 directed motion: per id the reference site = its smallest flat site index, the sum of the minimal-image
 displacements of its sites from it, and a doubly linked list of its sites so that a change of reference
 site costs O(V)).
 
-Compiled neural terms travel in a second tuple ``NN`` (built by ``exact.neural_pack``)::
+Proposal: ``B = None`` for the classic proposal, ``B = (bflag, blist, bpos, bcount)`` for the boundary
+proposal (``bflag[y]`` = number of copy neighbours of ``y`` with another id, kept incrementally;
+``blist[:bcount[0]]`` the sites with ``bflag > 0``, ``bpos`` their positions or -1).
+
+Compiled neural terms travel in a tuple ``NN`` (built by ``exact.neural_pack``)::
 
     NN = (flags int64 [2], scales float64 [2],   # flags: a local NH / a pooled NH is present; their scales
           Wl, Sl,                                # local NH weights and per-lattice caches (_local_nh_numba)
           Wp, Sp, Pp, PSp)                       # pooled NH: feature weights, caches, MLP weights, Z cache
 
-(dummies of the same types when absent).  Their ΔH is added to the analytic one inside :func:`sweep`; an
-accepted copy updates their caches (:func:`neural_accept`) before the lattice is written.
+or ``None`` (pruned). Their ΔH is added to the analytic one inside :func:`sweep`; an accepted copy updates
+their caches (:func:`neural_accept`) before the lattice is written.
 
-Random numbers: xoshiro256** (Blackman & Vigna) with a 4-word uint64 state array; seeded in Python through
-splitmix64, so a run is a pure function of its seed.
+One path: :func:`sweep` (the loop), :func:`decide` (the Metropolis decision for a candidate that Python
+completed with a non-compiled ΔH) and :func:`delta_analytic` (one ΔH, for tests and ``ExactSampler.delta``)
+all use the same :func:`delta_core` and :func:`apply_copy`.
+
+Random numbers: xoshiro256** (Blackman & Vigna) with a 4-word uint64 state array (kept in registers inside
+:func:`sweep`); seeded in Python through splitmix64, so a run is a pure function of its seed. One 64-bit draw
+gives (source, neighbour) of an attempt: high 32 bits → site, low 32 bits → neighbour, each by Lemire's
+multiply-shift; one more draw → the Metropolis uniform (53 bits) when ΔH > 0.
 """
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 from numba import njit
+from numba.core import types as nb_types
+from numba.extending import overload
 
 from ..hamiltonian._local_nh_numba import nh_accept, nh_delta, pooled_accept, pooled_delta
 
 _TWO53 = 1.0 / 9007199254740992.0
+
+# Options of the compiled entry points (sweep, decide, delta_analytic; the checkerboard's strip loop): every
+# helper they call on the hot path is inlined into them, so these options apply to all of it.
+# error_model="numpy": integer division by zero is not checked (divisors are lattice sizes ≥ 1), which keeps
+# raise paths out of the loop; _nrt=False: no reference counting of the arrays (the entry points allocate
+# nothing; the directed-motion and neural helpers they call are ordinary functions that keep their own).
+# Without these, numba emits atomic incref/decref pairs per candidate that its pruning pass cannot remove.
+_HOT = {"cache": True, "error_model": "numpy", "_nrt": False}
+_LO32 = np.uint64(0xFFFFFFFF)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -66,12 +109,8 @@ def _rotl(x, k):
 
 
 @njit(cache=True, inline="always")
-def rng_next(s):
-    """Next 64-bit output of xoshiro256** (state ``s`` updated in place)."""
-    s0 = s[0]
-    s1 = s[1]
-    s2 = s[2]
-    s3 = s[3]
+def _xo(s0, s1, s2, s3):
+    """One xoshiro256** step on a state held in four scalars: ``(output, s0, s1, s2, s3)``."""
     result = _rotl(s1 * np.uint64(5), 7) * np.uint64(9)
     t = s1 << np.uint64(17)
     s2 ^= s0
@@ -80,11 +119,14 @@ def rng_next(s):
     s0 ^= s3
     s2 ^= t
     s3 = _rotl(s3, 45)
-    s[0] = s0
-    s[1] = s1
-    s[2] = s2
-    s[3] = s3
-    return result
+    return result, s0, s1, s2, s3
+
+
+@njit(cache=True, inline="always")
+def rng_next(s):
+    """Next 64-bit output of xoshiro256** (state array ``s`` updated in place)."""
+    r, s[0], s[1], s[2], s[3] = _xo(s[0], s[1], s[2], s[3])
+    return r
 
 
 @njit(cache=True, inline="always")
@@ -94,9 +136,15 @@ def _below(r32, n):
 
 
 @njit(cache=True, inline="always")
+def _unit(r):
+    """Uniform float64 in [0, 1) from a 64-bit draw (its top 53 bits)."""
+    return np.float64(r >> np.uint64(11)) * _TWO53
+
+
+@njit(cache=True, inline="always")
 def rng_uniform(s):
     """Uniform float64 in [0, 1)."""
-    return np.float64(rng_next(s) >> np.uint64(11)) * _TWO53
+    return _unit(rng_next(s))
 
 
 @njit(cache=True)
@@ -116,6 +164,295 @@ def rng_below_many(s, n, k):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# geometry by index arithmetic
+# ----------------------------------------------------------------------------------------------------------
+def coords_of(x, shape):  # pragma: no cover - compiled form below
+    """Coordinates (tuple) of flat site ``x`` on a lattice of ``shape`` (2-D or 3-D), compiled code only."""
+    raise NotImplementedError("coords_of is for compiled code")
+
+
+@overload(coords_of, inline="always")
+def _coords_of_impl(x, shape):
+    if shape.count == 2:
+        def impl2(x, shape):
+            a = x // shape[1]
+            return (a, x - a * shape[1])
+        return impl2
+    if shape.count == 3:
+        def impl3(x, shape):
+            q = x // shape[2]
+            a = q // shape[1]
+            return (a, q - a * shape[1], x - q * shape[2])
+        return impl3
+    return None
+
+
+@njit(cache=True, inline="always")
+def inside(c, shape, m):
+    """True if coordinates ``c`` lie at least ``m`` sites from every edge (all neighbours within range ``m``
+    are then ``x + flat delta``)."""
+    for d in range(len(shape)):
+        if c[d] < m or c[d] >= shape[d] - m:
+            return False
+    return True
+
+
+@njit(cache=True, inline="always")
+def nbr_slow(c, offs, j, shape, periodic):
+    """Flat index of the site at offset ``offs[j]`` from coordinates ``c``: periodic wrap, or -1 outside."""
+    flat = 0
+    for d in range(len(shape)):
+        n = shape[d]
+        v = c[d] + offs[j][d]
+        if v < 0 or v >= n:
+            if not periodic:
+                return -1
+            v = v % n
+        flat = flat * n + v
+    return flat
+
+
+@njit(cache=True, inline="always")
+def is_fast(x, G):
+    """Whether site ``x`` is at least ``M1`` from every edge (fast neighbour path)."""
+    shape = G[0]
+    return inside(coords_of(x, shape), shape, G[4])
+
+
+@njit(cache=True, inline="always")
+def propose_classic(s, r32, G):
+    """Target of a classic attempt from source ``s`` (uniform over its valid copy neighbours, in offset order,
+    by the 32-bit draw ``r32``): ``(t, fast)``, ``t = -1`` when ``s`` has no valid neighbour. ``fast``: ``t``
+    is at least ``M1`` from every edge."""
+    shape = G[0]
+    offs = G[2]
+    fd = G[3]
+    K = len(fd)
+    c = coords_of(s, shape)
+    if inside(c, shape, G[5]):
+        return s + G[6][_below(r32, K)], True  # the array form: a random index into a tuple is a jump table
+    if G[1]:
+        t = nbr_slow(c, offs, _below(r32, K), shape, True)
+        return t, is_fast(t, G)
+    k = 0
+    for j in range(K):
+        if nbr_slow(c, offs, j, shape, False) >= 0:
+            k += 1
+    if k == 0:
+        return -1, False
+    pick = _below(r32, k)
+    for j in range(K):
+        y = nbr_slow(c, offs, j, shape, False)
+        if y >= 0:
+            if pick == 0:
+                return y, is_fast(y, G)
+            pick -= 1
+    return -1, False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ΔH of one copy attempt, term by term (each accumulates into dh in the order of the original sum)
+#
+# Layout rule for speed: a function that reads arrays gets them as its own parameters (numba passes them
+# borrowed: no reference counting), never as members of a tuple it unpacks, and is not IR-inlined (an
+# inlined array parameter costs an atomic incref/decref pair per call that numba cannot always prune); the
+# per-term overloads only pick an implementation by type (absent term → nothing) and forward the tuple's
+# members. LLVM inlines the small ones.
+# ----------------------------------------------------------------------------------------------------------
+def _absent(x):
+    """Compile-time test used by the overloads below: the term's tuple is ``None``."""
+    return isinstance(x, nb_types.NoneType)
+
+
+@njit(cache=True, inline="always")
+def _contact_uniform(dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, J):
+    """dh + Σ over the contact neighbours s of ``x``: J(new, s) [s ≠ new] − J(old, s) [s ≠ old]."""
+    kn = len(cfd)
+    if fast:
+        for k in range(kn):
+            s = ids[x + cfd[k]]
+            ts = tp[s]
+            if s != new:
+                dh += J[tn, ts]
+            if s != old:
+                dh -= J[to, ts]
+        return dh
+    shape = G[0]
+    c = coords_of(x, shape)
+    for k in range(kn):
+        y = nbr_slow(c, coffs, k, shape, G[1])
+        if y < 0 or y == x:
+            continue
+        s = ids[y]
+        ts = tp[s]
+        if s != new:
+            dh += J[tn, ts]
+        if s != old:
+            dh -= J[to, ts]
+    return dh
+
+
+@njit(cache=True, inline="always")
+def _contact_columns(dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, Jn):
+    """As :func:`_contact_uniform` with one J per neighbour column (contact terms of several orders)."""
+    shape = G[0]
+    c = coords_of(x, shape)
+    for k in range(len(cfd)):
+        if fast:
+            y = x + cfd[k]
+        else:
+            y = nbr_slow(c, coffs, k, shape, G[1])
+            if y < 0 or y == x:
+                continue
+        s = ids[y]
+        ts = tp[s]
+        if s != new:
+            dh += Jn[k, tn, ts]
+        if s != old:
+            dh -= Jn[k, to, ts]
+    return dh
+
+
+def _contact_dh(dh, x, fast, old, new, to, tn, ids, tp, G, C):  # pragma: no cover - compiled (overload)
+    """dh + the contact ΔH (``C`` = the contact tuple or None)."""
+
+
+@overload(_contact_dh, inline="always")
+def _contact_dh_impl(dh, x, fast, old, new, to, tn, ids, tp, G, C):
+    if _absent(C):
+        return lambda dh, x, fast, old, new, to, tn, ids, tp, G, C: dh
+    if _absent(C[3]):
+        return lambda dh, x, fast, old, new, to, tn, ids, tp, G, C: _contact_uniform(
+            dh, x, fast, old, new, to, tn, ids, tp, G, C[0], C[1], C[2])
+    return lambda dh, x, fast, old, new, to, tn, ids, tp, G, C: _contact_columns(
+        dh, x, fast, old, new, to, tn, ids, tp, G, C[0], C[1], C[3])
+
+
+@njit(cache=True, inline="always")
+def _volume_sum(dh, old, new, to, tn, vol, lam, lamv):
+    """dh + λ((V∓1−V*)² − (V−V*)²) summed over volume terms."""
+    if old != 0:
+        dh += lam[to] * (1.0 - 2.0 * vol[old]) + 2.0 * lamv[to]
+    if new != 0:
+        dh += lam[tn] * (1.0 + 2.0 * vol[new]) - 2.0 * lamv[tn]
+    return dh
+
+
+def _volume_dh(dh, old, new, to, tn, vol, V):  # pragma: no cover - compiled (overload)
+    """dh + the volume ΔH (``V`` = the volume tuple or None)."""
+
+
+@overload(_volume_dh, inline="always")
+def _volume_dh_impl(dh, old, new, to, tn, vol, V):
+    if _absent(V):
+        return lambda dh, old, new, to, tn, vol, V: dh
+    return lambda dh, old, new, to, tn, vol, V: _volume_sum(dh, old, new, to, tn, vol, V[0], V[1])
+
+
+def _external_dh(dh, x, to, tn, E):  # pragma: no cover - compiled (overload)
+    """dh + E[new type, x] − E[old type, x] (nothing when ``E`` is None)."""
+
+
+@overload(_external_dh, inline="always")
+def _external_dh_impl(dh, x, to, tn, E):
+    if _absent(E):
+        return lambda dh, x, to, tn, E: dh
+    return lambda dh, x, to, tn, E: dh + (E[tn, x] - E[to, x])
+
+
+@njit(cache=True, inline="always")
+def surface_change(x, fast, old, new, ids, G, soffs, sfd):
+    """Changes of the surfaces of ``old`` and ``new`` (unlike surface-neighbour pairs) when site ``x`` passes
+    from cell ``old`` to cell ``new``: ``(d_old, d_new)`` (``soffs``, ``sfd``: the surface neighbourhood)."""
+    n_old = 0
+    n_new = 0
+    n_valid = 0
+    if fast:
+        for j in range(len(sfd)):
+            n_valid += 1
+            s = ids[x + sfd[j]]
+            if s == old:
+                n_old += 1
+            elif s == new:
+                n_new += 1
+    else:
+        shape = G[0]
+        c = coords_of(x, shape)
+        for j in range(len(sfd)):
+            y = nbr_slow(c, soffs, j, shape, G[1])
+            if y < 0 or y == x:
+                continue
+            n_valid += 1
+            s = ids[y]
+            if s == old:
+                n_old += 1
+            elif s == new:
+                n_new += 1
+    return n_old - (n_valid - n_old), (n_valid - n_new) - n_new
+
+
+@njit(cache=True, inline="always")
+def _surface_sum(dh, x, fast, old, new, to, tn, ids, G, soffs, sfd, slam, star, surf):
+    """S(c) = # (site in c, neighbour not in c) pairs; dh + ΔH of λ(S − S*)² for both cells."""
+    d_old, d_new = surface_change(x, fast, old, new, ids, G, soffs, sfd)
+    if old != 0 and slam[to] != 0.0:
+        a = surf[old] - star[to]
+        dh += slam[to] * ((a + d_old) * (a + d_old) - a * a)
+    if new != 0 and slam[tn] != 0.0:
+        a = surf[new] - star[tn]
+        dh += slam[tn] * ((a + d_new) * (a + d_new) - a * a)
+    return dh
+
+
+def _surface_dh(dh, x, fast, old, new, to, tn, ids, G, S, surf):  # pragma: no cover - compiled (overload)
+    """dh + the surface ΔH (``S`` = the surface tuple or None)."""
+
+
+@overload(_surface_dh, inline="always")
+def _surface_dh_impl(dh, x, fast, old, new, to, tn, ids, G, S, surf):
+    if _absent(S):
+        return lambda dh, x, fast, old, new, to, tn, ids, G, S, surf: dh
+    return lambda dh, x, fast, old, new, to, tn, ids, G, S, surf: _surface_sum(
+        dh, x, fast, old, new, to, tn, ids, G, S[0], S[1], S[2], S[3], surf)
+
+
+def _dm_dh(dh, x, old, new, tp, vol, D, A):  # pragma: no cover - compiled (overload)
+    """dh + the directed-motion ΔH (nothing when ``D`` is None)."""
+
+
+@overload(_dm_dh, inline="always")
+def _dm_dh_impl(dh, x, old, new, tp, vol, D, A):
+    if _absent(D):
+        return lambda dh, x, old, new, tp, vol, D, A: dh
+    return lambda dh, x, old, new, tp, vol, D, A: dh + _dm_delta(x, old, new, tp, vol, D, A)
+
+
+@njit(cache=True, inline="always")
+def delta_core(x, fast, old, new, ids, tp, vol, G, P, A):
+    """ΔH of copying cell ``new`` into flat site ``x`` now held by ``old != new``, analytic terms only
+    (``fast``: ``x`` is at least ``M1`` from every edge)."""
+    to = tp[old]
+    tn = tp[new]
+    dh = _contact_dh(0.0, x, fast, old, new, to, tn, ids, tp, G, P[0])
+    dh = _volume_dh(dh, old, new, to, tn, vol, P[1])
+    dh = _external_dh(dh, x, to, tn, P[2])
+    dh = _surface_dh(dh, x, fast, old, new, to, tn, ids, G, P[3], A[0])
+    return _dm_dh(dh, x, old, new, tp, vol, P[4], A)
+
+
+@njit(**_HOT)
+def delta_analytic(x, new, ids, tp, vol, G, P, A):
+    """ΔH of copying cell ``new`` into flat site ``x`` (its current id is overwritten), analytic terms only.
+
+    Deletion is not checked here (the caller refuses it). ``new == ids[x]`` gives 0.
+    """
+    old = ids[x]
+    if old == new:
+        return 0.0
+    return delta_core(x, is_fast(x, G), old, new, ids, tp, vol, G, P, A)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # directed motion helpers (minimal-image displacements on the torus)
 # ----------------------------------------------------------------------------------------------------------
 @njit(cache=True, inline="always")
@@ -130,22 +467,19 @@ def _min_image(d, n, periodic):
 
 
 @njit(cache=True)
-def _dm_direction(t, cx, P):
-    """Direction vector (per lattice axis, length ndim) of type ``t`` for a cell whose centre has coordinate
-    ``cx`` along its band axis (ignored for constant directions)."""
-    dm_mode = P[13]
-    dm_vec = P[14]
-    dm_band = P[15]
-    shape = P[17]
-    nd = dm_vec.shape[1]
-    out = np.zeros(nd, np.float64)
+def _dm_direction(t, a, cx, D):
+    """Component ``a`` of the direction vector of type ``t`` for a cell whose centre has coordinate ``cx``
+    along its band axis (ignored for constant directions). No allocation (callable from the hot loop)."""
+    dm_mode = D[0]
     mode = dm_mode[t]
     if mode == 1:  # constant
-        for a in range(nd):
-            out[a] = dm_vec[t, a]
-    elif mode == 2 or mode == 3:  # band: inward (2) / outward (3)
+        return D[1][t, a]
+    if mode == 2 or mode == 3:  # band: inward (2) / outward (3)
+        dm_band = D[2]
         ax = int(dm_band[t, 0])
-        size = shape[ax]
+        if a != ax:
+            return 0.0
+        size = D[4][ax]
         lo = dm_band[t, 1] * size
         hi = dm_band[t, 2] * size
         mid = size / 2.0
@@ -156,33 +490,20 @@ def _dm_direction(t, cx, P):
         else:  # pushed away from the middle while inside the band
             if cx > lo and cx < hi:
                 sgn = 1.0 if cx - mid > 0 else (-1.0 if cx - mid < 0 else 0.0)
-        out[ax] = sgn
-    return out
+        return sgn
+    return 0.0
 
 
 @njit(cache=True)
-def _cell_centre_rel(c, vol, A):
-    """Centre of mass of cell ``c`` relative to its reference site (length ndim)."""
-    cm_sum = A[2]
-    nd = cm_sum.shape[1]
-    out = np.zeros(nd, np.float64)
-    v = vol[c]
-    if v > 0:
-        for a in range(nd):
-            out[a] = cm_sum[c, a] / v
-    return out
-
-
-@njit(cache=True)
-def _recompute_cell(c, A, P):
+def _recompute_cell(c, A, D):
     """Reference site := the cell's smallest flat index; displacement sum recomputed over its members."""
     cm_ref = A[1]
     cm_sum = A[2]
     head = A[3]
     nxt = A[4]
-    coords = P[18]
-    shape = P[17]
-    periodic = P[19]
+    coords = D[5]
+    shape = D[4]
+    periodic = D[6]
     nd = coords.shape[1]
     r = -1
     i = head[c]
@@ -201,7 +522,7 @@ def _recompute_cell(c, A, P):
 
 
 @njit(cache=True)
-def dm_init(ids, n_ids, P, A):
+def dm_init(ids, n_ids, D, A):
     """Build the member lists (ids >= 1), reference sites and displacement sums for directed motion."""
     head = A[3]
     nxt = A[4]
@@ -221,86 +542,19 @@ def dm_init(ids, n_ids, P, A):
         head[c] = i
     for c in range(1, n_ids):
         if head[c] >= 0:
-            _recompute_cell(c, A, P)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# ΔH of one copy attempt
-# ----------------------------------------------------------------------------------------------------------
-@njit(cache=True, inline="always")
-def delta_analytic(x, new, ids, types, vol, P, A):
-    """ΔH of copying cell ``new`` into flat site ``x`` (its current id is overwritten), analytic terms only.
-
-    Deletion is not checked here (the caller refuses it). ``new == ids[x]`` gives 0.
-    """
-    old = ids[x]
-    if old == new:
-        return 0.0
-    to = types[old]
-    tn = types[new]
-    dh = 0.0
-    if P[0]:  # contact
-        cnb = P[1]
-        Jn = P[2]
-        for j in range(cnb.shape[1]):
-            y = cnb[x, j]
-            if y < 0:
-                continue
-            s = ids[y]
-            ts = types[s]
-            if s != new:
-                dh += Jn[j, tn, ts]
-            if s != old:
-                dh -= Jn[j, to, ts]
-    if P[3]:  # volume: λ((V∓1−V*)² − (V−V*)²) summed over volume terms
-        lam = P[4]
-        lamv = P[5]
-        if old != 0:
-            dh += lam[to] * (1.0 - 2.0 * vol[old]) + 2.0 * lamv[to]
-        if new != 0:
-            dh += lam[tn] * (1.0 + 2.0 * vol[new]) - 2.0 * lamv[tn]
-    if P[6]:  # external potential
-        ext = P[7]
-        dh += ext[tn, x] - ext[to, x]
-    if P[8]:  # surface: S(c) = # (site in c, neighbour not in c) pairs
-        snb = P[9]
-        slam = P[10]
-        star = P[11]
-        surf = A[0]
-        n_old = 0
-        n_new = 0
-        n_valid = 0
-        for j in range(snb.shape[1]):
-            y = snb[x, j]
-            if y < 0:
-                continue
-            n_valid += 1
-            s = ids[y]
-            if s == old:
-                n_old += 1
-            elif s == new:
-                n_new += 1
-        if old != 0 and slam[to] != 0.0:
-            d = n_old - (n_valid - n_old)
-            a = surf[old] - star[to]
-            dh += slam[to] * ((a + d) * (a + d) - a * a)
-        if new != 0 and slam[tn] != 0.0:
-            d = (n_valid - n_new) - n_new
-            a = surf[new] - star[tn]
-            dh += slam[tn] * ((a + d) * (a + d) - a * a)
-    if P[12]:  # directed motion: ΔH = −s·V_after·(c_after − c_before)·d̂ per changed cell
-        dh += _dm_delta(x, old, new, types, vol, P, A)
-    return dh
+            _recompute_cell(c, A, D)
 
 
 @njit(cache=True)
-def _dm_delta(x, old, new, types, vol, P, A):
+def _dm_delta(x, old, new, tp, vol, D, A):
     """Morpheus DirectedMotion: Σ over the gaining and losing cell of −s·V·((C_after − C_before)·d̂),
     V = volume before the copy, d̂ evaluated at the current centre (see ``analytic.DirectedMotion``)."""
-    strength = P[16]
-    coords = P[18]
-    shape = P[17]
-    periodic = P[19]
+    dm_mode = D[0]
+    dm_band = D[2]
+    strength = D[3]
+    shape = D[4]
+    coords = D[5]
+    periodic = D[6]
     cm_ref = A[1]
     cm_sum = A[2]
     nd = coords.shape[1]
@@ -309,106 +563,51 @@ def _dm_delta(x, old, new, types, vol, P, A):
         c = new if k == 0 else old
         if c == 0:
             continue
-        t = types[c]
+        t = tp[c]
         st = strength[t]
-        if t == 0 or st == 0.0 or P[13][t] == 0:
+        if t == 0 or st == 0.0 or dm_mode[t] == 0:
             continue
         v = vol[c]
         if k == 1 and v <= 1:
             continue
         r = cm_ref[c]
         # absolute (unwrapped) centre, computed as Σ positions / V like the numpy reference
-        cen = np.zeros(nd, np.float64)
-        for a in range(nd):
-            cen[a] = (coords[r, a] * v + cm_sum[c, a]) / v
         band_ax = 0
-        if P[13][t] >= 2:
-            band_ax = int(P[15][t, 0])
-        cb = cen[band_ax]
+        if dm_mode[t] >= 2:
+            band_ax = int(dm_band[t, 0])
+        cb = (coords[r, band_ax] * v + cm_sum[c, band_ax]) / v
         if periodic:
             cb = cb % shape[band_ax]
-        d = _dm_direction(t, cb, P)
         proj = 0.0
         for a in range(nd):
+            cen = (coords[r, a] * v + cm_sum[c, a]) / v
             xi = coords[r, a] + _min_image(np.float64(coords[x, a] - coords[r, a]), shape[a], periodic)
             if k == 0:
-                disp = (xi - cen[a]) / (v + 1)
+                disp = (xi - cen) / (v + 1)
             else:
-                disp = (cen[a] - xi) / (v - 1)
-            proj += disp * d[a]
+                disp = (cen - xi) / (v - 1)
+            proj += disp * _dm_direction(t, a, cb, D)
         dh -= st * v * proj
     return dh
 
 
-# ----------------------------------------------------------------------------------------------------------
-# applying a copy (incremental bookkeeping)
-# ----------------------------------------------------------------------------------------------------------
-@njit(cache=True, inline="always")
-def surface_change(x, old, new, ids, snb):
-    """Changes of the surfaces of ``old`` and ``new`` (unlike surface-neighbour pairs) when site ``x`` passes
-    from cell ``old`` to cell ``new``: ``(d_old, d_new)``."""
-    n_old = 0
-    n_new = 0
-    n_valid = 0
-    for j in range(snb.shape[1]):
-        y = snb[x, j]
-        if y < 0:
-            continue
-        n_valid += 1
-        s = ids[y]
-        if s == old:
-            n_old += 1
-        elif s == new:
-            n_new += 1
-    return n_old - (n_valid - n_old), (n_valid - n_new) - n_new
+def dm_move(x, old, new, D, A):  # pragma: no cover - compiled (overload)
+    """Directed-motion bookkeeping after site ``x`` moved from ``old`` to ``new`` (nothing when ``D`` is None)."""
 
 
-@njit(cache=True, inline="always")
-def apply_copy(x, new, ids, vol, P, A, track_boundary, bnb, bflag, blist, bpos, bcount):
-    """Set ``ids[x] = new`` and update volumes, surfaces, centre sums and (optionally) the boundary set."""
-    old = ids[x]
-    if P[8]:
-        d_old, d_new = surface_change(x, old, new, ids, P[9])
-        surf = A[0]
-        surf[old] += d_old
-        surf[new] += d_new
-    ids[x] = new
-    vol[old] -= 1
-    vol[new] += 1
-    if P[12]:
-        _dm_move(x, old, new, P, A)
-    if track_boundary:  # bflag = number of unlike copy neighbours, kept incrementally
-        c = 0
-        for j in range(bnb.shape[1]):
-            y = bnb[x, j]
-            if y < 0:
-                continue
-            idy = ids[y]
-            if idy != new:
-                c += 1
-            if y == x:
-                continue
-            if idy == old:
-                bflag[y] += 1
-                if bflag[y] == 1:
-                    _bset_add(y, blist, bpos, bcount)
-            elif idy == new:
-                bflag[y] -= 1
-                if bflag[y] == 0:
-                    _bset_remove(y, blist, bpos, bcount)
-        bflag[x] = c
-        if c > 0 and bpos[x] < 0:
-            _bset_add(x, blist, bpos, bcount)
-        elif c == 0 and bpos[x] >= 0:
-            _bset_remove(x, blist, bpos, bcount)
+@overload(dm_move, inline="always")
+def _dm_move_impl(x, old, new, D, A):
+    if _absent(D):
+        return lambda x, old, new, D, A: None
+    return lambda x, old, new, D, A: _dm_move(x, old, new, D, A)
 
 
 @njit(cache=True)
-def _dm_move(x, old, new, P, A):
+def _dm_move(x, old, new, D, A):
     """Directed-motion bookkeeping after site ``x`` moved from cell ``old`` to ``new`` (ids already set)."""
-    coords = P[18]
-    shape = P[17]
-    periodic = P[19]
+    coords = D[5]
+    shape = D[4]
+    periodic = D[6]
     cm_ref = A[1]
     cm_sum = A[2]
     head = A[3]
@@ -426,7 +625,7 @@ def _dm_move(x, old, new, P, A):
             prv[q] = p
         if cm_ref[old] == x:
             if head[old] >= 0:
-                _recompute_cell(old, A, P)
+                _recompute_cell(old, A, D)
         else:
             r = cm_ref[old]
             for a in range(nd):
@@ -440,11 +639,32 @@ def _dm_move(x, old, new, P, A):
             prv[h] = x
         head[new] = x
         if h < 0 or x < cm_ref[new]:
-            _recompute_cell(new, A, P)
+            _recompute_cell(new, A, D)
         else:
             r = cm_ref[new]
             for a in range(nd):
                 cm_sum[new, a] += _min_image(np.float64(coords[x, a] - coords[r, a]), shape[a], periodic)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# applying a copy (incremental bookkeeping)
+# ----------------------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _surface_update(x, fast, old, new, ids, G, soffs, sfd, surf):
+    d_old, d_new = surface_change(x, fast, old, new, ids, G, soffs, sfd)
+    surf[old] += d_old
+    surf[new] += d_new
+
+
+def _surface_apply(x, fast, old, new, ids, G, S, surf):  # pragma: no cover - compiled (overload)
+    """Surface bookkeeping of a copy (before ``ids[x]`` changes); nothing when ``S`` is None."""
+
+
+@overload(_surface_apply, inline="always")
+def _surface_apply_impl(x, fast, old, new, ids, G, S, surf):
+    if _absent(S):
+        return lambda x, fast, old, new, ids, G, S, surf: None
+    return lambda x, fast, old, new, ids, G, S, surf: _surface_update(x, fast, old, new, ids, G, S[0], S[1], surf)
 
 
 @njit(cache=True, inline="always")
@@ -464,15 +684,80 @@ def _bset_remove(y, blist, bpos, bcount):
     bcount[0] -= 1
 
 
+@njit(cache=True, inline="always")
+def _bnbr_update(y, x, old, new, ids, bflag, blist, bpos, bcount):
+    """Neighbour ``y`` of ``x`` (which passed from ``old`` to ``new``): its unlike-neighbour count; returns
+    1 if ``y`` is now unlike ``x``."""
+    idy = ids[y]
+    if y != x:
+        if idy == old:
+            bflag[y] += 1
+            if bflag[y] == 1:
+                _bset_add(y, blist, bpos, bcount)
+        elif idy == new:
+            bflag[y] -= 1
+            if bflag[y] == 0:
+                _bset_remove(y, blist, bpos, bcount)
+    return 1 if idy != new else 0
+
+
+@njit(cache=True, inline="always")
+def _boundary_update(x, fast, old, new, ids, G, bflag, blist, bpos, bcount):
+    """Boundary-set bookkeeping after ``ids[x]`` became ``new`` (copy neighbourhood)."""
+    fd = G[3]
+    c = 0
+    if fast:
+        for j in range(len(fd)):
+            c += _bnbr_update(x + fd[j], x, old, new, ids, bflag, blist, bpos, bcount)
+    else:
+        shape = G[0]
+        cx = coords_of(x, shape)
+        for j in range(len(fd)):
+            y = nbr_slow(cx, G[2], j, shape, G[1])
+            if y >= 0:
+                c += _bnbr_update(y, x, old, new, ids, bflag, blist, bpos, bcount)
+    bflag[x] = c
+    if c > 0 and bpos[x] < 0:
+        _bset_add(x, blist, bpos, bcount)
+    elif c == 0 and bpos[x] >= 0:
+        _bset_remove(x, blist, bpos, bcount)
+
+
+def _boundary_apply(x, fast, old, new, ids, G, B):  # pragma: no cover - compiled (overload)
+    """Boundary-set bookkeeping after ``ids[x]`` became ``new``; nothing for the classic proposal."""
+
+
+@overload(_boundary_apply, inline="always")
+def _boundary_apply_impl(x, fast, old, new, ids, G, B):
+    if _absent(B):
+        return lambda x, fast, old, new, ids, G, B: None
+    return lambda x, fast, old, new, ids, G, B: _boundary_update(x, fast, old, new, ids, G, B[0], B[1], B[2], B[3])
+
+
+@njit(cache=True, inline="always")
+def apply_copy(x, fast, new, ids, vol, G, P, A, B):
+    """Set ``ids[x] = new`` and update volumes, surfaces, centre sums and (boundary proposal) the boundary
+    set."""
+    old = ids[x]
+    _surface_apply(x, fast, old, new, ids, G, P[3], A[0])
+    ids[x] = new
+    vol[old] -= 1
+    vol[new] += 1
+    dm_move(x, old, new, P[4], A)
+    _boundary_apply(x, fast, old, new, ids, G, B)
+
+
 @njit(cache=True)
-def init_boundary(ids, bnb, bflag, blist, bpos, bcount):
+def init_boundary(ids, G, bflag, blist, bpos, bcount):
     """Boundary set of the copy neighbourhood: ``bflag[y]`` = number of neighbours of y with another id,
     ``blist[:bcount[0]]`` the sites with ``bflag > 0`` (``bpos`` their positions, -1 for others)."""
+    shape = G[0]
     bcount[0] = 0
     for y in range(ids.shape[0]):
         c = 0
-        for j in range(bnb.shape[1]):
-            z = bnb[y, j]
+        cy = coords_of(y, shape)
+        for j in range(len(G[3])):
+            z = nbr_slow(cy, G[2], j, shape, G[1])
             if z >= 0 and ids[z] != ids[y]:
                 c += 1
         bflag[y] = c
@@ -481,38 +766,71 @@ def init_boundary(ids, bnb, bflag, blist, bpos, bcount):
             _bset_add(y, blist, bpos, bcount)
 
 
+@njit(cache=True, inline="always")
+def propose_boundary(r, ids, G, bflag, blist, bcount):
+    """Boundary proposal: site ``x`` uniform over the boundary set, new id = its ``pick``-th unlike copy
+    neighbour (offset order). Returns ``(x, fast, new)``; ``x = -1`` when the set is empty."""
+    nbnd = bcount[0]
+    if nbnd == 0:
+        return -1, False, 0
+    x = np.int64(blist[_below(r >> np.uint64(32), nbnd)])
+    shape = G[0]
+    c = coords_of(x, shape)
+    fast = inside(c, shape, G[4])
+    cx = ids[x]
+    pick = _below(r & _LO32, bflag[x])
+    new = cx
+    fd = G[3]
+    for j in range(len(fd)):
+        if fast:
+            y = x + fd[j]
+        else:
+            y = nbr_slow(c, G[2], j, shape, G[1])
+            if y < 0:
+                continue
+        idy = ids[y]
+        if idy != cx:
+            if pick == 0:
+                new = idy
+                break
+            pick -= 1
+    return x, fast, new
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compiled neural terms
+# ----------------------------------------------------------------------------------------------------------
 @njit(cache=True)
-def neural_delta(x, new, ids, types, NN):
+def neural_delta(x, new, ids, tp, NN):
     """ΔH of the compiled neural terms (scales included)."""
     dh = 0.0
     if NN[0][0]:
-        dh += NN[1][0] * nh_delta(x, new, ids, types, NN[2], NN[3])
+        dh += NN[1][0] * nh_delta(x, new, ids, tp, NN[2], NN[3])
     if NN[0][1]:
-        dh += NN[1][1] * pooled_delta(x, new, ids, types, NN[4], NN[5], NN[6], NN[7])
+        dh += NN[1][1] * pooled_delta(x, new, ids, tp, NN[4], NN[5], NN[6], NN[7])
     return dh
 
 
 @njit(cache=True)
-def neural_accept(x, new, ids, types, NN):
+def neural_accept(x, new, ids, tp, NN):
     """Update the compiled neural terms' caches for an accepted copy (``ids`` still the before state)."""
     if NN[0][0]:
-        nh_accept(x, new, ids, types, NN[2], NN[3])
+        nh_accept(x, new, ids, tp, NN[2], NN[3])
     if NN[0][1]:
-        pooled_accept(x, new, ids, types, NN[4], NN[5], NN[6], NN[7])
+        pooled_accept(x, new, ids, tp, NN[4], NN[5], NN[6], NN[7])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the sweep
 # ----------------------------------------------------------------------------------------------------------
-@njit(cache=True)
-def sweep(ids, types, vol, P, A, nb, nvalid, rng, n_attempts, inv_t, proposal, stop_at_candidate,
-          bflag, blist, bpos, bcount, counters, NN=None):
+@njit(**_HOT)
+def sweep(ids, tp, vol, G, P, A, B, rng, n_attempts, inv_t, stop_at_candidate, counters, NN=None):
     """Run up to ``n_attempts`` copy attempts.
 
-    proposal 0 (classic): source s uniform over the lattice, target t uniform over s's valid copy neighbours;
-    same cell → the attempt ends (it counts); else t takes σ(s). proposal 1 (boundary): site x uniform over
-    the current boundary set, it takes the id of a neighbour drawn uniformly among x's neighbours of another
-    cell. Deleting a cell (volume 1 → 0) is refused. Acceptance min(1, exp(−ΔH·inv_t)).
+    Classic proposal (``B is None``): source s uniform over the lattice, target t uniform over s's valid copy
+    neighbours; same cell → the attempt ends (it counts); else t takes σ(s). Boundary proposal: site x
+    uniform over the current boundary set, it takes the id of a neighbour drawn uniformly among x's
+    neighbours of another cell. Deleting a cell (volume 1 → 0) is refused. Acceptance min(1, exp(−ΔH·inv_t)).
 
     With ``stop_at_candidate`` the sweep stops *before* deciding the first candidate copy (one that passed
     the same-cell and deletion checks) and returns it, so that Python can add a non-compiled ΔH; the
@@ -523,82 +841,120 @@ def sweep(ids, types, vol, P, A, nb, nvalid, rng, n_attempts, inv_t, proposal, s
     counters (int64, length 4): attempts, candidates (ΔH evaluated), accepted, refused deletions.
     """
     n = ids.shape[0]
-    track = proposal == 1
+    s0 = rng[0]
+    s1 = rng[1]
+    s2 = rng[2]
+    s3 = rng[3]
     done = 0
+    cand = 0
+    acc = 0
+    refused = 0
+    pending = 0
+    px = -1
+    pnew = -1
+    pdh = 0.0
     while done < n_attempts:
         done += 1
-        r = rng_next(rng)
-        if proposal == 0:
-            s = _below(r >> np.uint64(32), n)
-            k = nvalid[s]
-            if k == 0:
+        r, s0, s1, s2, s3 = _xo(s0, s1, s2, s3)
+        if B is None:
+            src = _below(r >> np.uint64(32), n)
+            x, fast = propose_classic(src, r & _LO32, G)
+            if x < 0:
                 continue
-            t = nb[s, _below(r & np.uint64(0xFFFFFFFF), k)]
-            new = ids[s]
-            x = t
+            new = ids[src]
         else:
-            nbnd = bcount[0]
-            if nbnd == 0:
+            x, fast, new = propose_boundary(r, ids, G, B[0], B[1], B[3])
+            if x < 0:
                 continue
-            x = blist[_below(r >> np.uint64(32), nbnd)]
-            cx = ids[x]
-            m = bflag[x]
-            pick = _below(r & np.uint64(0xFFFFFFFF), m)
-            new = cx
-            for j in range(nvalid[x]):
-                idy = ids[nb[x, j]]
-                if idy != cx:
-                    if pick == 0:
-                        new = idy
-                        break
-                    pick -= 1
         old = ids[x]
         if old == new:
             continue
         if old != 0 and vol[old] <= 1:
-            counters[3] += 1
+            refused += 1
             continue
-        counters[1] += 1
-        dh = delta_analytic(x, new, ids, types, vol, P, A)
+        cand += 1
+        dh = delta_core(x, fast, old, new, ids, tp, vol, G, P, A)
         if NN is not None:  # noqa: SIM102 (nested: numba prunes the branch when NN is None)
             if NN[0][0] or NN[0][1]:
-                dh += neural_delta(x, new, ids, types, NN)
+                dh += neural_delta(x, new, ids, tp, NN)
         if stop_at_candidate:
-            counters[0] += done
-            return done, 1, x, new, dh
-        if dh <= 0.0 or rng_uniform(rng) < np.exp(-dh * inv_t):
-            if NN is not None:  # noqa: SIM102
-                if NN[0][0] or NN[0][1]:
-                    neural_accept(x, new, ids, types, NN)
-            apply_copy(x, new, ids, vol, P, A, track, nb, bflag, blist, bpos, bcount)
-            counters[2] += 1
+            pending = 1
+            px = x
+            pnew = new
+            pdh = dh
+            break
+        if dh > 0.0:
+            u, s0, s1, s2, s3 = _xo(s0, s1, s2, s3)
+            if _unit(u) >= np.exp(-dh * inv_t):
+                continue
+        if NN is not None:  # noqa: SIM102
+            if NN[0][0] or NN[0][1]:
+                neural_accept(x, new, ids, tp, NN)
+        apply_copy(x, fast, new, ids, vol, G, P, A, B)
+        acc += 1
+    rng[0] = s0
+    rng[1] = s1
+    rng[2] = s2
+    rng[3] = s3
     counters[0] += done
-    return done, 0, -1, -1, 0.0
+    counters[1] += cand
+    counters[2] += acc
+    counters[3] += refused
+    return done, pending, px, pnew, pdh
 
 
-@njit(cache=True)
-def decide(x, new, dh, ids, vol, P, A, rng, inv_t, proposal, nb, bflag, blist, bpos, bcount, counters,
-           types=None, NN=None):
+@njit(**_HOT)
+def decide(x, new, dh, ids, tp, vol, G, P, A, B, rng, inv_t, counters, NN=None):
     """Metropolis decision for a candidate returned by :func:`sweep` (total ΔH ``dh``); applies it if
     accepted (updating the compiled neural terms' caches). Returns 1 if accepted."""
     if dh <= 0.0 or rng_uniform(rng) < np.exp(-dh * inv_t):
         if NN is not None:  # noqa: SIM102
             if NN[0][0] or NN[0][1]:
-                neural_accept(x, new, ids, types, NN)
-        apply_copy(x, new, ids, vol, P, A, proposal == 1, nb, bflag, blist, bpos, bcount)
+                neural_accept(x, new, ids, tp, NN)
+        apply_copy(x, is_fast(x, G), new, ids, vol, G, P, A, B)
         counters[2] += 1
         return 1
     return 0
 
 
+def _nrt_twin(dispatcher, name):
+    """The same Python function compiled with reference counting (under another name, so that the on-disk
+    caches stay apart): for runs with compiled neural terms, whose helpers may allocate."""
+    fn = dispatcher.py_func
+    twin = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    twin.__qualname__ = name
+    twin.__doc__ = f"{fn.__doc__}\n\n(The :func:`{fn.__name__}` kernel with reference counting, for ``NN``.)"
+    return njit(cache=True, error_model="numpy")(twin)
+
+
+sweep_nrt = _nrt_twin(sweep, "sweep_nrt")
+decide_nrt = _nrt_twin(decide, "decide_nrt")
+
+
 @njit(cache=True)
 def surfaces_of(ids, snb, n_ids):
-    """Surface per id: number of (site of the id, neighbour of another id) pairs."""
+    """Surface per id from a neighbour table ``snb`` (``exact.neighbour_table(..., drop_self=True)``):
+    number of (site of the id, neighbour of another id) pairs."""
     out = np.zeros(n_ids, np.int64)
     for i in range(ids.shape[0]):
         c = ids[i]
         for j in range(snb.shape[1]):
             y = snb[i, j]
             if y >= 0 and ids[y] != c:
+                out[c] += 1
+    return out
+
+
+@njit(cache=True)
+def surfaces_arith(ids, G, S, n_ids):
+    """Surface per id by index arithmetic (the kernel's geometry ``G`` and surface tuple ``S``)."""
+    out = np.zeros(n_ids, np.int64)
+    shape = G[0]
+    for i in range(ids.shape[0]):
+        c = ids[i]
+        ci = coords_of(i, shape)
+        for j in range(len(S[1])):
+            y = nbr_slow(ci, S[0], j, shape, G[1])
+            if y >= 0 and y != i and ids[y] != c:
                 out[c] += 1
     return out

@@ -7,14 +7,16 @@ axis (rows in 2-D, slabs in 3-D: a strip is a contiguous range of flat site indi
 * The lattice's ``n0`` rows are cut into ``2m`` strips of ``≥ block`` rows each (``m`` = strips per colour,
   see :class:`CheckerboardSampler`), coloured alternately A, B, A, B, … Every *round* draws a fresh random
   row offset for the cut and a random colour order (no strip boundary stays fixed), then runs the two colour
-  *phases*: in a phase, the ``m`` strips of the colour run concurrently (numba ``prange``, one strip per
-  task, each with its own xoshiro256** stream), the other ``m`` strips are idle.
+  *phases*: in a phase, the ``m`` strips of the colour run concurrently (worker threads, each running its
+  share of the strips in compiled code without the GIL; each strip has its own xoshiro256** stream), the other
+  ``m`` strips are idle.
 * Inside a strip, attempts are the classic (Graner–Glazier) attempts *restricted to targets in the strip*:
   a source ``s`` uniform over the strip widened by the copy range ``R`` (rows within ``R`` of it), a target
   ``t`` uniform over ``s``'s valid copy neighbours; if ``t`` is outside the strip the draw is void (not
   counted as an attempt); otherwise it is an attempt exactly as in
-  :func:`~neuralcpm_plugin.sampling._kernels.sweep` (same cell → ends and counts; deletion → refused; ΔH by
-  the compiled :func:`~neuralcpm_plugin.sampling._kernels.delta_analytic`; Metropolis min(1, e^(−ΔH/T))).
+  :func:`~neuralcpm_plugin.sampling._kernels.sweep` (the same target pick ``propose_classic``; same cell →
+  ends and counts; deletion → refused; ΔH by the sequential kernel's ``delta_core``; Metropolis
+  min(1, e^(−ΔH/T))).
   A strip makes ``(rows + 2R) · row_size · f`` draws per round of ``f`` MCS, so **every ordered pair
   (s, t) is attempted at the sequential sampler's expected rate** (``f / k(s)`` per round; ``k(s)`` = number
   of valid copy neighbours of ``s``): the scheme changes the order of the attempts, not their distribution.
@@ -52,57 +54,76 @@ proposal; neural terms (the local NH has a bounded range too) are future work.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.core import types as nb_types
+from numba.extending import overload
 
 from ..errors import ConfigError
-from ..lattice import CellState, neighbour_offsets
+from ..lattice import CellState
 from . import _kernels as K
-from .exact import ExactSampler
+from .exact import ExactSampler, chebyshev_range
 
 __all__ = ["CheckerboardSampler", "run_checkerboard"]
 
 
 @njit(cache=True, inline="always")
-def _apply(x, new, ids, vol, P, A):
+def _surface_update(x, fast, old, new, ids, G, soffs, sfd, surf):
+    d_old, d_new = K.surface_change(x, fast, old, new, ids, G, soffs, sfd)
+    if old != 0:
+        surf[old] += d_old
+    if new != 0:
+        surf[new] += d_new
+
+
+def _surface_apply(x, fast, old, new, ids, G, S, surf):  # pragma: no cover - compiled (overload)
+    """Surface bookkeeping of a copy, medium excluded; nothing when ``S`` is None."""
+
+
+@overload(_surface_apply, inline="always")
+def _surface_apply_impl(x, fast, old, new, ids, G, S, surf):
+    if isinstance(S, nb_types.NoneType):
+        return lambda x, fast, old, new, ids, G, S, surf: None
+    return lambda x, fast, old, new, ids, G, S, surf: _surface_update(x, fast, old, new, ids, G, S[0], S[1], surf)
+
+
+@njit(cache=True, inline="always")
+def _apply(x, fast, new, ids, vol, G, P, A):
     """``ids[x] = new`` with the per-cell bookkeeping of the analytic terms; the medium's volume and surface
     are left alone (every strip would write them)."""
     old = ids[x]
-    if P[8]:
-        d_old, d_new = K.surface_change(x, old, new, ids, P[9])
-        surf = A[0]
-        if old != 0:
-            surf[old] += d_old
-        if new != 0:
-            surf[new] += d_new
+    _surface_apply(x, fast, old, new, ids, G, P[3], A[0])
     ids[x] = new
     if old != 0:
         vol[old] -= 1
     if new != 0:
         vol[new] += 1
-    if P[12]:
-        K._dm_move(x, old, new, P, A)
+    K.dm_move(x, old, new, P[4], A)
 
 
-@njit(cache=True)
-def _strip_attempts(lo, rows, n0, row_size, R, n_draws, ids, types, vol, P, A, nb, nvalid, rng, inv_t,
-                    shared, counters):
+@njit(**K._HOT)
+def _strip_attempts(lo, rows, n0, row_size, R, n_draws, ids, types, vol, G, P, A, rng, inv_t, shared, counters):
     """``n_draws`` classic draws with targets restricted to rows ``lo .. lo+rows-1`` (cyclic)."""
     n = ids.shape[0]
     span = (rows + 2 * R) * row_size
     start = (((lo - R) % n0) * row_size) % n          # flat index of the widened strip's first site
     lo_flat = lo * row_size
     inside = rows * row_size
+    s0 = rng[0]
+    s1 = rng[1]
+    s2 = rng[2]
+    s3 = rng[3]
     for _ in range(n_draws):
-        r = K.rng_next(rng)
+        r, s0, s1, s2, s3 = K._xo(s0, s1, s2, s3)
         s = start + K._below(r >> np.uint64(32), span)  # flat ranges: no division per draw
         if s >= n:
             s -= n
-        k = nvalid[s]
-        if k == 0:
+        t, fast = K.propose_classic(s, r & K._LO32, G)
+        if t < 0:
             continue
-        t = nb[s, K._below(r & np.uint64(0xFFFFFFFF), k)]
         d = t - lo_flat
         if d < 0:
             d += n
@@ -120,17 +141,23 @@ def _strip_attempts(lo, rows, n0, row_size, R, n_draws, ids, types, vol, P, A, n
             counters[3] += 1
             continue
         counters[1] += 1
-        dh = K.delta_analytic(t, new, ids, types, vol, P, A)
-        if dh <= 0.0 or K.rng_uniform(rng) < np.exp(-dh * inv_t):
-            _apply(t, new, ids, vol, P, A)
-            counters[2] += 1
+        dh = K.delta_core(t, fast, old, new, ids, types, vol, G, P, A)
+        if dh > 0.0:
+            u, s0, s1, s2, s3 = K._xo(s0, s1, s2, s3)
+            if K._unit(u) >= np.exp(-dh * inv_t):
+                continue
+        _apply(t, fast, new, ids, vol, G, P, A)
+        counters[2] += 1
+    rng[0] = s0
+    rng[1] = s1
+    rng[2] = s2
+    rng[3] = s3
 
 
 @njit(cache=True, parallel=True)
-def _phase(first, m, bounds, n0, row_size, R, frac, ids, types, vol, P, A, nb, nvalid, rngs, inv_t, counters):
-    """One colour phase: strips ``first, first+2, …`` (``m`` of them; strip ``j`` = rows ``bounds[j] ..
-    bounds[j+1]-1`` shifted cyclically by the round's offset, already applied to ``bounds``)."""
-    n_ids = vol.shape[0]
+def _shared_cells(first, m, bounds, n0, row_size, R, ids, n_ids):
+    """Cells present in the widened regions of two or more strips of the phase (``first, first+2, …``; strip
+    ``j`` = rows ``bounds[j] .. bounds[j+1]-1`` shifted cyclically by the round's offset, already applied)."""
     marks = np.zeros((m, n_ids), np.uint8)
     for q in prange(m):  # cells each strip can touch: present in its rows widened by R
         j = first + 2 * q
@@ -146,25 +173,32 @@ def _phase(first, m, bounds, n0, row_size, R, frac, ids, types, vol, P, A, nb, n
         for q in range(m):
             n += marks[q, c]
         shared[c] = n >= 2
-    local = np.zeros((m, 5), np.int64)
-    for q in prange(m):
+    return shared
+
+
+@njit(nogil=True, **K._HOT)
+def _strips(qs, first, bounds, n0, row_size, R, frac, ids, types, vol, G, P, A, rngs, inv_t, shared, local):
+    """The phase's strips ``first + 2q`` for ``q`` in ``qs``, one after the other (one worker thread's share;
+    the GIL is released, so the workers run concurrently)."""
+    for i in range(qs.shape[0]):
+        q = qs[i]
         j = first + 2 * q
         lo = bounds[j]
         rows = bounds[j + 1] - bounds[j]
         n_draws = np.int64(np.floor((rows + 2 * R) * row_size * frac + K.rng_uniform(rngs[j])))
-        _strip_attempts(lo % n0, rows, n0, row_size, R, n_draws, ids, types, vol, P, A, nb, nvalid, rngs[j],
-                        inv_t, shared, local[q])
-    for q in range(m):
+        _strip_attempts(lo % n0, rows, n0, row_size, R, n_draws, ids, types, vol, G, P, A, rngs[j], inv_t, shared,
+                        local[q])
+
+
+@njit(cache=True)
+def _end_phase(local, counters, vol, n_sites):
+    for q in range(local.shape[0]):
         for a in range(5):
             counters[a] += local[q, a]
     tot = 0
-    for c in range(1, n_ids):
+    for c in range(1, vol.shape[0]):
         tot += vol[c]
-    vol[0] = ids.shape[0] - tot
-
-
-def _chebyshev_range(order: int, ndim: int) -> int:
-    return int(np.abs(neighbour_offsets(order, ndim)).max())
+    vol[0] = n_sites - tot
 
 
 class CheckerboardSampler(ExactSampler):
@@ -174,8 +208,10 @@ class CheckerboardSampler(ExactSampler):
     ``seed``, ``terms``, ``temperature``, ``periodic``, ``copy_order``, ``contact_order``)
     ----------
     threads : int
-        Worker threads (numba). ``1`` runs the same algorithm on one core (same result: the outcome does not
-        depend on ``threads``). Capped at numba's thread pool size (``NUMBA_NUM_THREADS``).
+        Worker threads (Python threads running the compiled strip loop without the GIL; the per-phase
+        marking of shared cells uses numba's ``prange``). ``1`` runs the same algorithm on one core (same
+        result: the outcome does not depend on ``threads``). Capped at numba's thread pool size
+        (``NUMBA_NUM_THREADS``) and at the number of strips per colour.
     block : int
         Minimum strip width in rows (axis 0), default 32; at least ``2·R_read`` (twice the largest of the
         copy, contact and surface ranges). Strips per colour ``m = n0 // (2·block)``, rounded down to a
@@ -202,14 +238,8 @@ class CheckerboardSampler(ExactSampler):
         if int(rounds_per_mcs) < 1:
             raise ConfigError(f"rounds_per_mcs must be >= 1, got {rounds_per_mcs}")
         nd = len(self.shape)
-        P = self.pack.P
-        self.copy_range = _chebyshev_range(self.copy_order, nd)
-        read = self.copy_range
-        if P[0]:
-            read = max(read, int(np.abs(neighbour_offsets(_max_contact_order(self._terms, contact_order, hamiltonian),
-                                                          nd)).max()))
-        if P[8]:
-            read = max(read, _chebyshev_range(self.pack.surface_order, nd))
+        self.copy_range = chebyshev_range(self.copy_order, nd)
+        read = max(self.copy_range, self.pack.read_range)
         self.read_range = read
         block = max(int(block), 2 * read)
         n0 = self.shape[0]
@@ -242,13 +272,17 @@ class CheckerboardSampler(ExactSampler):
         left = float(mcs)
         f = 1.0 / self.rounds_per_mcs
         prev = numba.get_num_threads()
+        workers = max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS, self.m))
         numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
+        pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
         try:
             while left > 1e-12:
-                self._round(min(f, left))
+                self._round(min(f, left), pool, workers)
                 left -= f
         finally:
             numba.set_num_threads(prev)
+            if pool is not None:
+                pool.shutdown()
         self.mcs_done += float(mcs)
         return self.stats()
 
@@ -256,23 +290,28 @@ class CheckerboardSampler(ExactSampler):
         """``n`` attempts in expectation (``n / N`` MCS)."""
         self.step(int(n) / self.n_sites)
 
-    def _round(self, frac: float) -> None:
+    def _round(self, frac: float, pool, workers: int) -> None:
         r = K.rng_next(self._rng)
         offset = int(r >> np.uint64(33)) % self.shape[0]
         colour0 = int(r & np.uint64(1))
         bounds = self._bounds0 + offset
         inv_t = 1.0 / self.temperature
+        n0, m = self.shape[0], self.m
         for c in (colour0, 1 - colour0):
-            _phase(c, self.m, bounds, self.shape[0], self._row_size, self.copy_range, float(frac), self._ids,
-                   self._types, self._vol, self.pack.P, self._A, self._nb, self._nvalid, self._rngs, inv_t,
-                   self.counters)
+            shared = _shared_cells(c, m, bounds, n0, self._row_size, self.copy_range, self._ids, self.n_ids)
+            local = np.zeros((m, 5), np.int64)
 
+            def run(qs, c=c, shared=shared, local=local):
+                _strips(qs, c, bounds, n0, self._row_size, self.copy_range, float(frac), self._ids, self._types,
+                        self._vol, self._G, self.pack.P, self._A, self._rngs, inv_t, shared, local)
 
-def _max_contact_order(terms, contact_order, hamiltonian) -> int:
-    lat = getattr(hamiltonian, "lattice", None)
-    default = int(contact_order if contact_order is not None else (lat.contact_order if lat else 2))
-    orders = [int(spec.get("params", {}).get("order", default)) for spec, _ in terms if spec["kind"] == "contact"]
-    return max(orders) if orders else default
+            shares = [np.arange(k, m, workers, dtype=np.int64) for k in range(workers)]
+            if pool is None:
+                run(shares[0])
+            else:
+                for fut in [pool.submit(run, qs) for qs in shares]:
+                    fut.result()
+            _end_phase(local, self.counters, self._vol, self.n_sites)
 
 
 def run_checkerboard(state: CellState, hamiltonian, mcs: float, *, seed: int, threads: int = 1, **kwargs):

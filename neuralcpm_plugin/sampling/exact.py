@@ -51,7 +51,9 @@ def neighbour_table(shape, order: int, periodic: bool, *, valid_first: bool = Fa
     """Flat neighbour table ``(N, K)`` int32 of the neighbourhood of ``order`` and the count of valid entries.
 
     Column ``j`` is offset ``neighbour_offsets(order)[j]`` (``-1`` outside a non-periodic lattice), unless
-    ``valid_first``: then each row lists its in-lattice neighbours first (used for copy proposals).
+    ``valid_first``: then each row lists its in-lattice neighbours first (the order of the copy proposals).
+    The sampler's kernels do not use tables (they compute neighbours arithmetically, in the same order, see
+    ``_kernels``); this is the reference form for metrics and tests.
     ``drop_self`` marks a neighbour that wraps onto the site itself (tiny periodic lattices) as ``-1``, as the
     energy terms do.
     """
@@ -85,6 +87,36 @@ def _ring_of_offsets(order: int, ndim: int) -> np.ndarray:
     d2 = (offs ** 2).sum(1)
     shells = np.unique(d2)
     return np.searchsorted(shells, d2)
+
+
+def chebyshev_range(order: int, ndim: int) -> int:
+    """Largest |coordinate offset| of the order-``order`` neighbourhood (its range in sites)."""
+    return int(np.abs(neighbour_offsets(order, ndim)).max())
+
+
+def flat_deltas(offsets, shape) -> tuple:
+    """Flat index delta of each offset (valid for sites whose neighbours need no wrap), a tuple of ints."""
+    strides = np.cumprod((1,) + tuple(int(s) for s in shape[::-1]))[:-1][::-1]
+    return tuple(int(v) for v in np.asarray(offsets, np.int64) @ strides.astype(np.int64))
+
+
+def offset_tuple(order: int, ndim: int) -> tuple:
+    """``neighbour_offsets(order, ndim)`` as a tuple of tuples of ints (compiled code keeps it in registers:
+    no reference counting, loops over it unroll)."""
+    return tuple(tuple(int(v) for v in row) for row in neighbour_offsets(order, ndim))
+
+
+def geometry(shape, periodic: bool, copy_order: int, read_range: int) -> tuple:
+    """The kernels' geometry tuple ``G = (shape, periodic, offs, fd, M1, M2, fd_array)`` (see ``_kernels``):
+    ``read_range`` = the largest neighbourhood range the energy terms read (contact, surface)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) not in (2, 3):
+        raise ConfigError(f"the exact sampler runs 2-D and 3-D lattices, got shape {shape}")
+    offs = offset_tuple(copy_order, len(shape))
+    r_copy = chebyshev_range(copy_order, len(shape))
+    m1 = max(r_copy, int(read_range))
+    fd = flat_deltas(offs, shape)
+    return (shape, bool(periodic), offs, fd, m1, r_copy + m1, np.array(fd, np.int64))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,12 +165,13 @@ def _direction_entries(direction, n_t1):
 
 @dataclass
 class TermPack:
-    """Compiled-parameter tuple ``P`` plus the Python-side data needed to build per-cell state."""
+    """Compiled-parameter tuple ``P = (C, V, E, S, D)`` (``_kernels``; ``None`` for an absent kind) plus the Python-side data needed to build per-cell state."""
 
     P: tuple
     kinds: list
     field_shape: tuple | None = None
     surface_order: int = 1
+    read_range: int = 0  # largest neighbourhood range the terms read (contact, surface)
 
 
 def pack_params(terms, shape, periodic: bool, n_t1: int, contact_order_default: int = 2) -> TermPack:
@@ -246,49 +279,47 @@ def pack_params(terms, shape, periodic: bool, n_t1: int, contact_order_default: 
             raise ConfigError(f"term kind {kind!r} has no compiled form")
 
     # contact: per-column J over the union neighbourhood (orders are nested)
+    read = 0
+    C = V = E = S = D = None
     if contact:
         max_order = max(o for _, o in contact)
         rings = _ring_of_offsets(max_order, nd)
-        cnb, _ = neighbour_table(shape, max_order, periodic, drop_self=True)
+        coffs = offset_tuple(max_order, nd)
         Jn = np.zeros((len(rings), n_t1, n_t1))
         for J, o in contact:
             Jn[rings < o] += J[None]
-    else:
-        cnb = np.full((1, 1), -1, np.int32)
-        Jn = np.zeros((1, n_t1, n_t1))
-    if ext is None:
-        ext = np.zeros((n_t1, 1))
+        uniform = bool(np.all(Jn == Jn[:1]))
+        C = (coffs, flat_deltas(coffs, shape), np.ascontiguousarray(Jn[0]), None if uniform else Jn)
+        read = max(read, chebyshev_range(max_order, nd))
+    if has["volume"]:
+        V = (lam, lamv)
+    if ext is not None:
+        E = np.ascontiguousarray(ext)
     if has["surface"]:
-        snb, _ = neighbour_table(shape, s_order, periodic, drop_self=True)
+        soffs = offset_tuple(s_order, nd)
+        S = (soffs, flat_deltas(soffs, shape), s_lam, s_tar.astype(np.float64))
+        read = max(read, chebyshev_range(s_order, nd))
     else:
-        snb = np.full((1, 1), -1, np.int32)
         s_order = 1
     if has["dm"]:
         coords = np.ascontiguousarray(np.indices(shape).reshape(nd, -1).T.astype(np.int64))
-    else:
-        coords = np.zeros((1, nd), np.int64)
-    P = (has["contact"], cnb, np.ascontiguousarray(Jn),
-         has["volume"], lam, lamv,
-         has["external"], np.ascontiguousarray(ext),
-         has["surface"], snb, s_lam, s_tar.astype(np.float64),
-         has["dm"],
-         dm_mode, dm_vec, dm_band, dm_strength, np.array(shape, np.float64), coords, bool(periodic))
-    return TermPack(P, kinds, shape, s_order)
+        D = (dm_mode, dm_vec, dm_band, dm_strength, np.array(shape, np.float64), coords, bool(periodic))
+    return TermPack((C, V, E, S, D), kinds, shape, s_order, read)
 
 
-def _per_cell_state(pack: TermPack, ids_flat, n_ids, vol):
+def _per_cell_state(pack: TermPack, G, ids_flat, n_ids, vol):
     """Mutable per-cell arrays ``A = (surf, cm_ref, cm_sum, head, nxt, prv)`` for the current lattice."""
-    P = pack.P
-    nd = P[14].shape[1]
-    if P[8]:
-        surf = K.surfaces_of(ids_flat, P[9], n_ids)
+    _C, _V, _E, S, D = pack.P
+    nd = len(G[0])
+    if S is not None:
+        surf = K.surfaces_arith(ids_flat, G, S, n_ids)
     else:
         surf = np.zeros(n_ids, np.int64)
-    if P[12]:
+    if D is not None:
         n = ids_flat.shape[0]
         A = (surf, np.zeros(n_ids, np.int64), np.zeros((n_ids, nd), np.float64), np.full(n_ids, -1, np.int64),
              np.full(n, -1, np.int64), np.full(n, -1, np.int64))
-        K.dm_init(ids_flat, n_ids, P, A)
+        K.dm_init(ids_flat, n_ids, D, A)
         return A
     return (surf, np.zeros(1, np.int64), np.zeros((1, nd), np.float64), np.full(1, -1, np.int64),
             np.full(1, -1, np.int64), np.full(1, -1, np.int64))
@@ -414,16 +445,15 @@ class ExactSampler:
         self._meta = dict(st.meta)
         self.n_ids = len(self._types)
         self._vol = np.bincount(self._ids, minlength=self.n_ids).astype(np.int64)
-        self._A = _per_cell_state(self.pack, self._ids, self.n_ids, self._vol)
-        self._nb, self._nvalid = neighbour_table(self.shape, self.copy_order, self.periodic, valid_first=True)
-        self._bflag = np.zeros(self.n_sites, np.int32)
-        self._blist = np.zeros(self.n_sites, np.int32)
-        self._bpos = np.full(self.n_sites, -1, np.int32)
-        self._bcount = np.zeros(1, np.int64)
-        if self.proposal == "boundary":
-            K.init_boundary(self._ids, self._nb, self._bflag, self._blist, self._bpos, self._bcount)
+        self._G = geometry(self.shape, self.periodic, self.copy_order, self.pack.read_range)
+        self._A = _per_cell_state(self.pack, self._G, self._ids, self.n_ids, self._vol)
+        self._B = None
+        if self.proposal == "boundary":  # (bflag, blist, bpos, bcount), see _kernels
+            self._B = (np.zeros(self.n_sites, np.int32), np.zeros(self.n_sites, np.int32),
+                       np.full(self.n_sites, -1, np.int32), np.zeros(1, np.int64))
+            K.init_boundary(self._ids, self._G, *self._B)
         self.compiled_terms = [t for t in (local, pooled) if t is not None]
-        self._NN = neural_pack(local, pooled, self._ids, self._types, self.shape)
+        self._NN = neural_pack(local, pooled, self._ids, self._types, self.shape) if self.compiled_terms else None
         self._local, self._pooled = local, pooled
         self._rng = K.seed_state(seed)
         self.counters = np.zeros(4, np.int64)  # attempts, candidates, accepted, refused deletions
@@ -454,7 +484,7 @@ class ExactSampler:
     def delta(self, site, new_id: int) -> float:
         """ΔH (compiled analytic part + callback terms) of copying ``new_id`` into ``site`` (tuple or flat)."""
         x = int(np.ravel_multi_index(tuple(site), self.shape)) if not np.isscalar(site) else int(site)
-        dh = K.delta_analytic(x, int(new_id), self._ids, self._types, self._vol, self.pack.P, self._A)
+        dh = K.delta_analytic(x, int(new_id), self._ids, self._types, self._vol, self._G, self.pack.P, self._A)
         if self.compiled_terms:
             dh += K.neural_delta(x, int(new_id), self._ids, self._types, self._NN)
         if self.callback_terms:
@@ -483,24 +513,28 @@ class ExactSampler:
 
     def attempts(self, n: int) -> None:
         """Run exactly ``n`` copy attempts."""
-        inv_t = 1.0 / self.temperature
-        prop = _PROPOSALS[self.proposal]
-        P, A = self.pack.P, self._A
-        if not self.callback_terms:
-            K.sweep(self._ids, self._types, self._vol, P, A, self._nb, self._nvalid, self._rng, int(n), inv_t,
-                    prop, False, self._bflag, self._blist, self._bpos, self._bcount, self.counters, self._NN)
-            return
         remaining = int(n)
+        if not self.callback_terms:
+            self._sweep(remaining)
+            return
         while remaining > 0:
-            done, pending, x, new, dh = K.sweep(self._ids, self._types, self._vol, P, A, self._nb, self._nvalid,
-                                                self._rng, remaining, inv_t, prop, True, self._bflag, self._blist,
-                                                self._bpos, self._bcount, self.counters, self._NN)
+            done, pending, x, new, dh = self._sweep(remaining, stop_at_candidate=True)
             remaining -= done
             if pending:
                 dh += self._callback_delta(int(x), int(new))
-                K.decide(int(x), int(new), float(dh), self._ids, self._vol, P, A, self._rng, inv_t, prop,
-                         self._nb, self._bflag, self._blist, self._bpos, self._bcount, self.counters, self._types,
-                         self._NN)
+                self._decide(int(x), int(new), float(dh))
+
+    def _sweep(self, n: int, stop_at_candidate: bool = False):
+        """Up to ``n`` attempts of the compiled kernel (:func:`_kernels.sweep`; its return value)."""
+        fn = K.sweep if self._NN is None else K.sweep_nrt
+        return fn(self._ids, self._types, self._vol, self._G, self.pack.P, self._A, self._B, self._rng, int(n),
+                  1.0 / self.temperature, bool(stop_at_candidate), self.counters, self._NN)
+
+    def _decide(self, x: int, new: int, dh: float) -> int:
+        """Metropolis decision for a pending candidate with total ΔH ``dh`` (:func:`_kernels.decide`)."""
+        fn = K.decide if self._NN is None else K.decide_nrt
+        return fn(int(x), int(new), float(dh), self._ids, self._types, self._vol, self._G, self.pack.P, self._A,
+                  self._B, self._rng, 1.0 / self.temperature, self.counters, self._NN)
 
 
 def compiled_delta(state: CellState, hamiltonian=None, site=None, new_id=None, *, terms=None, periodic=None,
@@ -509,7 +543,7 @@ def compiled_delta(state: CellState, hamiltonian=None, site=None, new_id=None, *
     s = ExactSampler(state, hamiltonian, terms=terms, periodic=periodic, contact_order=contact_order,
                      temperature=1.0 if hamiltonian is None else None)
     x = int(np.ravel_multi_index(tuple(site), s.shape))
-    return float(K.delta_analytic(x, int(new_id), s._ids, s._types, s._vol, s.pack.P, s._A))
+    return float(K.delta_analytic(x, int(new_id), s._ids, s._types, s._vol, s._G, s.pack.P, s._A))
 
 
 @dataclass
