@@ -7,12 +7,12 @@ incrementally).
 Geometry (no per-site tables): neighbours are computed by index arithmetic from a tuple built by
 ``exact.geometry``::
 
-    G = (shape, periodic, offs, fd, M1, M2, fd_array)
+    G = (shape, periodic, offs, fd, M1, M2)
 
 ``shape`` a tuple of ints (2-D or 3-D: the tuple's length is a compile-time constant, so every loop over the
 axes is unrolled), ``offs`` (K, ndim) int64 the copy neighbourhood's offsets (``lattice.neighbour_offsets``
-order) and ``fd`` the same offsets as flat index deltas, both tuples of ints (loops over them unroll, their
-values stay in registers), ``fd_array`` = ``fd`` as an int64 array (for the random pick of a neighbour). A site whose coordinates lie at least ``M1``
+order) and ``fd`` (K,) int64 the same offsets as flat index deltas (arrays, not tuples: numba indexes a
+tuple at a run-time position through a jump table). A site whose coordinates lie at least ``M1``
 from every edge (``M1`` = the largest of the copy, contact and surface ranges) has all its neighbours at
 ``x + fd[j]`` — no wrap, no boundary check (the *fast* path, true for all but a thin frame of sites); other
 sites take the *slow* path: coordinates, per-axis periodic wrap (``%``, so tiny lattices work) or ``-1``
@@ -38,9 +38,9 @@ directed motion: per id the reference site = its smallest flat site index, the s
 displacements of its sites from it, and a doubly linked list of its sites so that a change of reference
 site costs O(V)).
 
-Proposal: ``B = None`` for the classic proposal, ``B = (bflag, blist, bpos, bcount)`` for the boundary
-proposal (``bflag[y]`` = number of copy neighbours of ``y`` with another id, kept incrementally;
-``blist[:bcount[0]]`` the sites with ``bflag > 0``, ``bpos`` their positions or -1).
+Proposal: ``B = None`` for the classic proposal, ``B = (bflag, bcount)`` for the boundary proposal
+(``bflag[y]`` = number of copy neighbours of ``y`` with another id, ``bcount[0]`` = number of sites with
+``bflag > 0``, both kept incrementally; a boundary site is drawn by rejection from uniform sites).
 
 Compiled neural terms travel in a tuple ``NN`` (built by ``exact.neural_pack``)::
 
@@ -203,7 +203,7 @@ def nbr_slow(c, offs, j, shape, periodic):
     flat = 0
     for d in range(len(shape)):
         n = shape[d]
-        v = c[d] + offs[j][d]
+        v = c[d] + offs[j, d]
         if v < 0 or v >= n:
             if not periodic:
                 return -1
@@ -230,7 +230,7 @@ def propose_classic(s, r32, G):
     K = len(fd)
     c = coords_of(s, shape)
     if inside(c, shape, G[5]):
-        return s + G[6][_below(r32, K)], True  # the array form: a random index into a tuple is a jump table
+        return s + fd[_below(r32, K)], True
     if G[1]:
         t = nbr_slow(c, offs, _below(r32, K), shape, True)
         return t, is_fast(t, G)
@@ -268,14 +268,12 @@ def _absent(x):
 def _contact_uniform(dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, J):
     """dh + Σ over the contact neighbours s of ``x``: J(new, s) [s ≠ new] − J(old, s) [s ≠ old]."""
     kn = len(cfd)
-    if fast:
+    if fast:  # selects instead of branches; adding 0.0 leaves dh bit-identical
         for k in range(kn):
             s = ids[x + cfd[k]]
             ts = tp[s]
-            if s != new:
-                dh += J[tn, ts]
-            if s != old:
-                dh -= J[to, ts]
+            dh += J[tn, ts] if s != new else 0.0
+            dh -= J[to, ts] if s != old else 0.0
         return dh
     shape = G[0]
     c = coords_of(x, shape)
@@ -668,76 +666,52 @@ def _surface_apply_impl(x, fast, old, new, ids, G, S, surf):
 
 
 @njit(cache=True, inline="always")
-def _bset_add(y, blist, bpos, bcount):
-    bpos[y] = bcount[0]
-    blist[bcount[0]] = y
-    bcount[0] += 1
-
-
-@njit(cache=True, inline="always")
-def _bset_remove(y, blist, bpos, bcount):
-    k = bpos[y]
-    last = blist[bcount[0] - 1]
-    blist[k] = last
-    bpos[last] = k
-    bpos[y] = -1
-    bcount[0] -= 1
-
-
-@njit(cache=True, inline="always")
-def _bnbr_update(y, x, old, new, ids, bflag, blist, bpos, bcount):
-    """Neighbour ``y`` of ``x`` (which passed from ``old`` to ``new``): its unlike-neighbour count; returns
-    1 if ``y`` is now unlike ``x``."""
+def _bnbr_update(y, x, old, new, ids, bflag, bcount):
+    """Neighbour ``y`` of ``x`` (which passed from ``old`` to ``new``): its unlike-neighbour count and the
+    boundary-site count; returns 1 if ``y`` is now unlike ``x``."""
     idy = ids[y]
     if y != x:
-        if idy == old:
-            bflag[y] += 1
-            if bflag[y] == 1:
-                _bset_add(y, blist, bpos, bcount)
-        elif idy == new:
-            bflag[y] -= 1
-            if bflag[y] == 0:
-                _bset_remove(y, blist, bpos, bcount)
-    return 1 if idy != new else 0
+        before = bflag[y]
+        after = before + np.int32(idy == old) - np.int32(idy == new)  # no data-dependent branch for the count
+        bflag[y] = after
+        bcount[0] += np.int64(after > 0) - np.int64(before > 0)
+    return np.int64(idy != new)
 
 
 @njit(cache=True, inline="always")
-def _boundary_update(x, fast, old, new, ids, G, bflag, blist, bpos, bcount):
-    """Boundary-set bookkeeping after ``ids[x]`` became ``new`` (copy neighbourhood)."""
+def _boundary_update(x, fast, old, new, ids, G, bflag, bcount):
+    """Boundary bookkeeping after ``ids[x]`` became ``new`` (copy neighbourhood)."""
     fd = G[3]
     c = 0
     if fast:
-        for j in range(len(fd)):
-            c += _bnbr_update(x + fd[j], x, old, new, ids, bflag, blist, bpos, bcount)
+        for j in range(fd.shape[0]):
+            c += _bnbr_update(x + fd[j], x, old, new, ids, bflag, bcount)
     else:
         shape = G[0]
         cx = coords_of(x, shape)
-        for j in range(len(fd)):
+        for j in range(fd.shape[0]):
             y = nbr_slow(cx, G[2], j, shape, G[1])
             if y >= 0:
-                c += _bnbr_update(y, x, old, new, ids, bflag, blist, bpos, bcount)
+                c += _bnbr_update(y, x, old, new, ids, bflag, bcount)
+    bcount[0] += np.int64(c > 0) - np.int64(bflag[x] > 0)
     bflag[x] = c
-    if c > 0 and bpos[x] < 0:
-        _bset_add(x, blist, bpos, bcount)
-    elif c == 0 and bpos[x] >= 0:
-        _bset_remove(x, blist, bpos, bcount)
 
 
 def _boundary_apply(x, fast, old, new, ids, G, B):  # pragma: no cover - compiled (overload)
-    """Boundary-set bookkeeping after ``ids[x]`` became ``new``; nothing for the classic proposal."""
+    """Boundary bookkeeping after ``ids[x]`` became ``new``; nothing for the classic proposal."""
 
 
 @overload(_boundary_apply, inline="always")
 def _boundary_apply_impl(x, fast, old, new, ids, G, B):
     if _absent(B):
         return lambda x, fast, old, new, ids, G, B: None
-    return lambda x, fast, old, new, ids, G, B: _boundary_update(x, fast, old, new, ids, G, B[0], B[1], B[2], B[3])
+    return lambda x, fast, old, new, ids, G, B: _boundary_update(x, fast, old, new, ids, G, B[0], B[1])
 
 
 @njit(cache=True, inline="always")
 def apply_copy(x, fast, new, ids, vol, G, P, A, B):
     """Set ``ids[x] = new`` and update volumes, surfaces, centre sums and (boundary proposal) the boundary
-    set."""
+    counts."""
     old = ids[x]
     _surface_apply(x, fast, old, new, ids, G, P[3], A[0])
     ids[x] = new
@@ -748,53 +722,50 @@ def apply_copy(x, fast, new, ids, vol, G, P, A, B):
 
 
 @njit(cache=True)
-def init_boundary(ids, G, bflag, blist, bpos, bcount):
-    """Boundary set of the copy neighbourhood: ``bflag[y]`` = number of neighbours of y with another id,
-    ``blist[:bcount[0]]`` the sites with ``bflag > 0`` (``bpos`` their positions, -1 for others)."""
+def init_boundary(ids, G, bflag, bcount):
+    """Boundary counts of the copy neighbourhood: ``bflag[y]`` = number of copy neighbours of y with another
+    id, ``bcount[0]`` = number of sites with ``bflag > 0`` (the boundary set)."""
     shape = G[0]
     bcount[0] = 0
     for y in range(ids.shape[0]):
         c = 0
         cy = coords_of(y, shape)
-        for j in range(len(G[3])):
+        for j in range(G[3].shape[0]):
             z = nbr_slow(cy, G[2], j, shape, G[1])
             if z >= 0 and ids[z] != ids[y]:
                 c += 1
         bflag[y] = c
-        bpos[y] = -1
         if c > 0:
-            _bset_add(y, blist, bpos, bcount)
+            bcount[0] += 1
 
 
 @njit(cache=True, inline="always")
-def propose_boundary(r, ids, G, bflag, blist, bcount):
-    """Boundary proposal: site ``x`` uniform over the boundary set, new id = its ``pick``-th unlike copy
-    neighbour (offset order). Returns ``(x, fast, new)``; ``x = -1`` when the set is empty."""
-    nbnd = bcount[0]
-    if nbnd == 0:
-        return -1, False, 0
-    x = np.int64(blist[_below(r >> np.uint64(32), nbnd)])
+def boundary_pick(x, r32, ids, G, bflag):
+    """The boundary proposal's new id for boundary site ``x``: its ``pick``-th unlike copy neighbour (offset
+    order), ``pick`` uniform in ``0 .. bflag[x]-1`` from the 32-bit draw ``r32``. Returns ``(fast, new)``."""
     shape = G[0]
     c = coords_of(x, shape)
     fast = inside(c, shape, G[4])
     cx = ids[x]
-    pick = _below(r & _LO32, bflag[x])
+    pick = _below(r32, bflag[x])
     new = cx
     fd = G[3]
+    if fast:  # written without data-dependent branches (selects): which neighbours differ is unpredictable
+        for j in range(len(fd)):
+            idy = ids[x + fd[j]]
+            unlike = idy != cx
+            new = idy if (unlike and pick == 0) else new
+            pick -= np.int64(unlike)
+        return fast, new
     for j in range(len(fd)):
-        if fast:
-            y = x + fd[j]
-        else:
-            y = nbr_slow(c, G[2], j, shape, G[1])
-            if y < 0:
-                continue
-        idy = ids[y]
-        if idy != cx:
-            if pick == 0:
-                new = idy
-                break
-            pick -= 1
-    return x, fast, new
+        y = nbr_slow(c, G[2], j, shape, G[1])
+        if y >= 0:
+            idy = ids[y]
+            if idy != cx:
+                if pick == 0:
+                    new = idy
+                pick -= 1
+    return fast, new
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -829,8 +800,9 @@ def sweep(ids, tp, vol, G, P, A, B, rng, n_attempts, inv_t, stop_at_candidate, c
 
     Classic proposal (``B is None``): source s uniform over the lattice, target t uniform over s's valid copy
     neighbours; same cell → the attempt ends (it counts); else t takes σ(s). Boundary proposal: site x
-    uniform over the current boundary set, it takes the id of a neighbour drawn uniformly among x's
-    neighbours of another cell. Deleting a cell (volume 1 → 0) is refused. Acceptance min(1, exp(−ΔH·inv_t)).
+    uniform over the current boundary set (uniform sites drawn until one is on the boundary; the draws
+    count as one attempt), it takes the id of a neighbour drawn uniformly among x's neighbours of another
+    cell (the low 32 bits of x's draw). Deleting a cell (volume 1 → 0) is refused. Acceptance min(1, exp(−ΔH·inv_t)).
 
     With ``stop_at_candidate`` the sweep stops *before* deciding the first candidate copy (one that passed
     the same-cell and deletion checks) and returns it, so that Python can add a non-compiled ΔH; the
@@ -863,9 +835,15 @@ def sweep(ids, tp, vol, G, P, A, B, rng, n_attempts, inv_t, stop_at_candidate, c
                 continue
             new = ids[src]
         else:
-            x, fast, new = propose_boundary(r, ids, G, B[0], B[1], B[3])
-            if x < 0:
+            if B[1][0] == 0:
                 continue
+            # x uniform over the boundary set: uniform sites until one has an unlike copy neighbour
+            # (rejection; no list of boundary sites to keep, whose random accesses miss the cache)
+            x = _below(r >> np.uint64(32), n)
+            while B[0][x] == 0:
+                r, s0, s1, s2, s3 = _xo(s0, s1, s2, s3)
+                x = _below(r >> np.uint64(32), n)
+            fast, new = boundary_pick(x, r & _LO32, ids, G, B[0])
         old = ids[x]
         if old == new:
             continue

@@ -94,29 +94,22 @@ def chebyshev_range(order: int, ndim: int) -> int:
     return int(np.abs(neighbour_offsets(order, ndim)).max())
 
 
-def flat_deltas(offsets, shape) -> tuple:
-    """Flat index delta of each offset (valid for sites whose neighbours need no wrap), a tuple of ints."""
+def flat_deltas(offsets, shape) -> np.ndarray:
+    """Flat index delta of each offset (valid for sites whose neighbours need no wrap), int64 ``(K,)``."""
     strides = np.cumprod((1,) + tuple(int(s) for s in shape[::-1]))[:-1][::-1]
-    return tuple(int(v) for v in np.asarray(offsets, np.int64) @ strides.astype(np.int64))
-
-
-def offset_tuple(order: int, ndim: int) -> tuple:
-    """``neighbour_offsets(order, ndim)`` as a tuple of tuples of ints (compiled code keeps it in registers:
-    no reference counting, loops over it unroll)."""
-    return tuple(tuple(int(v) for v in row) for row in neighbour_offsets(order, ndim))
+    return np.ascontiguousarray(np.asarray(offsets, np.int64) @ strides.astype(np.int64))
 
 
 def geometry(shape, periodic: bool, copy_order: int, read_range: int) -> tuple:
-    """The kernels' geometry tuple ``G = (shape, periodic, offs, fd, M1, M2, fd_array)`` (see ``_kernels``):
+    """The kernels' geometry tuple ``G = (shape, periodic, offs, fd, M1, M2)`` (see ``_kernels``):
     ``read_range`` = the largest neighbourhood range the energy terms read (contact, surface)."""
     shape = tuple(int(s) for s in shape)
     if len(shape) not in (2, 3):
         raise ConfigError(f"the exact sampler runs 2-D and 3-D lattices, got shape {shape}")
-    offs = offset_tuple(copy_order, len(shape))
+    offs = np.ascontiguousarray(neighbour_offsets(copy_order, len(shape)))
     r_copy = chebyshev_range(copy_order, len(shape))
     m1 = max(r_copy, int(read_range))
-    fd = flat_deltas(offs, shape)
-    return (shape, bool(periodic), offs, fd, m1, r_copy + m1, np.array(fd, np.int64))
+    return (shape, bool(periodic), offs, flat_deltas(offs, shape), m1, r_copy + m1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,7 +277,7 @@ def pack_params(terms, shape, periodic: bool, n_t1: int, contact_order_default: 
     if contact:
         max_order = max(o for _, o in contact)
         rings = _ring_of_offsets(max_order, nd)
-        coffs = offset_tuple(max_order, nd)
+        coffs = np.ascontiguousarray(neighbour_offsets(max_order, nd))
         Jn = np.zeros((len(rings), n_t1, n_t1))
         for J, o in contact:
             Jn[rings < o] += J[None]
@@ -296,7 +289,7 @@ def pack_params(terms, shape, periodic: bool, n_t1: int, contact_order_default: 
     if ext is not None:
         E = np.ascontiguousarray(ext)
     if has["surface"]:
-        soffs = offset_tuple(s_order, nd)
+        soffs = np.ascontiguousarray(neighbour_offsets(s_order, nd))
         S = (soffs, flat_deltas(soffs, shape), s_lam, s_tar.astype(np.float64))
         read = max(read, chebyshev_range(s_order, nd))
     else:
@@ -448,9 +441,9 @@ class ExactSampler:
         self._G = geometry(self.shape, self.periodic, self.copy_order, self.pack.read_range)
         self._A = _per_cell_state(self.pack, self._G, self._ids, self.n_ids, self._vol)
         self._B = None
-        if self.proposal == "boundary":  # (bflag, blist, bpos, bcount), see _kernels
-            self._B = (np.zeros(self.n_sites, np.int32), np.zeros(self.n_sites, np.int32),
-                       np.full(self.n_sites, -1, np.int32), np.zeros(1, np.int64))
+        if self.proposal == "boundary":  # (bflag, bcount), see _kernels
+            small = len(self._G[3]) < 256  # one byte per site keeps the rejection draws' reads in cache
+            self._B = (np.zeros(self.n_sites, np.uint8 if small else np.int32), np.zeros(1, np.int64))
             K.init_boundary(self._ids, self._G, *self._B)
         self.compiled_terms = [t for t in (local, pooled) if t is not None]
         self._NN = neural_pack(local, pooled, self._ids, self._types, self.shape) if self.compiled_terms else None
