@@ -13,7 +13,11 @@ def test_every_preset_loads_and_validates():
         assert required in names
     for n in names:
         cfg = load_config(n)
-        assert cfg["model"]["kind"] in ("analytic", "nh-closure", "local-nh-closure", "local-pooled-closure")
+        assert cfg["model"]["kind"] in ("analytic", "nh-closure", "local-nh-closure", "local-pooled-closure",
+                                        "pooled-closure")
+    t1 = load_config("mnist-cpu-table1")   # the README's Table-1 closure: analytic + pooled NH, D = 32, CD
+    assert (t1["model"]["kind"], t1["model"]["pooled"]["position_dim"], t1["pcd"]["reset_prob"],
+            t1["pcd"]["sampler"]) == ("pooled-closure", 32, 1.0, "exact")
 
 
 def test_default_is_pl_analytic_and_paper_presets_follow_table7():
