@@ -15,7 +15,8 @@ continuations, heredocs) and checked by what it calls:
 * ``cat > FILE.toml <<'END'``: the heredoc is a valid training configuration;
 * anything else is a failure that names the line — teach this file the new command.
 
-The tutorial section writes only under ``runs/tutorial/``. Printed commands (exporters, the energy hook,
+The tutorial section writes only under ``runs/tutorial/``, the paper experiments (``--out``, ``--gif``, ``cat >``)
+only under ``runs/``. Printed commands (exporters, the energy hook,
 ``training.fit``) are *executed* as printed, with the test doubles of CompuCell3D
 (``tests/fixtures/cc3d/fake_cc3d``) and Morpheus (``tests/fixtures/morpheus/fake_morpheus.py``, behind a
 ``morpheus`` on PATH that, like Morpheus 2.2.4, refuses an output folder that does not exist).
@@ -340,6 +341,12 @@ def test_every_readme_command_line_is_valid(tmp_path):
                     if v is not None and not v.startswith("runs/tutorial/"):
                         checker.problems.append(f"README.md line {n}: the tutorial writes {v}; keep everything "
                                                 "under runs/tutorial/ (git-ignored)")
+            if _section_of(text, n).startswith("Paper experiments"):
+                targets = [_opt(argv, f) for f in ("--out", "--gif")] + [_opt(argv, ">")]
+                for v in targets:
+                    if v is not None and not v.startswith("runs/"):
+                        checker.problems.append(f"README.md line {n}: the paper experiments write {v}; keep "
+                                                "everything under runs/ (git-ignored)")
     assert n_bash >= 4 and len(checker.checked) >= 20, checker.checked
     assert not checker.problems, "\n".join(checker.problems)
 
