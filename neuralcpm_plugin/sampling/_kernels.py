@@ -253,11 +253,10 @@ def propose_classic(s, r32, G):
 # ----------------------------------------------------------------------------------------------------------
 # ΔH of one copy attempt, term by term (each accumulates into dh in the order of the original sum)
 #
-# Layout rule for speed: a function that reads arrays gets them as its own parameters (numba passes them
-# borrowed: no reference counting), never as members of a tuple it unpacks, and is not IR-inlined (an
-# inlined array parameter costs an atomic incref/decref pair per call that numba cannot always prune); the
-# per-term overloads only pick an implementation by type (absent term → nothing) and forward the tuple's
-# members. LLVM inlines the small ones.
+# Every helper on the hot path is inlined into the entry points (sweep, decide, delta_analytic, the
+# checkerboard's strip loop), which are compiled with _HOT (no reference counting, no raise paths); the
+# per-term overloads pick an implementation by type (absent term → nothing) and forward the tuple's members
+# as plain array arguments.
 # ----------------------------------------------------------------------------------------------------------
 def _absent(x):
     """Compile-time test used by the overloads below: the term's tuple is ``None``."""
