@@ -7,7 +7,11 @@ weight matrices to make F more non-linear than at initialisation) is run with th
 
 * fields of the whole neural part, and of the pooled part alone, fresh (at the refresh) → stale (K MCS later);
 * the pooled part with its global context Z frozen at the refresh, K MCS later — the error the fields add on
-  top of their per-site approximation of ΔZ (``pooled_expansion_rel_rmse`` of the hook).
+  top of their per-site approximation of ΔZ (``pooled_expansion_rel_rmse`` of the hook);
+* what the pooled part's stale error is made of, K MCS later: the error of fields rebuilt at that state (the
+  floor of any per-type field: a field sees the type of the copied cell only, so a copy between two cells of
+  one type gets ΔH 0 and several candidate cells of one type share one value), the share of the squared stale
+  error that comes from copies between cells of one type, and the same-type share of the squared exact ΔH.
 
     python benchmarks/bench_pooled_fields.py [--size 32] [--refresh 10] [--chunks 3] [--gain 1]
 """
@@ -75,8 +79,28 @@ def main(argv=None):
         print(f"refresh {k}: fields of the neural part {stats['rel_rmse']:.3g} -> {stale:.3g}; pooled part alone "
               f"{stats['parts']['pooled']['rel_rmse']:.3g} -> {pstale:.3g}; pooled with Z frozen for {a.refresh} MCS "
               f"{exp:.3g}  (acceptance {smp.stats()['acceptance']:.2f})", flush=True)
+        _, rebuilt = neural_potential_fields([pool], s1, 2)
+        same, dsame = _same_type_shares(stats["parts"]["pooled"]["phi"], pool, s1)
+        print(f"    pooled part {a.refresh} MCS later: fields rebuilt there {rebuilt['rel_rmse']:.3g} (per-type floor); "
+              f"same-type copies carry {same:.0%} of the stale squared error and {dsame:.0%} of the squared "
+              "exact ΔH", flush=True)
     print(f"wall {time.perf_counter() - w0:.0f} s, CPU {time.process_time() - c0:.0f} s, peak RSS "
           f"{peak_rss_mib():.0f} MiB")
+
+
+def _same_type_shares(phi, term, state):
+    """(share of the fields' squared error, share of the squared exact ΔH) from copies between two cells of one
+    type, over every boundary attempt of ``state``."""
+    from morpheus_xml.export import boundary_attempts, neural_delta
+    sites, new = boundary_attempts(state, 2, True)
+    D = neural_delta([term], state, sites, new)
+    W = state.shape[1]
+    t_old = state.types[state.ids.ravel()[sites]]
+    t_new = state.types[new]
+    err = phi[t_new, sites // W, sites % W] - phi[t_old, sites // W, sites % W] - D
+    m = t_old == t_new
+    return float((err[m] ** 2).sum() / max((err ** 2).sum(), 1e-300)), \
+        float((D[m] ** 2).sum() / max((D ** 2).sum(), 1e-300))
 
 
 if __name__ == "__main__":

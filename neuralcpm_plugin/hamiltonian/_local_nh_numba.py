@@ -42,6 +42,9 @@ except ImportError:  # loaded on its own (inside a host tool)
 
 # error_model="numpy": no ZeroDivisionError checks, so LLVM can vectorize the loops; "contract": FMA
 _jit = functools.partial(njit, cache=True, error_model="numpy", fastmath={"contract"})
+# the per-attempt functions: also without numba's reference counting (_nrt=False: they allocate nothing; with it,
+# every array of the W / S tuples would be counted up and down around each call, ≈ 100 atomic operations per ΔH)
+_hot = _jit(_nrt=False)
 
 # weights tuple W (see weights_from_numpy)
 # 0 dims int64 [s, k, C, T, ss, r]; 1 Em [ss, C]; 2 Et [ss, T+1, C]; 3 b [C]; 4 W1 [C, C] (in, out); 5 b1;
@@ -75,6 +78,10 @@ _S_T2 = 23     # [k*k*(ss+1), C]
 _S_T3 = 24     # [k*k*(ss+1), C]
 _S_ROWO = 25   # int64 [k*k*(ss+1)] output slot (stage 2) / cell slot (stage 1, −1 = ghost) of each work row
 _S_ROWW = 26   # [k*k*(ss+1)] weight of each stage-2 row (+1 cell, −n ghost)
+_S_T1F = 27    # flat aliases of _S_T1, _S_T2 (same memory: SiLU runs over them in one loop)
+_S_T2F = 28
+_S_ZERO = 29   # [C] zeros (the bias of phi_u, which has none)
+_S_CUW3 = 30   # [1, ss, C]: _S_CUW as a one-patch 3-D array (same memory), for _patch_rows
 
 
 def weights_from_numpy(ev) -> tuple:
@@ -103,12 +110,14 @@ def new_state(W, shape, refresh_every: int = 4096) -> tuple:
     G = Gh * Gw
     geo = np.array([H, Wd, Gh, Gw, G, 0, 0, max(int(refresh_every), 1)], np.int64)
     z = lambda *sh: np.zeros(sh, np.float64)
+    t1, t2 = z(k * k * (ss + 1), C), z(k * k * (ss + 1), C)
+    cuw = z(ss, C)
     return (geo, np.zeros(G, np.int64), np.zeros((G, ss), np.int64), z(G, ss, C), z(G, ss, C), z(G, C), z(G, C),
-            z(G, C), z(G, C), z(G, C), np.zeros(8, np.int64), np.zeros(ss, np.int64), z(ss, C), z(ss, C),
+            z(G, C), z(G, C), z(G, C), np.zeros(8, np.int64), np.zeros(ss, np.int64), z(ss, C), cuw,
             z(3, C), np.zeros(k * k, np.int64), z(k * k, C), z(k * k, C), z(k * k, C),
-            np.full(G, -1, np.int64), z(6, C), np.zeros(ss, np.int64), z(k * k * (ss + 1), C),
-            z(k * k * (ss + 1), C), z(k * k * (ss + 1), C), np.zeros(k * k * (ss + 1), np.int64),
-            z(k * k * (ss + 1)))
+            np.full(G, -1, np.int64), z(6, C), np.zeros(ss, np.int64), t1, t2, z(k * k * (ss + 1), C),
+            np.zeros(k * k * (ss + 1), np.int64), z(k * k * (ss + 1)), t1.reshape(-1), t2.reshape(-1), z(C),
+            cuw.reshape(1, ss, C))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -153,66 +162,37 @@ def _silu(x):
     return x / (1.0 + _exp(-x))
 
 
-@_jit(inline="always")
-def _matvec(x, M, bias, out, use_bias):
-    """out = x @ M (+ bias)."""
-    C = out.shape[0]
-    if use_bias:
-        for o in range(C):
-            out[o] = bias[o]
-    else:
-        for o in range(C):
-            out[o] = 0.0
-    for i in range(x.shape[0]):
-        xi = x[i]
-        for o in range(C):
-            out[o] += xi * M[i, o]
-
-
-@_jit
-def _psi_uw(u, W, psi_out, uw_out, t):
-    """ψ(u) = SiLU(W2ᵀ SiLU(W1ᵀ u + b1) + b2) and W_uᵀ u."""
-    C = u.shape[0]
-    _matvec(u, W[4], W[5], t, True)
-    for c in range(C):
-        t[c] = _silu(t[c])
-    _matvec(t, W[6], W[7], psi_out, True)
-    for c in range(C):
-        psi_out[c] = _silu(psi_out[c])
-    _matvec(u, W[8], W[8][0], uw_out, False)
-
-
-@_jit
-def _v_acc(uw, ca, W, acc, sign, t1, t2):
-    """acc += sign · v, v = SiLU(W3ᵀ SiLU(uw + ca) + b3)."""
-    C = uw.shape[0]
-    for c in range(C):
-        t1[c] = _silu(uw[c] + ca[c])
-    _matvec(t1, W[11], W[12], t2, True)
-    for c in range(C):
-        acc[c] += sign * _silu(t2[c])
-
-
-@_jit
+@_hot
 def _mm_rows(X, R, M, bias, OUT):
-    """OUT[:R] = X[:R] @ M + bias (rows of independent products: the CPU overlaps them)."""
+    """OUT[:R] = X[:R] @ M + bias.  Four input channels per pass over the rows (four FMAs per load and store
+    of an output element; consecutive updates hit different rows, so no store→load chain)."""
     C = M.shape[1]
     K = M.shape[0]
     for r in range(R):
         for o in range(C):
             OUT[r, o] = bias[o]
-    for i in range(K):  # i outermost: consecutive updates hit different rows (no store→load chain)
+    i = 0
+    while i + 4 <= K:
+        for r in range(R):
+            x0 = X[r, i]
+            x1 = X[r, i + 1]
+            x2 = X[r, i + 2]
+            x3 = X[r, i + 3]
+            for o in range(C):
+                OUT[r, o] += (x0 * M[i, o] + x1 * M[i + 1, o]) + (x2 * M[i + 2, o] + x3 * M[i + 3, o])
+        i += 4
+    while i < K:
         for r in range(R):
             xi = X[r, i]
             for o in range(C):
                 OUT[r, o] += xi * M[i, o]
+        i += 1
 
 
-@_jit
-def _silu_rows(X, R):
-    """X[:R] = SiLU(X[:R]) in one flat (vectorized) loop."""
-    f = X.reshape(-1)
-    for i in range(R * X.shape[1]):
+@_hot
+def _silu_flat(f, n):
+    """f[:n] = SiLU(f[:n]) (``f`` 1-D: the flat alias of a work array; one vectorized loop)."""
+    for i in range(n):
         f[i] = _silu(f[i])
 
 
@@ -222,24 +202,34 @@ def _patch_features(pids, types, W, cells, psi, uw, gpsi, guw, A, S, g_reuse, ke
     W_u·u, the ghost's, and A.  Returns the number of cells.
 
     ``g_reuse`` ≥ 0: the patch's types are those of cached patch ``g_reuse`` (a copy between two cells of one
-    type), so the ghost and every cell other than ``keep_a``/``keep_b`` keep their cached rows."""
+    type), so the ghost and every cell other than ``keep_a``/``keep_b`` keep their cached rows.
+    (Every array is taken from its tuple once, outside the loops: each extraction costs numba a reference
+    count increment and decrement.)"""
     dims = W[0]
     C = dims[2]
     ss = dims[4]
     Em = W[1]
     Et = W[2]
     b = W[3]
-    tp = S[_S_TMP][0]
+    tmp = S[_S_TMP]
     U = S[_S_T1]
     T2 = S[_S_T2]
     T3 = S[_S_T3]
+    Uf = S[_S_T1F]
+    T2f = S[_S_T2F]
     rowm = S[_S_ROWO]
+    c_pn = S[_S_PN]
+    c_pcell = S[_S_PCELL]
+    c_psi = S[_S_PSI]
+    c_uw = S[_S_UW]
+    c_gpsi = S[_S_GPSI]
+    c_guw = S[_S_GUW]
     for c in range(C):
-        tp[c] = b[c]
+        tmp[0, c] = b[c]
     for p in range(ss):
         ty = types[pids[p]]
         for c in range(C):
-            tp[c] += Et[p, ty, c]
+            tmp[0, c] += Et[p, ty, c]
     n = 0
     for p in range(ss):
         cid = pids[p]
@@ -254,41 +244,37 @@ def _patch_features(pids, types, W, cells, psi, uw, gpsi, guw, A, S, g_reuse, ke
     nr = 0
     if g_reuse < 0:
         for c in range(C):
-            U[nr, c] = tp[c]
+            U[nr, c] = tmp[0, c]
         rowm[nr] = -1
         nr += 1
     else:
         for c in range(C):
-            gpsi[c] = S[_S_GPSI][g_reuse, c]
-            guw[c] = S[_S_GUW][g_reuse, c]
-    pcell = S[_S_PCELL]
+            gpsi[c] = c_gpsi[g_reuse, c]
+            guw[c] = c_guw[g_reuse, c]
     for m in range(n):
         cid = cells[m]
         if g_reuse >= 0 and cid != keep_a and cid != keep_b:
-            for mm in range(S[_S_PN][g_reuse]):
-                if pcell[g_reuse, mm] == cid:
+            for mm in range(c_pn[g_reuse]):
+                if c_pcell[g_reuse, mm] == cid:
                     for c in range(C):
-                        psi[m, c] = S[_S_PSI][g_reuse, mm, c]
-                        uw[m, c] = S[_S_UW][g_reuse, mm, c]
+                        psi[m, c] = c_psi[g_reuse, mm, c]
+                        uw[m, c] = c_uw[g_reuse, mm, c]
                     break
             continue
         for c in range(C):
-            U[nr, c] = tp[c]
+            U[nr, c] = tmp[0, c]
         for p in range(ss):
             if pids[p] == cid:
                 for c in range(C):
                     U[nr, c] += Em[p, c]
         rowm[nr] = m
         nr += 1
-    _silu_rows(U, nr)
-    zero = S[_S_TMP][1]
-    for c in range(C):
-        zero[c] = 0.0
-    _mm_rows(U, nr, W[8], zero, T3)  # W_u·u (phi_u has no bias)
+    _silu_flat(Uf, nr * C)
+    _mm_rows(U, nr, W[8], S[_S_ZERO], T3)  # W_u·u (phi_u has no bias)
     _mm_rows(U, nr, W[4], W[5], T2)
-    _silu_rows(T2, nr)
+    _silu_flat(T2f, nr * C)
     _mm_rows(T2, nr, W[6], W[7], U)
-    _silu_rows(U, nr)
+    _silu_flat(Uf, nr * C)
     for r in range(nr):
         m = rowm[r]
         if m < 0:
@@ -321,18 +307,46 @@ def _gather_patch(ids, S, W, g, pids):
             pids[a * s + b] = ids[base + b]
 
 
-@_jit
-def _patch_q(S, W, g, ca, n, uw, guw, out, t1, t2):
-    """q of a patch with ``n`` cells (rows of ``uw``), ghost ``guw`` and conv row ``ca`` → ``out``."""
-    C = out.shape[0]
+@_jit(inline="always")
+def _patch_rows(T1, rowo, roww, nr, o, UW, g, no, GUW, gg, CAS, ca):
+    """Append the stage-2 rows of one patch: its ``no`` cells' W_u·u (``UW[g, m]``) and its ghost's
+    (``GUW[gg]``), each plus the patch's conv row ``CAS[ca]``; they sum into output ``o`` with weight +1 per
+    cell and −no for the ghost.  Returns the new row count."""
+    C = T1.shape[1]
+    for m in range(no):
+        for c in range(C):
+            T1[nr + m, c] = UW[g, m, c] + CAS[ca, c]
+        rowo[nr + m] = o
+        roww[nr + m] = 1.0
     for c in range(C):
-        out[c] = 0.0
-    for m in range(n):
-        _v_acc(uw[m], ca, W, out, 1.0, t1, t2)
-    _v_acc(guw, ca, W, out, -float(n), t1, t2)
+        T1[nr + no, c] = GUW[gg, c] + CAS[ca, c]
+    rowo[nr + no] = o
+    roww[nr + no] = -float(no)
+    return nr + no + 1
 
 
-@_jit
+@_jit(inline="always")
+def _rows_to_q(S, W, nr, nout, oq):
+    """oq[:nout] = Σ_rows weight · v(row), v = SiLU(W3ᵀ SiLU(T1[row]) + b3): the q of the patches whose
+    rows :func:`_patch_rows` put into the work arrays (batched: one product for every row)."""
+    C = W[0][2]
+    T2 = S[_S_T2]
+    rowo = S[_S_ROWO]
+    roww = S[_S_ROWW]
+    _silu_flat(S[_S_T1F], nr * C)
+    _mm_rows(S[_S_T1], nr, W[11], W[12], T2)
+    _silu_flat(S[_S_T2F], nr * C)
+    for o in range(nout):
+        for c in range(C):
+            oq[o, c] = 0.0
+    for r in range(nr):
+        o = rowo[r]
+        w = roww[r]
+        for c in range(C):
+            oq[o, c] += w * T2[r, c]
+
+
+@_hot
 def _conv_all(S, W):
     """CA = circular k×k conv of A + b_A, and q, of every patch (from A and the per-cell rows)."""
     geo = S[_S_GEO]
@@ -346,7 +360,6 @@ def _conv_all(S, W):
     CA = S[_S_CA]
     WAb = W[9]
     bA = W[10]
-    tmp = S[_S_TMP]
     for gi in range(Gh):
         for gj in range(Gw):
             g = gi * Gw + gj
@@ -360,11 +373,26 @@ def _conv_all(S, W):
                         ai = A[h, i]
                         for o in range(C):
                             CA[g, o] += ai * WAb[a, b, i, o]
-    for g in range(Gh * Gw):
-        _patch_q(S, W, g, CA[g], S[_S_PN][g], S[_S_UW][g], S[_S_GUW][g], S[_S_Q][g], tmp[3], tmp[4])
+    # q of every patch, k·k patches per batch (the work arrays hold the rows of k·k patches)
+    G = Gh * Gw
+    PN = S[_S_PN]
+    UW = S[_S_UW]
+    GUW = S[_S_GUW]
+    Q = S[_S_Q]
+    T1 = S[_S_T1]
+    rowo = S[_S_ROWO]
+    roww = S[_S_ROWW]
+    g0 = 0
+    while g0 < G:
+        nb = min(k * k, G - g0)
+        nr = 0
+        for o in range(nb):
+            nr = _patch_rows(T1, rowo, roww, nr, o, UW, g0 + o, PN[g0 + o], GUW, g0 + o, CA, g0 + o)
+        _rows_to_q(S, W, nr, nb, Q[g0:g0 + nb])
+        g0 += nb
 
 
-@_jit
+@_hot
 def full_init(ids, types, W, S):
     """Fill every cache of ``S`` from the lattice ``ids`` (flat) and ``types``."""
     geo = S[_S_GEO]
@@ -404,7 +432,7 @@ def energy_from_cache(W, S):
 
 
 # ------------------------------------------------------------------------------------------- one attempt
-@_jit
+@_hot
 def nh_delta_q(x, new, ids, types, W, S):
     """Evaluate the attempt "copy ``new`` into flat site ``x``" into the scratch of ``S``: the outputs'
     patches ``S[_S_OUT][:n]``, their q' and Δq = q' − q.  Returns n (0: nothing seen changes)."""
@@ -442,9 +470,8 @@ def nh_delta_q(x, new, ids, types, W, S):
     n = _patch_features(pids, types, W, S[_S_CELL], S[_S_CPSI], S[_S_CUW], cg[0], cg[1], cg[2], S, g_reuse, old,
                         new)
     A = S[_S_A]
-    dA = tmp[5]
     for c in range(C):
-        dA[c] = cg[2, c] - A[g0, c]
+        tmp[5, c] = cg[2, c] - A[g0, c]
     CA = S[_S_CA]
     mark = S[_S_MARK]
     out = S[_S_OUT]
@@ -465,60 +492,44 @@ def nh_delta_q(x, new, ids, types, W, S):
                     oca[o, c] = CA[go, c]
                 nout += 1
             slot[a * k + b] = o
-    for ii in range(C):  # CA' = CA + W_ab·ΔA (ii outermost: consecutive updates hit different outputs)
-        d = dA[ii]
+    # CA' = CA + W_ab·ΔA, four input channels per pass (as _mm_rows)
+    ii = 0
+    while ii + 4 <= C:
+        d0 = tmp[5, ii]
+        d1 = tmp[5, ii + 1]
+        d2 = tmp[5, ii + 2]
+        d3 = tmp[5, ii + 3]
+        for a in range(k):
+            for b in range(k):
+                o = slot[a * k + b]
+                for oo in range(C):
+                    oca[o, oo] += ((d0 * WAb[a, b, ii, oo] + d1 * WAb[a, b, ii + 1, oo])
+                                   + (d2 * WAb[a, b, ii + 2, oo] + d3 * WAb[a, b, ii + 3, oo]))
+        ii += 4
+    while ii < C:
+        d = tmp[5, ii]
         for a in range(k):
             for b in range(k):
                 o = slot[a * k + b]
                 for oo in range(C):
                     oca[o, oo] += d * WAb[a, b, ii, oo]
+        ii += 1
     # stage 2 of every output patch at once: rows (output, cell or ghost) → v, accumulated into q'
     q = S[_S_Q]
     oq = S[_S_OQ]
     dq = S[_S_DQ]
     T1 = S[_S_T1]
-    T2 = S[_S_T2]
     rowo = S[_S_ROWO]
     roww = S[_S_ROWW]
-    pn = S[_S_PN]
-    uw = S[_S_UW]
-    guw = S[_S_GUW]
-    cuw = S[_S_CUW]
     nr = 0
     for o in range(nout):
         go = out[o]
         mark[go] = -1
-        if go == g0:  # the changed patch: its after-state rows
-            no = n
-            for m in range(no):
-                for c in range(C):
-                    T1[nr + m, c] = cuw[m, c] + oca[o, c]
-            for c in range(C):
-                T1[nr + no, c] = cg[1, c] + oca[o, c]
+        if go == g0:  # the changed patch: its after-state rows (ghost = row 1 of CG)
+            nr = _patch_rows(T1, rowo, roww, nr, o, S[_S_CUW3], 0, n, cg, 1, oca, o)
         else:
-            no = pn[go]
-            for m in range(no):
-                for c in range(C):
-                    T1[nr + m, c] = uw[go, m, c] + oca[o, c]
-            for c in range(C):
-                T1[nr + no, c] = guw[go, c] + oca[o, c]
-        for m in range(no):
-            rowo[nr + m] = o
-            roww[nr + m] = 1.0
-        rowo[nr + no] = o
-        roww[nr + no] = -float(no)
-        nr += no + 1
-    _silu_rows(T1, nr)
-    _mm_rows(T1, nr, W[11], W[12], T2)
-    _silu_rows(T2, nr)
-    for o in range(nout):
-        for c in range(C):
-            oq[o, c] = 0.0
-    for r in range(nr):
-        o = rowo[r]
-        w = roww[r]
-        for c in range(C):
-            oq[o, c] += w * T2[r, c]
+            nr = _patch_rows(T1, rowo, roww, nr, o, S[_S_UW], go, S[_S_PN][go], S[_S_GUW], go, oca, o)
+    _rows_to_q(S, W, nr, nout, oq)
     for o in range(nout):
         go = out[o]
         for c in range(C):
@@ -530,7 +541,7 @@ def nh_delta_q(x, new, ids, types, W, S):
     return nout
 
 
-@_jit
+@_hot
 def nh_delta(x, new, ids, types, W, S):
     """Σ_o w_o·Δq(o) of the attempt (ΔH without ``scale``); leaves the after-state in the scratch."""
     nout = nh_delta_q(x, new, ids, types, W, S)
@@ -543,13 +554,13 @@ def nh_delta(x, new, ids, types, W, S):
     return e
 
 
-@_jit
+@_hot
 def scratch_matches(x, new, S):
     key = S[_S_KEY]
     return key[3] == 1 and key[0] == x and key[1] == new and key[2] == S[_S_GEO][5]
 
 
-@_jit
+@_hot
 def nh_accept(x, new, ids, types, W, S):
     """Commit the accepted copy "``new`` into flat site ``x``" to the caches (``ids`` still the before
     state).  Uses the scratch of the last :func:`nh_delta` when it belongs to this attempt."""
@@ -569,21 +580,31 @@ def nh_accept(x, new, ids, types, W, S):
     cpsi = S[_S_CPSI]
     cuw = S[_S_CUW]
     cg = S[_S_CG]
+    pcell = S[_S_PCELL]
+    psi = S[_S_PSI]
+    uw = S[_S_UW]
+    gpsi = S[_S_GPSI]
+    guw = S[_S_GUW]
+    A = S[_S_A]
+    CA = S[_S_CA]
+    q = S[_S_Q]
+    oca = S[_S_OCA]
+    oq = S[_S_OQ]
     for m in range(n):
-        S[_S_PCELL][g0, m] = cells[m]
+        pcell[g0, m] = cells[m]
         for c in range(C):
-            S[_S_PSI][g0, m, c] = cpsi[m, c]
-            S[_S_UW][g0, m, c] = cuw[m, c]
+            psi[g0, m, c] = cpsi[m, c]
+            uw[g0, m, c] = cuw[m, c]
     for c in range(C):
-        S[_S_GPSI][g0, c] = cg[0, c]
-        S[_S_GUW][g0, c] = cg[1, c]
-        S[_S_A][g0, c] = cg[2, c]
+        gpsi[g0, c] = cg[0, c]
+        guw[g0, c] = cg[1, c]
+        A[g0, c] = cg[2, c]
     out = S[_S_OUT]
     for o in range(key[5]):
         go = out[o]
         for c in range(C):
-            S[_S_CA][go, c] = S[_S_OCA][o, c]
-            S[_S_Q][go, c] = S[_S_OQ][o, c]
+            CA[go, c] = oca[o, c]
+            q[go, c] = oq[o, c]
     geo[6] += 1
     if geo[6] >= geo[7]:
         _conv_all(S, W)
@@ -609,9 +630,11 @@ def cache_error(ids, types, W, S, S2):
 
 # ------------------------------------------------------------------------------------------- pooled term
 # pooled weights tuple P: 0 dims int64 [C, D, hidden]; 1 pos [G, D] (patch-major; [1, 0] when D = 0);
-# 2 W0 [C(1+D), h] (in, out); 3 b0; 4 W2 [h, h]; 5 b2; 6 w4 [h]; 7 b4 [1]
+# 2 W0 [C(1+D), h] (in, out; rows in the internal Z order below); 3 b0; 4 W2 [h, h]; 5 b2; 6 w4 [h]; 7 b4 [1]
 # pooled state tuple PS: 0 Z [C(1+D)]; 1 Z + ΔZ of the last attempt; 2 float [2]: F(Z), F(Z + ΔZ);
 # 3 int64 [6]: x, new, feature version, valid, accepts since the refresh of Z, refresh_every; 4 tmp [6, h]
+# Internal Z order: [q (C), then position block d-major: index C + d·C + c] (contiguous over channels, so
+# ΔZ's outer products vectorize); the term's own order is channel-major (C + c·D + d): :meth:`Z` converts.
 
 
 def pooled_weights(ev) -> tuple:
@@ -620,7 +643,10 @@ def pooled_weights(ev) -> tuple:
     D = int(ev.D)
     pos = ev.pos.reshape(-1, D) if D else np.zeros((1, 0))
     h = ev.W2.shape[0]
-    return (np.array([ev.C, D, h], np.int64), f(pos), f(ev.W0), f(ev.b0), f(ev.W2), f(ev.b2),
+    C = int(ev.C)
+    W0 = np.asarray(ev.W0, dtype=np.float64)
+    W0 = np.concatenate([W0[:C], W0[C:].reshape(C, D, h).transpose(1, 0, 2).reshape(D * C, h)])  # internal order
+    return (np.array([C, D, h], np.int64), f(pos), f(W0), f(ev.b0), f(ev.W2), f(ev.b2),
             f(ev.W4.reshape(-1)), f(np.asarray(ev.b4).reshape(1)))
 
 
@@ -636,23 +662,31 @@ def new_pooled_state(P, refresh_every: int = 1000) -> tuple:
                                                                    np.int64), np.zeros((6, int(dims[2]))))
 
 
-@_jit
+@_hot
 def _matvec4(x, M, bias, out, acc):
-    """out = x @ M + bias with four interleaved partial sums (acc [4, len(out)]): no long store→load chain."""
+    """out = x @ M + bias, four input rows per pass over ``out`` (4 FMAs per load/store of an output; acc
+    unused, kept for the signature)."""
     C = out.shape[0]
-    for j in range(4):
-        for o in range(C):
-            acc[j, o] = 0.0
-    for i in range(x.shape[0]):
-        xi = x[i]
-        j = i & 3
-        for o in range(C):
-            acc[j, o] += xi * M[i, o]
+    K = x.shape[0]
     for o in range(C):
-        out[o] = bias[o] + ((acc[0, o] + acc[1, o]) + (acc[2, o] + acc[3, o]))
+        out[o] = bias[o]
+    i = 0
+    while i + 4 <= K:
+        x0 = x[i]
+        x1 = x[i + 1]
+        x2 = x[i + 2]
+        x3 = x[i + 3]
+        for o in range(C):
+            out[o] += ((x0 * M[i, o] + x1 * M[i + 1, o]) + (x2 * M[i + 2, o] + x3 * M[i + 3, o]))
+        i += 4
+    while i < K:
+        xi = x[i]
+        for o in range(C):
+            out[o] += xi * M[i, o]
+        i += 1
 
 
-@_jit
+@_hot
 def pooled_F(Z, P, tmp):
     """F(Z) (without scale); tmp [6, hidden] work rows."""
     h1 = tmp[0]
@@ -669,7 +703,40 @@ def pooled_F(Z, P, tmp):
     return e
 
 
-@_jit
+@_jit(inline="always")
+def _z_add(Z, Q, n, pos, gidx, ident, C, D):
+    """Z += Σ_{r<n} [Q[r], Q[r] ⊗ pos[g_r]] (internal order): the z of the patches g_r (g_r = r when
+    ``ident``, else ``gidx[r]``) with q = Q[r].  Four rows per pass over Z."""
+    r = 0
+    while r + 4 <= n:
+        for c in range(C):
+            Z[c] += (Q[r, c] + Q[r + 1, c]) + (Q[r + 2, c] + Q[r + 3, c])
+        g0 = r if ident else gidx[r]
+        g1 = r + 1 if ident else gidx[r + 1]
+        g2 = r + 2 if ident else gidx[r + 2]
+        g3 = r + 3 if ident else gidx[r + 3]
+        for d in range(D):
+            p0 = pos[g0, d]
+            p1 = pos[g1, d]
+            p2 = pos[g2, d]
+            p3 = pos[g3, d]
+            base = C + d * C
+            for c in range(C):
+                Z[base + c] += (p0 * Q[r, c] + p1 * Q[r + 1, c]) + (p2 * Q[r + 2, c] + p3 * Q[r + 3, c])
+        r += 4
+    while r < n:
+        g = r if ident else gidx[r]
+        for c in range(C):
+            Z[c] += Q[r, c]
+        for d in range(D):
+            pd = pos[g, d]
+            base = C + d * C
+            for c in range(C):
+                Z[base + c] += Q[r, c] * pd
+        r += 1
+
+
+@_hot
 def _pooled_Z_from_q(P, S, PS):
     dims = P[0]
     C = dims[0]
@@ -679,12 +746,7 @@ def _pooled_Z_from_q(P, S, PS):
     Z = PS[0]
     for i in range(Z.shape[0]):
         Z[i] = 0.0
-    for g in range(q.shape[0]):
-        for c in range(C):
-            qc = q[g, c]
-            Z[c] += qc
-            for d in range(D):
-                Z[C + c * D + d] += qc * pos[g, d]
+    _z_add(Z, q, q.shape[0], pos, S[_S_OUT], True, C, D)
     PS[2][0] = pooled_F(Z, P, PS[4])
     PS[3][4] = 0
     PS[3][3] = 0
@@ -697,7 +759,7 @@ def pooled_init(ids, types, Wf, S, P, PS):
     _pooled_Z_from_q(P, S, PS)
 
 
-@_jit
+@_hot
 def pooled_delta(x, new, ids, types, Wf, S, P, PS):
     """F(Z + ΔZ) − F(Z) (ΔH without scale) of copying ``new`` into flat site ``x``."""
     nout = nh_delta_q(x, new, ids, types, Wf, S)
@@ -719,19 +781,13 @@ def pooled_delta(x, new, ids, types, Wf, S, P, PS):
     pos = P[1]
     dq = S[_S_DQ]
     out = S[_S_OUT]
-    for o in range(nout):
-        g = out[o]
-        for c in range(C):
-            d = dq[o, c]
-            Zn[c] += d
-            for e in range(D):
-                Zn[C + c * D + e] += d * pos[g, e]
+    _z_add(Zn, dq, nout, pos, out, False, C, D)
     f = pooled_F(Zn, P, PS[4])
     PS[2][1] = f
     return f - PS[2][0]
 
 
-@_jit
+@_hot
 def pooled_accept(x, new, ids, types, Wf, S, P, PS):
     """Commit an accepted copy (``ids`` still the before state) to the feature caches and Z."""
     key = PS[3]
@@ -790,16 +846,21 @@ def pooled_accept_packed(x, new, L, LP):
 
 
 # ------------------------------------------------------------------------------------------- Python face
-def _cached_on(evaluator, attr, build):
+def _cached_on(evaluator, build):
     """``build(evaluator)``, kept on the evaluator (its weights never change: a parameter update makes a new
-    evaluator), so every sampler built from one evaluator shares one weights tuple."""
-    w = getattr(evaluator, attr, None)
-    if w is None:
-        w = build(evaluator)
+    evaluator), so every sampler built from one evaluator shares one weights tuple.  Keyed by the builder
+    function itself, so another copy of this module (e.g. the one a CompuCell3D project ships) never picks up
+    a tuple of a different layout."""
+    cache = getattr(evaluator, "_compiled_weights", None)
+    if cache is None:
+        cache = {}
         try:
-            setattr(evaluator, attr, w)
+            evaluator._compiled_weights = cache
         except AttributeError:  # an evaluator with __slots__: no sharing
-            pass
+            return build(evaluator)
+    w = cache.get(build)
+    if w is None:
+        w = cache[build] = build(evaluator)
     return w
 
 
@@ -816,7 +877,7 @@ class LocalNHCompiled:
     def __init__(self, evaluator, refresh_every: int = 4096):
         self.evaluator = evaluator
         self.scale = float(evaluator.scale)
-        self.W = _cached_on(evaluator, "_nb_weights", weights_from_numpy)
+        self.W = _cached_on(evaluator, weights_from_numpy)
         self.T = int(evaluator.T)
         self.refresh_every = int(refresh_every)
         self.S = None
@@ -898,7 +959,7 @@ class PooledNHCompiled(LocalNHCompiled):
         LocalNHCompiled.__init__(self, evaluator.features, refresh_every)
         self.pooled = evaluator
         self.scale = float(evaluator.scale)
-        self.P = _cached_on(evaluator, "_nb_pooled_weights", pooled_weights)
+        self.P = _cached_on(evaluator, pooled_weights)
         self.z_refresh_every = int(z_refresh_every)
         self.PS = None
 
@@ -929,8 +990,10 @@ class PooledNHCompiled(LocalNHCompiled):
         pooled_accept_packed(self._flat(self._ids, self._types, site), int(new_id), self._L, self._LP)
 
     def Z(self) -> np.ndarray:
-        """The cached Z (a copy)."""
-        return self.PS[0].copy()
+        """The cached Z (a copy, in the term's order: q, then q ⊗ pos channel-major)."""
+        Z = self.PS[0]
+        C, D = int(self.P[0][0]), int(self.P[0][1])
+        return np.concatenate([Z[:C], Z[C:].reshape(D, C).T.reshape(-1)])
 
     def energy(self) -> float:
         return self.scale * float(self.PS[2][0])

@@ -770,7 +770,7 @@ def boundary_pick(x, r32, ids, G, bflag):
 # ----------------------------------------------------------------------------------------------------------
 # compiled neural terms
 # ----------------------------------------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, _nrt=False)  # no reference counting of NN's ~100 arrays around the calls
 def neural_delta(x, new, ids, tp, NN):
     """ΔH of the compiled neural terms (scales included)."""
     dh = 0.0
@@ -781,7 +781,7 @@ def neural_delta(x, new, ids, tp, NN):
     return dh
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)  # no reference counting of NN's ~100 arrays around the calls
 def neural_accept(x, new, ids, tp, NN):
     """Update the compiled neural terms' caches for an accepted copy (``ids`` still the before state)."""
     if NN[0][0]:
