@@ -101,6 +101,10 @@ def test_table2_end_to_end(tmp_path):
     starts = eval_table1.permuted_starts(states, 5, np.random.default_rng(0))
     s0 = rows["permuted starts (no dynamics)"]
     assert s0["err"] == pytest.approx(moment_error(mean_second_moments(starts), mean_second_moments(states)))
+    m0 = np.asarray(res["raw"]["permuted starts (no dynamics)"][0]["second_moments"])
+    assert np.allclose(m0, mean_second_moments(starts), equal_nan=True)
+    m = np.asarray(res["raw"]["Cellsort Hamiltonian"][0]["second_moments"])
+    assert d["err"] == pytest.approx(moment_error(m, mean_second_moments(states)))
     md = eval_table2.table2_markdown(res)
     assert "37.3" in md and "| Cellsort Hamiltonian | 1 |" in md and "| permuted starts (no dynamics) | 1 |" in md
 

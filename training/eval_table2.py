@@ -7,6 +7,7 @@ the parallel sampler (P = 50), ``frames`` frames ``mcs_per_frame`` apart. Metric
 * err — Table 2's organisation error: per-cell centres of mass aligned to the principal axes of the type-2
   centres, per-type central second moments (along, across; sites²) averaged over the final frames, RMSE
   against the same average over the real data (the authors' ``calc_moment(..., rotate_alignment_type=2)``);
+  the averaged moments themselves are in the .json (``second_moments``, type × [along, across]) and the log;
 * org1 / org2 — bipolar organisation: the fraction of type-1 / type-2 positional variance along the principal
   axis of the type-2 pixels (final frames; the real data's values are in the "real data" row).
 
@@ -63,6 +64,11 @@ def _org(states) -> tuple[float, float]:
         return float(np.nanmean([x[1] for x in o])), float(np.nanmean([x[2] for x in o]))
 
 
+def _nanmean0(a):
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(a, axis=0)
+
+
 def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: str = "cpu", sampler: str = "parallel",
                     proposal: str = "boundary", gif_dir=None, log=print, **overrides) -> dict:
     """Compute Table 2 for ``runs`` (paths or ``(label, path)``); returns the result dict."""
@@ -109,16 +115,19 @@ def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: st
             results["permuted starts (no dynamics)"] = [{
                 "run": "frame 0 of " + str(path), "vol": float(vol_ok[:, 0].mean()),
                 "frag": float(frag_ok[:, 0].mean()), "err": err_of(np.arange(n_t), m0), "org1": s1, "org2": s2,
+                "second_moments": _nanmean0(m0).tolist(),
                 "groups": {"err": groups_ci(lambda g, m=m0: err_of(g, m), n_t, ng)}}]
         o1, o2 = _org(finals)
         row = {"run": str(path), "vol": float(vol_ok.mean()), "frag": float(frag_ok.mean()),
                "err": err_of(np.arange(n_t)), "org1": o1, "org2": o2, "seconds": round(secs, 1),
+               "second_moments": _nanmean0(m2).tolist(),
                "groups": {"vol": groups_ci(lambda g, a=vol_ok: a[g].mean(), n_t, ng),
                           "frag": groups_ci(lambda g, a=frag_ok: a[g].mean(), n_t, ng),
                           "err": groups_ci(err_of, n_t, ng)},
                **closure_weights_of(ham)}
         log(f"{lab} [{path}]: vol {row['vol']:.2f} frag {row['frag']:.2f} err {row['err']:.1f} "
-            f"org {o1:.2f}/{o2:.2f} ({secs:.0f} s roll-out)")
+            f"org {o1:.2f}/{o2:.2f}, mean second moments {np.round(row['second_moments'], 1).tolist()} "
+            f"({secs:.0f} s roll-out)")
         results.setdefault(lab, []).append(row)
     summary = summarise(results, ["vol", "frag", "err", "org1", "org2"])
     return {"table": "table2", "data": str(data), "rollout": cfg, "sampler": sampler,
