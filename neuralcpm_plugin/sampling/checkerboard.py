@@ -106,7 +106,9 @@ def _apply(x, fast, new, ids, vol, G, P, A):
 
 @njit(**K._HOT)
 def _strip_attempts(lo, rows, n0, row_size, R, n_draws, ids, types, vol, G, P, A, rng, inv_t, shared, counters):
-    """``n_draws`` classic draws with targets restricted to rows ``lo .. lo+rows-1`` (cyclic)."""
+    """``n_draws`` classic draws with targets restricted to rows ``lo .. lo+rows-1`` (cyclic). The counters are
+    kept in locals and added to ``counters`` at the end: the strips' counter rows share cache lines, and
+    writing them per attempt from two threads cost the two-thread run a third of its speed (false sharing)."""
     n = ids.shape[0]
     span = (rows + 2 * R) * row_size
     start = (((lo - R) % n0) * row_size) % n          # flat index of the widened strip's first site
@@ -116,6 +118,7 @@ def _strip_attempts(lo, rows, n0, row_size, R, n_draws, ids, types, vol, G, P, A
     s1 = rng[1]
     s2 = rng[2]
     s3 = rng[3]
+    n_att = n_cand = n_acc = n_del = n_sh = 0
     for _ in range(n_draws):
         r, s0, s1, s2, s3 = K._xo(s0, s1, s2, s3)
         s = start + K._below(r >> np.uint64(32), span)  # flat ranges: no division per draw
@@ -129,25 +132,30 @@ def _strip_attempts(lo, rows, n0, row_size, R, n_draws, ids, types, vol, G, P, A
             d += n
         if d >= inside:
             continue  # the target lies outside the strip: a void draw
-        counters[0] += 1
+        n_att += 1
         new = ids[s]
         old = ids[t]
         if old == new:
             continue
         if shared[old] or shared[new]:
-            counters[4] += 1
+            n_sh += 1
             continue
         if old != 0 and vol[old] <= 1:
-            counters[3] += 1
+            n_del += 1
             continue
-        counters[1] += 1
+        n_cand += 1
         dh = K.delta_core(t, fast, old, new, ids, types, vol, G, P, A)
         if dh > 0.0:
             u, s0, s1, s2, s3 = K._xo(s0, s1, s2, s3)
             if K._unit(u) >= np.exp(-dh * inv_t):
                 continue
         _apply(t, fast, new, ids, vol, G, P, A)
-        counters[2] += 1
+        n_acc += 1
+    counters[0] += n_att
+    counters[1] += n_cand
+    counters[2] += n_acc
+    counters[3] += n_del
+    counters[4] += n_sh
     rng[0] = s0
     rng[1] = s1
     rng[2] = s2
@@ -299,7 +307,7 @@ class CheckerboardSampler(ExactSampler):
         n0, m = self.shape[0], self.m
         for c in (colour0, 1 - colour0):
             shared = _shared_cells(c, m, bounds, n0, self._row_size, self.copy_range, self._ids, self.n_ids)
-            local = np.zeros((m, 5), np.int64)
+            local = np.zeros((m, 8), np.int64)     # one 64-byte row per strip
 
             def run(qs, c=c, shared=shared, local=local):
                 _strips(qs, c, bounds, n0, self._row_size, self.copy_range, float(frac), self._ids, self._types,
