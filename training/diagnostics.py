@@ -162,8 +162,6 @@ def _vector_map(ham, pmap, theta: torch.Tensor, to_free=None, with_target: bool 
     volume targets V*(1..T) to the vector.
     """
     from neuralcpm_plugin.metrics.params import param_vector
-    free = pmap.parameters()
-    sizes = [p.numel() for p in free]
 
     def vector():
         v = param_vector(ham)
@@ -172,14 +170,7 @@ def _vector_map(ham, pmap, theta: torch.Tensor, to_free=None, with_target: bool 
         return v
 
     def put(vec):
-        if to_free is not None:
-            vec = to_free(vec)
-        with torch.no_grad():
-            o = 0
-            for p, k in zip(free, sizes):
-                p.copy_(vec[o:o + k].reshape(p.shape).to(p.dtype))
-                o += k
-        pmap.sync()
+        pmap.set_flat(to_free(vec) if to_free is not None else vec)
 
     try:
         put(theta)

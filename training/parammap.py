@@ -114,6 +114,18 @@ class ParamMap:
         return torch.cat([e.free.detach().reshape(-1).to(torch.float64) for e in self.entries]) \
             if self.entries else torch.zeros(0, dtype=torch.float64)
 
+    @torch.no_grad()
+    def set_flat(self, vec: torch.Tensor, *, sync: bool = True) -> None:
+        """Write ``vec`` (laid out as :meth:`flat`) into the free tensors; with ``sync`` also into the
+        Hamiltonian's own parameters."""
+        o = 0
+        for e in self.entries:
+            k = e.free.numel()
+            e.free.copy_(vec[o:o + k].reshape(e.free.shape).to(e.free.dtype))
+            o += k
+        if sync:
+            self.sync()
+
 
 @contextlib.contextmanager
 def using_params(module: nn.Module, params: dict[str, torch.Tensor]):

@@ -256,14 +256,9 @@ def _linear_tabulate(ham, pmap: ParamMap, c: Candidates, pairs=()):
     offs = np.cumsum([0] + sizes)
 
     def at(vec):
-        vec = _from_coords(pmap, pairs, vec)
-        with torch.no_grad():
-            o = 0
-            for p, k in zip(free, sizes):
-                p.copy_(vec[o:o + k].reshape(p.shape).to(p.dtype))
-                o += k
-            with using_params(ham, pmap.functional_params()):
-                return ham.delta(c.batch, c.sites, c.new_ids).to(torch.float64)
+        pmap.set_flat(_from_coords(pmap, pairs, vec), sync=False)
+        with torch.no_grad(), using_params(ham, pmap.functional_params()):
+            return ham.delta(c.batch, c.sites, c.new_ids).to(torch.float64)
 
     try:
         base = torch.zeros(n, dtype=torch.float64)
@@ -416,18 +411,11 @@ def fit_pl(hamiltonian, states, *, share_lambda: bool = True, proposal_aware: bo
             stochastic = True
     if not stochastic:
         c0, F = tab
-        sizes = [p.numel() for p in free]
-        theta0 = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in free])
+        theta0 = pmap.flat()
         fgh = _dense_linear_problem(cands, c0, F, T, proposal_aware)
         coords, final, n_it, history = newton_minimize(fgh, _to_coords(pmap, pairs, theta0), max_iter=max_iter,
                                                        tol=tolerance)
-        theta = _from_coords(pmap, pairs, coords)
-        with torch.no_grad():
-            o = 0
-            for p, k in zip(free, sizes):
-                p.copy_(theta[o:o + k].reshape(p.shape).to(p.dtype))
-                o += k
-        pmap.sync()
+        pmap.set_flat(_from_coords(pmap, pairs, coords))
         final = float(final)
         res = PLResult(final, n_it, time.perf_counter() - t0, "convex Newton (float64)", cands.n_sites, history,
                        theta=coords.detach(), problem=fgh, param_map=pmap,
