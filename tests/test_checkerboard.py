@@ -206,3 +206,15 @@ def test_statistics_agree_with_the_sequential_sampler():
     assert sum(z2) <= 2 * len(z2), f"pooled sum of z^2 = {sum(z2):.1f} over {len(z2)} statistics"
     # sorting progresses in both (the statistic is not trivially flat)
     assert chk["sorting_index"][:, -1].mean() < chk["sorting_index"][:, 0].mean()
+
+
+def test_profile_accounts_for_the_threads_time():
+    """``profile()``: stamping, barrier waits and attempts are parts of the workers' time in ``step``; one
+    thread never waits."""
+    s = CheckerboardSampler(_start(), None, seed=3, block=16, **KW)
+    s.step(4)
+    p = s.profile()
+    assert set(p) == {"mark", "wait", "attempts", "other", "total", "wait_fraction"}
+    assert 0 <= p["wait"] < 0.01 * p["total"] and p["wait_fraction"] < 0.01  # no barrier: reading the clock
+    assert 0 < p["mark"] < p["attempts"] < p["total"]
+    assert p["mark"] + p["attempts"] <= p["total"] * (1 + 1e-9)

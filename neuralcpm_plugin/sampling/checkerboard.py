@@ -7,9 +7,12 @@ axis (rows in 2-D, slabs in 3-D: a strip is a contiguous range of flat site indi
 * The lattice's ``n0`` rows are cut into ``2m`` strips of ``≥ block`` rows each (``m`` = strips per colour,
   see :class:`CheckerboardSampler`), coloured alternately A, B, A, B, … Every *round* draws a fresh random
   row offset for the cut and a random colour order (no strip boundary stays fixed), then runs the two colour
-  *phases*: in a phase, the ``m`` strips of the colour run concurrently (worker threads, each running its
-  share of the strips in compiled code without the GIL; each strip has its own xoshiro256** stream), the other
-  ``m`` strips are idle.
+  *phases*: in a phase, the ``m`` strips of the colour run concurrently, the other ``m`` strips are idle.
+  Each worker thread runs a whole ``step`` in one compiled call without the GIL (strips ``q ≡ w`` mod the
+  number of workers in every phase; each strip has its own xoshiro256** stream); the workers meet at a
+  barrier after each phase's stamping and after its attempts (:mod:`._sync`: spin, then sleep on a futex).
+  Nothing else is done per phase, and no per-phase work is done by one thread while the others wait
+  (``CheckerboardSampler.profile()`` measures the stamping, the barrier waits and the attempts).
 * Inside a strip, attempts are the classic (Graner–Glazier) attempts *restricted to targets in the strip*:
   a source ``s`` uniform over the strip widened by the copy range ``R`` (rows within ``R`` of it), a target
   ``t`` uniform over ``s``'s valid copy neighbours; if ``t`` is outside the strip the draw is void (not
@@ -24,13 +27,17 @@ axis (rows in 2-D, slabs in 3-D: a strip is a contiguous range of flat site indi
   ``R_read`` = max(copy, contact, surface range) of them; strips of one colour are separated by a strip of the
   other colour of ``≥ block ≥ 2·R_read`` rows.
 * Per-cell state (volume, surface, directed-motion centre sums and site lists) is shared between strips. At
-  the start of each phase every strip marks (in parallel) the cells present in its widened region — the only
-  cells whose state its attempts can read or write (as the old cell at ``t`` or the new cell at ``s``). A cell
-  marked by two strips of the phase is *shared*: attempts whose old or new cell is shared are refused this
-  phase (counted in ``stats()["refused_shared"]``). Every other cell is touched by one strip only, so its
-  volume and surface are read and written without races and are **exact** at every attempt. The medium's
-  volume (id 0, written by every strip) is not kept during the phase and is set to ``N − Σ V`` after it; the
-  medium has no volume or surface energy.
+  the start of each phase every strip stamps (in parallel, one store per site, ``stamps[strip, cell] =
+  phase``) the cells present in its widened region — the only cells whose state its attempts can read or
+  write (as the old cell at ``t`` or the new cell at ``s``). A cell stamped by two strips of the phase is
+  *shared*: attempts whose old or new cell is shared are refused this phase (counted in
+  ``stats()["refused_shared"]``; a strip works the answer out at its first query of the cell in the phase and
+  remembers it). Every other cell is touched by one strip only, so its volume and surface are read and
+  written by one thread without races and are **exact** at every attempt: a cell near a strip boundary is
+  either the strip's alone (it sees the true volume) or refused. The medium's volume (id 0, written by every
+  strip) is not kept during a ``step`` and is set to ``N − Σ V`` after it; the medium has no volume or
+  surface energy. False sharing of per-cell arrays (two threads writing different cells of one cache line)
+  costs time, never correctness.
 
 What it preserves, precisely: each attempt's ΔH and decision are exactly those of the sequential kernel on the
 current state, and the result of a phase equals some sequential execution of its attempts (same-colour strips
@@ -54,20 +61,26 @@ proposal; neural terms (the local NH has a bounded range too) are future work.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 from numba.core import types as nb_types
 from numba.extending import overload
 
 from ..errors import ConfigError
 from ..lattice import CellState
 from . import _kernels as K
+from . import _sync
 from .exact import ExactSampler, chebyshev_range
 
 __all__ = ["CheckerboardSampler", "run_checkerboard"]
+
+# Spins on the barrier's generation before a waiting thread sleeps (futex): ≈ 10-40 µs, longer than the usual
+# imbalance of two strips' run times, shorter than a scheduler time slice on a loaded machine.
+_SPIN = 10000
 
 
 @njit(cache=True, inline="always")
@@ -104,11 +117,37 @@ def _apply(x, fast, new, ids, vol, G, P, A):
     K.dm_move(x, old, new, P[4], A)
 
 
+@njit(cache=True, inline="always")
+def _is_shared(c, j, first, m, ep, stamps, memo):
+    """Whether cell ``c`` is shared in this phase (epoch ``ep``): present in strip ``j``'s widened rows and in
+    another strip of the phase (``first, first+2, …``), i.e. stamped ``ep`` in that strip's row of
+    ``stamps``. Worked out at the strip's first query of ``c`` in the phase and remembered in ``memo``
+    (strip ``j``'s own row: ``ep`` = not shared, ``-ep`` = shared). The medium is never shared."""
+    if c == 0:
+        return False
+    x = memo[c]
+    if x == ep:
+        return False
+    if x == -ep:
+        return True
+    shared = False
+    for q in range(m):
+        j2 = first + 2 * q
+        if j2 != j and stamps[j2, c] == ep:
+            shared = True
+            break
+    memo[c] = -ep if shared else ep
+    return shared
+
+
 @njit(**K._HOT)
-def _strip_attempts(lo, rows, n0, row_size, R, n_draws, ids, types, vol, G, P, A, rng, inv_t, shared, counters):
-    """``n_draws`` classic draws with targets restricted to rows ``lo .. lo+rows-1`` (cyclic). The counters are
-    kept in locals and added to ``counters`` at the end: the strips' counter rows share cache lines, and
-    writing them per attempt from two threads cost the two-thread run a third of its speed (false sharing)."""
+def _strip_attempts(j, first, m, ep, lo, rows, n0, row_size, R, n_draws, ids, types, vol, G, P, A, rng, inv_t,
+                    stamps, memo, counters):
+    """``n_draws`` classic draws of strip ``j`` with targets restricted to rows ``lo .. lo+rows-1`` (cyclic);
+    attempts whose old or new cell is shared this phase (:func:`_is_shared`) are refused. The counters are
+    kept in locals and added to ``counters`` (the strip's own 64-byte row) at the end: writing them per
+    attempt from two threads into rows that share a cache line cost the two-thread run a third of its speed
+    (false sharing)."""
     n = ids.shape[0]
     span = (rows + 2 * R) * row_size
     start = (((lo - R) % n0) * row_size) % n          # flat index of the widened strip's first site
@@ -137,7 +176,7 @@ def _strip_attempts(lo, rows, n0, row_size, R, n_draws, ids, types, vol, G, P, A
         old = ids[t]
         if old == new:
             continue
-        if shared[old] or shared[new]:
+        if _is_shared(old, j, first, m, ep, stamps, memo) or _is_shared(new, j, first, m, ep, stamps, memo):
             n_sh += 1
             continue
         if old != 0 and vol[old] <= 1:
@@ -162,51 +201,55 @@ def _strip_attempts(lo, rows, n0, row_size, R, n_draws, ids, types, vol, G, P, A
     rng[3] = s3
 
 
-@njit(cache=True, parallel=True)
-def _shared_cells(first, m, bounds, n0, row_size, R, ids, n_ids):
-    """Cells present in the widened regions of two or more strips of the phase (``first, first+2, …``; strip
-    ``j`` = rows ``bounds[j] .. bounds[j+1]-1`` shifted cyclically by the round's offset, already applied)."""
-    marks = np.zeros((m, n_ids), np.uint8)
-    for q in prange(m):  # cells each strip can touch: present in its rows widened by R
-        j = first + 2 * q
-        lo = bounds[j]
-        rows = bounds[j + 1] - bounds[j]
-        for rr in range(rows + 2 * R):
-            base = ((lo - R + rr) % n0) * row_size
-            for i in range(row_size):
-                marks[q, ids[base + i]] = 1
-    shared = np.zeros(n_ids, np.bool_)
-    for c in range(1, n_ids):
-        n = 0
-        for q in range(m):
-            n += marks[q, c]
-        shared[c] = n >= 2
-    return shared
+@njit(cache=True, inline="always")
+def _stamp_strip(ep, lo, rows, n0, row_size, R, ids, stamp):
+    """``stamp[c] = ep`` for every cell ``c`` present in rows ``lo - R .. lo + rows + R - 1`` (cyclic): the
+    cells strip's attempts can read or write. One store per site, no test (≈ 0.9 ns per site here, a third
+    of a test-and-list scan's cost)."""
+    n = ids.shape[0]
+    start = ((lo - R) % n0) * row_size
+    end = start + (rows + 2 * R) * row_size
+    for i in range(start, min(end, n)):
+        stamp[ids[i]] = ep
+    for i in range(end - n):
+        stamp[ids[i]] = ep
 
 
 @njit(nogil=True, **K._HOT)
-def _strips(qs, first, bounds, n0, row_size, R, frac, ids, types, vol, G, P, A, rngs, inv_t, shared, local):
-    """The phase's strips ``first + 2q`` for ``q`` in ``qs``, one after the other (one worker thread's share;
-    the GIL is released, so the workers run concurrently)."""
-    for i in range(qs.shape[0]):
-        q = qs[i]
-        j = first + 2 * q
-        lo = bounds[j]
-        rows = bounds[j + 1] - bounds[j]
-        n_draws = np.int64(np.floor((rows + 2 * R) * row_size * frac + K.rng_uniform(rngs[j])))
-        _strip_attempts(lo % n0, rows, n0, row_size, R, n_draws, ids, types, vol, G, P, A, rngs[j], inv_t, shared,
-                        local[q])
-
-
-@njit(cache=True)
-def _end_phase(local, counters, vol, n_sites):
-    for q in range(local.shape[0]):
-        for a in range(5):
-            counters[a] += local[q, a]
-    tot = 0
-    for c in range(1, vol.shape[0]):
-        tot += vol[c]
-    vol[0] = n_sites - tot
+def _worker(w, n_workers, offsets, colours, fracs, epoch0, bounds0, n0, row_size, R, ids, types, vol, G, P, A, rngs,
+            inv_t, stamps, memo, counters, sync, clock):
+    """Worker ``w`` of ``n_workers`` for the rounds ``offsets``/``colours``/``fracs`` (drawn in advance):
+    in each colour phase (epoch ``epoch0 + 1 + 2·round + phase``) it stamps, then runs, the phase's strips
+    ``first + 2q`` for ``q = w, w + n_workers, …``, with a barrier after the stamping (the shared test
+    reads every strip's stamps) and one after the attempts (the next phase reads rows this one wrote). No
+    other work is done per phase, and none by one thread alone. ``clock[w]`` accumulates cycles: stamping,
+    waiting at barriers, attempts."""
+    m = (bounds0.shape[0] - 1) // 2
+    for rnd in range(offsets.shape[0]):
+        off = offsets[rnd]
+        for ph in range(2):
+            first = colours[rnd] if ph == 0 else 1 - colours[rnd]
+            ep = np.int32(epoch0 + 1 + 2 * rnd + ph)
+            t0 = _sync.cycles()
+            for q in range(w, m, n_workers):
+                j = first + 2 * q
+                _stamp_strip(ep, (bounds0[j] + off) % n0, bounds0[j + 1] - bounds0[j], n0, row_size, R, ids,
+                             stamps[j])
+            t1 = _sync.cycles()
+            _sync.barrier(sync, n_workers, _SPIN)
+            t2 = _sync.cycles()
+            for q in range(w, m, n_workers):
+                j = first + 2 * q
+                rows = bounds0[j + 1] - bounds0[j]
+                n_draws = np.int64(np.floor((rows + 2 * R) * row_size * fracs[rnd] + K.rng_uniform(rngs[j])))
+                _strip_attempts(j, first, m, ep, (bounds0[j] + off) % n0, rows, n0, row_size, R, n_draws, ids, types,
+                                vol, G, P, A, rngs[j], inv_t, stamps, memo[j], counters[j])
+            t3 = _sync.cycles()
+            _sync.barrier(sync, n_workers, _SPIN)
+            t4 = _sync.cycles()
+            clock[w, 0] += t1 - t0
+            clock[w, 1] += (t2 - t1) + (t4 - t3)
+            clock[w, 2] += t3 - t2
 
 
 class CheckerboardSampler(ExactSampler):
@@ -216,8 +259,8 @@ class CheckerboardSampler(ExactSampler):
     ``seed``, ``terms``, ``temperature``, ``periodic``, ``copy_order``, ``contact_order``)
     ----------
     threads : int
-        Worker threads (Python threads running the compiled strip loop without the GIL; the per-phase
-        marking of shared cells uses numba's ``prange``). ``1`` runs the same algorithm on one core (same
+        Worker threads (Python threads each running the whole ``step`` compiled, without the GIL, meeting at
+        two barriers per phase). ``1`` runs the same algorithm on one core in the calling thread (same
         result: the outcome does not depend on ``threads``). Capped at numba's thread pool size
         (``NUMBA_NUM_THREADS``) and at the number of strips per colour.
     block : int
@@ -266,6 +309,14 @@ class CheckerboardSampler(ExactSampler):
         self._row_size = self.n_sites // n0
         self._rngs = np.stack([K.seed_state(int(seed) * 1000003 + 7919 * (j + 1)) for j in range(2 * m)])
         self.counters = np.zeros(5, np.int64)  # attempts, candidates, accepted, refused deletions, refused shared
+        self._local = np.zeros((2 * m, 8), np.int64)  # the same per strip, one 64-byte row each
+        self._stamps = np.zeros((2 * m, self.n_ids), np.int32)  # per strip: last phase (epoch) it held each cell
+        self._memo = np.zeros((2 * m, self.n_ids), np.int32)  # per strip: ±epoch, shared test's answer
+        self._epoch = 0  # phases run so far
+        self._sync_state = np.zeros(8, np.int64)  # the barrier's count and generation
+        self._clock = np.zeros(4, np.int64)  # cycles: mark, wait, attempts, all (summed over worker threads)
+        self._wall = 0.0
+        self._cycles = 0
 
     def stats(self) -> dict:
         a, c, acc, ref, sh = (int(x) for x in self.counters)
@@ -276,50 +327,66 @@ class CheckerboardSampler(ExactSampler):
         return out
 
     def step(self, mcs: float = 1.0) -> dict:
-        """Advance by ``mcs`` MCS: rounds of ``1/rounds_per_mcs`` MCS (the last one shorter)."""
-        left = float(mcs)
+        """Advance by ``mcs`` MCS: rounds of ``1/rounds_per_mcs`` MCS (the last one shorter). The rounds' cut
+        offsets and colour orders are drawn first (from the sampler's stream); then each worker thread runs all
+        the rounds in one compiled call, meeting the others at a barrier twice per colour phase."""
         f = 1.0 / self.rounds_per_mcs
-        prev = numba.get_num_threads()
+        fracs, left = [], float(mcs)
+        while left > 1e-12:
+            fracs.append(min(f, left))
+            left -= f
+        offsets = np.empty(len(fracs), np.int64)
+        colours = np.empty(len(fracs), np.int64)
+        for i in range(len(fracs)):
+            r = K.rng_next(self._rng)
+            offsets[i] = int(r >> np.uint64(33)) % self.shape[0]
+            colours[i] = int(r & np.uint64(1))
         workers = max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS, self.m))
-        numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
-        pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
-        try:
-            while left > 1e-12:
-                self._round(min(f, left), pool, workers)
-                left -= f
-        finally:
-            numba.set_num_threads(prev)
-            if pool is not None:
-                pool.shutdown()
+        clock = np.zeros((workers, 8), np.int64)   # one 64-byte row per worker
+        self._sync_state[:] = 0
+        if self._epoch + 2 * len(fracs) >= 2**31 - 1:  # epochs are int32: start again from 0
+            self._stamps[:] = 0
+            self._memo[:] = 0
+            self._epoch = 0
+        args = (offsets, colours, np.asarray(fracs, np.float64), self._epoch, self._bounds0, self.shape[0], self._row_size,
+                self.copy_range, self._ids, self._types, self._vol, self._G, self.pack.P, self._A, self._rngs,
+                1.0 / self.temperature, self._stamps, self._memo, self._local, self._sync_state, clock)
+        w0, c0 = time.perf_counter(), _sync.cycles_now()
+        if workers == 1:
+            _worker(0, 1, *args)
+        else:
+            _worker(0, 1, *((offsets[:0],) + args[1:]))  # compiled here first (no rounds), not in two threads
+            helpers = [threading.Thread(target=_worker, args=(w, workers, *args)) for w in range(1, workers)]
+            for th in helpers:
+                th.start()
+            _worker(0, workers, *args)
+            for th in helpers:
+                th.join()
+        self._wall += time.perf_counter() - w0
+        self._cycles += _sync.cycles_now() - c0
+        self._clock[:3] += clock[:, :3].sum(axis=0)
+        self._clock[3] += workers * (_sync.cycles_now() - c0)
+        self._vol[0] = self.n_sites - int(self._vol[1:].sum())  # the medium's volume, not kept during a step
+        self.counters[:] = self._local[:, :5].sum(axis=0)
+        self._epoch += 2 * len(fracs)
         self.mcs_done += float(mcs)
         return self.stats()
+
+    def profile(self) -> dict:
+        """Where the worker threads' time went since construction, in seconds per MCS summed over the
+        threads (by the CPU's cycle counter, converted with the rate measured over the same steps): ``mark``
+        (stamping the cells of each strip), ``wait`` (at the two barriers per phase: load imbalance and
+        wake-up), ``attempts`` (the copy attempts, with the shared-cell tests), ``other`` (the rest of the threads' time in
+        ``step``: drawing the rounds, starting threads, Python), and ``wait_fraction`` = wait / total."""
+        mcs = max(self.mcs_done, 1e-300)
+        hz = self._cycles / self._wall if self._wall > 0 and self._cycles > 0 else float("nan")
+        mark, wait, att, tot = (float(x) / hz / mcs for x in self._clock)
+        return {"mark": mark, "wait": wait, "attempts": att, "other": tot - mark - wait - att,
+                "total": tot, "wait_fraction": wait / tot if tot > 0 else float("nan")}
 
     def attempts(self, n: int) -> None:
         """``n`` attempts in expectation (``n / N`` MCS)."""
         self.step(int(n) / self.n_sites)
-
-    def _round(self, frac: float, pool, workers: int) -> None:
-        r = K.rng_next(self._rng)
-        offset = int(r >> np.uint64(33)) % self.shape[0]
-        colour0 = int(r & np.uint64(1))
-        bounds = self._bounds0 + offset
-        inv_t = 1.0 / self.temperature
-        n0, m = self.shape[0], self.m
-        for c in (colour0, 1 - colour0):
-            shared = _shared_cells(c, m, bounds, n0, self._row_size, self.copy_range, self._ids, self.n_ids)
-            local = np.zeros((m, 8), np.int64)     # one 64-byte row per strip
-
-            def run(qs, c=c, shared=shared, local=local):
-                _strips(qs, c, bounds, n0, self._row_size, self.copy_range, float(frac), self._ids, self._types,
-                        self._vol, self._G, self.pack.P, self._A, self._rngs, inv_t, shared, local)
-
-            shares = [np.arange(k, m, workers, dtype=np.int64) for k in range(workers)]
-            if pool is None:
-                run(shares[0])
-            else:
-                for fut in [pool.submit(run, qs) for qs in shares]:
-                    fut.result()
-            _end_phase(local, self.counters, self._vol, self.n_sites)
 
 
 def run_checkerboard(state: CellState, hamiltonian, mcs: float, *, seed: int, threads: int = 1, **kwargs):
