@@ -26,8 +26,9 @@ Analytic terms: ``P = (C, V, E, S, D)``, each ``None`` when the Hamiltonian has 
 (``None`` → nothing) and is inlined, so every term set gets its own specialised kernel with no flag tests,
 calls or reference counting in the loop::
 
-    C = (coffs (Kn, nd), cfd (Kn,), J (T1, T1), Jn (Kn, T1, T1) or None)   # contact; Jn per column when
-                                                                          # terms of several orders add up
+    C = (coffs (Kn, nd), cfd (Kn,), J (T1, T1+1), Jn (Kn, T1, T1+1) or None)  # contact; Jn per column when
+                                                                          # terms of several orders add up;
+                                                                          # column T1 is 0.0 (no branch)
     V = (lam, lamv)                    # volume: Σλ_k and Σλ_k·V*_k per type (T1,)
     E = ext                            # external: Σ μ_k(t)·φ_k(i), (T1, N)
     S = (soffs, sfd, slam, starget)    # surface: neighbourhood, λ and S* per type (T1,)
@@ -267,12 +268,17 @@ def _absent(x):
 def _contact_uniform(dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, J):
     """dh + Σ over the contact neighbours s of ``x``: J(new, s) [s ≠ new] − J(old, s) [s ≠ old]."""
     kn = len(cfd)
-    if fast:  # selects instead of branches; adding 0.0 leaves dh bit-identical
+    if fast:
+        # No data-dependent branch: whether a neighbour belongs to old / new is random, and a branch on it
+        # mispredicts (x86 has no conditional move for doubles: "J[..] if s != new else 0.0" compiles to a
+        # branch). An integer select of the column instead: the neighbour's type, or the zero column T1
+        # (adding 0.0 leaves dh bit-identical to skipping the term).
+        z = J.shape[1] - 1
         for k in range(kn):
             s = ids[x + cfd[k]]
             ts = tp[s]
-            dh += J[tn, ts] if s != new else 0.0
-            dh -= J[to, ts] if s != old else 0.0
+            dh += J[tn, ts if s != new else z]
+            dh -= J[to, ts if s != old else z]
         return dh
     shape = G[0]
     c = coords_of(x, shape)
@@ -292,15 +298,20 @@ def _contact_uniform(dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, J):
 @njit(cache=True, inline="always")
 def _contact_columns(dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, Jn):
     """As :func:`_contact_uniform` with one J per neighbour column (contact terms of several orders)."""
+    if fast:  # branch-free, as in _contact_uniform (column T1 of Jn is 0.0)
+        z = Jn.shape[2] - 1
+        for k in range(len(cfd)):
+            s = ids[x + cfd[k]]
+            ts = tp[s]
+            dh += Jn[k, tn, ts if s != new else z]
+            dh -= Jn[k, to, ts if s != old else z]
+        return dh
     shape = G[0]
     c = coords_of(x, shape)
     for k in range(len(cfd)):
-        if fast:
-            y = x + cfd[k]
-        else:
-            y = nbr_slow(c, coffs, k, shape, G[1])
-            if y < 0 or y == x:
-                continue
+        y = nbr_slow(c, coffs, k, shape, G[1])
+        if y < 0 or y == x:
+            continue
         s = ids[y]
         ts = tp[s]
         if s != new:
@@ -665,34 +676,41 @@ def _surface_apply_impl(x, fast, old, new, ids, G, S, surf):
 
 
 @njit(cache=True, inline="always")
-def _bnbr_update(y, x, old, new, ids, bflag, bcount):
-    """Neighbour ``y`` of ``x`` (which passed from ``old`` to ``new``): its unlike-neighbour count and the
-    boundary-site count; returns 1 if ``y`` is now unlike ``x``."""
+def _bnbr_update(y, x, old, new, ids, bflag):
+    """Neighbour ``y`` of ``x`` (which passed from ``old`` to ``new``): its unlike-neighbour count; returns
+    ``(unlike, dcount)``: 1 if ``y`` is now unlike ``x``, and the change of the boundary-site count (±1, 0)."""
     idy = ids[y]
+    d = np.int64(0)
     if y != x:
         before = bflag[y]
         after = before + np.int32(idy == old) - np.int32(idy == new)  # no data-dependent branch for the count
         bflag[y] = after
-        bcount[0] += np.int64(after > 0) - np.int64(before > 0)
-    return np.int64(idy != new)
+        d = np.int64(after > 0) - np.int64(before > 0)
+    return np.int64(idy != new), d
 
 
 @njit(cache=True, inline="always")
 def _boundary_update(x, fast, old, new, ids, G, bflag, bcount):
-    """Boundary bookkeeping after ``ids[x]`` became ``new`` (copy neighbourhood)."""
+    """Boundary bookkeeping after ``ids[x]`` became ``new`` (copy neighbourhood). The count changes add up in
+    a local (``bcount`` may alias ``bflag`` for the compiler: a store per neighbour would chain them)."""
     fd = G[3]
-    c = 0
+    c = np.int64(0)
+    dc = np.int64(0)
     if fast:
         for j in range(fd.shape[0]):
-            c += _bnbr_update(x + fd[j], x, old, new, ids, bflag, bcount)
+            u, d = _bnbr_update(x + fd[j], x, old, new, ids, bflag)
+            c += u
+            dc += d
     else:
         shape = G[0]
         cx = coords_of(x, shape)
         for j in range(fd.shape[0]):
             y = nbr_slow(cx, G[2], j, shape, G[1])
             if y >= 0:
-                c += _bnbr_update(y, x, old, new, ids, bflag, bcount)
-    bcount[0] += np.int64(c > 0) - np.int64(bflag[x] > 0)
+                u, d = _bnbr_update(y, x, old, new, ids, bflag)
+                c += u
+                dc += d
+    bcount[0] += dc + np.int64(c > 0) - np.int64(bflag[x] > 0)
     bflag[x] = c
 
 

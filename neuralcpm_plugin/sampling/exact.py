@@ -278,9 +278,9 @@ def pack_params(terms, shape, periodic: bool, n_t1: int, contact_order_default: 
         max_order = max(o for _, o in contact)
         rings = _ring_of_offsets(max_order, nd)
         coffs = np.ascontiguousarray(neighbour_offsets(max_order, nd))
-        Jn = np.zeros((len(rings), n_t1, n_t1))
+        Jn = np.zeros((len(rings), n_t1, n_t1 + 1))  # the last column stays 0.0 (see _kernels, contact)
         for J, o in contact:
-            Jn[rings < o] += J[None]
+            Jn[rings < o, :, :n_t1] += J[None]
         uniform = bool(np.all(Jn == Jn[:1]))
         C = (coffs, flat_deltas(coffs, shape), np.ascontiguousarray(Jn[0]), None if uniform else Jn)
         read = max(read, chebyshev_range(max_order, nd))
