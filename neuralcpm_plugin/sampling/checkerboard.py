@@ -62,7 +62,6 @@ proposal; neural terms (the local NH has a bounded range too) are future work.
 from __future__ import annotations
 
 import threading
-import time
 
 import numba
 import numpy as np
@@ -78,9 +77,9 @@ from .exact import ExactSampler, chebyshev_range
 
 __all__ = ["CheckerboardSampler", "run_checkerboard"]
 
-# Spins on the barrier's generation before a waiting thread sleeps (futex): ≈ 10-40 µs, longer than the usual
-# imbalance of two strips' run times, shorter than a scheduler time slice on a loaded machine.
-_SPIN = 10000
+# How long a thread waiting at a barrier spins before it sleeps (futex), in seconds: longer than the usual
+# imbalance between the workers' strips and than a futex wake-up, far shorter than a scheduler time slice.
+SPIN_SECONDS = 50e-6
 
 
 @njit(cache=True, inline="always")
@@ -217,13 +216,15 @@ def _stamp_strip(ep, lo, rows, n0, row_size, R, ids, stamp):
 
 @njit(nogil=True, **K._HOT)
 def _worker(w, n_workers, offsets, colours, fracs, epoch0, bounds0, n0, row_size, R, ids, types, vol, G, P, A, rngs,
-            inv_t, stamps, memo, counters, sync, clock):
+            inv_t, stamps, memo, counters, sync, spin, clock):
     """Worker ``w`` of ``n_workers`` for the rounds ``offsets``/``colours``/``fracs`` (drawn in advance):
-    in each colour phase (epoch ``epoch0 + 1 + 2·round + phase``) it stamps, then runs, the phase's strips
-    ``first + 2q`` for ``q = w, w + n_workers, …``, with a barrier after the stamping (the shared test
-    reads every strip's stamps) and one after the attempts (the next phase reads rows this one wrote). No
-    other work is done per phase, and none by one thread alone. ``clock[w]`` accumulates cycles: stamping,
-    waiting at barriers, attempts."""
+    in each colour phase (epoch ``epoch0 + 1 + 2·round + phase``) it stamps the phase's strips ``first + 2q``
+    for ``q = w, w + n_workers, …``, meets the others at a barrier (the shared test reads every strip's
+    stamps), then runs strips as it takes them from a shared counter (``sync[2]``: a thread that finishes
+    early takes the next strip; the result does not depend on which thread runs a strip), and meets the
+    others at a barrier again (the next phase reads rows this one wrote). No other work is done per phase,
+    and none by one thread alone. ``clock[w]`` accumulates ticks of ``_sync.cycles``: stamping, waiting at
+    barriers, attempts."""
     m = (bounds0.shape[0] - 1) // 2
     for rnd in range(offsets.shape[0]):
         off = offsets[rnd]
@@ -236,16 +237,20 @@ def _worker(w, n_workers, offsets, colours, fracs, epoch0, bounds0, n0, row_size
                 _stamp_strip(ep, (bounds0[j] + off) % n0, bounds0[j + 1] - bounds0[j], n0, row_size, R, ids,
                              stamps[j])
             t1 = _sync.cycles()
-            _sync.barrier(sync, n_workers, _SPIN)
+            _sync.barrier(sync, n_workers, spin)
             t2 = _sync.cycles()
-            for q in range(w, m, n_workers):
+            base = (2 * rnd + ph) * (m + n_workers)  # the counter after the earlier phases (see next_item)
+            while True:
+                q = _sync.next_item(sync, 2, base, m)
+                if q < 0:
+                    break
                 j = first + 2 * q
                 rows = bounds0[j + 1] - bounds0[j]
                 n_draws = np.int64(np.floor((rows + 2 * R) * row_size * fracs[rnd] + K.rng_uniform(rngs[j])))
                 _strip_attempts(j, first, m, ep, (bounds0[j] + off) % n0, rows, n0, row_size, R, n_draws, ids, types,
                                 vol, G, P, A, rngs[j], inv_t, stamps, memo[j], counters[j])
             t3 = _sync.cycles()
-            _sync.barrier(sync, n_workers, _SPIN)
+            _sync.barrier(sync, n_workers, spin)
             t4 = _sync.cycles()
             clock[w, 0] += t1 - t0
             clock[w, 1] += (t2 - t1) + (t4 - t3)
@@ -315,8 +320,6 @@ class CheckerboardSampler(ExactSampler):
         self._epoch = 0  # phases run so far
         self._sync_state = np.zeros(8, np.int64)  # the barrier's count and generation
         self._clock = np.zeros(4, np.int64)  # cycles: mark, wait, attempts, all (summed over worker threads)
-        self._wall = 0.0
-        self._cycles = 0
 
     def stats(self) -> dict:
         a, c, acc, ref, sh = (int(x) for x in self.counters)
@@ -350,8 +353,9 @@ class CheckerboardSampler(ExactSampler):
             self._epoch = 0
         args = (offsets, colours, np.asarray(fracs, np.float64), self._epoch, self._bounds0, self.shape[0], self._row_size,
                 self.copy_range, self._ids, self._types, self._vol, self._G, self.pack.P, self._A, self._rngs,
-                1.0 / self.temperature, self._stamps, self._memo, self._local, self._sync_state, clock)
-        w0, c0 = time.perf_counter(), _sync.cycles_now()
+                1.0 / self.temperature, self._stamps, self._memo, self._local, self._sync_state,
+                int(SPIN_SECONDS * _sync.ticks_per_second()), clock)
+        c0 = _sync.cycles_now()
         if workers == 1:
             _worker(0, 1, *args)
         else:
@@ -362,8 +366,6 @@ class CheckerboardSampler(ExactSampler):
             _worker(0, workers, *args)
             for th in helpers:
                 th.join()
-        self._wall += time.perf_counter() - w0
-        self._cycles += _sync.cycles_now() - c0
         self._clock[:3] += clock[:, :3].sum(axis=0)
         self._clock[3] += workers * (_sync.cycles_now() - c0)
         self._vol[0] = self.n_sites - int(self._vol[1:].sum())  # the medium's volume, not kept during a step
@@ -374,12 +376,12 @@ class CheckerboardSampler(ExactSampler):
 
     def profile(self) -> dict:
         """Where the worker threads' time went since construction, in seconds per MCS summed over the
-        threads (by the CPU's cycle counter, converted with the rate measured over the same steps): ``mark``
+        threads (by the CPU's tick counter, ``_sync.cycles``: wall-clock time, descheduled time included): ``mark``
         (stamping the cells of each strip), ``wait`` (at the two barriers per phase: load imbalance and
         wake-up), ``attempts`` (the copy attempts, with the shared-cell tests), ``other`` (the rest of the threads' time in
         ``step``: drawing the rounds, starting threads, Python), and ``wait_fraction`` = wait / total."""
         mcs = max(self.mcs_done, 1e-300)
-        hz = self._cycles / self._wall if self._wall > 0 and self._cycles > 0 else float("nan")
+        hz = _sync.ticks_per_second() or float("nan")
         mark, wait, att, tot = (float(x) / hz / mcs for x in self._clock)
         return {"mark": mark, "wait": wait, "attempts": att, "other": tot - mark - wait - att,
                 "total": tot, "wait_fraction": wait / tot if tot > 0 else float("nan")}
