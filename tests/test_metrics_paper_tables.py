@@ -178,3 +178,56 @@ def test_exact_classic_rollouts_and_trajectory_groups(tmp_path):
     with pytest.raises(ConfigError, match="proposal"):
         eval_table1.rollout(ham, states[:1], frames=1, mcs_per_frame=1.0, sampler="exact", proposal="random")
     assert eval_table1.SCALES["cpu-wide"]["trajectories"] == 100 and eval_table1.SCALES["cpu-wide"]["groups"] == 10
+
+
+def test_paired_starts_share_starts_and_give_paired_differences(tmp_path):
+    """--starts paired (the default): every run starts from the same permuted states, and the CS difference of
+    two rows is the mean over groups of the per-group differences with a t-interval over the groups;
+    independent starts differ between runs and give no paired differences."""
+    from neuralcpm_plugin.classifier import predict_proba
+    from neuralcpm_plugin.errors import ConfigError
+    from neuralcpm_plugin.metrics.paper import classifier_score, mean_ci
+    states = _data(8)
+    labels = np.arange(8) % 2
+    data = save_npz(tmp_path / "d.npz", states, label=labels)
+    model, info = train_classifier(states, labels, steps=2, config=ClassifierConfig(channels=(4, 4), mlp=(8,)))
+    save_classifier(model, tmp_path / "clf", info)
+    a = _bundle(tmp_path / "a")
+    h = cellsort_hamiltonian({"0-1": 0.5, "0-2": 0.5, "1-1": 2.0, "1-2": 0.3, "2-2": 2.0}, 0.5, 25.0,
+                             LatticeSpec((24, 24)), 1.0)
+    b = save_bundle(tmp_path / "b" / "model", h, provenance={"model_kind": "analytic", "objective": "pl"})
+    runs = [("A", a), ("B", b)]
+    kw = {"scale": "smoke", "classifier": tmp_path / "clf", "frames": 2, "trajectories": 6, "groups": 3,
+          "sampler": "exact", "proposal": "classic", "log": lambda *x: None}
+    res = eval_table1.evaluate_table1(data, runs, **kw)
+    assert res["starts"] == "paired"
+    # run 1 (B) starts from run 0's starts with run 0's sampler seed: rolling B out by hand from seed*1000 = 0
+    # reproduces its CS, and B's row is the same when it is evaluated alone
+    from neuralcpm_plugin.bundle import load_bundle
+    starts = eval_table1.permuted_starts(states, 6, np.random.default_rng(0))
+    traj = eval_table1.rollout(load_bundle(b).hamiltonian, starts, frames=2, mcs_per_frame=0.5, seed=0,
+                               sampler="exact", proposal="classic")
+    pb = predict_proba(model, traj[:, -1, 1])
+    assert res["rows"]["B"]["cs"] == pytest.approx(classifier_score(pb))
+    gb = [classifier_score(pb[g]) for g in np.array_split(np.arange(6), 3)]
+    assert res["raw"]["B"][0]["group_cs"] == pytest.approx(gb)
+    alone = eval_table1.evaluate_table1(data, [("B", b)], **kw)
+    assert alone["raw"]["B"][0]["group_cs"] == res["raw"]["B"][0]["group_cs"] and alone["paired"][0]["b"] == (
+        "permuted starts (no dynamics)")
+    ga = res["raw"]["A"][0]["group_cs"]
+    d = {(x["a"], x["b"]): x for x in res["paired"]}
+    assert set(d) == {("A", "permuted starts (no dynamics)"), ("B", "permuted starts (no dynamics)"), ("B", "A")}
+    m, hw = mean_ci(np.asarray(gb) - np.asarray(ga))
+    assert d[("B", "A")]["cs_diff"] == pytest.approx(m) and d[("B", "A")]["cs_diff_ci"] == pytest.approx(hw)
+    assert d[("B", "A")]["groups"] == 3
+    md = eval_table1.table1_markdown(res)
+    assert "Paired starts" in md and f"| B | A | {eval_table1.fmt(m, hw)} |" in md
+    # independent starts: run 1 draws its own starts (seed*1000 + 1), no paired differences
+    ind = eval_table1.evaluate_table1(data, runs, starts="independent", **kw)
+    assert ind["paired"] == [] and "Paired starts" not in eval_table1.table1_markdown(ind)
+    assert ind["rows"]["A"]["cs"] == pytest.approx(res["rows"]["A"]["cs"])      # run 0: the same starts
+    other = eval_table1.permuted_starts(states, 6, np.random.default_rng(1))
+    assert [s.meta["start_frame"] for s in other] != [s.meta["start_frame"] for s in starts] or any(
+        not np.array_equal(x.types, y.types) for x, y in zip(other, starts))
+    with pytest.raises(ConfigError, match="starts"):
+        eval_table1.evaluate_table1(data, runs, starts="shared", **kw)

@@ -16,7 +16,13 @@ lattices); 50 trajectories. Metrics:
 Runs are grouped into table rows by model (the bundle's provenance ``model_kind``/``objective`` or the term
 kinds; or ``LABEL=PATH``); a row's value is the mean over its runs (seeds) with a 95 % Student-t interval
 over seeds. A row with a single run shows the interval over 5 disjoint groups of its trajectories instead
-(marked ``†``). The paper's numbers are printed beside ours. Results go to stdout and to ``--out`` (.md and
+(marked ``†``). ``starts="paired"`` (the default; ``--starts paired``) rolls every run out from the same
+type-permuted starts with the same sampler seeds (both from ``seed``, not from the run's place in ``--runs``, so
+a run's row does not depend on the other runs given) and adds paired differences: per trajectory group, the CS of
+one row minus another's on the same starts, with the 95 % interval over the groups — the statistic for "model A
+scores above model B" (it removes the start-to-start spread both rows share). ``--starts independent`` draws each
+run's starts and sampler seeds from ``seed·1000 + run index`` (the behaviour before paired starts; Table 2's).
+The paper's numbers are printed beside ours. Results go to stdout and to ``--out`` (.md and
 .json). ``--gif DIR`` writes the first trajectory of each run as an animated GIF.
 """
 
@@ -41,6 +47,8 @@ __all__ = [
     "add_common_arguments",
     "evaluate_table1",
     "find_bundle",
+    "group_values",
+    "paired_differences",
     "permuted_starts",
     "rollout",
     "run",
@@ -223,14 +231,39 @@ def states_of(traj: np.ndarray) -> list[CellState]:
     return [CellState.from_maps(t[0], t[1]) for t in traj]
 
 
+def group_values(values_fn, n_items: int, n_groups: int = 5) -> list[float]:
+    """``values_fn(index_array)`` on each of ``n_groups`` disjoint, contiguous groups of items (``[]`` if there
+    are fewer items than groups). Runs rolled out from paired starts share the groups item by item."""
+    if n_items < n_groups:
+        return []
+    return [float(values_fn(g)) for g in np.array_split(np.arange(n_items), n_groups)]
+
+
 def groups_ci(values_fn, n_items: int, n_groups: int = 5):
-    """Mean and 95 % half-width of ``values_fn(index_array)`` over ``n_groups`` disjoint groups of items."""
+    """95 % half-width of ``values_fn(index_array)`` over ``n_groups`` disjoint groups of items."""
     from neuralcpm_plugin.metrics.paper import mean_ci
 
-    if n_items < n_groups:
-        return float("nan")
-    groups = np.array_split(np.arange(n_items), n_groups)
-    return mean_ci([values_fn(g) for g in groups])[1]
+    vals = group_values(values_fn, n_items, n_groups)
+    return mean_ci(vals)[1] if vals else float("nan")
+
+
+def paired_differences(results: dict, key: str = "group_cs") -> list[dict]:
+    """CS differences between rows rolled out from the same starts: for every two one-run rows with per-group
+    values ``key`` (same groups of the same starts), the mean of row a − row b over the groups and its 95 %
+    Student-t half-width (a paired comparison). Rows in table order; each row is compared with every row above
+    it (``a`` below ``b``)."""
+    from neuralcpm_plugin.metrics.paper import mean_ci
+
+    labs = [lab for lab in order_labels(results) if len(results[lab]) == 1 and results[lab][0].get(key)]
+    out = []
+    for j, a in enumerate(labs):
+        for b in labs[:j]:
+            va, vb = np.asarray(results[a][0][key]), np.asarray(results[b][0][key])
+            if va.shape != vb.shape:
+                continue
+            m, h = mean_ci(va - vb)
+            out.append({"a": a, "b": b, "cs_diff": m, "cs_diff_ci": h, "groups": int(va.size)})
+    return out
 
 
 def summarise(rows: dict, metric_keys, per_group_key="groups") -> dict:
@@ -316,9 +349,13 @@ def load_data(path):
 
 
 def rollout_run(i: int, label, path, states, bounds, cfg: dict, *, seed: int, device: str, sampler: str,
-                gif_dir=None, table: str = "table", proposal: str = "boundary"):
+                gif_dir=None, table: str = "table", proposal: str = "boundary", paired: bool = False):
     """Load the run at ``path``, roll it out from type-permuted real states and score every ``cfg["every"]``-th
     frame for the volume and fragmentation metrics (the part shared by Tables 1 and 2).
+
+    The starts and the sampler's seeds come from ``seed·1000`` when ``paired`` (the same starts and random
+    streams for every run ``i``: a paired comparison with common random numbers), else from ``seed·1000 + i``;
+    run 0 is rolled out the same way either way.
 
     Returns ``(label, hamiltonian, traj [n_traj, frames+1, 2, H, W], seconds, vol_ok, frag_ok)`` with
     ``vol_ok``/``frag_ok`` boolean arrays ``[n_traj, n_scored_frames]``; writes one GIF into ``gif_dir`` if given.
@@ -330,10 +367,11 @@ def rollout_run(i: int, label, path, states, bounds, cfg: dict, *, seed: int, de
     ham = b.hamiltonian.to(device)
     if tuple(ham.lattice.shape) != tuple(states[0].shape):
         raise ConfigError(f"{path}: model lattice {ham.lattice.shape} differs from the data {states[0].shape}")
-    starts = permuted_starts(states, cfg["trajectories"], np.random.default_rng(seed * 1000 + i))
+    run_seed = seed * 1000 + (0 if paired else i)
+    starts = permuted_starts(states, cfg["trajectories"], np.random.default_rng(run_seed))
     t0 = time.perf_counter()
     traj = rollout(ham, starts, frames=cfg["frames"], mcs_per_frame=cfg["mcs_per_frame"], flips=cfg["flips"],
-                   seed=seed * 1000 + i, chains=cfg["chains"], device=device, sampler=sampler, proposal=proposal)
+                   seed=run_seed, chains=cfg["chains"], device=device, sampler=sampler, proposal=proposal)
     secs = time.perf_counter() - t0
     sel = list(range(0, cfg["frames"] + 1, cfg["every"]))
     n_t = len(starts)
@@ -349,11 +387,16 @@ def rollout_run(i: int, label, path, states, bounds, cfg: dict, *, seed: int, de
 
 def evaluate_table1(data, runs, *, scale: str = "cpu", classifier=None, seed: int = 0, device: str = "cpu",
                     sampler: str = "parallel", proposal: str = "boundary", gif_dir=None, log=print,
-                    **overrides) -> dict:
-    """Compute Table 1 for ``runs`` (paths or ``(label, path)``); returns the result dict (see module doc)."""
+                    starts: str = "paired", **overrides) -> dict:
+    """Compute Table 1 for ``runs`` (paths or ``(label, path)``); returns the result dict (see module doc).
+
+    ``starts``: "paired" (every run from the same permuted starts; the result's ``"paired"`` list holds the CS
+    differences between rows, see :func:`paired_differences`) or "independent" (each run its own starts)."""
     from neuralcpm_plugin.classifier import predict_proba
     from neuralcpm_plugin.metrics.paper import classifier_score, volume_bounds
 
+    if starts not in ("paired", "independent"):
+        raise ConfigError(f"unknown starts {starts!r}; use 'paired' or 'independent'")
     cfg = dict(SCALES[scale])
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     data = Path(data)
@@ -366,28 +409,36 @@ def evaluate_table1(data, runs, *, scale: str = "cpu", classifier=None, seed: in
     for i, (label, path) in enumerate(runs):
         lab, ham, traj, secs, vol_ok, frag_ok = rollout_run(i, label, path, states, bounds, cfg, seed=seed,
                                                             device=device, sampler=sampler, gif_dir=gif_dir,
-                                                            table="table1", proposal=proposal)
+                                                            table="table1", proposal=proposal,
+                                                            paired=starts == "paired")
         n_t, ng = len(traj), int(cfg.get("groups", 5))
         probs = predict_proba(clf, traj[:, -1, 1])
-        if i == 0:  # the starts of the first run, before any dynamics (the same for every model at one seed)
+        if i == 0:  # the starts of the first run, before any dynamics (every run's starts when paired)
             p0 = predict_proba(clf, traj[:, 0, 1])
+            g0 = group_values(lambda g, p=p0: classifier_score(p[g]), n_t, ng)
             results["permuted starts (no dynamics)"] = [{
                 "run": "frame 0 of " + str(path), "vol": float(vol_ok[:, 0].mean()),
                 "frag": float(frag_ok[:, 0].mean()), "cs": classifier_score(p0),
-                "groups": {"cs": groups_ci(lambda g, p=p0: classifier_score(p[g]), n_t, ng)}}]
+                "groups": {"cs": groups_ci(lambda g, p=p0: classifier_score(p[g]), n_t, ng)}, "group_cs": g0}]
         row = {"run": str(path), "vol": float(vol_ok.mean()), "frag": float(frag_ok.mean()),
                "cs": classifier_score(probs), "seconds": round(secs, 1),
                "groups": {"vol": groups_ci(lambda g, a=vol_ok: a[g].mean(), n_t, ng),
                           "frag": groups_ci(lambda g, a=frag_ok: a[g].mean(), n_t, ng),
                           "cs": groups_ci(lambda g, p=probs: classifier_score(p[g]), n_t, ng)},
+               "group_cs": group_values(lambda g, p=probs: classifier_score(p[g]), n_t, ng),
                **closure_weights_of(ham)}
         wn = f"  {weights_text(row)}" if any(k in row for k in WEIGHT_KEYS) else ""
         log(f"{lab} [{path}]: vol {row['vol']:.2f} frag {row['frag']:.2f} CS {row['cs']:.2f} "
             f"({secs:.0f} s roll-out){wn}")
         results.setdefault(lab, []).append(row)
     summary = summarise(results, ["vol", "frag", "cs"])
+    paired = paired_differences(results) if starts == "paired" else []
+    for d in paired:
+        log(f"paired CS difference {d['a']} − {d['b']}: {fmt(d['cs_diff'], d['cs_diff_ci'])} "
+            f"({d['groups']} groups)")
     return {"table": "table1", "data": str(data), "rollout": cfg, "sampler": sampler,
-            "proposal": proposal if sampler == "exact" else None, "volume_bounds": bounds,
+            "proposal": proposal if sampler == "exact" else None, "starts": starts, "paired": paired,
+            "volume_bounds": bounds,
             "classifier": {k: v for k, v in clf_info.items() if k != "curve"}, "rows": summary, "raw": results}
 
 
@@ -425,6 +476,12 @@ def table1_markdown(res: dict) -> str:
                  f"† = one run: interval over {cfg.get('groups', 5)} groups of its trajectories. The permuted-starts "
                  "row scores the first run's start frames (real final frames, cell types permuted), before any "
                  "dynamics.")
+    if res.get("paired"):
+        note = (f"Paired starts: every run from the same {cfg['trajectories']} permuted starts. CS difference "
+                f"row a − row b over the same {res['paired'][0]['groups']} trajectory groups (95 % interval over "
+                "the groups; > 0 with the interval clear of 0: a scores above b on the same starts):")
+        lines += ["", note, "", "| row a | row b | CS(a) − CS(b) |", "|---|---|---|"]
+        lines += [f"| {d['a']} | {d['b']} | {fmt(d['cs_diff'], d['cs_diff_ci'])} |" for d in res["paired"]]
     return "\n".join(lines)
 
 
@@ -457,6 +514,9 @@ def add_common_arguments(p: argparse.ArgumentParser, default_data: str) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p, "runs/data/mnist-cpu.npz")
+    p.add_argument("--starts", choices=["paired", "independent"], default="paired",
+                   help="paired (default): every run from the same permuted starts and sampler seeds, plus paired CS "
+                        "differences between rows; independent: each run its own (seed*1000 + run index)")
     p.add_argument("--classifier", default=None,
                    help="digit classifier folder (default: DATA.classifier/, trained there if absent)")
 
@@ -493,7 +553,7 @@ def run(args) -> int:
     claim_outputs(args)
     res = evaluate_table1(args.data, parse_runs(args.runs), scale=args.scale, classifier=args.classifier,
                           seed=args.seed, device=args.device, sampler=args.sampler, proposal=args.proposal,
-                          gif_dir=args.gif, **overrides_of(args))
+                          gif_dir=args.gif, starts=args.starts, **overrides_of(args))
     write_outputs(res, table1_markdown(res), args.out)
     return 0
 
