@@ -4,11 +4,13 @@ Setup per size: a jittered-grid Voronoi tiling (``training.gen_tissue.voronoi_st
 sites, ~10 % medium), P1 contact + volume energies (V* = 90, T = 1, as ``bench_vs_c.py``), relaxed by the
 sequential sampler for 2 MCS. Then ``--repeats`` interleaved blocks of ``--mcs`` MCS: the sequential
 :class:`ExactSampler` (classic), the :class:`CheckerboardSampler` on 1 thread and on each of ``--threads``.
-Prints the median MCS/s by wall clock and by CPU time (process CPU time summed over threads, so a perfect
-2-thread run has CPU rate = wall rate / 2), the speed-up of K threads over 1 (wall clock) and the
-checkerboard's refused shared-cell attempts. ``NUMBA_NUM_THREADS`` is set to the largest ``--threads`` before
-numba starts, and ``NUMBA_THREADING_LAYER`` to ``workqueue`` unless set (OpenMP's spin-waiting at the phase
-barriers cost 5× the CPU time per MCS on a loaded 2-core machine).
+Prints, per size and sampler, the median MCS/s by wall clock and by CPU time (process CPU time summed over
+threads, so a perfect 2-thread run has CPU rate = wall rate / 2), CPU ms per MCS, the share of the worker
+threads' time spent stamping cells and waiting at the phase barriers (``CheckerboardSampler.profile()``) and
+the refused shared-cell attempts; then the ratios: K threads over the 1-thread checkerboard and over the
+sequential sampler (wall clock), and the sequential sampler's CPU time per MCS over the checkerboard's.
+``NUMBA_NUM_THREADS`` is set to the largest ``--threads`` before numba starts (the checkerboard's worker
+count is capped by it).
 
 Wall-clock speed-ups need idle cores: on a shared machine, say so next to the figure (the load average is
 printed).
@@ -35,9 +37,6 @@ def main(argv=None):
     ap.add_argument("--block", type=int, default=32, help="minimum strip width (rows)")
     args = ap.parse_args(argv)
     os.environ["NUMBA_NUM_THREADS"] = str(max([1, *args.threads]))
-    # OpenMP's spin-waiting at the phase barriers burns the CPU other processes need on a shared machine
-    # (measured here: 5x the CPU time per MCS on 2 threads); the workqueue layer sleeps instead.
-    os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
     import numpy as np
@@ -52,9 +51,9 @@ def main(argv=None):
     kw = {"terms": terms, "temperature": 1.0, "periodic": True, "copy_order": 2}
     print(f"checkerboard sampler, P1 contact + volume (V* = 90), classic proposal; median of {args.repeats} "
           f"interleaved blocks of {args.mcs:g} MCS; load average {os.getloadavg()[0]:.2f} at the start, "
-          f"{os.cpu_count()} CPUs, numba threading layer {os.environ['NUMBA_THREADING_LAYER']}")
-    print(f"{'size':>9s} {'cells':>6s} {'sampler':>22s} {'MCS/s wall':>11s} {'MCS/s CPU':>10s} {'speed-up':>9s} "
-          f"{'refused shared':>15s}")
+          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"{'size':>9s} {'cells':>6s} {'sampler':>20s} {'MCS/s wall':>11s} {'MCS/s CPU':>10s} {'CPU ms/MCS':>11s} "
+          f"{'stamp %':>8s} {'wait %':>7s} {'refused shared':>15s}")
     for L in args.sizes:
         st = voronoi_start(np.random.default_rng(0), L, round(L * L / 100), 90.0)
         warm = ExactSampler(st, None, seed=1, **kw)
@@ -67,6 +66,7 @@ def main(argv=None):
                                                                      **kw)
         for s in samplers.values():
             s.step(0.05)  # compile / load the cache
+        prof0 = {k: s.profile() | {"mcs": s.mcs_done} for k, s in samplers.items() if hasattr(s, "profile")}
         wall = {k: [] for k in samplers}
         cpu = {k: [] for k in samplers}
         for _ in range(args.repeats):
@@ -75,13 +75,30 @@ def main(argv=None):
                 s.step(args.mcs)
                 wall[name].append(args.mcs / (time.perf_counter() - w0))
                 cpu[name].append(args.mcs / (time.process_time() - c0))
-        base = statistics.median(wall["checkerboard 1 thr"])
+        med = {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in samplers}
         for name, s in samplers.items():
-            w, c = statistics.median(wall[name]), statistics.median(cpu[name])
-            sp = f"{w / base:9.2f}" if name.startswith("checkerboard") else f"{'':9s}"
-            ref = s.stats().get("refused_shared", "")
-            print(f"{L:>4d}x{L:<4d} {cells:6d} {name:>22s} {w:11.2f} {c:10.2f} {sp} {ref!s:>15s}", flush=True)
-    print("speed-up = wall-clock MCS/s of the checkerboard on K threads / on 1 thread (same algorithm, same result)")
+            w, c = med[name]
+            stamp = wait = ref = ""
+            if name in prof0:  # profile() accumulates from construction: take the timed blocks' share
+                p1, p0, m0 = s.profile(), prof0[name], prof0[name]["mcs"]
+                m1 = s.mcs_done
+                tot = p1["total"] * m1 - p0["total"] * m0
+                stamp = f"{100 * (p1['mark'] * m1 - p0['mark'] * m0) / tot:8.1f}"
+                wait = f"{100 * (p1['wait'] * m1 - p0['wait'] * m0) / tot:7.1f}"
+                ref = s.stats()["refused_shared"]
+            print(f"{L:>4d}x{L:<4d} {cells:6d} {name:>20s} {w:11.2f} {c:10.2f} {1e3 / c:11.2f} {stamp:>8s} {wait:>7s} "
+                  f"{ref!s:>15s}", flush=True)
+        seq_w, seq_c = med["sequential (Exact)"]
+        one_w, one_c = med["checkerboard 1 thr"]
+        for k in args.threads:
+            kw_, kc = med[f"checkerboard {k} thr"]
+            print(f"{L:>4d}x{L:<4d} {k} threads: {kw_ / one_w:.2f}x the 1-thread checkerboard, {kw_ / seq_w:.2f}x the "
+                  f"sequential sampler (wall clock); CPU per MCS: 1 thread {seq_c / one_c:.2f}x, {k} threads "
+                  f"{seq_c / kc:.2f}x the sequential sampler's", flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f} at the end. MCS/s CPU = MCS per second of process CPU time (all "
+          "threads): a perfect K-thread run has CPU rate = wall rate / K. stamp % / wait % = share of the worker "
+          "threads' time spent stamping cells / waiting at the phase barriers (CheckerboardSampler.profile(), "
+          "wall-clock cycles: on a loaded machine waits include time the other thread was descheduled)")
     return 0
 
 
