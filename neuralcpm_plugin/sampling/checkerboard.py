@@ -36,8 +36,10 @@ axis (rows in 2-D, slabs in 3-D: a strip is a contiguous range of flat site indi
   written by one thread without races and are **exact** at every attempt: a cell near a strip boundary is
   either the strip's alone (it sees the true volume) or refused. The medium's volume (id 0, written by every
   strip) is not kept during a ``step`` and is set to ``N − Σ V`` after it; the medium has no volume or
-  surface energy. False sharing of per-cell arrays (two threads writing different cells of one cache line)
-  costs time, never correctness.
+  surface energy. False sharing (two threads writing different cells of one cache line) would cost time,
+  never correctness: with more than one worker thread the volume and surface arrays hold one cell per
+  64-byte line (a strided view; on one thread they stay packed, ≈ 2–5 % faster), so cell ids need not
+  follow the lattice layout. The directed-motion per-cell state is not padded.
 
 What it preserves, precisely: each attempt's ΔH and decision are exactly those of the sequential kernel on the
 current state, and the result of a phase equals some sequential execution of its attempts (same-colour strips
@@ -257,6 +259,17 @@ def _worker(w, n_workers, offsets, colours, fracs, epoch0, bounds0, n0, row_size
             clock[w, 2] += t3 - t2
 
 
+def _one_per_line(a: np.ndarray) -> np.ndarray:
+    """A copy of the 1-D array ``a`` as a strided view with one element per 64-byte cache line (so that two
+    threads writing different cells never write the same line: no false sharing)."""
+    k = max(1, 64 // a.itemsize)
+    buf = np.zeros(a.shape[0] * k + k, a.dtype)
+    off = (-buf.ctypes.data % 64) // a.itemsize
+    v = buf[off: off + a.shape[0] * k: k]
+    v[:] = a
+    return v
+
+
 class CheckerboardSampler(ExactSampler):
     """Exact-attempt Metropolis on ``threads`` cores by a checkerboard of strips (see the module docstring).
 
@@ -314,6 +327,10 @@ class CheckerboardSampler(ExactSampler):
         self._row_size = self.n_sites // n0
         self._rngs = np.stack([K.seed_state(int(seed) * 1000003 + 7919 * (j + 1)) for j in range(2 * m)])
         self.counters = np.zeros(5, np.int64)  # attempts, candidates, accepted, refused deletions, refused shared
+        self._workers = max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS, m))
+        if self._workers > 1:  # the per-cell arrays the threads write (volume, surface): one cell per cache line
+            self._vol = _one_per_line(self._vol)
+            self._A = (_one_per_line(self._A[0]), *self._A[1:])
         self._local = np.zeros((2 * m, 8), np.int64)  # the same per strip, one 64-byte row each
         self._stamps = np.zeros((2 * m, self.n_ids), np.int32)  # per strip: last phase (epoch) it held each cell
         self._memo = np.zeros((2 * m, self.n_ids), np.int32)  # per strip: ±epoch, shared test's answer
@@ -344,7 +361,7 @@ class CheckerboardSampler(ExactSampler):
             r = K.rng_next(self._rng)
             offsets[i] = int(r >> np.uint64(33)) % self.shape[0]
             colours[i] = int(r & np.uint64(1))
-        workers = max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS, self.m))
+        workers = self._workers
         clock = np.zeros((workers, 8), np.int64)   # one 64-byte row per worker
         self._sync_state[:] = 0
         if self._epoch + 2 * len(fracs) >= 2**31 - 1:  # epochs are int32: start again from 0
