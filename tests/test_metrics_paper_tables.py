@@ -231,3 +231,46 @@ def test_paired_starts_share_starts_and_give_paired_differences(tmp_path):
         not np.array_equal(x.types, y.types) for x, y in zip(other, starts))
     with pytest.raises(ConfigError, match="starts"):
         eval_table1.evaluate_table1(data, runs, starts="shared", **kw)
+
+
+def test_table2_paired_starts_give_paired_error_differences(tmp_path):
+    """Table 2 with --starts paired (the default): both runs roll out from the same permuted starts and sampler
+    seeds (a run's row is the same evaluated alone), and the error difference of two rows is the mean over the
+    trajectory groups of the per-group error differences with a t-interval over the groups; independent starts
+    give no paired differences; an unknown mode is a clear error."""
+    from neuralcpm_plugin.errors import ConfigError
+    from neuralcpm_plugin.metrics.paper import mean_ci, mean_second_moments, moment_error
+    states = _data(8)
+    data = save_npz(tmp_path / "d.npz", states)
+    a = _bundle(tmp_path / "a")
+    h = cellsort_hamiltonian({"0-1": 0.5, "0-2": 0.5, "1-1": 2.0, "1-2": 0.3, "2-2": 2.0}, 0.5, 25.0,
+                             LatticeSpec((24, 24)), 1.0)
+    b = save_bundle(tmp_path / "b" / "model", h, provenance={"model_kind": "analytic", "objective": "pl"})
+    kw = {"scale": "smoke", "frames": 2, "trajectories": 6, "groups": 3, "sampler": "exact",
+          "proposal": "classic", "log": lambda *x: None}
+    res = eval_table2.evaluate_table2(data, [("A", a), ("B", b)], **kw)
+    assert res["starts"] == "paired"
+    starts = eval_table1.permuted_starts(states, 6, np.random.default_rng(0))
+    from neuralcpm_plugin.bundle import load_bundle
+    traj = eval_table1.rollout(load_bundle(b).hamiltonian, starts, frames=2, mcs_per_frame=0.5, seed=0,
+                               sampler="exact", proposal="classic")
+    finals = eval_table1.states_of(traj[:, -1])
+    real = mean_second_moments(states)
+    gb = [moment_error(mean_second_moments([finals[k] for k in g]), real)
+          for g in np.array_split(np.arange(6), 3)]
+    assert res["raw"]["B"][0]["group_err"] == pytest.approx(gb, nan_ok=True)
+    assert res["rows"]["B"]["err"] == pytest.approx(moment_error(mean_second_moments(finals), real))
+    alone = eval_table2.evaluate_table2(data, [("B", b)], **kw)
+    assert alone["raw"]["B"][0]["group_err"] == res["raw"]["B"][0]["group_err"]
+    ga = res["raw"]["A"][0]["group_err"]
+    d = {(x["a"], x["b"]): x for x in res["paired"]}
+    assert set(d) == {("A", "permuted starts (no dynamics)"), ("B", "permuted starts (no dynamics)"), ("B", "A")}
+    m, hw = mean_ci(np.asarray(gb) - np.asarray(ga))
+    assert d[("B", "A")]["err_diff"] == pytest.approx(m) and d[("B", "A")]["err_diff_ci"] == pytest.approx(hw)
+    md = eval_table2.table2_markdown(res)
+    assert "Paired starts" in md and f"| B | A | {eval_table1.fmt(m, hw, 1)} |" in md
+    ind = eval_table2.evaluate_table2(data, [("A", a), ("B", b)], starts="independent", **kw)
+    assert ind["paired"] == [] and "Paired starts" not in eval_table2.table2_markdown(ind)
+    assert ind["rows"]["A"]["err"] == pytest.approx(res["rows"]["A"]["err"])      # run 0: the same starts
+    with pytest.raises(ConfigError, match="starts"):
+        eval_table2.evaluate_table2(data, [("A", a)], starts="shared", **kw)

@@ -21,7 +21,7 @@ type-permuted starts with the same sampler seeds (both from ``seed``, not from t
 a run's row does not depend on the other runs given) and adds paired differences: per trajectory group, the CS of
 one row minus another's on the same starts, with the 95 % interval over the groups — the statistic for "model A
 scores above model B" (it removes the start-to-start spread both rows share). ``--starts independent`` draws each
-run's starts and sampler seeds from ``seed·1000 + run index`` (the behaviour before paired starts; Table 2's).
+run's starts and sampler seeds from ``seed·1000 + run index`` (the behaviour before paired starts).
 The paper's numbers are printed beside ours. Results go to stdout and to ``--out`` (.md and
 .json). ``--gif DIR`` writes the first trajectory of each run as an animated GIF.
 """
@@ -247,10 +247,11 @@ def groups_ci(values_fn, n_items: int, n_groups: int = 5):
     return mean_ci(vals)[1] if vals else float("nan")
 
 
-def paired_differences(results: dict, key: str = "group_cs") -> list[dict]:
-    """CS differences between rows rolled out from the same starts: for every two one-run rows with per-group
+def paired_differences(results: dict, key: str = "group_cs", metric: str = "cs") -> list[dict]:
+    """Score differences between rows rolled out from the same starts: for every two one-run rows with per-group
     values ``key`` (same groups of the same starts), the mean of row a − row b over the groups and its 95 %
-    Student-t half-width (a paired comparison). Rows in table order; each row is compared with every row above
+    Student-t half-width (a paired comparison), as ``{metric}_diff`` / ``{metric}_diff_ci`` (Table 1: the CS,
+    Table 2: ``key="group_err", metric="err"``). Rows in table order; each row is compared with every row above
     it (``a`` below ``b``)."""
     from neuralcpm_plugin.metrics.paper import mean_ci
 
@@ -262,7 +263,7 @@ def paired_differences(results: dict, key: str = "group_cs") -> list[dict]:
             if va.shape != vb.shape:
                 continue
             m, h = mean_ci(va - vb)
-            out.append({"a": a, "b": b, "cs_diff": m, "cs_diff_ci": h, "groups": int(va.size)})
+            out.append({"a": a, "b": b, f"{metric}_diff": m, f"{metric}_diff_ci": h, "groups": int(va.size)})
     return out
 
 
@@ -510,13 +511,14 @@ def add_common_arguments(p: argparse.ArgumentParser, default_data: str) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--out", default=None, help="write the table (.md) and the numbers (.json) here")
     p.add_argument("--gif", default=None, help="folder for one roll-out GIF per run")
+    p.add_argument("--starts", choices=["paired", "independent"], default="paired",
+                   help="paired (default): every run from the same permuted starts and sampler seeds, plus paired "
+                        "differences of the score (Table 1: CS, Table 2: error) between rows; independent: each run "
+                        "its own (seed*1000 + run index)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p, "runs/data/mnist-cpu.npz")
-    p.add_argument("--starts", choices=["paired", "independent"], default="paired",
-                   help="paired (default): every run from the same permuted starts and sampler seeds, plus paired CS "
-                        "differences between rows; independent: each run its own (seed*1000 + run index)")
     p.add_argument("--classifier", default=None,
                    help="digit classifier folder (default: DATA.classifier/, trained there if absent)")
 

@@ -13,7 +13,11 @@ the parallel sampler (P = 50), ``frames`` frames ``mcs_per_frame`` apart. Metric
 
 The "real data" row compares two random halves of the data with each other (the error's noise floor).
 The "permuted starts (no dynamics)" row scores the first run's start states (frame 0): what the dynamics
-have to improve on.
+have to improve on. ``starts="paired"`` (the default, ``--starts paired``; as in Table 1) rolls every run out
+from the same permuted starts with the same sampler seeds and adds paired error differences: per trajectory
+group, the error of one row minus another's on the same starts, with the 95 % interval over the groups (< 0 with
+the interval clear of 0: row a organises closer to the data than row b from the same starts).
+``--starts independent``: each run its own starts and seeds (``seed·1000 + run index``).
 The paper's numbers (149 × 149 lattice) are printed beside ours; the error is in sites², so it only compares
 at the same lattice scale.
 """
@@ -32,10 +36,12 @@ from .eval_table1 import (
     claim_outputs,
     closure_weights_of,
     fmt,
+    group_values,
     groups_ci,
     load_data,
     order_labels,
     overrides_of,
+    paired_differences,
     parse_runs,
     rollout_run,
     states_of,
@@ -70,8 +76,12 @@ def _nanmean0(a):
 
 
 def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: str = "cpu", sampler: str = "parallel",
-                    proposal: str = "boundary", gif_dir=None, log=print, **overrides) -> dict:
-    """Compute Table 2 for ``runs`` (paths or ``(label, path)``); returns the result dict."""
+                    proposal: str = "boundary", gif_dir=None, log=print, starts: str = "paired", **overrides) -> dict:
+    """Compute Table 2 for ``runs`` (paths or ``(label, path)``); returns the result dict.
+
+    ``starts``: "paired" (every run from the same permuted starts; the result's ``"paired"`` list holds the
+    error differences between rows, ``err_diff`` / ``err_diff_ci``) or "independent" (each run its own starts)."""
+    from neuralcpm_plugin.errors import ConfigError
     from neuralcpm_plugin.metrics.paper import (
         fragmentation_metric,
         mean_second_moments,
@@ -81,6 +91,8 @@ def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: st
         volume_metric,
     )
 
+    if starts not in ("paired", "independent"):
+        raise ConfigError(f"unknown starts {starts!r}; use 'paired' or 'independent'")
     cfg = dict(SCALES[scale])
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     data = Path(data)
@@ -100,7 +112,8 @@ def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: st
     for i, (label, path) in enumerate(runs):
         lab, ham, traj, secs, vol_ok, frag_ok = rollout_run(i, label, path, states, bounds, cfg, seed=seed,
                                                             device=device, sampler=sampler, gif_dir=gif_dir,
-                                                            table="table2", proposal=proposal)
+                                                            table="table2", proposal=proposal,
+                                                            paired=starts == "paired")
         n_t, ng = len(traj), int(cfg.get("groups", 5))
         finals = states_of(traj[:, -1])
         m2 = np.stack([second_moments(s) for s in finals])
@@ -109,14 +122,15 @@ def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: st
             with np.errstate(invalid="ignore"):
                 return float(np.sqrt(np.nanmean((np.nanmean(m2[g], axis=0) - real_m2) ** 2)))
 
-        if i == 0:  # the starts of the first run, before any dynamics (the same for every model at one seed)
+        if i == 0:  # the starts of the first run, before any dynamics (every run's starts when paired)
             m0 = np.stack([second_moments(s) for s in states_of(traj[:, 0])])
             s1, s2 = _org(states_of(traj[:, 0]))
             results["permuted starts (no dynamics)"] = [{
                 "run": "frame 0 of " + str(path), "vol": float(vol_ok[:, 0].mean()),
                 "frag": float(frag_ok[:, 0].mean()), "err": err_of(np.arange(n_t), m0), "org1": s1, "org2": s2,
                 "second_moments": _nanmean0(m0).tolist(),
-                "groups": {"err": groups_ci(lambda g, m=m0: err_of(g, m), n_t, ng)}}]
+                "groups": {"err": groups_ci(lambda g, m=m0: err_of(g, m), n_t, ng)},
+                "group_err": group_values(lambda g, m=m0: err_of(g, m), n_t, ng)}]
         o1, o2 = _org(finals)
         row = {"run": str(path), "vol": float(vol_ok.mean()), "frag": float(frag_ok.mean()),
                "err": err_of(np.arange(n_t)), "org1": o1, "org2": o2, "seconds": round(secs, 1),
@@ -124,14 +138,20 @@ def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: st
                "groups": {"vol": groups_ci(lambda g, a=vol_ok: a[g].mean(), n_t, ng),
                           "frag": groups_ci(lambda g, a=frag_ok: a[g].mean(), n_t, ng),
                           "err": groups_ci(err_of, n_t, ng)},
+               "group_err": group_values(err_of, n_t, ng),
                **closure_weights_of(ham)}
         log(f"{lab} [{path}]: vol {row['vol']:.2f} frag {row['frag']:.2f} err {row['err']:.1f} "
             f"org {o1:.2f}/{o2:.2f}, mean second moments {np.round(row['second_moments'], 1).tolist()} "
             f"({secs:.0f} s roll-out)")
         results.setdefault(lab, []).append(row)
     summary = summarise(results, ["vol", "frag", "err", "org1", "org2"])
+    paired = paired_differences(results, key="group_err", metric="err") if starts == "paired" else []
+    for d in paired:
+        log(f"paired error difference {d['a']} − {d['b']}: {fmt(d['err_diff'], d['err_diff_ci'], 1)} "
+            f"({d['groups']} groups)")
     return {"table": "table2", "data": str(data), "rollout": cfg, "sampler": sampler,
-            "proposal": proposal if sampler == "exact" else None, "volume_bounds": bounds,
+            "proposal": proposal if sampler == "exact" else None, "starts": starts, "paired": paired,
+            "volume_bounds": bounds,
             "real_second_moments": real_m2.tolist(), "rows": summary, "raw": results}
 
 
@@ -160,6 +180,12 @@ def table2_markdown(res: dict) -> str:
                  f"interval over seeds; † = one run: interval over {cfg.get('groups', 5)} groups of its trajectories. The "
                  "real-data row's "
                  "error compares two random halves of the data.")
+    if res.get("paired"):
+        note = (f"Paired starts: every run from the same {cfg['trajectories']} permuted starts. Error difference "
+                f"row a − row b over the same {res['paired'][0]['groups']} trajectory groups (95 % interval over "
+                "the groups; < 0 with the interval clear of 0: a is closer to the data than b from the same starts):")
+        lines += ["", note, "", "| row a | row b | error(a) − error(b) (sites²) |", "|---|---|---|"]
+        lines += [f"| {d['a']} | {d['b']} | {fmt(d['err_diff'], d['err_diff_ci'], 1)} |" for d in res["paired"]]
     return "\n".join(lines)
 
 
@@ -170,6 +196,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     claim_outputs(args)
     res = evaluate_table2(args.data, parse_runs(args.runs), scale=args.scale, seed=args.seed, device=args.device,
-                          sampler=args.sampler, proposal=args.proposal, gif_dir=args.gif, **overrides_of(args))
+                          sampler=args.sampler, proposal=args.proposal, gif_dir=args.gif, starts=args.starts,
+                          **overrides_of(args))
     write_outputs(res, table2_markdown(res), args.out)
     return 0
