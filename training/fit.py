@@ -841,6 +841,8 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
         provenance["pl"] = {"nll": res.nll, "iterations": res.iterations, "method": res.method,
                             "sites": res.n_sites, "seconds": round(res.seconds, 3)}
         summary["fit_seconds"] = res.seconds
+        if res.method.startswith("stochastic"):
+            summary["pl_nll_history"] = [round(float(v), 6) for v in res.history]  # one nll per step (the loss curve)
         from .diagnostics import diagnose_pl
         diag = diagnose_pl(res, ham, states, log=_say)
         res.problem = None                          # free the tabulated problem

@@ -177,7 +177,7 @@ def _nll_from_delta(c: Candidates, dH: torch.Tensor, T: float, proposal_aware: b
 def _delta_with_grad(hamiltonian, batch: Batch, sites: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(sites.shape, dtype=torch.float64, device=batch.device)
     for t in hamiltonian.terms:
-        if t.analytic:
+        if t.analytic or t.delta_differentiable:  # local ΔH (the local NH: a crop per proposal, any lattice size)
             out = out + t.delta(batch, sites, new_ids).to(torch.float64)
         else:
             out = out + t.delta_full(batch, sites, new_ids, chunk=256)  # through energy(): with gradients
@@ -187,7 +187,8 @@ def _delta_with_grad(hamiltonian, batch: Batch, sites: torch.Tensor, new_ids: to
 def pl_nll(hamiltonian, cands: Candidates, *, proposal_aware: bool = True, params=None) -> torch.Tensor:
     """Mean negative log pseudo-likelihood per boundary site (differentiable in the parameters).
 
-    Analytic terms use the batched ``delta``; neural terms ``energy(after) − energy(before)`` (differentiable).
+    Analytic terms and terms with an exact differentiable ``delta`` (``delta_differentiable``: the local NH)
+    use the batched ``delta``; other neural terms ``energy(after) − energy(before)`` (differentiable).
     """
     with using_params(hamiltonian, params or {}):
         dH = _delta_with_grad(hamiltonian, cands.batch, cands.sites, cands.new_ids)

@@ -160,6 +160,9 @@ class Term(nn.Module):
 
     kind: ClassVar[str] = ""
     analytic: ClassVar[bool] = True
+    #: a neural term whose :meth:`delta` is exact and differentiable in its parameters (the pseudo-likelihood
+    #: then uses it instead of :meth:`delta_full`, which evaluates a whole lattice per proposal)
+    delta_differentiable: ClassVar[bool] = False
 
     def __init__(self, scale: float | nn.Parameter = 1.0, learn_scale: bool = False):
         super().__init__()

@@ -77,6 +77,27 @@ def _complete(config):
 
 
 # =========================================================================================== numpy
+def _patch_labels_np(pat):
+    """Per-patch cell labels of patches ``pat`` int [G, s*s] (ids, patch-major): each site's rank among the
+    distinct ids of its own patch (0..n−1, in increasing id order) → ``(lab [G, s*s], nc)``, nc = the largest
+    number of ids in one patch (≤ s*s).
+
+    The network only tells cells apart inside a patch (u_c(g) reads the mask of c on g; A and q sum over the
+    cells of g), so these labels give the same rows, in the same order, as a lattice-wide relabelling — but
+    the (patch, cell) slot tables are sized G·nc ≤ G·s² (the lattice), not G·(number of cells)."""
+    G, ss = pat.shape
+    if G == 0:
+        return np.zeros((0, ss), np.int64), 1
+    order = np.argsort(pat, axis=1, kind="stable")
+    sv = np.take_along_axis(pat, order, 1)
+    first = np.ones(sv.shape, bool)
+    first[:, 1:] = sv[:, 1:] != sv[:, :-1]
+    rk = np.cumsum(first, 1) - 1
+    lab = np.empty((G, ss), np.int64)
+    np.put_along_axis(lab, order, rk, 1)
+    return lab, int(rk[:, -1].max()) + 1
+
+
 def _silu_np(x):
     return x / (1.0 + np.exp(-x))
 
@@ -304,11 +325,11 @@ class LocalNHNumpy:
         s = self.s
         Gh, Gw = ids.shape[0] // s, ids.shape[1] // s
         seen = ids[: Gh * s, : Gw * s]
-        cells, lab = np.unique(seen, return_inverse=True)
         po = self._patch_order(Gh * s, Gw * s)
-        lab = lab.reshape(-1)[po]
-        t = types[seen].reshape(-1)[po]
-        return self._terms_q(lab[None], t[None], len(cells), Gh, Gw, valid=False)
+        pat = seen.reshape(-1)[po]  # [G, s*s] patch-major
+        lab, nc = _patch_labels_np(pat)
+        t = types[pat]
+        return self._terms_q(lab[None], t[None], nc, Gh, Gw, valid=False)
 
     def _crop_index(self, shape, site):
         """Flat lattice indices [NP+1, s*s] of the crop around ``site`` in patch-major order followed by its
@@ -648,6 +669,7 @@ if torch is not None:
 
         kind = "local_nh"
         analytic = False
+        delta_differentiable = True  # delta(): exact from crops / per-patch quantities, autograd-friendly
 
         def __init__(self, config=None, *, scale=1.0, learn_scale=False, seed=None):
             super().__init__(scale, learn_scale)
@@ -784,21 +806,30 @@ if torch is not None:
             return self._stage2_q(*self._stage1(lab, tmap, nc), M, Sr // s, Sc // s, False).view(M, -1, C)
 
         def _local_labels(self, batch: Batch):
-            """(lab, tmap, nc): each seen site's rank among the ids present on its lattice, its type, and the
-            largest number of ids on one lattice (the crop is the part ⌊H/s⌋·s × ⌊W/s⌋·s the network sees)."""
+            """(lab, tmap, nc): each seen site's rank among the ids present in its own s×s patch (increasing
+            id order), its type, and the largest number of ids in one patch (≤ s², whatever the number of
+            cells; the crop is the part ⌊H/s⌋·s × ⌊W/s⌋·s the network sees).
+
+            Cells are only told apart inside a patch, so per-patch ranks give the same (patch, cell) rows in
+            the same order as lattice-wide ranks, and :meth:`_stage1`'s slot tables (M·patches·nc) scale with
+            the lattice instead of with lattice × cells (see :func:`_patch_labels_np`)."""
             self._check_types(batch.types)
             s = self.config["stride"]
             Gh, Gw = batch.shape[0] // s, batch.shape[1] // s
             ids = batch.ids[:, : Gh * s, : Gw * s]
             B = ids.shape[0]
-            flat = ids.reshape(B, -1)
-            c = int(flat.max()) + 1
-            pres = torch.zeros((B, c), dtype=torch.bool, device=ids.device)
-            pres.scatter_(1, flat, True)
-            rank = torch.cumsum(pres.long(), 1) - 1
-            lab = rank.gather(1, flat).view(ids.shape)
-            nc = int(pres.sum(1).max())
-            tmap = batch.types.gather(1, flat).view(ids.shape)
+            pat = ids.reshape(B, Gh, s, Gw, s).permute(0, 1, 3, 2, 4).reshape(B * Gh * Gw, s * s)
+            if pat.numel():
+                sv, order = torch.sort(pat, dim=-1, stable=True)
+                first = torch.ones_like(sv, dtype=torch.bool)
+                first[:, 1:] = sv[:, 1:] != sv[:, :-1]
+                rk = torch.cumsum(first, 1) - 1
+                nc = int(rk[:, -1].max()) + 1
+                lab = torch.empty_like(rk).scatter_(1, order, rk)
+            else:
+                lab, nc = pat.long(), 1
+            lab = lab.view(B, Gh, Gw, s, s).permute(0, 1, 3, 2, 4).reshape(ids.shape)
+            tmap = batch.types.gather(1, ids.reshape(B, -1)).view(ids.shape)
             return lab, tmap, nc
 
         def _terms(self, lab, tmap, nc: int, valid: bool):
