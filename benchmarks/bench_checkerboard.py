@@ -8,7 +8,9 @@ Prints, per size and sampler, the median MCS/s by wall clock and by CPU time (pr
 threads, so a perfect 2-thread run has CPU rate = wall rate / 2), CPU ms per MCS, the share of the worker
 threads' time spent stamping cells and waiting at the phase barriers (``CheckerboardSampler.profile()``) and
 the refused shared-cell attempts; then the ratios: K threads over the 1-thread checkerboard and over the
-sequential sampler (wall clock), and the sequential sampler's CPU time per MCS over the checkerboard's.
+sequential sampler (wall clock), the checkerboard's CPU time per MCS over the sequential sampler's, and the
+speed-up the load balance alone allows on K threads (``CheckerboardSampler.predicted_speedup``: the 1-thread
+run's per-strip CPU times replayed on K workers; a loaded machine barely changes it).
 ``NUMBA_NUM_THREADS`` is set to the largest ``--threads`` before numba starts (the checkerboard's worker
 count is capped by it).
 
@@ -66,6 +68,7 @@ def main(argv=None):
                                                                      **kw)
         for s in samplers.values():
             s.step(0.05)  # compile / load the cache
+        samplers["checkerboard 1 thr"].record_strips = True  # per-strip CPU times: the load-balance bound
         prof0 = {k: s.profile() | {"mcs": s.mcs_done} for k, s in samplers.items() if hasattr(s, "profile")}
         wall = {k: [] for k in samplers}
         cpu = {k: [] for k in samplers}
@@ -92,9 +95,11 @@ def main(argv=None):
         one_w, one_c = med["checkerboard 1 thr"]
         for k in args.threads:
             kw_, kc = med[f"checkerboard {k} thr"]
+            bound = samplers["checkerboard 1 thr"].predicted_speedup(k)["speedup"]
             print(f"{L:>4d}x{L:<4d} {k} threads: {kw_ / one_w:.2f}x the 1-thread checkerboard, {kw_ / seq_w:.2f}x the "
                   f"sequential sampler (wall clock); CPU per MCS: 1 thread {seq_c / one_c:.2f}x, {k} threads "
-                  f"{seq_c / kc:.2f}x the sequential sampler's", flush=True)
+                  f"{seq_c / kc:.2f}x the sequential sampler's; load-balance bound on {k} threads {bound:.2f}x "
+                  "(from the 1-thread run's per-strip CPU times)", flush=True)
     print(f"load average {os.getloadavg()[0]:.2f} at the end. MCS/s CPU = MCS per second of process CPU time (all "
           "threads): a perfect K-thread run has CPU rate = wall rate / K. stamp % / wait % = share of the worker "
           "threads' time spent stamping cells / waiting at the phase barriers (CheckerboardSampler.profile(), "

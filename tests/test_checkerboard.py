@@ -238,3 +238,17 @@ def test_two_workers_pad_the_per_cell_arrays_and_agree(monkeypatch):
     np.testing.assert_array_equal(two.volumes, np.bincount(two.ids.ravel(), minlength=len(two.volumes)))
     np.testing.assert_array_equal(one._A[0], two._A[0])
     assert two.stats()["threads"] == 2 and two.profile()["attempts"] > 0
+
+
+def test_predicted_speedup_from_strip_times():
+    """Per-strip CPU times replayed on K workers: 1 worker gives exactly 1, K workers at most K (and more than
+    1 with 3 strips per colour to share); nothing recorded → a clear error."""
+    s = CheckerboardSampler(_start(), None, seed=3, block=16, **KW)
+    with pytest.raises(ValueError, match="record_strips"):
+        s.predicted_speedup(2)
+    s.record_strips = True
+    s.step(3)
+    p1, p2, p3 = (s.predicted_speedup(k) for k in (1, 2, 3))
+    assert p1["speedup"] == pytest.approx(1.0) and p1["phases"] == 12
+    assert 1.0 < p2["speedup"] <= 2.0 and 1.0 < p3["speedup"] <= 3.0
+    assert 0 < p1["work_s"] < 60

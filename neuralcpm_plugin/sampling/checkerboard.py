@@ -218,7 +218,7 @@ def _stamp_strip(ep, lo, rows, n0, row_size, R, ids, stamp):
 
 @njit(nogil=True, **K._HOT)
 def _worker(w, n_workers, offsets, colours, fracs, epoch0, bounds0, n0, row_size, R, ids, types, vol, G, P, A, rngs,
-            inv_t, stamps, memo, counters, sync, spin, clock):
+            inv_t, stamps, memo, counters, sync, spin, clock, strip_ns):
     """Worker ``w`` of ``n_workers`` for the rounds ``offsets``/``colours``/``fracs`` (drawn in advance):
     in each colour phase (epoch ``epoch0 + 1 + 2·round + phase``) it stamps the phase's strips ``first + 2q``
     for ``q = w, w + n_workers, …``, meets the others at a barrier (the shared test reads every strip's
@@ -226,8 +226,12 @@ def _worker(w, n_workers, offsets, colours, fracs, epoch0, bounds0, n0, row_size
     early takes the next strip; the result does not depend on which thread runs a strip), and meets the
     others at a barrier again (the next phase reads rows this one wrote). No other work is done per phase,
     and none by one thread alone. ``clock[w]`` accumulates ticks of ``_sync.cycles``: stamping, waiting at
-    barriers, attempts."""
+    barriers, attempts. When ``strip_ns`` has a row per phase (else it has 1), ``strip_ns[phase, q]`` gets the
+    thread CPU time (ns) of strip ``q``'s stamping and attempts (:func:`_sync.thread_cpu_ns`, two system calls
+    per strip and step)."""
     m = (bounds0.shape[0] - 1) // 2
+    record = strip_ns.shape[0] == 2 * offsets.shape[0]
+    tb = clock[w, 6:8]  # this worker's timespec
     for rnd in range(offsets.shape[0]):
         off = offsets[rnd]
         for ph in range(2):
@@ -236,8 +240,11 @@ def _worker(w, n_workers, offsets, colours, fracs, epoch0, bounds0, n0, row_size
             t0 = _sync.cycles()
             for q in range(w, m, n_workers):
                 j = first + 2 * q
+                c0 = _sync.thread_cpu_ns(tb, 0) if record else 0
                 _stamp_strip(ep, (bounds0[j] + off) % n0, bounds0[j + 1] - bounds0[j], n0, row_size, R, ids,
                              stamps[j])
+                if record:
+                    strip_ns[2 * rnd + ph, q, 0] = _sync.thread_cpu_ns(tb, 0) - c0
             t1 = _sync.cycles()
             _sync.barrier(sync, n_workers, spin)
             t2 = _sync.cycles()
@@ -249,8 +256,11 @@ def _worker(w, n_workers, offsets, colours, fracs, epoch0, bounds0, n0, row_size
                 j = first + 2 * q
                 rows = bounds0[j + 1] - bounds0[j]
                 n_draws = np.int64(np.floor((rows + 2 * R) * row_size * fracs[rnd] + K.rng_uniform(rngs[j])))
+                c0 = _sync.thread_cpu_ns(tb, 0) if record else 0
                 _strip_attempts(j, first, m, ep, (bounds0[j] + off) % n0, rows, n0, row_size, R, n_draws, ids, types,
                                 vol, G, P, A, rngs[j], inv_t, stamps, memo[j], counters[j])
+                if record:
+                    strip_ns[2 * rnd + ph, q, 1] = _sync.thread_cpu_ns(tb, 0) - c0
             t3 = _sync.cycles()
             _sync.barrier(sync, n_workers, spin)
             t4 = _sync.cycles()
@@ -337,6 +347,8 @@ class CheckerboardSampler(ExactSampler):
         self._epoch = 0  # phases run so far
         self._sync_state = np.zeros(8, np.int64)  # the barrier's count and generation
         self._clock = np.zeros(4, np.int64)  # cycles: mark, wait, attempts, all (summed over worker threads)
+        self.record_strips = False  # True: keep each strip's CPU time per phase (see predicted_speedup)
+        self._strip_ns = []
 
     def stats(self) -> dict:
         a, c, acc, ref, sh = (int(x) for x in self.counters)
@@ -371,7 +383,8 @@ class CheckerboardSampler(ExactSampler):
         args = (offsets, colours, np.asarray(fracs, np.float64), self._epoch, self._bounds0, self.shape[0], self._row_size,
                 self.copy_range, self._ids, self._types, self._vol, self._G, self.pack.P, self._A, self._rngs,
                 1.0 / self.temperature, self._stamps, self._memo, self._local, self._sync_state,
-                int(SPIN_SECONDS * _sync.ticks_per_second()), clock)
+                int(SPIN_SECONDS * _sync.ticks_per_second()), clock,
+                np.zeros((2 * len(fracs) if self.record_strips else 1, self.m, 2), np.int64))
         c0 = _sync.cycles_now()
         if workers == 1:
             _worker(0, 1, *args)
@@ -383,6 +396,8 @@ class CheckerboardSampler(ExactSampler):
             _worker(0, workers, *args)
             for th in helpers:
                 th.join()
+        if self.record_strips:
+            self._strip_ns.append(args[-1])
         self._clock[:3] += clock[:, :3].sum(axis=0)
         self._clock[3] += workers * (_sync.cycles_now() - c0)
         self._vol[0] = self.n_sites - int(self._vol[1:].sum())  # the medium's volume, not kept during a step
@@ -402,6 +417,27 @@ class CheckerboardSampler(ExactSampler):
         mark, wait, att, tot = (float(x) / hz / mcs for x in self._clock)
         return {"mark": mark, "wait": wait, "attempts": att, "other": tot - mark - wait - att,
                 "total": tot, "wait_fraction": wait / tot if tot > 0 else float("nan")}
+
+    def predicted_speedup(self, workers: int = 2) -> dict:
+        """The speed-up on ``workers`` threads that the load balance alone allows, from the per-strip thread
+        CPU times recorded while ``record_strips`` was True (on any number of threads; a loaded machine
+        stretches them little, unlike wall-clock times). Each phase is replayed as ``step`` schedules it:
+        stamping of strip ``q`` by worker ``q mod workers``, a barrier, strips taken in order by the first free
+        worker, a barrier. Returns ``speedup`` = total work / Σ phase makespans, ``phases`` and ``work_s`` (the
+        recorded CPU seconds). Barrier latency, thread start and memory contention are not in it."""
+        if not self._strip_ns:
+            raise ValueError("predicted_speedup: no strip times recorded; set record_strips = True and step")
+        rec = np.concatenate(self._strip_ns).astype(np.float64)
+        work = span = 0.0
+        for ph in rec:
+            stamp = max(ph[w::workers, 0].sum() for w in range(workers))
+            free = np.zeros(workers)
+            for a in ph[:, 1]:
+                free[np.argmin(free)] += a
+            work += ph.sum()
+            span += stamp + free.max()
+        return {"speedup": float(work / span) if span > 0 else float("nan"), "phases": len(rec),
+                "work_s": float(work * 1e-9)}
 
     def attempts(self, n: int) -> None:
         """``n`` attempts in expectation (``n / N`` MCS)."""
