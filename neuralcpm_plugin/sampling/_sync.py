@@ -148,15 +148,6 @@ def barrier(sync, n_threads, spin):
             _futex(sync, 1, _FUTEX_WAIT_PRIVATE, g & 0xFFFFFFFF)
 
 
-@njit(cache=True, inline="always")
-def next_item(sync, idx, base, n_items):
-    """Dynamic scheduling: the next of ``n_items`` items handed out from counter ``sync[idx]`` (items
-    ``base .. base + n_items - 1``; every thread draws until it gets ``-1``, so after ``n_threads`` threads
-    have finished the counter stands at ``base + n_items + n_threads``)."""
-    k = atomic_add(sync, idx, 1) - base
-    return k if k < n_items else -1
-
-
 @njit(cache=True)
 def cycles_now():
     """:func:`cycles` callable from Python."""

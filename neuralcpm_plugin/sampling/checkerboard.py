@@ -216,19 +216,42 @@ def _stamp_strip(ep, lo, rows, n0, row_size, R, ids, stamp):
         stamp[np.uint32(ids[i])] = ep
 
 
+@njit(cache=True, inline="always")
+def _home(j, off, bounds0, n0, n_workers):
+    """The worker whose share of the rows (``n0 / n_workers`` consecutive rows each, fixed) holds the centre
+    row of strip ``j`` under the round's offset ``off``."""
+    centre = (bounds0[j] + off + (bounds0[j + 1] - bounds0[j]) // 2) % n0
+    return centre * n_workers // n0
+
+
+@njit(cache=True, inline="always")
+def _kth_home_strip(k, owner, first, m, off, bounds0, n0, n_workers):
+    """The ``k``-th strip (``q`` order) of the phase whose home is worker ``owner``; -1 if it has fewer."""
+    for q in range(m):
+        if _home(first + 2 * q, off, bounds0, n0, n_workers) == owner:
+            if k == 0:
+                return q
+            k -= 1
+    return -1
+
+
 @njit(nogil=True, **K._HOT)
 def _worker(w, n_workers, offsets, colours, fracs, epoch0, bounds0, n0, row_size, R, ids, types, vol, G, P, A, rngs,
             inv_t, stamps, memo, counters, sync, spin, clock, strip_ns):
-    """Worker ``w`` of ``n_workers`` for the rounds ``offsets``/``colours``/``fracs`` (drawn in advance):
-    in each colour phase (epoch ``epoch0 + 1 + 2·round + phase``) it stamps the phase's strips ``first + 2q``
-    for ``q = w, w + n_workers, …``, meets the others at a barrier (the shared test reads every strip's
-    stamps), then runs strips as it takes them from a shared counter (``sync[2]``: a thread that finishes
-    early takes the next strip; the result does not depend on which thread runs a strip), and meets the
-    others at a barrier again (the next phase reads rows this one wrote). No other work is done per phase,
-    and none by one thread alone. ``clock[w]`` accumulates ticks of ``_sync.cycles``: stamping, waiting at
-    barriers, attempts. When ``strip_ns`` has a row per phase (else it has 1), ``strip_ns[phase, q]`` gets the
-    thread CPU time (ns) of strip ``q``'s stamping and attempts (:func:`_sync.thread_cpu_ns`, two system calls
-    per strip and step)."""
+    """Worker ``w`` of ``n_workers`` for the rounds ``offsets``/``colours``/``fracs`` (drawn in advance).
+
+    Every worker has a fixed *home*, ``n0 / n_workers`` consecutive rows; a strip's home worker is the one
+    whose rows hold the strip's centre (:func:`_home`), so a worker keeps working on the same rows, whose
+    lattice and cell data stay in its core's cache, whatever the round's offset. In each colour phase (epoch
+    ``epoch0 + 1 + 2·round + phase``) the worker stamps its home strips, meets the others at a barrier (the
+    shared test reads every strip's stamps), runs its home strips in ``q`` order (taking them from its
+    counter ``sync[2 + w]``), then takes the not yet started strips of the other workers from theirs (a
+    thread that finishes early helps; the result does not depend on which thread runs a strip), and meets
+    the others at a barrier again (the next phase reads rows this one wrote). Worker 0 zeroes the counters
+    between the two barriers' windows. No other work is done per phase, and none by one thread alone.
+    ``clock[w]`` accumulates ticks of ``_sync.cycles``: stamping, waiting at barriers, attempts. When
+    ``strip_ns`` has a row per phase (else it has 1), ``strip_ns[phase, q]`` gets the thread CPU time (ns)
+    of strip ``q``'s stamping and attempts (:func:`_sync.thread_cpu_ns`, two system calls per strip)."""
     m = (bounds0.shape[0] - 1) // 2
     record = strip_ns.shape[0] == 2 * offsets.shape[0]
     tb = clock[w, 6:8]  # this worker's timespec
@@ -238,8 +261,13 @@ def _worker(w, n_workers, offsets, colours, fracs, epoch0, bounds0, n0, row_size
             first = colours[rnd] if ph == 0 else 1 - colours[rnd]
             ep = np.int32(epoch0 + 1 + 2 * rnd + ph)
             t0 = _sync.cycles()
-            for q in range(w, m, n_workers):
+            if w == 0:  # no thread reads the counters now: the last phase's drawing ended at its last barrier
+                for v in range(n_workers):
+                    _sync.atomic_add(sync, 2 + v, -_sync.atomic_load(sync, 2 + v))
+            for q in range(m):
                 j = first + 2 * q
+                if _home(j, off, bounds0, n0, n_workers) != w:
+                    continue
                 c0 = _sync.thread_cpu_ns(tb, 0) if record else 0
                 _stamp_strip(ep, (bounds0[j] + off) % n0, bounds0[j + 1] - bounds0[j], n0, row_size, R, ids,
                              stamps[j])
@@ -248,19 +276,21 @@ def _worker(w, n_workers, offsets, colours, fracs, epoch0, bounds0, n0, row_size
             t1 = _sync.cycles()
             _sync.barrier(sync, n_workers, spin)
             t2 = _sync.cycles()
-            base = (2 * rnd + ph) * (m + n_workers)  # the counter after the earlier phases (see next_item)
-            while True:
-                q = _sync.next_item(sync, 2, base, m)
-                if q < 0:
-                    break
-                j = first + 2 * q
-                rows = bounds0[j + 1] - bounds0[j]
-                n_draws = np.int64(np.floor((rows + 2 * R) * row_size * fracs[rnd] + K.rng_uniform(rngs[j])))
-                c0 = _sync.thread_cpu_ns(tb, 0) if record else 0
-                _strip_attempts(j, first, m, ep, (bounds0[j] + off) % n0, rows, n0, row_size, R, n_draws, ids, types,
-                                vol, G, P, A, rngs[j], inv_t, stamps, memo[j], counters[j])
-                if record:
-                    strip_ns[2 * rnd + ph, q, 1] = _sync.thread_cpu_ns(tb, 0) - c0
+            for v in range(n_workers):
+                owner = (w + v) % n_workers
+                while True:
+                    q = _kth_home_strip(_sync.atomic_add(sync, 2 + owner, 1), owner, first, m, off, bounds0, n0,
+                                        n_workers)
+                    if q < 0:
+                        break
+                    j = first + 2 * q
+                    rows = bounds0[j + 1] - bounds0[j]
+                    n_draws = np.int64(np.floor((rows + 2 * R) * row_size * fracs[rnd] + K.rng_uniform(rngs[j])))
+                    c0 = _sync.thread_cpu_ns(tb, 0) if record else 0
+                    _strip_attempts(j, first, m, ep, (bounds0[j] + off) % n0, rows, n0, row_size, R, n_draws, ids,
+                                    types, vol, G, P, A, rngs[j], inv_t, stamps, memo[j], counters[j])
+                    if record:
+                        strip_ns[2 * rnd + ph, q, 1] = _sync.thread_cpu_ns(tb, 0) - c0
             t3 = _sync.cycles()
             _sync.barrier(sync, n_workers, spin)
             t4 = _sync.cycles()
@@ -345,7 +375,7 @@ class CheckerboardSampler(ExactSampler):
         self._stamps = np.zeros((2 * m, self.n_ids), np.int32)  # per strip: last phase (epoch) it held each cell
         self._memo = np.zeros((2 * m, self.n_ids), np.int32)  # per strip: ±epoch, shared test's answer
         self._epoch = 0  # phases run so far
-        self._sync_state = np.zeros(8, np.int64)  # the barrier's count and generation
+        self._sync_state = np.zeros(2 + max(self._workers, 6), np.int64)  # barrier count, generation; counters
         self._clock = np.zeros(4, np.int64)  # cycles: mark, wait, attempts, all (summed over worker threads)
         self.record_strips = False  # True: keep each strip's CPU time per phase (see predicted_speedup)
         self._strip_ns = []
@@ -397,7 +427,7 @@ class CheckerboardSampler(ExactSampler):
             for th in helpers:
                 th.join()
         if self.record_strips:
-            self._strip_ns.append(args[-1])
+            self._strip_ns.append((args[-1], offsets, colours))
         self._clock[:3] += clock[:, :3].sum(axis=0)
         self._clock[3] += workers * (_sync.cycles_now() - c0)
         self._vol[0] = self.n_sites - int(self._vol[1:].sum())  # the medium's volume, not kept during a step
@@ -422,21 +452,37 @@ class CheckerboardSampler(ExactSampler):
         """The speed-up on ``workers`` threads that the load balance alone allows, from the per-strip thread
         CPU times recorded while ``record_strips`` was True (on any number of threads; a loaded machine
         stretches them little, unlike wall-clock times). Each phase is replayed as ``step`` schedules it:
-        stamping of strip ``q`` by worker ``q mod workers``, a barrier, strips taken in order by the first free
-        worker, a barrier. Returns ``speedup`` = total work / Σ phase makespans, ``phases`` and ``work_s`` (the
-        recorded CPU seconds). Barrier latency, thread start and memory contention are not in it."""
+        every strip stamped by its home worker, a barrier, each worker running its home strips and then
+        taking the other workers' not yet started ones (the worker free first picks next), a barrier.
+        Returns ``speedup`` = total work / Σ phase makespans, ``phases`` and ``work_s`` (the recorded CPU
+        seconds). Barrier latency, thread start, cache and memory effects are not in it."""
         if not self._strip_ns:
             raise ValueError("predicted_speedup: no strip times recorded; set record_strips = True and step")
-        rec = np.concatenate(self._strip_ns).astype(np.float64)
+        n0, b0, m = self.shape[0], self._bounds0, self.m
         work = span = 0.0
-        for ph in rec:
-            stamp = max(ph[w::workers, 0].sum() for w in range(workers))
-            free = np.zeros(workers)
-            for a in ph[:, 1]:
-                free[np.argmin(free)] += a
-            work += ph.sum()
-            span += stamp + free.max()
-        return {"speedup": float(work / span) if span > 0 else float("nan"), "phases": len(rec),
+        n_ph = 0
+        for rec, offsets, colours in self._strip_ns:
+            for i, ph in enumerate(rec.astype(np.float64)):
+                off, first = offsets[i // 2], colours[i // 2] if i % 2 == 0 else 1 - colours[i // 2]
+                js = first + 2 * np.arange(m)
+                home = ((b0[js] + off + (b0[js + 1] - b0[js]) // 2) % n0) * workers // n0
+                lists = [list(np.flatnonzero(home == w)) for w in range(workers)]
+                stamp = max(ph[lst, 0].sum() for lst in lists)
+                free, nxt, active = np.zeros(workers), [0] * workers, set(range(workers))
+                while active:
+                    w = min(active, key=lambda v: free[v])
+                    for v in range(workers):
+                        o = (w + v) % workers
+                        if nxt[o] < len(lists[o]):
+                            free[w] += ph[lists[o][nxt[o]], 1]
+                            nxt[o] += 1
+                            break
+                    else:
+                        active.discard(w)
+                work += ph.sum()
+                span += stamp + free.max()
+                n_ph += 1
+        return {"speedup": float(work / span) if span > 0 else float("nan"), "phases": n_ph,
                 "work_s": float(work * 1e-9)}
 
     def attempts(self, n: int) -> None:
