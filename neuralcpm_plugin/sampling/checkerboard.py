@@ -8,9 +8,10 @@ axis (rows in 2-D, slabs in 3-D: a strip is a contiguous range of flat site indi
   see :class:`CheckerboardSampler`), coloured alternately A, B, A, B, … Every *round* draws a fresh random
   row offset for the cut and a random colour order (no strip boundary stays fixed), then runs the two colour
   *phases*: in a phase, the ``m`` strips of the colour run concurrently, the other ``m`` strips are idle.
-  Each worker thread runs a whole ``step`` in one compiled call without the GIL (strips ``q ≡ w`` mod the
-  number of workers in every phase; each strip has its own xoshiro256** stream); the workers meet at a
-  barrier after each phase's stamping and after its attempts (:mod:`._sync`: spin, then sleep on a futex).
+  Each worker thread runs a whole ``step`` in one compiled call without the GIL (each strip has its own
+  xoshiro256** stream; a worker runs the strips centred in its fixed home rows, then helps with the others'
+  not yet started ones, see ``_worker``); the workers meet at a barrier after each phase's stamping and
+  after its attempts (:mod:`._sync`: spin, then sleep on a futex).
   Nothing else is done per phase, and no per-phase work is done by one thread while the others wait
   (``CheckerboardSampler.profile()`` measures the stamping, the barrier waits and the attempts).
 * Inside a strip, attempts are the classic (Graner–Glazier) attempts *restricted to targets in the strip*:
@@ -46,8 +47,9 @@ current state, and the result of a phase equals some sequential execution of its
 commute: disjoint writes, reads never touching another active strip's rows or cells). It differs from the
 sequential random scan in two ways: (1) the order of attempts — within a phase, targets are confined to one
 colour's strips (a blocked random scan; the per-pair attempt rate is the sequential one); (2) attempts on
-shared cells are refused for that phase — a cell is shared only when it spans a whole strip of the other
-colour but ``R`` rows at either side (``block − 2R`` rows or more; 30 with the default ``block = 32``). Cells
+shared cells are refused for that phase — a connected cell is shared only when it spans a whole strip of the
+other colour but ``R`` rows at either side (``block − 2R`` rows or more; 30 with the default ``block = 32``;
+a fragmented cell also when its pieces lie in two same-colour strips). Cells
 of ~100 sites (10–12 rows) never do at the default; with ``block = 16`` on 100×100 about 0.02–0.05 % of the
 attempts are refused, with ``block = 8`` (12-row strips) 0.6 %. The count is in ``stats()["refused_shared"]``.
 Where the sequential kernel has a stationary distribution π through detailed balance of each site update, any
