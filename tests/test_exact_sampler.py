@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numba import njit
 
 from neuralcpm_plugin.errors import ConfigError
 from neuralcpm_plugin.hamiltonian.analytic import ContactEnergy, SurfaceConstraint, VolumeConstraint
@@ -76,12 +77,16 @@ def test_incremental_bookkeeping_matches_recount(proposal, periodic):
     assert s.stats()["accepted"] > 50
     if proposal == "boundary":
         bm = boundary_mask(s.ids, 2, periodic).ravel()
-        bflag, bcount = s._B
+        bflag, bcount, frame = s._B
         assert bcount[0] == bm.sum()
         assert np.array_equal(bflag.astype(bool), bm)
         nb, _ = neighbour_table(st0.shape, 2, periodic)  # exact count of unlike copy neighbours per site
         unlike = ((nb >= 0) & (ids[np.maximum(nb, 0)] != ids[:, None])).sum(1)
         assert np.array_equal(bflag, unlike)
+        m1 = s._G[4]  # frame: the sites less than M1 from an edge (the kernels' slow neighbour path)
+        rows, cols = np.indices(st0.shape).reshape(2, -1)
+        edge = (rows < m1) | (rows >= st0.shape[0] - m1) | (cols < m1) | (cols >= st0.shape[1] - m1)
+        assert 0 < edge.sum() < edge.size and np.array_equal(frame, edge.astype(np.uint8))
 
 
 def test_cells_are_never_deleted():
@@ -235,3 +240,51 @@ def test_invariants_random_runs(seed, periodic):
     assert np.array_equal(fin.types, st0.types)
     assert set(fin.cell_ids().tolist()) == set(st0.cell_ids().tolist())
     assert torch.is_tensor(torch.as_tensor(fin.ids))
+
+
+@njit(cache=True)
+def _below_exp_pair(r53, a):
+    """(the kernels' table test, the plain test u < exp(-a) with u = r53 * 2**-53), both compiled."""
+    return K.below_exp(r53, a), np.float64(r53) * K._TWO53 < np.exp(-a)
+
+
+def _check_below_exp(r53, a):
+    fast, plain = _below_exp_pair(np.uint64(r53), float(a))
+    assert fast == plain, (r53, a)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 2 ** 53 - 1), st.floats(1e-300, 1e3, allow_nan=False, allow_infinity=False))
+def test_metropolis_table_is_the_exp_test(r53, a):
+    """The Metropolis decision without exp (integer bounds per 1/16 of ΔH/T) equals u < exp(-ΔH/T) exactly."""
+    _check_below_exp(r53, a)
+
+
+def test_metropolis_table_at_its_edges():
+    """The adversarial inputs: u at and next to exp(-a), at both ends of every table band, a on the grid k/16,
+    just below it, at the table's end and beyond, and a = inf; plus a dense random sweep."""
+    rng = np.random.default_rng(0)
+    two53 = 2.0 ** 53
+    a_vals = [np.nextafter(k / 16.0, 0.0) for k in range(1, 520)] + [k / 16.0 for k in range(1, 520)]
+    a_vals += [1e-300, 5e-324, 31.99, 32.0, 35.0, 700.0, 745.2, 800.0, np.inf]
+    for a in a_vals:
+        k = min(int(a * 16.0), K._EXP_N) if np.isfinite(a) else K._EXP_N
+        lo, w = int(K._EXP_LO[k]), int(K._EXP_WIDTH[k])
+        p = int(np.exp(-a) * two53) if np.isfinite(a) else 0
+        for r in (lo - 1, lo, lo + w - 1, lo + w, p - 1, p, p + 1, 0, 2 ** 53 - 1):
+            if 0 <= r < 2 ** 53:
+                _check_below_exp(r, a)
+    r = rng.integers(0, 2 ** 53, 200000, dtype=np.uint64)
+    a = rng.exponential(3.0, r.size)
+    fast, plain = _below_exp_many(r, a)
+    assert np.array_equal(fast, plain)
+    assert 0.05 < fast.mean() < 0.95  # both outcomes occur
+
+
+@njit(cache=True)
+def _below_exp_many(r, a):
+    fast = np.empty(r.size, np.bool_)
+    plain = np.empty(r.size, np.bool_)
+    for i in range(r.size):
+        fast[i], plain[i] = _below_exp_pair(r[i], a[i])
+    return fast, plain

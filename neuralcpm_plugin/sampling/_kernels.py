@@ -39,9 +39,10 @@ directed motion: per id the reference site = its smallest flat site index, the s
 displacements of its sites from it, and a doubly linked list of its sites so that a change of reference
 site costs O(V)).
 
-Proposal: ``B = None`` for the classic proposal, ``B = (bflag, bcount)`` for the boundary proposal
+Proposal: ``B = None`` for the classic proposal, ``B = (bflag, bcount, frame)`` for the boundary proposal
 (``bflag[y]`` = number of copy neighbours of ``y`` with another id, ``bcount[0]`` = number of sites with
-``bflag > 0``, both kept incrementally; a boundary site is drawn by rejection from uniform sites).
+``bflag > 0``, both kept incrementally; ``frame[y]`` = 1 for the sites on the slow neighbour path, fixed; a
+boundary site is drawn by rejection from uniform sites).
 
 Compiled neural terms travel in a tuple ``NN`` (built by ``exact.neural_pack``)::
 
@@ -105,6 +106,13 @@ def seed_state(seed: int) -> np.ndarray:
 
 
 @njit(cache=True, inline="always")
+def _u(i):
+    """An index known to be ≥ 0 as unsigned: numba then emits no negative-index wraparound (a shift, an and
+    and an add per access, and a register for the extent) — for the hot loops' neighbour reads."""
+    return np.uint64(i)
+
+
+@njit(cache=True, inline="always")
 def _rotl(x, k):
     return (x << np.uint64(k)) | (x >> np.uint64(64 - k))
 
@@ -146,6 +154,39 @@ def _unit(r):
 def rng_uniform(s):
     """Uniform float64 in [0, 1)."""
     return _unit(rng_next(s))
+
+
+# The Metropolis test u < exp(−a) (a = ΔH/T > 0; u = r·2⁻⁵³ for the 53-bit integer r of the draw) without exp
+# for most candidates: for a in [k/16, (k+1)/16), exp(−a) lies in (exp(−(k+1)/16), exp(−k/16)]. With these
+# bounds widened by 1e-12 (relative) and scaled to integers, r < _EXP_LO[k] accepts and r ≥ _EXP_LO[k] +
+# _EXP_WIDTH[k] rejects without calling exp; r inside the band (≈ 6 % of exp(−a) wide: one unsigned compare,
+# a predictable branch) and a ≥ _EXP_N/16 (the last entry: an empty "accept" range and a band covering all r)
+# compare u with exp(−a) itself. The margins are far wider than the error of exp (≤ 1 ulp) and of the
+# tabulated bounds, so the outcome is that of u < exp(−a) exactly: the same decisions, the same random stream.
+_EXP_N = 512
+
+
+def _exp_table(n):
+    k = np.arange(n, dtype=np.float64)
+    lo = np.floor(np.exp(-(k + 1.0) / 16.0) * (1.0 - 1e-12) * 2.0 ** 53)
+    hi = np.minimum(np.ceil(np.exp(-k / 16.0) * (1.0 + 1e-12) * 2.0 ** 53), 2.0 ** 53)
+    lo_i = np.append(lo.astype(np.uint64), np.uint64(0))
+    width = np.append((hi - lo).astype(np.uint64), np.uint64(2 ** 53))
+    return lo_i, width
+
+
+_EXP_LO, _EXP_WIDTH = _exp_table(_EXP_N)
+
+
+@njit(cache=True, inline="always")
+def below_exp(r53, a):
+    """``r53·2⁻⁵³ < exp(−a)`` for a 53-bit integer ``r53`` (uint64) and ``a > 0`` (see ``_EXP_LO``), mostly
+    without exp."""
+    k = np.int64(min(a * 16.0, np.float64(_EXP_N)))
+    lo = _EXP_LO[k]
+    if r53 - lo < _EXP_WIDTH[k]:  # unsigned: r53 in [lo, lo + width), the rare band
+        return np.float64(r53) * _TWO53 < np.exp(-a)
+    return r53 < lo
 
 
 @njit(cache=True)
@@ -273,12 +314,14 @@ def _contact_uniform(dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, J):
         # mispredicts (x86 has no conditional move for doubles: "J[..] if s != new else 0.0" compiles to a
         # branch). An integer select of the column instead: the neighbour's type, or the zero column T1
         # (adding 0.0 leaves dh bit-identical to skipping the term).
-        z = J.shape[1] - 1
+        z = _u(J.shape[1] - 1)
+        un = _u(tn)
+        uo = _u(to)
         for k in range(kn):
-            s = ids[x + cfd[k]]
-            ts = tp[s]
-            dh += J[tn, ts if s != new else z]
-            dh -= J[to, ts if s != old else z]
+            s = ids[_u(x + cfd[k])]
+            ts = _u(tp[_u(s)])
+            dh += J[un, ts if s != new else z]
+            dh -= J[uo, ts if s != old else z]
         return dh
     shape = G[0]
     c = coords_of(x, shape)
@@ -676,17 +719,14 @@ def _surface_apply_impl(x, fast, old, new, ids, G, S, surf):
 
 
 @njit(cache=True, inline="always")
-def _bnbr_update(y, x, old, new, ids, bflag):
-    """Neighbour ``y`` of ``x`` (which passed from ``old`` to ``new``): its unlike-neighbour count; returns
-    ``(unlike, dcount)``: 1 if ``y`` is now unlike ``x``, and the change of the boundary-site count (±1, 0)."""
-    idy = ids[y]
-    d = np.int64(0)
-    if y != x:
-        before = bflag[y]
-        after = before + np.int32(idy == old) - np.int32(idy == new)  # no data-dependent branch for the count
-        bflag[y] = after
-        d = np.int64(after > 0) - np.int64(before > 0)
-    return np.int64(idy != new), d
+def _bnbr_update(y, idy, old, new, bflag):
+    """Neighbour ``y`` (id ``idy``, ``y`` ≠ the site that passed from ``old`` to ``new``): its unlike-neighbour
+    count; returns ``(unlike, dcount)``: 1 if ``y`` is now unlike that site, and the change of the
+    boundary-site count (±1, 0)."""
+    before = bflag[y]
+    after = before + np.int32(idy == old) - np.int32(idy == new)  # no data-dependent branch for the count
+    bflag[y] = after
+    return np.int64(idy != new), np.int64(after > 0) - np.int64(before > 0)
 
 
 @njit(cache=True, inline="always")
@@ -696,9 +736,10 @@ def _boundary_update(x, fast, old, new, ids, G, bflag, bcount):
     fd = G[3]
     c = np.int64(0)
     dc = np.int64(0)
-    if fast:
+    if fast:  # no neighbour wraps onto x
         for j in range(fd.shape[0]):
-            u, d = _bnbr_update(x + fd[j], x, old, new, ids, bflag)
+            y = _u(x + fd[j])
+            u, d = _bnbr_update(y, ids[y], old, new, bflag)
             c += u
             dc += d
     else:
@@ -706,12 +747,13 @@ def _boundary_update(x, fast, old, new, ids, G, bflag, bcount):
         cx = coords_of(x, shape)
         for j in range(fd.shape[0]):
             y = nbr_slow(cx, G[2], j, shape, G[1])
-            if y >= 0:
-                u, d = _bnbr_update(y, x, old, new, ids, bflag)
+            if y >= 0 and y != x:  # (a neighbour that wraps onto x itself is like x)
+                u, d = _bnbr_update(y, ids[y], old, new, bflag)
                 c += u
                 dc += d
-    bcount[0] += dc + np.int64(c > 0) - np.int64(bflag[x] > 0)
-    bflag[x] = c
+    ux = _u(x)
+    bcount[0] += dc + np.int64(c > 0) - np.int64(bflag[ux] > 0)
+    bflag[ux] = c
 
 
 def _boundary_apply(x, fast, old, new, ids, G, B):  # pragma: no cover - compiled (overload)
@@ -739,14 +781,17 @@ def apply_copy(x, fast, new, ids, vol, G, P, A, B):
 
 
 @njit(cache=True)
-def init_boundary(ids, G, bflag, bcount):
+def init_boundary(ids, G, bflag, bcount, frame):
     """Boundary counts of the copy neighbourhood: ``bflag[y]`` = number of copy neighbours of y with another
-    id, ``bcount[0]`` = number of sites with ``bflag > 0`` (the boundary set)."""
+    id, ``bcount[0]`` = number of sites with ``bflag > 0`` (the boundary set); ``frame[y]`` = 1 for the sites
+    less than ``M1`` from an edge (the slow neighbour path), 0 for the others (fast: no division for the
+    coordinates in :func:`boundary_pick`)."""
     shape = G[0]
     bcount[0] = 0
     for y in range(ids.shape[0]):
         c = 0
         cy = coords_of(y, shape)
+        frame[y] = 0 if inside(cy, shape, G[4]) else 1
         for j in range(G[3].shape[0]):
             z = nbr_slow(cy, G[2], j, shape, G[1])
             if z >= 0 and ids[z] != ids[y]:
@@ -757,23 +802,24 @@ def init_boundary(ids, G, bflag, bcount):
 
 
 @njit(cache=True, inline="always")
-def boundary_pick(x, r32, ids, G, bflag):
+def boundary_pick(x, r32, ids, G, bflag, frame):
     """The boundary proposal's new id for boundary site ``x``: its ``pick``-th unlike copy neighbour (offset
     order), ``pick`` uniform in ``0 .. bflag[x]-1`` from the 32-bit draw ``r32``. Returns ``(fast, new)``."""
-    shape = G[0]
-    c = coords_of(x, shape)
-    fast = inside(c, shape, G[4])
-    cx = ids[x]
-    pick = _below(r32, bflag[x])
+    ux = _u(x)
+    fast = frame[ux] == 0
+    cx = ids[ux]
+    pick = _below(r32, bflag[ux])
     new = cx
     fd = G[3]
     if fast:  # written without data-dependent branches (selects): which neighbours differ is unpredictable
         for j in range(len(fd)):
-            idy = ids[x + fd[j]]
+            idy = ids[_u(x + fd[j])]
             unlike = idy != cx
             new = idy if (unlike and pick == 0) else new
             pick -= np.int64(unlike)
         return fast, new
+    shape = G[0]
+    c = coords_of(x, shape)
     for j in range(len(fd)):
         y = nbr_slow(c, G[2], j, shape, G[1])
         if y >= 0:
@@ -857,10 +903,10 @@ def sweep(ids, tp, vol, G, P, A, B, rng, n_attempts, inv_t, stop_at_candidate, c
             # x uniform over the boundary set: uniform sites until one has an unlike copy neighbour
             # (rejection; no list of boundary sites to keep, whose random accesses miss the cache)
             x = _below(r >> np.uint64(32), n)
-            while B[0][x] == 0:
+            while B[0][_u(x)] == 0:
                 r, s0, s1, s2, s3 = _xo(s0, s1, s2, s3)
                 x = _below(r >> np.uint64(32), n)
-            fast, new = boundary_pick(x, r & _LO32, ids, G, B[0])
+            fast, new = boundary_pick(x, r & _LO32, ids, G, B[0], B[2])
         old = ids[x]
         if old == new:
             continue
@@ -880,7 +926,7 @@ def sweep(ids, tp, vol, G, P, A, B, rng, n_attempts, inv_t, stop_at_candidate, c
             break
         if dh > 0.0:
             u, s0, s1, s2, s3 = _xo(s0, s1, s2, s3)
-            if _unit(u) >= np.exp(-dh * inv_t):
+            if not below_exp(u >> np.uint64(11), dh * inv_t):
                 continue
         if NN is not None:  # noqa: SIM102
             if NN[0][0] or NN[0][1]:
@@ -902,7 +948,7 @@ def sweep(ids, tp, vol, G, P, A, B, rng, n_attempts, inv_t, stop_at_candidate, c
 def decide(x, new, dh, ids, tp, vol, G, P, A, B, rng, inv_t, counters, NN=None):
     """Metropolis decision for a candidate returned by :func:`sweep` (total ΔH ``dh``); applies it if
     accepted (updating the compiled neural terms' caches). Returns 1 if accepted."""
-    if dh <= 0.0 or rng_uniform(rng) < np.exp(-dh * inv_t):
+    if dh <= 0.0 or below_exp(rng_next(rng) >> np.uint64(11), dh * inv_t):
         if NN is not None:  # noqa: SIM102
             if NN[0][0] or NN[0][1]:
                 neural_accept(x, new, ids, tp, NN)
