@@ -285,6 +285,7 @@ def pack_params(terms, shape, periodic: bool, n_t1: int, contact_order_default: 
         C = (coffs, flat_deltas(coffs, shape), np.ascontiguousarray(Jn[0]), None if uniform else Jn)
         read = max(read, chebyshev_range(max_order, nd))
     if has["volume"]:
+        lam[0] = lamv[0] = 0.0  # type 0 (medium) has no volume term; the kernel's volume ΔH relies on this row
         V = (lam, lamv)
     if ext is not None:
         E = np.ascontiguousarray(ext)
