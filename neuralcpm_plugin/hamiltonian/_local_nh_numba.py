@@ -33,7 +33,10 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 try:
     from ..errors import ConfigError
@@ -48,7 +51,7 @@ _hot = _jit(_nrt=False)
 
 # weights tuple W (see weights_from_numpy)
 # 0 dims int64 [s, k, C, T, ss, r]; 1 Em [ss, C]; 2 Et [ss, T+1, C]; 3 b [C]; 4 W1 [C, C] (in, out); 5 b1;
-# 6 W2; 7 b2; 8 Wu; 9 WAb [k, k, C, C] (a, b, in, out); 10 bA; 11 W3; 12 b3; 13 Wo [C]
+# 6 W2; 7 b2; 8 Wu; 9 WAb [C, k*k*C] (in; a, b, out: column (a·k + b)·C + out); 10 bA; 11 W3; 12 b3; 13 Wo [C]
 
 # state tuple S (see new_state)
 _S_GEO = 0     # int64 [8]: H, W, Gh, Gw, G, version, accepts since refresh, refresh_every
@@ -82,13 +85,30 @@ _S_T1F = 27    # flat aliases of _S_T1, _S_T2 (same memory: SiLU runs over them 
 _S_T2F = 28
 _S_ZERO = 29   # [C] zeros (the bias of phi_u, which has none)
 _S_CUW3 = 30   # [1, ss, C]: _S_CUW as a one-patch 3-D array (same memory), for _patch_rows
+_S_KSLOT = 31  # int64 [k*k] output slot of each kernel offset (a, b) during an attempt
+_S_DCA = 32    # [k*k*C] W_ab·ΔA of every kernel offset (a, b) during an attempt
+
+
+def _aligned(a, dtype=np.float64) -> np.ndarray:
+    """A C-contiguous copy of ``a`` whose data start on a 64-byte boundary (a cache line): rows of 8·k float64
+    then never straddle lines, so the vector loads do not split and one prefetch per line suffices."""
+    a = np.asarray(a, dtype=dtype)
+    buf = np.empty(a.nbytes + 64, np.uint8)
+    off = (-buf.ctypes.data) % 64
+    out = buf[off:off + a.nbytes].view(dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def _azeros(*shape, dtype=np.float64) -> np.ndarray:
+    return _aligned(np.zeros(shape, dtype), dtype)
 
 
 def weights_from_numpy(ev) -> tuple:
     """The weights tuple of a :class:`~neuralcpm_plugin.hamiltonian.local_nh.LocalNHNumpy` evaluator."""
     s, k, C, T = ev.s, ev.k, ev.C, ev.T
-    f = lambda a: np.ascontiguousarray(np.asarray(a, dtype=np.float64))
-    WAb = ev.WA.reshape(k, k, C, C)  # rows (a, b, in) → out
+    f = _aligned
+    WAb = ev.WA.reshape(k, k, C, C).transpose(2, 0, 1, 3).reshape(C, k * k * C)  # in → (a, b, out)
     dims = np.array([s, k, C, T, s * s, k // 2], np.int64)
     return (dims, f(ev.Em), f(ev.Et), f(ev.b), f(ev.W1), f(ev.b1), f(ev.W2), f(ev.b2), f(ev.Wu), f(WAb),
             f(ev.bA), f(ev.W3), f(ev.b3), f(np.zeros(C) if ev.Wo is None else ev.Wo))
@@ -98,7 +118,7 @@ def dummy_weights() -> tuple:
     """A weights tuple of the right types for an absent term (C = 1, never evaluated)."""
     z = lambda *sh: np.zeros(sh, np.float64)
     return (np.array([1, 1, 1, 0, 1, 0], np.int64), z(1, 1), z(1, 1, 1), z(1), z(1, 1), z(1), z(1, 1), z(1),
-            z(1, 1), z(1, 1, 1, 1), z(1), z(1, 1), z(1), z(1))
+            z(1, 1), z(1, 1), z(1), z(1, 1), z(1), z(1))
 
 
 def new_state(W, shape, refresh_every: int = 4096) -> tuple:
@@ -109,15 +129,18 @@ def new_state(W, shape, refresh_every: int = 4096) -> tuple:
     Gh, Gw = H // s, Wd // s
     G = Gh * Gw
     geo = np.array([H, Wd, Gh, Gw, G, 0, 0, max(int(refresh_every), 1)], np.int64)
-    z = lambda *sh: np.zeros(sh, np.float64)
+    z = _azeros
+    zi = lambda *sh: _azeros(*sh, dtype=np.int64)
     t1, t2 = z(k * k * (ss + 1), C), z(k * k * (ss + 1), C)
     cuw = z(ss, C)
-    return (geo, np.zeros(G, np.int64), np.zeros((G, ss), np.int64), z(G, ss, C), z(G, ss, C), z(G, C), z(G, C),
-            z(G, C), z(G, C), z(G, C), np.zeros(8, np.int64), np.zeros(ss, np.int64), z(ss, C), cuw,
-            z(3, C), np.zeros(k * k, np.int64), z(k * k, C), z(k * k, C), z(k * k, C),
-            np.full(G, -1, np.int64), z(6, C), np.zeros(ss, np.int64), t1, t2, z(k * k * (ss + 1), C),
-            np.zeros(k * k * (ss + 1), np.int64), z(k * k * (ss + 1)), t1.reshape(-1), t2.reshape(-1), z(C),
-            cuw.reshape(1, ss, C))
+    mark = zi(G)
+    mark[:] = -1
+    return (geo, zi(G), zi(G, ss), z(G, ss, C), z(G, ss, C), z(G, C), z(G, C),
+            z(G, C), z(G, C), z(G, C), zi(8), zi(ss), z(ss, C), cuw,
+            z(3, C), zi(k * k), z(k * k, C), z(k * k, C), z(k * k, C),
+            mark, z(6, C), zi(ss), t1, t2, z(k * k * (ss + 1), C),
+            zi(k * k * (ss + 1)), z(k * k * (ss + 1)), t1.reshape(-1), t2.reshape(-1), z(C),
+            cuw.reshape(1, ss, C), zi(k * k), z(k * k * C))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -155,6 +178,51 @@ def _exp(x):
     p = (q0 + q1 * r4) + (q2 + q3 * r4) * (r4 * r4)
     ni = np.float64(t).view(np.int64) - _MAGIC_BITS
     return p * np.int64((ni + 1023) << 52).view(np.float64)
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Hint the CPU to fetch the cache line holding ``arr.flat[idx]`` (C-contiguous ``arr``; no effect on
+    results).  The per-lattice caches exceed the L2 cache, so the rows an attempt reads are fetched while its
+    changed patch is evaluated instead of stalling the stage-2 loop."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        p8 = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [p8.type, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [p8, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
+        return context.get_dummy_value()
+    return types.void(arr, types.intp), codegen
+
+
+@_hot
+def _vecmat_add(x, M, out):
+    """out += x @ M, four input rows per pass over ``out`` (four FMAs per load and store of an output)."""
+    C = out.shape[0]
+    K = x.shape[0]
+    i = 0
+    while i + 4 <= K:
+        x0 = x[i]
+        x1 = x[i + 1]
+        x2 = x[i + 2]
+        x3 = x[i + 3]
+        for o in range(C):
+            out[o] += ((x0 * M[i, o] + x1 * M[i + 1, o]) + (x2 * M[i + 2, o] + x3 * M[i + 3, o]))
+        i += 4
+    while i < K:
+        xi = x[i]
+        for o in range(C):
+            out[o] += xi * M[i, o]
+        i += 1
+
+
+@_jit(inline="always")
+def _prefetch_row(arr, start, n):
+    """Prefetch ``arr.flat[start:start + n]`` (8-byte items, eight per 64-byte line: the arrays of
+    :func:`new_state` start on a line)."""
+    for i in range(0, n, 8):
+        _prefetch(arr, start + i)
 
 
 @_jit(inline="always")
@@ -369,10 +437,11 @@ def _conv_all(S, W):
                 ri = (gi + a - r) % Gh
                 for b in range(k):
                     h = ri * Gw + (gj + b - r) % Gw
+                    col = (a * k + b) * C
                     for i in range(C):
                         ai = A[h, i]
                         for o in range(C):
-                            CA[g, o] += ai * WAb[a, b, i, o]
+                            CA[g, o] += ai * WAb[i, col + o]
     # q of every patch, k·k patches per batch (the work arrays hold the rows of k·k patches)
     G = Gh * Gw
     PN = S[_S_PN]
@@ -461,6 +530,45 @@ def nh_delta_q(x, new, ids, types, W, S):
     gi = i // s
     gj = j // s
     g0 = gi * Gw + gj
+    A = S[_S_A]
+    CA = S[_S_CA]
+    q = S[_S_Q]
+    UW = S[_S_UW]
+    GUW = S[_S_GUW]
+    PN = S[_S_PN]
+    ss = dims[4]
+    mark = S[_S_MARK]
+    out = S[_S_OUT]
+    oca = S[_S_OCA]
+    WAb = W[9]
+    # the output patches first, with their cached rows prefetched (they are read after stage 1)
+    nout = 0
+    slot = S[_S_KSLOT]  # output slot of each kernel offset (a, b)
+    _prefetch_row(A, g0 * C, C)
+    for a in range(k):
+        ro = gi - (a - r)  # periodic wrap without integer division (|a − r| ≤ r; grids may be smaller than k)
+        while ro < 0:
+            ro += Gh
+        while ro >= Gh:
+            ro -= Gh
+        for b in range(k):
+            co = gj - (b - r)
+            while co < 0:
+                co += Gw
+            while co >= Gw:
+                co -= Gw
+            go = ro * Gw + co
+            o = mark[go]
+            if o < 0:
+                o = nout
+                mark[go] = o
+                out[o] = go
+                nout += 1
+                _prefetch_row(CA, go * C, C)
+                _prefetch_row(q, go * C, C)
+                _prefetch_row(GUW, go * C, C)
+                _prefetch_row(UW, go * ss * C, PN[go] * C)
+            slot[a * k + b] = o
     pids = S[_S_PIDS]
     _gather_patch(ids, S, W, g0, pids)
     pids[(i - gi * s) * s + (j - gj * s)] = new
@@ -469,51 +577,22 @@ def nh_delta_q(x, new, ids, types, W, S):
     g_reuse = g0 if types[old] == types[new] else -1
     n = _patch_features(pids, types, W, S[_S_CELL], S[_S_CPSI], S[_S_CUW], cg[0], cg[1], cg[2], S, g_reuse, old,
                         new)
-    A = S[_S_A]
     for c in range(C):
         tmp[5, c] = cg[2, c] - A[g0, c]
-    CA = S[_S_CA]
-    mark = S[_S_MARK]
-    out = S[_S_OUT]
-    oca = S[_S_OCA]
-    WAb = W[9]
-    nout = 0
-    slot = S[_S_ROWO]  # output slot of each kernel offset (a, b)
-    for a in range(k):
-        ro = (gi - (a - r)) % Gh
-        for b in range(k):
-            go = ro * Gw + (gj - (b - r)) % Gw
-            o = mark[go]
-            if o < 0:
-                o = nout
-                mark[go] = o
-                out[o] = go
-                for c in range(C):
-                    oca[o, c] = CA[go, c]
-                nout += 1
-            slot[a * k + b] = o
-    # CA' = CA + W_ab·ΔA, four input channels per pass (as _mm_rows)
-    ii = 0
-    while ii + 4 <= C:
-        d0 = tmp[5, ii]
-        d1 = tmp[5, ii + 1]
-        d2 = tmp[5, ii + 2]
-        d3 = tmp[5, ii + 3]
-        for a in range(k):
-            for b in range(k):
-                o = slot[a * k + b]
-                for oo in range(C):
-                    oca[o, oo] += ((d0 * WAb[a, b, ii, oo] + d1 * WAb[a, b, ii + 1, oo])
-                                   + (d2 * WAb[a, b, ii + 2, oo] + d3 * WAb[a, b, ii + 3, oo]))
-        ii += 4
-    while ii < C:
-        d = tmp[5, ii]
-        for a in range(k):
-            for b in range(k):
-                o = slot[a * k + b]
-                for oo in range(C):
-                    oca[o, oo] += d * WAb[a, b, ii, oo]
-        ii += 1
+    for o in range(nout):
+        go = out[o]
+        for c in range(C):
+            oca[o, c] = CA[go, c]
+    # CA' = CA + W_ab·ΔA: every (a, b) block in one product ΔA·WAb (one long row), then added per output
+    dca = S[_S_DCA]
+    for c in range(dca.shape[0]):
+        dca[c] = 0.0
+    _vecmat_add(tmp[5], WAb, dca)
+    for ab in range(k * k):
+        o = slot[ab]
+        base = ab * C
+        for oo in range(C):
+            oca[o, oo] += dca[base + oo]
     # stage 2 of every output patch at once: rows (output, cell or ghost) → v, accumulated into q'
     q = S[_S_Q]
     oq = S[_S_OQ]
@@ -639,7 +718,7 @@ def cache_error(ids, types, W, S, S2):
 
 def pooled_weights(ev) -> tuple:
     """The pooled weights tuple of a :class:`~neuralcpm_plugin.hamiltonian.pooled_nh.PooledNHNumpy`."""
-    f = lambda a: np.ascontiguousarray(np.asarray(a, dtype=np.float64))
+    f = _aligned
     D = int(ev.D)
     pos = ev.pos.reshape(-1, D) if D else np.zeros((1, 0))
     h = ev.W2.shape[0]
@@ -658,32 +737,16 @@ def dummy_pooled_weights() -> tuple:
 def new_pooled_state(P, refresh_every: int = 1000) -> tuple:
     dims = P[0]
     dim = int(dims[0]) * (1 + int(dims[1]))
-    return (np.zeros(dim), np.zeros(dim), np.zeros(2), np.array([0, 0, 0, 0, 0, max(int(refresh_every), 1)],
-                                                                   np.int64), np.zeros((6, int(dims[2]))))
+    return (_azeros(dim), _azeros(dim), np.zeros(2), np.array([0, 0, 0, 0, 0, max(int(refresh_every), 1)],
+                                                                np.int64), _azeros(6, int(dims[2])))
 
 
 @_hot
 def _matvec4(x, M, bias, out, acc):
-    """out = x @ M + bias, four input rows per pass over ``out`` (4 FMAs per load/store of an output; acc
-    unused, kept for the signature)."""
-    C = out.shape[0]
-    K = x.shape[0]
-    for o in range(C):
+    """out = x @ M + bias (:func:`_vecmat_add`; acc unused, kept for the signature)."""
+    for o in range(out.shape[0]):
         out[o] = bias[o]
-    i = 0
-    while i + 4 <= K:
-        x0 = x[i]
-        x1 = x[i + 1]
-        x2 = x[i + 2]
-        x3 = x[i + 3]
-        for o in range(C):
-            out[o] += ((x0 * M[i, o] + x1 * M[i + 1, o]) + (x2 * M[i + 2, o] + x3 * M[i + 3, o]))
-        i += 4
-    while i < K:
-        xi = x[i]
-        for o in range(C):
-            out[o] += xi * M[i, o]
-        i += 1
+    _vecmat_add(x, M, out)
 
 
 @_hot
@@ -696,10 +759,12 @@ def pooled_F(Z, P, tmp):
     for c in range(h1.shape[0]):
         h1[c] = _silu(h1[c])
     _matvec4(h1, P[4], P[5], h2, acc)
+    for c in range(h2.shape[0]):  # SiLU in its own loop: vectorized (the sum below is an ordered chain)
+        h2[c] = _silu(h2[c])
     e = P[7][0]
     w4 = P[6]
     for c in range(h2.shape[0]):
-        e += _silu(h2[c]) * w4[c]
+        e += h2[c] * w4[c]
     return e
 
 
