@@ -189,7 +189,7 @@ def _strip_attempts(j, first, m, ep, lo, rows, n0, row_size, R, n_draws, ids, ty
         dh = K.delta_core(t, fast, old, new, ids, types, vol, G, P, A)
         if dh > 0.0:
             u, s0, s1, s2, s3 = K._xo(s0, s1, s2, s3)
-            if K._unit(u) >= np.exp(-dh * inv_t):
+            if not K.below_exp(u >> np.uint64(11), dh * inv_t):
                 continue
         _apply(t, fast, new, ids, vol, G, P, A)
         n_acc += 1
