@@ -14,10 +14,25 @@ run's per-strip CPU times replayed on K workers; a loaded machine barely changes
 ``NUMBA_NUM_THREADS`` is set to the largest ``--threads`` before numba starts (the checkerboard's worker
 count is capped by it).
 
+Machine control, measured in the same run (each repeat, right after the samplers' blocks), so that every
+speed-up comes with what the machine itself delivers at that moment: **sampler pair** = two 1-thread
+checkerboards on two separate lattices (copies of the start, own seeds) stepped at once in two threads (the
+compiled step runs without the GIL), aggregate MCS/s over the 1-thread checkerboard's in the same repeat (2.0 on
+two independent cores; cache or memory contention and shared cores lower it); **compute pair** = a
+register-bound compiled loop (xorshift, no memory traffic) run as two copies at once, aggregate throughput over
+one copy (≈ 2.0 on two real cores, ≈ 1.0–1.4 when the two vCPUs share one core or when another process takes
+one). Then the checkerboard's K-thread speed-up over the sampler pair's ratio: the parallel efficiency relative to
+the machine (1.0 = as good as two independent copies). ``2 thr pinned`` = the K-thread checkerboard with each
+worker pinned to one CPU (``pin_cpus``; ``--no-pin`` leaves it out). Each block also records the host's steal
+time (``/proc/stat``: time the hypervisor ran something else on our vCPUs) and the CPU time other processes used
+(all CPUs' busy time minus this process's), as a share of the block's wall time × CPUs. Per-block figures are
+printed so that a bimodal machine shows up block by block.
+
 Wall-clock speed-ups need idle cores: on a shared machine, say so next to the figure (the load average is
 printed).
 
     python benchmarks/bench_checkerboard.py [--sizes 400 1000] [--threads 2] [--mcs 2] [--repeats 5]
+        [--no-pin] [--no-control]
 """
 
 from __future__ import annotations
@@ -26,8 +41,67 @@ import argparse
 import os
 import statistics
 import sys
+import threading
 import time
+from functools import partial
 from pathlib import Path
+
+_CLK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_ticks():
+    """(busy, steal) seconds summed over all CPUs since boot, from /proc/stat (None where it is missing)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = v[0] + v[1] + v[2] + v[5] + v[6]  # user nice system irq softirq
+    return busy / _CLK, (v[7] if len(v) > 7 else 0) / _CLK
+
+
+class _Block:
+    """Wall, process CPU, host steal and other processes' CPU time of one timed block."""
+
+    def __enter__(self):
+        self.t = _cpu_ticks()
+        self.w, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.w
+        self.cpu = time.process_time() - self.c
+        t1 = _cpu_ticks()
+        if self.t is None or t1 is None:
+            self.steal = self.others = float("nan")
+        else:
+            self.steal = t1[1] - self.t[1]
+            self.others = max(0.0, t1[0] - self.t[0] - self.cpu)
+        return False
+
+
+def _pair(fn_a, fn_b):
+    """Run ``fn_a`` in this thread and ``fn_b`` in another, at once; wall seconds until both are done."""
+    err = []
+
+    def run_b():
+        try:
+            fn_b()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            err.append(e)
+    th = threading.Thread(target=run_b)
+    w0 = time.perf_counter()
+    th.start()
+    fn_a()
+    th.join()
+    w = time.perf_counter() - w0
+    if err:
+        raise err[0]
+    return w
+
+
+def _fmt(xs, f="{:.2f}"):
+    return " ".join(f.format(x) for x in xs)
 
 
 def main(argv=None):
@@ -37,15 +111,37 @@ def main(argv=None):
     ap.add_argument("--mcs", type=float, default=2.0, help="MCS per timed block")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--block", type=int, default=32, help="minimum strip width (rows)")
+    ap.add_argument("--no-pin", action="store_true", help="leave out the pinned K-thread rows")
+    ap.add_argument("--no-control", action="store_true", help="leave out the machine control (pairs)")
     args = ap.parse_args(argv)
     os.environ["NUMBA_NUM_THREADS"] = str(max([1, *args.threads]))
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
     import numpy as np
+    from numba import njit
 
     from neuralcpm_plugin.sampling.checkerboard import CheckerboardSampler
     from neuralcpm_plugin.sampling.exact import ExactSampler
     from training.gen_tissue import voronoi_start
+
+    @njit(nogil=True)
+    def spin(n, x):
+        """Register-bound: ``n`` xorshift64 steps (no memory traffic); the result keeps it from being dropped."""
+        for _ in range(n):
+            x ^= x << np.uint64(13)
+            x ^= x >> np.uint64(7)
+            x ^= x << np.uint64(17)
+        return x
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    pin = not args.no_pin and len(cpus) >= 2
+    control = not args.no_control
+    n_spin = 0
+    if control:
+        spin(10, np.uint64(1))
+        w0 = time.perf_counter()
+        spin(2_000_000, np.uint64(1))
+        n_spin = max(1, int(2_000_000 * 0.05 / max(time.perf_counter() - w0, 1e-6)))  # ≈ 50 ms per copy
 
     J = [[0.0, 0.625, 0.25], [0.625, 0.25, 1.125], [0.25, 1.125, 0.25]]
     terms = [({"kind": "contact", "scale": 1.0, "params": {"J": J, "order": 2}}, {}),
@@ -53,7 +149,7 @@ def main(argv=None):
     kw = {"terms": terms, "temperature": 1.0, "periodic": True, "copy_order": 2}
     print(f"checkerboard sampler, P1 contact + volume (V* = 90), classic proposal; median of {args.repeats} "
           f"interleaved blocks of {args.mcs:g} MCS; load average {os.getloadavg()[0]:.2f} at the start, "
-          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"{os.cpu_count()} CPUs (allowed: {cpus}), {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
     print(f"{'size':>9s} {'cells':>6s} {'sampler':>20s} {'MCS/s wall':>11s} {'MCS/s CPU':>10s} {'CPU ms/MCS':>11s} "
           f"{'stamp %':>8s} {'wait %':>7s} {'refused shared':>15s}")
     for L in args.sizes:
@@ -66,18 +162,42 @@ def main(argv=None):
         for k in [1, *args.threads]:
             samplers[f"checkerboard {k} thr"] = CheckerboardSampler(st, None, seed=3, threads=k, block=args.block,
                                                                      **kw)
-        for s in samplers.values():
+            if pin and k > 1:
+                s = CheckerboardSampler(st, None, seed=3, threads=k, block=args.block, **kw)
+                s.pin_cpus = cpus
+                samplers[f"checkerboard {k} pinned"] = s
+        pair = [CheckerboardSampler(st, None, seed=4 + i, threads=1, block=args.block, **kw)
+                for i in range(2)] if control else []
+        for s in [*samplers.values(), *pair]:
             s.step(0.05)  # compile / load the cache
         samplers["checkerboard 1 thr"].record_strips = True  # per-strip CPU times: the load-balance bound
         prof0 = {k: s.profile() | {"mcs": s.mcs_done} for k, s in samplers.items() if hasattr(s, "profile")}
         wall = {k: [] for k in samplers}
         cpu = {k: [] for k in samplers}
+        ctl = {"sampler pair": [], "compute pair": [], "steal %": [], "others %": []}
+        ncpu = max(len(cpus), 1)
         for _ in range(args.repeats):
+            steal = others = span = 0.0
             for name, s in samplers.items():
-                w0, c0 = time.perf_counter(), time.process_time()
-                s.step(args.mcs)
-                wall[name].append(args.mcs / (time.perf_counter() - w0))
-                cpu[name].append(args.mcs / (time.process_time() - c0))
+                with _Block() as b:
+                    s.step(args.mcs)
+                wall[name].append(args.mcs / b.wall)
+                cpu[name].append(args.mcs / b.cpu)
+                steal, others, span = steal + b.steal, others + b.others, span + b.wall
+            if control:
+                with _Block() as b:
+                    w = _pair(partial(pair[0].step, args.mcs), partial(pair[1].step, args.mcs))
+                ctl["sampler pair"].append(2 * args.mcs / w / wall["checkerboard 1 thr"][-1])
+                steal, others, span = steal + b.steal, others + b.others, span + b.wall
+                with _Block() as b:
+                    w0 = time.perf_counter()
+                    spin(n_spin, np.uint64(7))
+                    w1 = time.perf_counter() - w0
+                    w2 = _pair(partial(spin, n_spin, np.uint64(3)), partial(spin, n_spin, np.uint64(5)))
+                ctl["compute pair"].append(2 * w1 / w2)
+                steal, others, span = steal + b.steal, others + b.others, span + b.wall
+            ctl["steal %"].append(100 * steal / (span * ncpu))
+            ctl["others %"].append(100 * others / (span * ncpu))
         med = {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in samplers}
         for name, s in samplers.items():
             w, c = med[name]
@@ -93,6 +213,7 @@ def main(argv=None):
                   f"{ref!s:>15s}", flush=True)
         seq_w, seq_c = med["sequential (Exact)"]
         one_w, one_c = med["checkerboard 1 thr"]
+        one = wall["checkerboard 1 thr"]
         for k in args.threads:
             kw_, kc = med[f"checkerboard {k} thr"]
             bound = samplers["checkerboard 1 thr"].predicted_speedup(k)["speedup"]
@@ -100,10 +221,31 @@ def main(argv=None):
                   f"sequential sampler (wall clock); CPU per MCS: 1 thread {seq_c / one_c:.2f}x, {k} threads "
                   f"{seq_c / kc:.2f}x the sequential sampler's; load-balance bound on {k} threads {bound:.2f}x "
                   "(from the 1-thread run's per-strip CPU times)", flush=True)
-    print(f"load average {os.getloadavg()[0]:.2f} at the end. MCS/s CPU = MCS per second of process CPU time (all "
+            per = {f"{k} thr / 1 thr": [a / b for a, b in zip(wall[f"checkerboard {k} thr"], one)]}
+            if f"checkerboard {k} pinned" in wall:
+                per[f"{k} pinned / 1 thr"] = [a / b for a, b in zip(wall[f"checkerboard {k} pinned"], one)]
+            if control:
+                per.update(ctl)
+            print(f"{L:>4d}x{L:<4d} per repeat ({args.repeats} blocks, in order): "
+                  + "; ".join(f"{name} {_fmt(v, '{:.1f}' if '%' in name else '{:.2f}')}" for name, v in per.items()),
+                  flush=True)
+            if control:
+                sp = statistics.median(per[f"{k} thr / 1 thr"])
+                pc, cc = statistics.median(ctl["sampler pair"]), statistics.median(ctl["compute pair"])
+                eff = statistics.median([a / b for a, b in zip(per[f"{k} thr / 1 thr"], ctl["sampler pair"])])
+                pinned = (f" (pinned {statistics.median(per[f'{k} pinned / 1 thr']):.2f}x)"
+                          if f"{k} pinned / 1 thr" in per else "")
+                print(f"{L:>4d}x{L:<4d} machine control, same run: {k} threads {sp:.2f}x the 1-thread checkerboard"
+                      f"{pinned}; two 1-thread checkerboards on separate lattices at once {pc:.2f}x one; "
+                      f"register-bound loop, two copies {cc:.2f}x one; checkerboard / sampler pair = {eff:.2f} "
+                      f"(parallel efficiency relative to the machine; medians of the per-repeat figures)", flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f} at the end, {time.strftime('%H:%M:%S UTC', time.gmtime())}. "
+          "MCS/s CPU = MCS per second of process CPU time (all "
           "threads): a perfect K-thread run has CPU rate = wall rate / K. stamp % / wait % = share of the worker "
           "threads' time spent stamping cells / waiting at the phase barriers (CheckerboardSampler.profile(), "
-          "wall-clock cycles: on a loaded machine waits include time the other thread was descheduled)")
+          "wall-clock cycles: on a loaded machine waits include time the other thread was descheduled). "
+          "steal % / others % = host steal time / other processes' CPU time per repeat, share of wall × CPUs "
+          "(/proc/stat, 10 ms ticks)")
     return 0
 
 

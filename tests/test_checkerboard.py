@@ -252,3 +252,33 @@ def test_predicted_speedup_from_strip_times():
     assert p1["speedup"] == pytest.approx(1.0) and p1["phases"] == 12
     assert 1.0 < p2["speedup"] <= 2.0 and 1.0 < p3["speedup"] <= 3.0
     assert 0 < p1["work_s"] < 60
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no sched_setaffinity on this platform")
+def test_pinned_workers_give_the_same_result_and_restore_the_cpu_set(monkeypatch):
+    """``pin_cpus``: each worker runs pinned to one CPU (a 1-thread run too); the lattice equals the unpinned
+    run's, and the calling thread's CPU set is restored afterwards."""
+    import numba
+    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 2)
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs 2 CPUs to tell a pinned thread's CPU set from the restored one")
+    real, calls = os.sched_setaffinity, []
+
+    def recorder(pid, mask):
+        calls.append(set(mask))
+        real(pid, mask)
+    monkeypatch.setattr(os, "sched_setaffinity", recorder)
+    runs = []
+    for threads, pin in ((1, None), (1, cpus[-1:]), (2, cpus)):
+        calls.clear()
+        s = CheckerboardSampler(_start(3), None, seed=11, block=8, threads=threads, **KW)
+        s.pin_cpus = pin
+        s.step(3)
+        runs.append(s)
+        assert sorted(os.sched_getaffinity(0)) == cpus
+        pinned = [c for c in calls if len(c) == 1]  # each worker's own CPU, then its old set restored
+        assert sorted(min(c) for c in pinned) == (sorted(pin[w % len(pin)] for w in range(threads)) if pin else [])
+    for s in runs[1:]:
+        np.testing.assert_array_equal(runs[0].ids, s.ids)
+        np.testing.assert_array_equal(runs[0].volumes, s.volumes)

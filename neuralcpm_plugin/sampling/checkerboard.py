@@ -65,6 +65,7 @@ proposal; neural terms (the local NH has a bounded range too) are future work.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numba
@@ -301,6 +302,17 @@ def _worker(w, n_workers, offsets, colours, fracs, epoch0, bounds0, n0, row_size
             clock[w, 2] += t3 - t2
 
 
+def _pinned(cpus, w, *args):
+    """``_worker(w, *args)`` with the calling thread pinned to CPU ``cpus[w % len(cpus)]`` (Linux
+    ``sched_setaffinity`` of the calling thread), its previous CPU set restored afterwards."""
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {int(cpus[w % len(cpus)])})
+    try:
+        _worker(w, *args)
+    finally:
+        os.sched_setaffinity(0, old)
+
+
 def _one_per_line(a: np.ndarray) -> np.ndarray:
     """A copy of the 1-D array ``a`` as a strided view with one element per 64-byte cache line (so that two
     threads writing different cells never write the same line: no false sharing)."""
@@ -330,6 +342,11 @@ class CheckerboardSampler(ExactSampler):
         possible.
     rounds_per_mcs : int
         New random cut offset and colour order this many times per MCS (default 2).
+
+    Attributes set after construction: ``record_strips`` (see :meth:`predicted_speedup`) and ``pin_cpus`` — a
+    list of CPU ids (Linux): worker ``w`` runs pinned to ``pin_cpus[w % len(pin_cpus)]`` during ``step`` (each
+    thread's previous CPU set is restored after it); ``None`` (default) lets the OS place the threads. Pinning
+    changes where the work runs, never the result.
     """
 
     def __init__(self, state: CellState, hamiltonian=None, *, seed: int = 0, threads: int = 1, block: int = 32,
@@ -380,6 +397,8 @@ class CheckerboardSampler(ExactSampler):
         self._sync_state = np.zeros(2 + max(self._workers, 6), np.int64)  # barrier count, generation; counters
         self._clock = np.zeros(4, np.int64)  # cycles: mark, wait, attempts, all (summed over worker threads)
         self.record_strips = False  # True: keep each strip's CPU time per phase (see predicted_speedup)
+        # CPUs to pin the worker threads to (worker w on pin_cpus[w % len]); None: the OS places them
+        self.pin_cpus = None
         self._strip_ns = []
 
     def stats(self) -> dict:
@@ -418,14 +437,20 @@ class CheckerboardSampler(ExactSampler):
                 int(SPIN_SECONDS * _sync.ticks_per_second()), clock,
                 np.zeros((2 * len(fracs) if self.record_strips else 1, self.m, 2), np.int64))
         c0 = _sync.cycles_now()
-        if workers == 1:
+        pin = self.pin_cpus
+        if workers == 1 and not pin:
             _worker(0, 1, *args)
         else:
             _worker(0, 1, *((offsets[:0],) + args[1:]))  # compiled here first (no rounds), not in two threads
-            helpers = [threading.Thread(target=_worker, args=(w, workers, *args)) for w in range(1, workers)]
+            run = _worker if not pin else _pinned
+            helpers = [threading.Thread(target=run, args=(pin, w, workers, *args) if pin else (w, workers, *args))
+                       for w in range(1, workers)]
             for th in helpers:
                 th.start()
-            _worker(0, workers, *args)
+            if pin:
+                _pinned(pin, 0, workers, *args)
+            else:
+                _worker(0, workers, *args)
             for th in helpers:
                 th.join()
         if self.record_strips:
