@@ -22,6 +22,10 @@ def test_every_preset_loads_and_validates():
     assert (t2["model"]["kind"], t2["model"]["pooled"]["position_dim"], t2["pcd"]["reset_prob"],
             t2["pcd"]["sampler"], t2["data"]["path"]) == ("pooled-closure", 32, 1.0, "exact",
                                                           "runs/data/bipolar-cpu.npz")
+    t2p = load_config("bipolar-cpu-table2-pcd")   # Table 2 at 67 MCS: persistent chains, frozen analytic prior
+    assert (t2p["model"]["kind"], t2p["model"]["pooled"]["position_dim"], t2p["model"]["freeze_prior"],
+            t2p["pcd"]["reset_prob"], t2p["pcd"]["mcs"], t2p["pcd"]["iterations"], t2p["pcd"]["sampler"],
+            t2p["pcd"]["proposal"]) == ("pooled-closure", 32, True, 0.033, 1.0, 400, "exact", "boundary")
 
 
 def test_default_is_pl_analytic_and_paper_presets_follow_table7():

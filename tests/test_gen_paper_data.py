@@ -79,6 +79,35 @@ def test_bipolar_hamiltonian_units():
     assert spec["params"]["strength"] == pytest.approx([0.0, 0.2, 0.2])
 
 
+def test_bipolar_model_out_is_the_data_generating_hamiltonian(tmp_path, capsys):
+    """--model-out writes the generator's Hamiltonian as a bundle: same terms, parameters and T as
+    bipolar_hamiltonian, and the same dynamics (DirectedMotion has ΔH but no energy); nothing else is generated;
+    a bad size is refused by name."""
+    from neuralcpm_plugin.bundle import load_bundle
+    from training.generate import main
+
+    assert main(["bipolar", "--size", "30", "--model-out", str(tmp_path / "truth")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["truth"]
+    h = load_bundle(tmp_path / "truth").hamiltonian
+    ref = gen_bipolar.bipolar_hamiltonian(30)
+    assert [t.kind for t in h.terms] == ["contact", "volume", "directed_motion"] and h.temperature == 2.0
+    rng = np.random.default_rng(3)
+    s = gen_bipolar.init_circle(rng, (30, 30), 6)
+    from neuralcpm_plugin.sampling.exact import run_exact
+    s = run_exact(s, ref, 3.0, seed=1, proposal="boundary").final
+    import json
+
+    def text(t):
+        return json.dumps(t.spec(), sort_keys=True, default=lambda o: np.asarray(o).tolist())
+    assert [text(t) for t in h.terms] == [text(t) for t in ref.terms]
+    # the two runs of the true dynamics from the saved and the in-memory model agree step for step
+    a = run_exact(s, h, 2.0, seed=5, proposal="boundary").final
+    c = run_exact(s, ref, 2.0, seed=5, proposal="boundary").final
+    assert np.array_equal(a.ids, c.ids)
+    assert main(["bipolar", "--size", "5", "--model-out", str(tmp_path / "small")]) != 0
+    assert "--size" in capsys.readouterr().err and not (tmp_path / "small").exists()
+
+
 def test_rotate_state_quarter_turn():
     ids = np.zeros((21, 21), np.int32)
     ids[8:13, 9:12] = 1

@@ -178,6 +178,8 @@ def test_exact_classic_rollouts_and_trajectory_groups(tmp_path):
     with pytest.raises(ConfigError, match="proposal"):
         eval_table1.rollout(ham, states[:1], frames=1, mcs_per_frame=1.0, sampler="exact", proposal="random")
     assert eval_table1.SCALES["cpu-wide"]["trajectories"] == 100 and eval_table1.SCALES["cpu-wide"]["groups"] == 10
+    long = eval_table1.SCALES["cpu-long"]
+    assert long["trajectories"] == 100 and long["frames"] * long["mcs_per_frame"] == pytest.approx(67.0)
 
 
 def test_paired_starts_share_starts_and_give_paired_differences(tmp_path):

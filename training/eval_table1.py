@@ -74,6 +74,10 @@ SCALES = {  # roll-out presets (groups: disjoint trajectory groups of a one-run 
     # the CPU-scale Table 1/2 of the README: 5x the trajectories, intervals over 10 groups of 10
     "cpu-wide": {"trajectories": 100, "frames": 40, "mcs_per_frame": 0.67, "flips": 50, "every": 5, "chains": 10,
                  "groups": 10},
+    # the README's Table 2 (bipolar): 100 frames (the reference code's frame count) of 0.67 MCS = 67 MCS; the
+    # data model itself needs more than cpu-wide's 27 MCS to reorganise a permuted start (README, Table 2)
+    "cpu-long": {"trajectories": 100, "frames": 100, "mcs_per_frame": 0.67, "flips": 50, "every": 5, "chains": 10,
+                 "groups": 10},
     "smoke": {"trajectories": 5, "frames": 4, "mcs_per_frame": 0.5, "flips": 50, "every": 2, "chains": 5,
               "groups": 5},
 }

@@ -159,6 +159,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-rotate", action="store_true", help="keep the simulated orientation")
     p.add_argument("--proposal", choices=["boundary", "classic"], default="boundary")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--model-out", default=None,
+                   help="write the data-generating Hamiltonian (true J, V*, DirectedMotion, T = 2; lattice of --scale "
+                        "or --size) as a model bundle into this folder instead of generating data: Table 2's "
+                        "reference row, python -m training.evaluate table2 --runs 'data model (true H)=FOLDER'")
 
 
 def default_out(scale: str) -> Path:
@@ -166,8 +170,31 @@ def default_out(scale: str) -> Path:
     return Path("runs/data") / ("bipolar.npz" if scale == "paper" else f"bipolar-{scale}.npz")
 
 
+def save_model(out, *, scale: str = "cpu", size: int | None = None) -> Path:
+    """Write :func:`bipolar_hamiltonian` for the lattice of ``scale`` (or ``size``) as a model bundle at ``out``.
+
+    Its DirectedMotion is anchored to the lattice (the band is 0.4–0.6 of the x axis): rolled out from a
+    rotated data frame it reorganises the aggregate along x, which Table 2's error (measured along the type-2
+    axis) scores like any other orientation."""
+    from neuralcpm_plugin.bundle import save_bundle
+
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}")
+    n = int(size if size is not None else SCALES[scale]["size"])
+    from .config import check_bounds
+    from .gen_cellsort import MAX_SIZE
+    check_bounds({"size": n}, {"size": (12, MAX_SIZE, "--size (lattice side)")}, where="bipolar: ")
+    return save_bundle(out, bipolar_hamiltonian((n, n)),
+                       provenance={"source": f"training.gen_bipolar.bipolar_hamiltonian(({n}, {n}))",
+                                   "morpheus_params": MORPHEUS})
+
+
 def run(args) -> int:
     from neuralcpm_plugin.cli import claim_output
+    if getattr(args, "model_out", None):
+        out = claim_output(args.model_out, option="--model-out", kind="dir", overwrite=args.overwrite)
+        print(f"wrote {save_model(out, scale=args.scale, size=args.size)}")
+        return 0
     out = claim_output(args.out or default_out(args.scale), overwrite=args.overwrite)
     path = generate_bipolar(out, scale=args.scale, n=args.n, size=args.size, cells=args.cells, mcs=args.mcs,
                             seed=args.seed, start=args.start, rotate=not args.no_rotate, proposal=args.proposal,
