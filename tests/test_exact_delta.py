@@ -278,3 +278,42 @@ def test_three_dimensional_lattices(seed, periodic, order):
         after.ids[site] = new
         e = np_energy(after.ids, after.types, terms, periodic) - np_energy(cur.ids, cur.types, terms, periodic)
         assert np.isclose(d, e, rtol=1e-9, atol=1e-9)
+
+
+def test_contact_sums_exact_flag():
+    """J tables whose entries share a coarse binary grid (k/8, k/16) sum exactly in any order; entries on a
+    fine grid (0.1, 1.3: their doubles need 2⁻⁵⁵), a huge range or a non-finite entry do not."""
+    from neuralcpm_plugin.sampling.exact import contact_sums_exact
+    assert contact_sums_exact(np.array([[[0.0, 0.625, 0.25, 0.0], [0.625, 0.25, 1.125, 0.0]]]))
+    assert contact_sums_exact(np.full((3, 2, 3), -7.5))
+    assert not contact_sums_exact(np.array([[[0.1, 1.3]]]))
+    assert contact_sums_exact(np.array([[[0.0, 0.1]]]))  # 0.1 alone: its own grid, sums of 2 exact
+    assert not contact_sums_exact(np.array([[[2.0 ** 50, 2.0 ** -4]]]))
+    assert not contact_sums_exact(np.array([[[np.inf, 1.0]]]))
+
+
+@SETTINGS
+@given(st.integers(0, 2**31 - 1), st.booleans(), st.sampled_from([(2,), (1, 2), (2, 3), (3,)]))
+def test_exact_contact_sums_in_pairs_equal_the_sequential_sum(seed, periodic, orders):
+    """With dyadic J (``contact_sums_exact``) the kernel adds the per-neighbour contact terms in two
+    accumulators; its ΔH equals the sequential sum's (the kernel with the flag removed) bit for bit, on every
+    site (fast and frame) and candidate, for one table or one per neighbour column (several orders)."""
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(9, 14)), int(rng.integers(9, 14)))
+    ids = rng.integers(0, 6, shape)
+    state = CellState(ids.astype(np.int32), np.array([0, 1, 2, 1, 2, 2], np.int32))
+    terms = []
+    for o in orders:
+        J = rng.integers(-24, 40, (3, 3)) / 16.0
+        terms.append(ContactEnergy((J + J.T) / 2, o, periodic=periodic))
+    terms.append(VolumeConstraint(rng.uniform(0.1, 1, 3), rng.uniform(5, 30, 3), periodic=periodic))
+    ham = Hamiltonian(terms, LatticeSpec(shape, periodic), 1.0)
+    s = ExactSampler(state, ham, seed=seed)
+    C = s.pack.P[0]
+    assert C[4] is not None and (C[3] is None) == (len(orders) == 1)
+    P_seq = ((*C[:4], None), *s.pack.P[1:])
+    for site in range(s.n_sites):
+        for new in (0, 1, 3, 5):
+            a = K.delta_analytic(site, new, s._ids, s._types, s._vol, s._G, s.pack.P, s._A)
+            b = K.delta_analytic(site, new, s._ids, s._types, s._vol, s._G, P_seq, s._A)
+            assert a == b, (site, new, a, b)

@@ -26,9 +26,10 @@ Analytic terms: ``P = (C, V, E, S, D)``, each ``None`` when the Hamiltonian has 
 (``None`` → nothing) and is inlined, so every term set gets its own specialised kernel with no flag tests,
 calls or reference counting in the loop::
 
-    C = (coffs (Kn, nd), cfd (Kn,), J (T1, T1+1), Jn (Kn, T1, T1+1) or None)  # contact; Jn per column when
-                                                                          # terms of several orders add up;
-                                                                          # column T1 is 0.0 (no branch)
+    C = (coffs (Kn, nd), cfd (Kn,), J (T1, T1+1), Jn (Kn, T1, T1+1) or None,  # contact; Jn per column when
+         exact or None)                                                   # terms of several orders add up;
+                                                                          # column T1 is 0.0 (no branch);
+                                                                          # exact: sums are exact in any order
     V = (lam, lamv)                    # volume: Σλ_k and Σλ_k·V*_k per type (T1,)
     E = ext                            # external: Σ μ_k(t)·φ_k(i), (T1, N)
     S = (soffs, sfd, slam, starget)    # surface: neighbourhood, λ and S* per type (T1,)
@@ -398,6 +399,68 @@ def _contact_columns(dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, Jn):
     return dh
 
 
+def _jval(Jn, k, a, b):  # pragma: no cover - compiled (overload)
+    """``Jn[a, b]`` (one table, 2-D) or ``Jn[k, a, b]`` (one per neighbour column, 3-D)."""
+
+
+@overload(_jval, inline="always")
+def _jval_impl(Jn, k, a, b):
+    if Jn.ndim == 2:
+        return lambda Jn, k, a, b: Jn[a, b]
+    return lambda Jn, k, a, b: Jn[_u(k), a, b]
+
+
+@njit(cache=True, inline="always")
+def _contact_pair_term(k, x, old, new, un, uo, z, ids, tp, cfd, Jn):
+    """Neighbour ``k``'s contact term J(new, s)[s ≠ new] − J(old, s)[s ≠ old] (fast path, branch-free)."""
+    s = ids[_u(x + cfd[k])]
+    ts = _u(tp[_u(s)])
+    return _jval(Jn, k, un, ts if s != new else z) - _jval(Jn, k, uo, ts if s != old else z)
+
+
+def _contact_seq(dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, Jn):  # pragma: no cover - overload
+    """The sequential contact sum for one table (2-D ``Jn``) or one per column (3-D)."""
+
+
+@overload(_contact_seq, inline="always")
+def _contact_seq_impl(dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, Jn):
+    if Jn.ndim == 2:
+        return lambda dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, Jn: _contact_uniform(
+            dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, Jn)
+    return lambda dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, Jn: _contact_columns(
+        dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, Jn)
+
+
+@njit(cache=True, inline="always")
+def _contact_pairs(dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, Jn):
+    """The contact ΔH when its sums are exact in any order (``exact.contact_sums_exact``): the per-neighbour
+    terms are independent and are added in two interleaved accumulators, a dependency chain of ≈ Kn/2 + 1
+    additions instead of 2·Kn (the sequential sum's). The value is the sequential one bit for bit: every
+    partial sum of either order is exact. Sites off the fast path take the sequential sum. ``Jn``: one table
+    (T1, T1+1) or one per neighbour column (Kn, T1, T1+1)."""
+    if not fast:
+        return _contact_seq(dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, Jn)
+    kn = len(cfd)
+    z = _u(Jn.shape[Jn.ndim - 1] - 1)
+    un = _u(tn)
+    uo = _u(to)
+    a0 = 0.0
+    a1 = 0.0
+    if kn == 8:  # the 2-D Moore neighbourhood: a constant trip count, unrolled by the compiler
+        for k in range(0, 8, 2):
+            a0 += _contact_pair_term(k, x, old, new, un, uo, z, ids, tp, cfd, Jn)
+            a1 += _contact_pair_term(k + 1, x, old, new, un, uo, z, ids, tp, cfd, Jn)
+        return dh + (a0 + a1)
+    k = 0
+    while k + 1 < kn:
+        a0 += _contact_pair_term(k, x, old, new, un, uo, z, ids, tp, cfd, Jn)
+        a1 += _contact_pair_term(k + 1, x, old, new, un, uo, z, ids, tp, cfd, Jn)
+        k += 2
+    if k < kn:
+        a0 += _contact_pair_term(k, x, old, new, un, uo, z, ids, tp, cfd, Jn)
+    return dh + (a0 + a1)
+
+
 def _contact_dh(dh, x, fast, old, new, to, tn, ids, tp, G, C):  # pragma: no cover - compiled (overload)
     """dh + the contact ΔH (``C`` = the contact tuple or None)."""
 
@@ -406,6 +469,13 @@ def _contact_dh(dh, x, fast, old, new, to, tn, ids, tp, G, C):  # pragma: no cov
 def _contact_dh_impl(dh, x, fast, old, new, to, tn, ids, tp, G, C):
     if _absent(C):
         return lambda dh, x, fast, old, new, to, tn, ids, tp, G, C: dh
+    exact = len(C) > 4 and not _absent(C[4])
+    if exact and _absent(C[3]):
+        return lambda dh, x, fast, old, new, to, tn, ids, tp, G, C: _contact_pairs(
+            dh, x, fast, old, new, to, tn, ids, tp, G, C[0], C[1], C[2])
+    if exact:
+        return lambda dh, x, fast, old, new, to, tn, ids, tp, G, C: _contact_pairs(
+            dh, x, fast, old, new, to, tn, ids, tp, G, C[0], C[1], C[3])
     if _absent(C[3]):
         return lambda dh, x, fast, old, new, to, tn, ids, tp, G, C: _contact_uniform(
             dh, x, fast, old, new, to, tn, ids, tp, G, C[0], C[1], C[2])
@@ -772,7 +842,13 @@ def _boundary_update(x, fast, old, new, ids, G, bflag, bcount):
     fd = G[3]
     c = np.int64(0)
     dc = np.int64(0)
-    if fast:  # no neighbour wraps onto x
+    if fast and fd.shape[0] == 8:  # no neighbour wraps onto x; 2-D Moore: unrolled (constant trip count)
+        for j in range(8):
+            y = _u(x + fd[j])
+            u, d = _bnbr_update(y, ids[y], old, new, bflag)
+            c += u
+            dc += d
+    elif fast:
         for j in range(fd.shape[0]):
             y = _u(x + fd[j])
             u, d = _bnbr_update(y, ids[y], old, new, bflag)
@@ -848,6 +924,13 @@ def boundary_pick(x, r32, ids, G, bflag, frame):
     new = cx
     fd = G[3]
     if fast:  # written without data-dependent branches (selects): which neighbours differ is unpredictable
+        if len(fd) == 8:  # the 2-D Moore neighbourhood: a constant trip count, unrolled by the compiler
+            for j in range(8):
+                idy = ids[_u(x + fd[j])]
+                unlike = idy != cx
+                new = idy if (unlike and pick == 0) else new
+                pick -= np.int64(unlike)
+            return fast, new
         for j in range(len(fd)):
             idy = ids[_u(x + fd[j])]
             unlike = idy != cx

@@ -167,6 +167,26 @@ class TermPack:
     read_range: int = 0  # largest neighbourhood range the terms read (contact, surface)
 
 
+def contact_sums_exact(Jn) -> bool:
+    """Whether every contact ΔH is computed without rounding, in any order of its terms: all entries of the
+    per-column tables ``Jn`` (rings, T1, T1+1) are multiples of a common 2⁻ᴱ (dyadic rationals, e.g. 0.625 =
+    5/8) and any sum of ``2·rings`` of them stays below 2⁵³·2⁻ᴱ in magnitude. Then every partial sum is an
+    exactly representable double, so the kernel may add the per-neighbour terms in a shorter dependency
+    chain (two accumulators, ``_kernels._contact_pairs``) and get the bit-identical result of the sequential
+    sum (zero's sign aside, which no decision reads)."""
+    Jn = np.asarray(Jn, np.float64)
+    if not np.all(np.isfinite(Jn)):
+        return False
+    e = 0
+    for v in np.unique(np.abs(Jn)):
+        den = float(v).as_integer_ratio()[1]  # a power of 2 for any finite double
+        e = max(e, den.bit_length() - 1)
+    if e > 60:
+        return False
+    big = float(np.abs(Jn).max()) * 2.0 ** e * 2 * Jn.shape[0]
+    return big < 2.0 ** 53
+
+
 def pack_params(terms, shape, periodic: bool, n_t1: int, contact_order_default: int = 2) -> TermPack:
     """Build the kernel parameter tuple from analytic terms.
 
@@ -282,7 +302,8 @@ def pack_params(terms, shape, periodic: bool, n_t1: int, contact_order_default: 
         for J, o in contact:
             Jn[rings < o, :, :n_t1] += J[None]
         uniform = bool(np.all(Jn == Jn[:1]))
-        C = (coffs, flat_deltas(coffs, shape), np.ascontiguousarray(Jn[0]), None if uniform else Jn)
+        exact = np.int64(1) if contact_sums_exact(Jn) else None
+        C = (coffs, flat_deltas(coffs, shape), np.ascontiguousarray(Jn[0]), None if uniform else Jn, exact)
         read = max(read, chebyshev_range(max_order, nd))
     if has["volume"]:
         lam[0] = lamv[0] = 0.0  # type 0 (medium) has no volume term; the kernel's volume ΔH relies on this row
