@@ -22,8 +22,10 @@ two independent cores; cache or memory contention and shared cores lower it); **
 register-bound compiled loop (xorshift, no memory traffic) run as two copies at once, aggregate throughput over
 one copy (≈ 2.0 on two real cores, ≈ 1.0–1.4 when the two vCPUs share one core or when another process takes
 one). Then the checkerboard's K-thread speed-up over the sampler pair's ratio: the parallel efficiency relative to
-the machine (1.0 = as good as two independent copies). ``2 thr pinned`` = the K-thread checkerboard with each
-worker pinned to one CPU (``pin_cpus``; ``--no-pin`` leaves it out). Each block also records the host's steal
+the machine (1.0 = as good as two independent copies). ``2 pinned`` = the K-thread checkerboard with each
+worker pinned to one CPU (``pin_cpus``; ``--no-pin`` leaves it out); ``2 spin`` = the same with the barrier
+spinning ``--long-spin-us`` (2 ms) instead of 50 µs before it sleeps (an idle vCPU that sleeps at a barrier
+halts, and its wake-up goes through the hypervisor). Each block also records the host's steal
 time (``/proc/stat``: time the hypervisor ran something else on our vCPUs) and the CPU time other processes used
 (all CPUs' busy time minus this process's), as a share of the block's wall time × CPUs. Per-block figures are
 printed so that a bimodal machine shows up block by block.
@@ -113,6 +115,8 @@ def main(argv=None):
     ap.add_argument("--block", type=int, default=32, help="minimum strip width (rows)")
     ap.add_argument("--no-pin", action="store_true", help="leave out the pinned K-thread rows")
     ap.add_argument("--no-control", action="store_true", help="leave out the machine control (pairs)")
+    ap.add_argument("--long-spin-us", type=float, default=2000.0,
+                    help="barrier spin of the 'spin' rows (µs; 0 leaves them out); the default spin is 50 µs")
     args = ap.parse_args(argv)
     os.environ["NUMBA_NUM_THREADS"] = str(max([1, *args.threads]))
     root = Path(__file__).resolve().parents[1]
@@ -166,6 +170,10 @@ def main(argv=None):
                 s = CheckerboardSampler(st, None, seed=3, threads=k, block=args.block, **kw)
                 s.pin_cpus = cpus
                 samplers[f"checkerboard {k} pinned"] = s
+            if args.long_spin_us > 0 and k > 1:
+                s = CheckerboardSampler(st, None, seed=3, threads=k, block=args.block, **kw)
+                s.spin_seconds = args.long_spin_us * 1e-6
+                samplers[f"checkerboard {k} spin"] = s
         pair = [CheckerboardSampler(st, None, seed=4 + i, threads=1, block=args.block, **kw)
                 for i in range(2)] if control else []
         for s in [*samplers.values(), *pair]:
@@ -222,8 +230,9 @@ def main(argv=None):
                   f"{seq_c / kc:.2f}x the sequential sampler's; load-balance bound on {k} threads {bound:.2f}x "
                   "(from the 1-thread run's per-strip CPU times)", flush=True)
             per = {f"{k} thr / 1 thr": [a / b for a, b in zip(wall[f"checkerboard {k} thr"], one)]}
-            if f"checkerboard {k} pinned" in wall:
-                per[f"{k} pinned / 1 thr"] = [a / b for a, b in zip(wall[f"checkerboard {k} pinned"], one)]
+            for v in ("pinned", "spin"):
+                if f"checkerboard {k} {v}" in wall:
+                    per[f"{k} {v} / 1 thr"] = [a / b for a, b in zip(wall[f"checkerboard {k} {v}"], one)]
             if control:
                 per.update(ctl)
             print(f"{L:>4d}x{L:<4d} per repeat ({args.repeats} blocks, in order): "
@@ -233,8 +242,8 @@ def main(argv=None):
                 sp = statistics.median(per[f"{k} thr / 1 thr"])
                 pc, cc = statistics.median(ctl["sampler pair"]), statistics.median(ctl["compute pair"])
                 eff = statistics.median([a / b for a, b in zip(per[f"{k} thr / 1 thr"], ctl["sampler pair"])])
-                pinned = (f" (pinned {statistics.median(per[f'{k} pinned / 1 thr']):.2f}x)"
-                          if f"{k} pinned / 1 thr" in per else "")
+                pinned = "".join(f"; {v} {statistics.median(per[f'{k} {v} / 1 thr']):.2f}x"
+                                 for v in ("pinned", "spin") if f"{k} {v} / 1 thr" in per)
                 print(f"{L:>4d}x{L:<4d} machine control, same run: {k} threads {sp:.2f}x the 1-thread checkerboard"
                       f"{pinned}; two 1-thread checkerboards on separate lattices at once {pc:.2f}x one; "
                       f"register-bound loop, two copies {cc:.2f}x one; checkerboard / sampler pair = {eff:.2f} "

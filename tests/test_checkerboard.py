@@ -257,7 +257,8 @@ def test_predicted_speedup_from_strip_times():
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no sched_setaffinity on this platform")
 def test_pinned_workers_give_the_same_result_and_restore_the_cpu_set(monkeypatch):
     """``pin_cpus``: each worker runs pinned to one CPU (a 1-thread run too); the lattice equals the unpinned
-    run's, and the calling thread's CPU set is restored afterwards."""
+    run's, and the calling thread's CPU set is restored afterwards. ``spin_seconds = 0`` (sleep at once at a
+    barrier) gives the same lattice too."""
     import numba
     monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 2)
     cpus = sorted(os.sched_getaffinity(0))
@@ -270,10 +271,12 @@ def test_pinned_workers_give_the_same_result_and_restore_the_cpu_set(monkeypatch
         real(pid, mask)
     monkeypatch.setattr(os, "sched_setaffinity", recorder)
     runs = []
-    for threads, pin in ((1, None), (1, cpus[-1:]), (2, cpus)):
+    for threads, pin, spin in ((1, None, None), (1, cpus[-1:], None), (2, cpus, None), (2, None, 0.0)):
         calls.clear()
         s = CheckerboardSampler(_start(3), None, seed=11, block=8, threads=threads, **KW)
         s.pin_cpus = pin
+        if spin is not None:  # no spin: every barrier wait sleeps on the futex at once
+            s.spin_seconds = spin
         s.step(3)
         runs.append(s)
         assert sorted(os.sched_getaffinity(0)) == cpus
