@@ -10,7 +10,10 @@ Figures (one thread; each in a fresh child process, which also gives its peak re
   with ``compiled_neural=False`` (one Python ``delta_np`` call per candidate, as before);
 * ``exact-local-pooled``: the same closure plus a pooled NH (position_dim 4, hidden 32);
 * ``pooled-delta``: compiled pooled-NH ΔH of single attempts (features + MLP, from the caches) per second,
-  at boundary sites of that state; ``local-delta``: the same for the local NH;
+  at boundary sites of that state; ``local-delta``: the same for the local NH.  A second line gives every
+  repeat's rate, a compute-only *canary* measured between the repeats (SiLU per CPU-second on L1-resident
+  data: it scatters with the machine's own speed, not with the code), the CPU the process ran on, and how
+  much of the caches' block got transparent huge pages;
 * ``numpy-k7``: the numpy evaluator (``LocalNHNumpy.delta``) with kernel 7, one BLAS thread
   (threadpoolctl), and ``numpy-k7-threads``: with the BLAS default threads (what CC3D's Python did).
 
@@ -83,6 +86,62 @@ def _time(fn, repeats):
     return out
 
 
+def _canary(NB):
+    """A compute-only yardstick of this process's CPU speed: SiLU/CPU-s over 384 L1-resident float64 values
+    (the kernel the ΔH figures spend most time in).  On this shared 2-vCPU machine the speed of pure compute
+    itself varies by up to ≈ 1.3× over time (other vCPU / host load); a low ΔH figure with a low canary is the
+    machine, not the code.  Returns a callable giving one measurement."""
+    import numpy as np
+    from numba import njit
+    sf = NB._silu_flat
+
+    @njit
+    def run(n, f, ref):
+        for _ in range(n):
+            for i in range(ref.shape[0]):
+                f[i] = ref[i]
+            sf(f, ref.shape[0])
+
+    ref = np.linspace(-5.0, 5.0, 384)
+    f = ref.copy()
+    run(10, f, ref)
+
+    def one():
+        c0 = time.process_time()
+        run(20000, f, ref)
+        return 20000 * 384 / max(time.process_time() - c0, 1e-9)
+    return one
+
+
+def _last_cpu() -> int:
+    """The CPU this process last ran on (/proc/self/stat field 39; −1 where unreadable)."""
+    try:
+        with open("/proc/self/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _huge_pages(addr: int) -> str:
+    """'huge pages N of M kB' of the mapping holding ``addr`` (the compiled caches' block), from /proc/self/smaps."""
+    size = huge = None
+    inside = False
+    try:
+        with open("/proc/self/smaps") as fh:
+            for ln in fh:
+                f = ln.split()
+                if f and "-" in f[0] and not f[0].endswith(":"):
+                    lo, hi = (int(t, 16) for t in f[0].split("-"))
+                    inside = lo <= addr < hi
+                elif inside and f[0] == "Size:":
+                    size = f[1]
+                elif inside and f[0] == "AnonHugePages:":
+                    huge = f[1]
+    except OSError:
+        pass
+    return f"huge pages {huge} of {size} kB" if size is not None else "huge pages: unknown"
+
+
 def run_one(name: str, repeats: int, quick: bool) -> dict:
     import numpy as np
     from threadpoolctl import threadpool_limits
@@ -138,8 +197,14 @@ def run_one(name: str, repeats: int, quick: bool) -> dict:
                 return t
             args = (flat, types, comp.W, comp.S)
         loop(xs[:5], news[:5], *args)
-        res["runs"] = _time(lambda: (loop(xs, news, *args), len(xs))[1], repeats)
+        canary = _canary(NB)
+        res["runs"], res["canary"] = [], []
+        for _ in range(repeats):  # the ΔH repeats interleaved with the compute canary
+            res["runs"] += _time(lambda: (loop(xs, news, *args), len(xs))[1], 1)
+            res["canary"].append(canary())
         res["unit"] = "ΔH"
+        res["cpu"] = _last_cpu()
+        res["huge"] = _huge_pages(comp.S[NB._S_UW].ctypes.data)
         err = 0.0
         for k in range(200):
             site = divmod(int(xs[k]), ids.shape[1])
@@ -214,6 +279,11 @@ def main():
         print(f"{name:22s} {cpu:12,.0f} {res['unit']}/CPU-s   {wall:12,.0f} {res['unit']}/wall-s   "
               f"(median of {len(runs)} × {runs[0][2]:,}; peak RSS {res['peak_rss_mb']:.0f} MB{extra}; "
               f"{res['check'][0]}: {res['check'][1]:.2e})")
+        if "canary" in res:  # every repeat, so one slow repeat or a slow machine phase shows
+            rates = ", ".join(f"{n / c:,.0f}" for c, w, n in runs)
+            can = ", ".join(f"{v / 1e6:.0f}M" for v in res["canary"])
+            print(f"{'':22s} repeats {res['unit']}/CPU-s: {rates}; canary SiLU/CPU-s: {can}; "
+                  f"CPU {res['cpu']}; caches {res['huge']}")
 
 
 if __name__ == "__main__":
