@@ -28,13 +28,19 @@ spinning ``--long-spin-us`` (2 ms) instead of 50 µs before it sleeps (an idle v
 halts, and its wake-up goes through the hypervisor). Each block also records the host's steal
 time (``/proc/stat``: time the hypervisor ran something else on our vCPUs) and the CPU time other processes used
 (all CPUs' busy time minus this process's), as a share of the block's wall time × CPUs. Per-block figures are
-printed so that a bimodal machine shows up block by block.
+printed so that a bimodal machine shows up block by block. At the start: the one-way cache-line hand-off time
+between two threads pinned to the first two CPUs (atomic ping-pong; ≲ 30 ns means SMT siblings of one
+core, ≳ 100 ns cores on different L3s or sockets).
+
+The samplers keep the lattice as uint16 ids / uint8 types (``narrow_ids``, the default: a 400² lattice is
+320 KiB instead of 640 KiB); ``--int32`` adds the sequential and 1/K-thread rows on the int32 lattice
+(``narrow_ids=False``: the same trajectories), interleaved with the others, and prints uint16 / int32 per repeat.
 
 Wall-clock speed-ups need idle cores: on a shared machine, say so next to the figure (the load average is
 printed).
 
     python benchmarks/bench_checkerboard.py [--sizes 400 1000] [--threads 2] [--mcs 2] [--repeats 5]
-        [--no-pin] [--no-control]
+        [--no-pin] [--no-control] [--int32]
 """
 
 from __future__ import annotations
@@ -115,6 +121,9 @@ def main(argv=None):
     ap.add_argument("--block", type=int, default=32, help="minimum strip width (rows)")
     ap.add_argument("--no-pin", action="store_true", help="leave out the pinned K-thread rows")
     ap.add_argument("--no-control", action="store_true", help="leave out the machine control (pairs)")
+    ap.add_argument("--int32", action="store_true",
+                    help="add int32-lattice rows (narrow_ids=False) of the sequential and 1/K-thread samplers, "
+                         "interleaved with the default uint16 ones, and print uint16 / int32 per repeat")
     ap.add_argument("--long-spin-us", type=float, default=2000.0,
                     help="barrier spin of the 'spin' rows (µs; 0 leaves them out); the default spin is 50 µs")
     args = ap.parse_args(argv)
@@ -124,6 +133,7 @@ def main(argv=None):
     import numpy as np
     from numba import njit
 
+    from neuralcpm_plugin.sampling import _sync
     from neuralcpm_plugin.sampling.checkerboard import CheckerboardSampler
     from neuralcpm_plugin.sampling.exact import ExactSampler
     from training.gen_tissue import voronoi_start
@@ -136,6 +146,40 @@ def main(argv=None):
             x ^= x >> np.uint64(7)
             x ^= x << np.uint64(17)
         return x
+
+    @njit(nogil=True)
+    def volley(flag, me, n, stamps):
+        """Cache-line ping-pong: player ``me`` (0/1) waits for ``flag == 2i + me`` and increments it, ``n``
+        times; player 0 records the tick counter every 1,000 hand-offs in ``stamps``."""
+        for i in range(n):
+            while _sync.atomic_load(flag, 0) != 2 * i + me:
+                pass
+            _sync.atomic_add(flag, 0, 1)
+            if me == 0 and i % 1000 == 0:
+                stamps[i // 1000] = _sync.cycles()
+        return 0
+
+    def handoff_ns(a, b, n=200_000):
+        """One-way cache-line hand-off time (ns) between threads pinned to CPUs ``a`` and ``b``: 10th percentile
+        over batches of 1,000 round trips (batches where both threads ran; SMT siblings share an L1: ≲ 30 ns;
+        two cores of one L3 ≈ 50 ns; across L3s / sockets ≳ 100 ns)."""
+        flag, stamps, dummy = np.zeros(8, np.int64), np.zeros(n // 1000 + 1, np.int64), np.zeros(1, np.int64)
+        volley(np.ones(8, np.int64), 1, 1, dummy)
+        old = os.sched_getaffinity(0)
+
+        def other():
+            os.sched_setaffinity(0, {b})
+            volley(flag, 1, n, dummy)
+        th = threading.Thread(target=other)
+        try:
+            os.sched_setaffinity(0, {a})
+            th.start()
+            volley(flag, 0, n, stamps)
+            th.join()
+        finally:
+            os.sched_setaffinity(0, old)
+        ns = np.diff(stamps[:-1]) / _sync.ticks_per_second() * 1e9 / 2000
+        return float(np.percentile(ns, 10))
 
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     pin = not args.no_pin and len(cpus) >= 2
@@ -151,9 +195,21 @@ def main(argv=None):
     terms = [({"kind": "contact", "scale": 1.0, "params": {"J": J, "order": 2}}, {}),
              ({"kind": "volume", "scale": 1.0, "params": {"lambda": [0, 0.5, 0.5], "target": [0, 90.0, 90.0]}}, {})]
     kw = {"terms": terms, "temperature": 1.0, "periodic": True, "copy_order": 2}
+
+    def board(start, k, seed=3, narrow_ids=True, **attrs):
+        """A checkerboard sampler from ``start`` on ``k`` threads, with attributes set (the variants' rows)."""
+        s = CheckerboardSampler(start, None, seed=seed, threads=k, block=args.block, narrow_ids=narrow_ids, **kw)
+        for name, value in attrs.items():
+            setattr(s, name, value)
+        return s
+
     print(f"checkerboard sampler, P1 contact + volume (V* = 90), classic proposal; median of {args.repeats} "
           f"interleaved blocks of {args.mcs:g} MCS; load average {os.getloadavg()[0]:.2f} at the start, "
           f"{os.cpu_count()} CPUs (allowed: {cpus}), {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+    if control and len(cpus) >= 2 and _sync.ticks_per_second():
+        print(f"one-way cache-line hand-off between CPU {cpus[0]} and CPU {cpus[1]}: "
+              f"{_fmt([handoff_ns(cpus[0], cpus[1]) for _ in range(3)], '{:.0f}')} ns (3 runs; SMT siblings ≲ 30 ns, "
+              "cores sharing an L3 ≈ 50 ns, across L3s / sockets ≳ 100 ns)", flush=True)
     print(f"{'size':>9s} {'cells':>6s} {'sampler':>20s} {'MCS/s wall':>11s} {'MCS/s CPU':>10s} {'CPU ms/MCS':>11s} "
           f"{'stamp %':>8s} {'wait %':>7s} {'refused shared':>15s}")
     for L in args.sizes:
@@ -164,18 +220,16 @@ def main(argv=None):
         cells = int((np.bincount(st.ids.ravel())[1:] > 0).sum())
         samplers = {"sequential (Exact)": ExactSampler(st, None, seed=2, **kw)}
         for k in [1, *args.threads]:
-            samplers[f"checkerboard {k} thr"] = CheckerboardSampler(st, None, seed=3, threads=k, block=args.block,
-                                                                     **kw)
+            samplers[f"checkerboard {k} thr"] = board(st, k)
             if pin and k > 1:
-                s = CheckerboardSampler(st, None, seed=3, threads=k, block=args.block, **kw)
-                s.pin_cpus = cpus
-                samplers[f"checkerboard {k} pinned"] = s
+                samplers[f"checkerboard {k} pinned"] = board(st, k, pin_cpus=cpus)
             if args.long_spin_us > 0 and k > 1:
-                s = CheckerboardSampler(st, None, seed=3, threads=k, block=args.block, **kw)
-                s.spin_seconds = args.long_spin_us * 1e-6
-                samplers[f"checkerboard {k} spin"] = s
-        pair = [CheckerboardSampler(st, None, seed=4 + i, threads=1, block=args.block, **kw)
-                for i in range(2)] if control else []
+                samplers[f"checkerboard {k} spin"] = board(st, k, spin_seconds=args.long_spin_us * 1e-6)
+        if args.int32:  # the same samplers on the int32 lattice (A/B of the narrow lattice, same trajectories)
+            samplers["sequential int32"] = ExactSampler(st, None, seed=2, narrow_ids=False, **kw)
+            for k in [1, *args.threads]:
+                samplers[f"checkerboard {k} int32"] = board(st, k, narrow_ids=False)
+        pair = [board(st, 1, seed=4 + i) for i in range(2)] if control else []
         for s in [*samplers.values(), *pair]:
             s.step(0.05)  # compile / load the cache
         samplers["checkerboard 1 thr"].record_strips = True  # per-strip CPU times: the load-balance bound
@@ -248,6 +302,17 @@ def main(argv=None):
                       f"{pinned}; two 1-thread checkerboards on separate lattices at once {pc:.2f}x one; "
                       f"register-bound loop, two copies {cc:.2f}x one; checkerboard / sampler pair = {eff:.2f} "
                       f"(parallel efficiency relative to the machine; medians of the per-repeat figures)", flush=True)
+        if args.int32:
+            ab = [("sequential (Exact)", "sequential int32")] + [(f"checkerboard {k} thr", f"checkerboard {k} int32")
+                                                                 for k in [1, *args.threads]]
+            parts = []
+            for a, b in ab:
+                rw = [x / y for x, y in zip(wall[a], wall[b])]
+                rc = [x / y for x, y in zip(cpu[a], cpu[b])]
+                parts.append(f"{b.replace(' int32', '')}: wall {statistics.median(rw):.2f} ({_fmt(rw)}), "
+                             f"CPU {statistics.median(rc):.2f} ({_fmt(rc)})")
+            print(f"{L:>4d}x{L:<4d} uint16 / int32 lattice, MCS/s per repeat (median (all)): " + "; ".join(parts),
+                  flush=True)
     print(f"load average {os.getloadavg()[0]:.2f} at the end, {time.strftime('%H:%M:%S UTC', time.gmtime())}. "
           "MCS/s CPU = MCS per second of process CPU time (all "
           "threads): a perfect K-thread run has CPU rate = wall rate / K. stamp % / wait % = share of the worker "

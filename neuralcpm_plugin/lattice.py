@@ -77,10 +77,12 @@ def half_offsets(order: int = 2, ndim: int = 2) -> np.ndarray:
 
 
 def _shift(a: np.ndarray, off, periodic: bool, fill=-1) -> np.ndarray:
-    """``out[x] = a[x + off]`` (periodic wrap, or ``fill`` outside the lattice)."""
+    """``out[x] = a[x + off]`` (periodic wrap, or ``fill`` outside the lattice; where ``fill`` does not fit
+    ``a``'s dtype, e.g. -1 for a sampler's uint16 ids, ``out`` is int64)."""
     if periodic:
         return np.roll(a, shift=tuple(-int(o) for o in off), axis=tuple(range(a.ndim)))
-    out = np.full_like(a, fill)
+    fits = np.can_cast(np.min_scalar_type(fill), a.dtype)
+    out = np.full(a.shape, fill, a.dtype if fits else np.int64)
     src, dst = [], []
     for o, n in zip(off, a.shape):
         o = int(o)

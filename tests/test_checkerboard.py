@@ -64,6 +64,27 @@ def test_same_result_for_any_thread_count_and_deterministic():
     assert not np.array_equal(a.ids, c.ids)
 
 
+def test_narrow_ids_give_the_int32_lattice():
+    """uint16 ids / uint8 types (``narrow_ids``, the default) give the int32 run's lattice, volumes and
+    counters bit for bit, on 1 and 2 worker threads."""
+    import numba
+    runs = {}
+    for threads in (1, 2):
+        for narrow in (False, True):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(numba.config, "NUMBA_NUM_THREADS", 2)
+                s = CheckerboardSampler(_start(4), None, seed=13, block=8, threads=threads, narrow_ids=narrow, **KW)
+                assert s.ids.dtype == (np.uint16 if narrow else np.int32)
+                s.step(4)
+            runs[threads, narrow] = s
+    ref = runs[1, False]
+    for s in runs.values():
+        np.testing.assert_array_equal(ref.ids, s.ids)
+        np.testing.assert_array_equal(ref.volumes, s.volumes)
+        assert ref.stats()["accepted"] == s.stats()["accepted"] > 0
+    assert runs[1, True].state == ref.state and runs[1, True].state.ids.dtype == np.int32
+
+
 def test_two_real_threads_give_the_single_thread_result():
     """Race freedom, observed: with a pool of 2 numba threads the lattice equals the 1-thread run's."""
     code = ("import sys, hashlib, numpy as np; sys.path.insert(0, 'tests');"

@@ -8,6 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numba import njit
+from test_exact_delta import make_terms
 
 from neuralcpm_plugin.errors import ConfigError
 from neuralcpm_plugin.hamiltonian.analytic import ContactEnergy, SurfaceConstraint, VolumeConstraint
@@ -288,3 +289,45 @@ def _below_exp_many(r, a):
     for i in range(r.size):
         fast[i], plain[i] = _below_exp_pair(r[i], a[i])
     return fast, plain
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**31 - 1), st.sampled_from(["classic", "boundary"]), st.booleans())
+def test_narrow_ids_give_the_int32_trajectory(seed, proposal, periodic):
+    """``narrow_ids`` (default): uint16 ids and uint8 types in the compiled loop, the same trajectory bit for
+    bit as the int32 lattice (every analytic kind at once, both proposals, periodic or not); ``state`` stays
+    int32."""
+    rng = np.random.default_rng(seed)
+    st0 = blob_state((int(rng.integers(8, 20)), int(rng.integers(8, 20))), int(rng.integers(2, 9)), seed=seed)
+    terms = make_terms(rng, ["contact:3", "volume", "surface:2", "external", "dm_band"], st0.shape, periodic)
+    ham = Hamiltonian(terms, LatticeSpec(st0.shape, periodic), float(rng.uniform(0.5, 3)))
+    wide = ExactSampler(st0, ham, seed=seed, proposal=proposal, narrow_ids=False)
+    narrow = ExactSampler(st0, ham, seed=seed, proposal=proposal)
+    assert wide.ids.dtype == np.int32 and narrow.ids.dtype == np.uint16 and narrow._types.dtype == np.uint8
+    for _ in range(3):
+        wide.step(1.5)
+        narrow.step(1.5)
+        np.testing.assert_array_equal(wide.ids, narrow.ids)
+        np.testing.assert_array_equal(wide.volumes, narrow.volumes)
+        assert wide.stats() == narrow.stats()
+    assert narrow.stats()["accepted"] > 0
+    out = narrow.state
+    assert out.ids.dtype == np.int32 and out.types.dtype == np.int32 and out == wide.state
+    x = int(rng.integers(narrow.n_sites))
+    assert narrow.delta(x, int(out.ids.max())) == wide.delta(x, int(out.ids.max()))
+
+
+def test_narrow_lattice_only_where_the_values_fit():
+    from neuralcpm_plugin.sampling.exact import narrow_lattice
+    ids = np.array([0, 3, 65535], np.int32)
+    a, t = narrow_lattice(ids, np.zeros(65536, np.int32))
+    assert a.dtype == np.uint16 and t.dtype == np.uint8 and a.tolist() == [0, 3, 65535]
+    a, t = narrow_lattice(ids, np.zeros(65537, np.int32))  # 65,537 ids: id 65,536 would not fit
+    assert a.dtype == np.int32
+    a, t = narrow_lattice(ids, np.array([0, 255, 256], np.int32))
+    assert a.dtype == np.uint16 and t.dtype == np.int32
+    # callback (Python) terms see the live lattice: it stays int32 for them
+    st0 = blob_state((10, 10), 3)
+    ham = cellsort_ham(st0.shape)
+    mixed = Hamiltonian([_WrappedTerm(ham.terms[0]), ham.terms[1]], ham.lattice, 1.0)
+    assert ExactSampler(st0, mixed, seed=1).ids.dtype == np.int32

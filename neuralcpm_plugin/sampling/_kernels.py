@@ -1,8 +1,9 @@
 """Compiled (numba) building blocks of the exact sequential Metropolis sampler.
 
-Everything here works on *flat* lattices: a state is ``ids`` (int32, shape ``(N,)``, row-major over the
-lattice shape), ``types`` (int32, ``(C,)``, type per id) and ``vol`` (int64, ``(C,)``, sites per id, kept
-incrementally).
+Everything here works on *flat* lattices: a state is ``ids`` (int32, or uint16 where the ids fit:
+``ExactSampler(narrow_ids=True)``; shape ``(N,)``, row-major over the lattice shape), ``types`` (int32 or uint8,
+``(C,)``, type per id; numba compiles one specialisation per dtype, the same values) and ``vol`` (int64,
+``(C,)``, sites per id, kept incrementally).
 
 Geometry (no per-site tables): neighbours are computed by index arithmetic from a tuple built by
 ``exact.geometry``::

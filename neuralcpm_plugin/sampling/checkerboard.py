@@ -303,8 +303,12 @@ def _worker(w, n_workers, offsets, colours, fracs, epoch0, bounds0, n0, row_size
 
 
 def _pinned(cpus, w, *args):
-    """``_worker(w, *args)`` with the calling thread pinned to CPU ``cpus[w % len(cpus)]`` (Linux
-    ``sched_setaffinity`` of the calling thread), its previous CPU set restored afterwards."""
+    """``_worker(w, *args)``; with ``cpus`` (a list of CPU ids) the calling thread runs pinned to CPU
+    ``cpus[w % len(cpus)]`` (Linux ``sched_setaffinity`` of the calling thread), its previous CPU set restored
+    afterwards; ``None`` (or empty) leaves the placement to the OS."""
+    if not cpus:
+        _worker(w, *args)
+        return
     old = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {int(cpus[w % len(cpus)])})
     try:
@@ -328,7 +332,8 @@ class CheckerboardSampler(ExactSampler):
     """Exact-attempt Metropolis on ``threads`` cores by a checkerboard of strips (see the module docstring).
 
     Parameters (besides :class:`~neuralcpm_plugin.sampling.exact.ExactSampler`'s ``state``, ``hamiltonian``,
-    ``seed``, ``terms``, ``temperature``, ``periodic``, ``copy_order``, ``contact_order``)
+    ``seed``, ``terms``, ``temperature``, ``periodic``, ``copy_order``, ``contact_order`` and ``narrow_ids``:
+    uint16 ids / uint8 types where they fit, bit-identical results)
     ----------
     threads : int
         Worker threads (Python threads each running the whole ``step`` compiled, without the GIL, meeting at
@@ -353,12 +358,12 @@ class CheckerboardSampler(ExactSampler):
 
     def __init__(self, state: CellState, hamiltonian=None, *, seed: int = 0, threads: int = 1, block: int = 32,
                  rounds_per_mcs: int = 2, terms=None, temperature=None, periodic=None, copy_order=None,
-                 contact_order=None, proposal: str = "classic", callback_terms=None):
+                 contact_order=None, proposal: str = "classic", callback_terms=None, narrow_ids: bool = True):
         if proposal != "classic":
             raise ConfigError(f"CheckerboardSampler supports the classic proposal only, got {proposal!r}")
         super().__init__(state, hamiltonian, seed=seed, proposal="classic", terms=terms, temperature=temperature,
                          periodic=periodic, copy_order=copy_order, contact_order=contact_order,
-                         callback_terms=callback_terms, compiled_neural=False)
+                         callback_terms=callback_terms, compiled_neural=False, narrow_ids=narrow_ids)
         if self.callback_terms:
             names = ", ".join(type(t).__name__ for t in self.callback_terms)
             raise ConfigError(f"CheckerboardSampler runs analytic terms only; {names} would need the sequential "
@@ -440,22 +445,15 @@ class CheckerboardSampler(ExactSampler):
                 int(self.spin_seconds * _sync.ticks_per_second()), clock,
                 np.zeros((2 * len(fracs) if self.record_strips else 1, self.m, 2), np.int64))
         c0 = _sync.cycles_now()
-        pin = self.pin_cpus
-        if workers == 1 and not pin:
-            _worker(0, 1, *args)
-        else:
+        pin = self.pin_cpus or None
+        if workers > 1:
             _worker(0, 1, *((offsets[:0],) + args[1:]))  # compiled here first (no rounds), not in two threads
-            run = _worker if not pin else _pinned
-            helpers = [threading.Thread(target=run, args=(pin, w, workers, *args) if pin else (w, workers, *args))
-                       for w in range(1, workers)]
-            for th in helpers:
-                th.start()
-            if pin:
-                _pinned(pin, 0, workers, *args)
-            else:
-                _worker(0, workers, *args)
-            for th in helpers:
-                th.join()
+        helpers = [threading.Thread(target=_pinned, args=(pin, w, workers, *args)) for w in range(1, workers)]
+        for th in helpers:
+            th.start()
+        _pinned(pin, 0, workers, *args)  # worker 0 in the calling thread
+        for th in helpers:
+            th.join()
         if self.record_strips:
             self._strip_ns.append((args[-1], offsets, colours))
         self._clock[:3] += clock[:, :3].sum(axis=0)
