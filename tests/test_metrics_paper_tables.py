@@ -224,6 +224,12 @@ def test_paired_starts_share_starts_and_give_paired_differences(tmp_path):
     assert d[("B", "A")]["groups"] == 3
     md = eval_table1.table1_markdown(res)
     assert "Paired starts" in md and f"| B | A | {eval_table1.fmt(m, hw)} |" in md
+    # the whole-set CS difference with a paired bootstrap over the trajectories
+    e = {(x["a"], x["b"]): x for x in res["paired_bootstrap"]}[("B", "A")]
+    pa = np.asarray(res["raw"]["A"][0]["final_probs"])
+    assert e["cs_diff"] == pytest.approx(classifier_score(pb) - classifier_score(pa), abs=1e-5)
+    assert e["lo"] <= e["hi"] and e["trajectories"] == 6
+    assert f"{e['cs_diff']:.2f} [{e['lo']:.2f}, {e['hi']:.2f}]" in md
     # independent starts: run 1 draws its own starts (seed*1000 + 1), no paired differences
     ind = eval_table1.evaluate_table1(data, runs, starts="independent", **kw)
     assert ind["paired"] == [] and "Paired starts" not in eval_table1.table1_markdown(ind)
@@ -233,6 +239,29 @@ def test_paired_starts_share_starts_and_give_paired_differences(tmp_path):
         not np.array_equal(x.types, y.types) for x, y in zip(other, starts))
     with pytest.raises(ConfigError, match="starts"):
         eval_table1.evaluate_table1(data, runs, starts="shared", **kw)
+
+
+def test_paired_bootstrap_resamples_the_same_trajectories_for_both_rows():
+    """The whole-set CS difference and its percentile interval: a row against an identical row differs by
+    exactly 0 in every resample; against another row the interval comes from resampling the same trajectory
+    indices in both (recomputed here by hand); rows of different lengths are not compared."""
+    from neuralcpm_plugin.metrics.paper import classifier_score
+    rng = np.random.default_rng(3)
+    pa = rng.dirichlet(np.ones(4) * 0.3, size=40)
+    pb = rng.dirichlet(np.ones(4) * 0.3, size=40)
+    res = {"x": [{"final_probs": pa.tolist()}], "y": [{"final_probs": pa.tolist()}],
+           "z": [{"final_probs": pb.tolist()}], "w": [{"final_probs": pb[:30].tolist()}]}
+    out = {(d["a"], d["b"]): d for d in eval_table1.paired_bootstrap(res, n_boot=200, seed=5)}
+    same = out.get(("x", "y")) or out[("y", "x")]
+    assert same["cs_diff"] == 0.0 and same["lo"] == 0.0 and same["hi"] == 0.0
+    key = ("z", "x") if ("z", "x") in out else ("x", "z")
+    a, b = (pb, pa) if key == ("z", "x") else (pa, pb)
+    idx = np.random.default_rng(5).integers(0, 40, size=(200, 40))
+    d = [classifier_score(a[i]) - classifier_score(b[i]) for i in idx]
+    assert out[key]["lo"] == pytest.approx(np.percentile(d, 2.5)) and out[key]["hi"] == pytest.approx(
+        np.percentile(d, 97.5))
+    assert out[key]["cs_diff"] == pytest.approx(classifier_score(a) - classifier_score(b))
+    assert not any("w" in k for k in out)
 
 
 def test_table2_paired_starts_give_paired_error_differences(tmp_path):

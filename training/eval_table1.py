@@ -48,6 +48,7 @@ __all__ = [
     "evaluate_table1",
     "find_bundle",
     "group_values",
+    "paired_bootstrap",
     "paired_differences",
     "permuted_starts",
     "rollout",
@@ -271,6 +272,31 @@ def paired_differences(results: dict, key: str = "group_cs", metric: str = "cs")
     return out
 
 
+def paired_bootstrap(results: dict, n_boot: int = 2000, seed: int = 0) -> list[dict]:
+    """The table's own statistic compared on the same starts: for every two one-run rows with the final frames'
+    class probabilities ``final_probs`` (paired starts: trajectory t of every row starts from the same frame),
+    CS(a) − CS(b) over all trajectories and its 95 % percentile interval over ``n_boot`` resamples of the
+    trajectories (with replacement, the same indices for both rows). Unlike :func:`paired_differences` (mean of
+    per-group CS, each from a few trajectories, where CS is lower because it rewards the diversity a small group
+    cannot show), this interval is for the whole-set CS the rows print. Rows in table order, ``a`` below ``b``."""
+    from neuralcpm_plugin.metrics.paper import classifier_score
+
+    labs = [lab for lab in order_labels(results) if len(results[lab]) == 1 and results[lab][0].get("final_probs")]
+    probs = {lab: np.asarray(results[lab][0]["final_probs"], dtype=np.float64) for lab in labs}
+    n = {lab: len(p) for lab, p in probs.items()}
+    out = []
+    for j, a in enumerate(labs):
+        for b in labs[:j]:
+            if n[a] != n[b] or n[a] < 2:
+                continue
+            idx = np.random.default_rng(seed).integers(0, n[a], size=(int(n_boot), n[a]))
+            d = np.array([classifier_score(probs[a][i]) - classifier_score(probs[b][i]) for i in idx])
+            lo, hi = np.percentile(d, [2.5, 97.5])
+            out.append({"a": a, "b": b, "cs_diff": classifier_score(probs[a]) - classifier_score(probs[b]),
+                        "lo": float(lo), "hi": float(hi), "trajectories": n[a], "resamples": int(n_boot)})
+    return out
+
+
 def summarise(rows: dict, metric_keys, per_group_key="groups") -> dict:
     """Per label: mean over runs and 95 % CI over runs (or over trajectory groups for one run)."""
     from neuralcpm_plugin.metrics.paper import mean_ci
@@ -424,25 +450,28 @@ def evaluate_table1(data, runs, *, scale: str = "cpu", classifier=None, seed: in
             results["permuted starts (no dynamics)"] = [{
                 "run": "frame 0 of " + str(path), "vol": float(vol_ok[:, 0].mean()),
                 "frag": float(frag_ok[:, 0].mean()), "cs": classifier_score(p0),
-                "groups": {"cs": groups_ci(lambda g, p=p0: classifier_score(p[g]), n_t, ng)}, "group_cs": g0}]
+                "groups": {"cs": groups_ci(lambda g, p=p0: classifier_score(p[g]), n_t, ng)}, "group_cs": g0,
+                "final_probs": np.round(p0, 6).tolist()}]
         row = {"run": str(path), "vol": float(vol_ok.mean()), "frag": float(frag_ok.mean()),
                "cs": classifier_score(probs), "seconds": round(secs, 1),
                "groups": {"vol": groups_ci(lambda g, a=vol_ok: a[g].mean(), n_t, ng),
                           "frag": groups_ci(lambda g, a=frag_ok: a[g].mean(), n_t, ng),
                           "cs": groups_ci(lambda g, p=probs: classifier_score(p[g]), n_t, ng)},
                "group_cs": group_values(lambda g, p=probs: classifier_score(p[g]), n_t, ng),
-               **closure_weights_of(ham)}
+               "final_probs": np.round(probs, 6).tolist(), **closure_weights_of(ham)}
         wn = f"  {weights_text(row)}" if any(k in row for k in WEIGHT_KEYS) else ""
         log(f"{lab} [{path}]: vol {row['vol']:.2f} frag {row['frag']:.2f} CS {row['cs']:.2f} "
             f"({secs:.0f} s roll-out){wn}")
         results.setdefault(lab, []).append(row)
     summary = summarise(results, ["vol", "frag", "cs"])
     paired = paired_differences(results) if starts == "paired" else []
-    for d in paired:
+    boot = paired_bootstrap(results) if starts == "paired" else []
+    for d, e in zip(paired, boot):
         log(f"paired CS difference {d['a']} − {d['b']}: {fmt(d['cs_diff'], d['cs_diff_ci'])} "
-            f"({d['groups']} groups)")
+            f"({d['groups']} groups); whole set {e['cs_diff']:.2f} [{e['lo']:.2f}, {e['hi']:.2f}] (bootstrap)")
     return {"table": "table1", "data": str(data), "rollout": cfg, "sampler": sampler,
             "proposal": proposal if sampler == "exact" else None, "starts": starts, "paired": paired,
+            "paired_bootstrap": boot,
             "volume_bounds": bounds,
             "classifier": {k: v for k, v in clf_info.items() if k != "curve"}, "rows": summary, "raw": results}
 
@@ -485,8 +514,16 @@ def table1_markdown(res: dict) -> str:
         note = (f"Paired starts: every run from the same {cfg['trajectories']} permuted starts. CS difference "
                 f"row a − row b over the same {res['paired'][0]['groups']} trajectory groups (95 % interval over "
                 "the groups; > 0 with the interval clear of 0: a scores above b on the same starts):")
-        lines += ["", note, "", "| row a | row b | CS(a) − CS(b) |", "|---|---|---|"]
-        lines += [f"| {d['a']} | {d['b']} | {fmt(d['cs_diff'], d['cs_diff_ci'])} |" for d in res["paired"]]
+        boot = {(e["a"], e["b"]): e for e in res.get("paired_bootstrap", [])}
+        if boot:
+            note += (" and, for the whole-set CS the rows print, CS(a) − CS(b) with its 95 % paired bootstrap "
+                     "interval (trajectories resampled, the same ones for both rows)")
+        lines += ["", note, "", "| row a | row b | CS(a) − CS(b), groups | CS(a) − CS(b), whole set [95 %] |",
+                  "|---|---|---|---|"]
+        for d in res["paired"]:
+            e = boot.get((d["a"], d["b"]))
+            whole = f"{e['cs_diff']:.2f} [{e['lo']:.2f}, {e['hi']:.2f}]" if e else "–"
+            lines.append(f"| {d['a']} | {d['b']} | {fmt(d['cs_diff'], d['cs_diff_ci'])} | {whole} |")
     return "\n".join(lines)
 
 
