@@ -445,7 +445,7 @@ class CheckerboardSampler(ExactSampler):
                 int(self.spin_seconds * _sync.ticks_per_second()), clock,
                 np.zeros((2 * len(fracs) if self.record_strips else 1, self.m, 2), np.int64))
         c0 = _sync.cycles_now()
-        pin = self.pin_cpus or None
+        pin = None if self.pin_cpus is None else [int(c) for c in self.pin_cpus]  # a list or an array of ids
         if workers > 1:
             _worker(0, 1, *((offsets[:0],) + args[1:]))  # compiled here first (no rounds), not in two threads
         helpers = [threading.Thread(target=_pinned, args=(pin, w, workers, *args)) for w in range(1, workers)]
