@@ -41,10 +41,11 @@ directed motion: per id the reference site = its smallest flat site index, the s
 displacements of its sites from it, and a doubly linked list of its sites so that a change of reference
 site costs O(V)).
 
-Proposal: ``B = None`` for the classic proposal, ``B = (bflag, bcount, frame)`` for the boundary proposal
-(``bflag[y]`` = number of copy neighbours of ``y`` with another id, ``bcount[0]`` = number of sites with
-``bflag > 0``, both kept incrementally; ``frame[y]`` = 1 for the sites on the slow neighbour path, fixed; a
-boundary site is drawn by rejection from uniform sites).
+Proposal: ``B = None`` for the classic proposal, ``B = (bflag, frame)`` for the boundary proposal
+(``bflag[y]`` = number of copy neighbours of ``y`` with another id, kept incrementally; ``frame[y]`` = 1 for
+the sites on the slow neighbour path, fixed; a boundary site is drawn by rejection from uniform sites; the
+boundary set is empty exactly when one id fills the lattice, as the copy neighbourhood's unit offsets connect
+every site to every other, so its size is not kept).
 
 Compiled neural terms travel in a tuple ``NN`` (built by ``exact.neural_pack``)::
 
@@ -88,6 +89,7 @@ _TWO53 = 1.0 / 9007199254740992.0
 # Without these, numba emits atomic incref/decref pairs per candidate that its pruning pass cannot remove.
 _HOT = {"cache": True, "error_model": "numpy", "_nrt": False}
 _LO32 = np.uint64(0xFFFFFFFF)
+_PREFETCH_SITES = 8192
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,15 +253,16 @@ def coords_of(x, shape):  # pragma: no cover - compiled form below
 
 @overload(coords_of, inline="always")
 def _coords_of_impl(x, shape):
+    # unsigned divisions (x ≥ 0): no sign correction after each, and a cheaper divide instruction
     if shape.count == 2:
         def impl2(x, shape):
-            a = x // shape[1]
+            a = np.int64(np.uint64(x) // np.uint64(shape[1]))
             return (a, x - a * shape[1])
         return impl2
     if shape.count == 3:
         def impl3(x, shape):
-            q = x // shape[2]
-            a = q // shape[1]
+            q = np.int64(np.uint64(x) // np.uint64(shape[2]))
+            a = np.int64(np.uint64(q) // np.uint64(shape[1]))
             return (a, q - a * shape[1], x - q * shape[2])
         return impl3
     return None
@@ -282,10 +285,18 @@ def nbr_slow(c, offs, j, shape, periodic):
     for d in range(len(shape)):
         n = shape[d]
         v = c[d] + offs[j, d]
-        if v < 0 or v >= n:
+        if v < 0:
             if not periodic:
                 return -1
-            v = v % n
+            v += n  # one period (no division), and `%` only where an offset is longer than the lattice
+            if v < 0:
+                v %= n
+        elif v >= n:
+            if not periodic:
+                return -1
+            v -= n
+            if v >= n:
+                v %= n
         flat = flat * n + v
     return flat
 
@@ -827,46 +838,34 @@ def _surface_apply_impl(x, fast, old, new, ids, G, S, surf):
 
 @njit(cache=True, inline="always")
 def _bnbr_update(y, idy, old, new, bflag):
-    """Neighbour ``y`` (id ``idy``, ``y`` ≠ the site that passed from ``old`` to ``new``): its unlike-neighbour
-    count; returns ``(unlike, dcount)``: 1 if ``y`` is now unlike that site, and the change of the
-    boundary-site count (±1, 0)."""
-    before = bflag[y]
-    after = before + np.int32(idy == old) - np.int32(idy == new)  # no data-dependent branch for the count
-    bflag[y] = after
-    return np.int64(idy != new), np.int64(after > 0) - np.int64(before > 0)
+    """Neighbour ``y`` (id ``idy``, ``y`` ≠ the site that passed from ``old`` to ``new``): update its
+    unlike-neighbour count; returns 1 if ``y`` is now unlike that site."""
+    bflag[y] += np.int32(idy == old) - np.int32(idy == new)  # no data-dependent branch for the count
+    return np.int64(idy != new)
 
 
 @njit(cache=True, inline="always")
-def _boundary_update(x, fast, old, new, ids, G, bflag, bcount):
-    """Boundary bookkeeping after ``ids[x]`` became ``new`` (copy neighbourhood). The count changes add up in
-    a local (``bcount`` may alias ``bflag`` for the compiler: a store per neighbour would chain them)."""
+def _boundary_update(x, fast, old, new, ids, G, bflag):
+    """Boundary bookkeeping after ``ids[x]`` became ``new`` (copy neighbourhood): the unlike-neighbour counts
+    of ``x`` and of its neighbours."""
     fd = G[3]
     c = np.int64(0)
-    dc = np.int64(0)
     if fast and fd.shape[0] == 8:  # no neighbour wraps onto x; 2-D Moore: unrolled (constant trip count)
         for j in range(8):
             y = _u(x + fd[j])
-            u, d = _bnbr_update(y, ids[y], old, new, bflag)
-            c += u
-            dc += d
+            c += _bnbr_update(y, ids[y], old, new, bflag)
     elif fast:
         for j in range(fd.shape[0]):
             y = _u(x + fd[j])
-            u, d = _bnbr_update(y, ids[y], old, new, bflag)
-            c += u
-            dc += d
+            c += _bnbr_update(y, ids[y], old, new, bflag)
     else:
         shape = G[0]
         cx = coords_of(x, shape)
         for j in range(fd.shape[0]):
             y = nbr_slow(cx, G[2], j, shape, G[1])
             if y >= 0 and y != x:  # (a neighbour that wraps onto x itself is like x)
-                u, d = _bnbr_update(y, ids[y], old, new, bflag)
-                c += u
-                dc += d
-    ux = _u(x)
-    bcount[0] += dc + np.int64(c > 0) - np.int64(bflag[ux] > 0)
-    bflag[ux] = c
+                c += _bnbr_update(y, ids[y], old, new, bflag)
+    bflag[_u(x)] = c
 
 
 def _boundary_apply(x, fast, old, new, ids, G, B):  # pragma: no cover - compiled (overload)
@@ -877,7 +876,7 @@ def _boundary_apply(x, fast, old, new, ids, G, B):  # pragma: no cover - compile
 def _boundary_apply_impl(x, fast, old, new, ids, G, B):
     if _absent(B):
         return lambda x, fast, old, new, ids, G, B: None
-    return lambda x, fast, old, new, ids, G, B: _boundary_update(x, fast, old, new, ids, G, B[0], B[1])
+    return lambda x, fast, old, new, ids, G, B: _boundary_update(x, fast, old, new, ids, G, B[0])
 
 
 @njit(cache=True, inline="always")
@@ -894,13 +893,12 @@ def apply_copy(x, fast, new, ids, vol, G, P, A, B):
 
 
 @njit(cache=True)
-def init_boundary(ids, G, bflag, bcount, frame):
+def init_boundary(ids, G, bflag, frame):
     """Boundary counts of the copy neighbourhood: ``bflag[y]`` = number of copy neighbours of y with another
-    id, ``bcount[0]`` = number of sites with ``bflag > 0`` (the boundary set); ``frame[y]`` = 1 for the sites
+    id (the boundary set: the sites with ``bflag > 0``); ``frame[y]`` = 1 for the sites
     less than ``M1`` from an edge (the slow neighbour path), 0 for the others (fast: no division for the
     coordinates in :func:`boundary_pick`)."""
     shape = G[0]
-    bcount[0] = 0
     for y in range(ids.shape[0]):
         c = 0
         cy = coords_of(y, shape)
@@ -910,8 +908,6 @@ def init_boundary(ids, G, bflag, bcount, frame):
             if z >= 0 and ids[z] != ids[y]:
                 c += 1
         bflag[y] = c
-        if c > 0:
-            bcount[0] += 1
 
 
 @njit(cache=True, inline="always")
@@ -928,9 +924,9 @@ def boundary_pick(x, r32, ids, G, bflag, frame):
         if len(fd) == 8:  # the 2-D Moore neighbourhood: a constant trip count, unrolled by the compiler
             for j in range(8):
                 idy = ids[_u(x + fd[j])]
-                unlike = idy != cx
-                new = idy if (unlike and pick == 0) else new
-                pick -= np.int64(unlike)
+                unlike = np.int64(idy != cx)
+                new = idy if (unlike & np.int64(pick == 0)) != 0 else new  # one select per neighbour
+                pick -= unlike
             return fast, new
         for j in range(len(fd)):
             idy = ids[_u(x + fd[j])]
@@ -1018,7 +1014,7 @@ def sweep(ids, tp, vol, G, P, A, B, rng, n_attempts, inv_t, stop_at_candidate, c
                 continue
             new = ids[src]
         else:
-            if B[1][0] == 0:
+            if vol[_u(ids[0])] == n:  # one id fills the lattice: the boundary set is empty
                 continue
             # x uniform over the boundary set: uniform sites until one has an unlike copy neighbour
             # (rejection; no list of boundary sites to keep, whose random accesses miss the cache)
@@ -1029,11 +1025,12 @@ def sweep(ids, tp, vol, G, P, A, B, rng, n_attempts, inv_t, stop_at_candidate, c
             # Prefetch the next attempt's site, whose draw is already known (no random number is consumed: the
             # xoshiro256** output is a function of s1): the next draw, or the one after if this attempt draws a
             # Metropolis uniform. Prefetching changes no result.
-            ra = _rotl(s1 * np.uint64(5), 7) * np.uint64(9)
-            rb = _rotl((s1 ^ s2 ^ s0) * np.uint64(5), 7) * np.uint64(9)
-            _prefetch_site(_u(_below(ra >> np.uint64(32), n)), ids, G, B[0], B[2])
-            _prefetch_site(_u(_below(rb >> np.uint64(32), n)), ids, G, B[0], B[2])
-            fast, new = boundary_pick(x, r & _LO32, ids, G, B[0], B[2])
+            if n >= _PREFETCH_SITES:  # (smaller lattices stay in L1: measured, the hints cost more than they save)
+                ra = _rotl(s1 * np.uint64(5), 7) * np.uint64(9)
+                rb = _rotl((s1 ^ s2 ^ s0) * np.uint64(5), 7) * np.uint64(9)
+                _prefetch_site(_u(_below(ra >> np.uint64(32), n)), ids, G, B[0], B[1])
+                _prefetch_site(_u(_below(rb >> np.uint64(32), n)), ids, G, B[0], B[1])
+            fast, new = boundary_pick(x, r & _LO32, ids, G, B[0], B[1])
         old = ids[x]
         if old == new:
             continue

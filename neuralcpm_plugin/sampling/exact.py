@@ -481,10 +481,9 @@ class ExactSampler:
         self._G = geometry(self.shape, self.periodic, self.copy_order, self.pack.read_range)
         self._A = _per_cell_state(self.pack, self._G, self._ids, self.n_ids, self._vol)
         self._B = None
-        if self.proposal == "boundary":  # (bflag, bcount, frame), see _kernels
+        if self.proposal == "boundary":  # (bflag, frame), see _kernels
             small = len(self._G[3]) < 256  # one byte per site keeps the rejection draws' reads in cache
-            self._B = (np.zeros(self.n_sites, np.uint8 if small else np.int32), np.zeros(1, np.int64),
-                       np.zeros(self.n_sites, np.uint8))
+            self._B = (np.zeros(self.n_sites, np.uint8 if small else np.int32), np.zeros(self.n_sites, np.uint8))
             K.init_boundary(self._ids, self._G, *self._B)
         self.compiled_terms = [t for t in (local, pooled) if t is not None]
         self._NN = neural_pack(local, pooled, self._ids, self._types, self.shape) if self.compiled_terms else None
