@@ -372,16 +372,15 @@ def _contact_uniform(dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, J):
         return dh
     shape = G[0]
     c = coords_of(x, shape)
+    z = J.shape[1] - 1
     for k in range(kn):
         y = nbr_slow(c, coffs, k, shape, G[1])
-        if y < 0 or y == x:
+        if y < 0 or y == x:  # (predictable: outside a non-periodic lattice, or a tiny periodic one)
             continue
         s = ids[y]
         ts = tp[s]
-        if s != new:
-            dh += J[tn, ts]
-        if s != old:
-            dh -= J[to, ts]
+        dh += J[tn, ts if s != new else z]  # selects, as on the fast path
+        dh -= J[to, ts if s != old else z]
     return dh
 
 
@@ -398,16 +397,15 @@ def _contact_columns(dh, x, fast, old, new, to, tn, ids, tp, G, coffs, cfd, Jn):
         return dh
     shape = G[0]
     c = coords_of(x, shape)
+    z = Jn.shape[2] - 1
     for k in range(len(cfd)):
         y = nbr_slow(c, coffs, k, shape, G[1])
         if y < 0 or y == x:
             continue
         s = ids[y]
         ts = tp[s]
-        if s != new:
-            dh += Jn[k, tn, ts]
-        if s != old:
-            dh -= Jn[k, to, ts]
+        dh += Jn[k, tn, ts if s != new else z]
+        dh -= Jn[k, to, ts if s != old else z]
     return dh
 
 
@@ -940,10 +938,9 @@ def boundary_pick(x, r32, ids, G, bflag, frame):
         y = nbr_slow(c, G[2], j, shape, G[1])
         if y >= 0:
             idy = ids[y]
-            if idy != cx:
-                if pick == 0:
-                    new = idy
-                pick -= 1
+            unlike = idy != cx
+            new = idy if (unlike and pick == 0) else new  # selects, as on the fast path
+            pick -= np.int64(unlike)
     return fast, new
 
 
