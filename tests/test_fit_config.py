@@ -18,6 +18,10 @@ def test_every_preset_loads_and_validates():
     t1 = load_config("mnist-cpu-table1")   # the README's Table-1 closure: analytic + pooled NH, D = 32, CD
     assert (t1["model"]["kind"], t1["model"]["pooled"]["position_dim"], t1["pcd"]["reset_prob"],
             t1["pcd"]["sampler"]) == ("pooled-closure", 32, 1.0, "exact")
+    t1m = load_config("mnist-cpu-table1-mixed")   # that closure fine-tuned with exact + parallel chains
+    assert (t1m["model"]["kind"], t1m["model"]["pooled"]["position_dim"], t1m["pcd"]["reset_prob"],
+            t1m["pcd"]["sampler"], t1m["pcd"]["flips"], t1m["pcd"]["chain_rng"], t1m["pcd"]["iterations"]) == \
+        ("pooled-closure", 32, 1.0, "mixed", 50, "batched", 400)
     t2 = load_config("bipolar-cpu-table2")   # the same recipe for Table 2 (bipolar)
     assert (t2["model"]["kind"], t2["model"]["pooled"]["position_dim"], t2["pcd"]["reset_prob"],
             t2["pcd"]["sampler"], t2["data"]["path"]) == ("pooled-closure", 32, 1.0, "exact",

@@ -285,3 +285,82 @@ def test_learned_target_volume_moves_towards_the_data(tmp_path):
     assert np.all(tgt < mean_v + 15.0 - 1.0), (tgt, mean_v)     # moved down towards the data
     # with pl the convex fit learns κ = λ·V* (tests/test_three_d.py checks the recovered values)
     assert load_config(None, {"model": {"learn_target_volume": True}, "objective": {"name": "pl"}})
+
+
+def test_mixed_chain_sweep_is_exact_on_the_first_half_and_parallel_on_the_rest():
+    """pcd.sampler = "mixed": chains 0..B//2-1 move as ExactChainSampler moves them, the rest as the parallel
+    sampler does, both drawing from the one generator (exact part first); volumes are recounted."""
+    from neuralcpm_plugin.hamiltonian.base import Batch
+    from neuralcpm_plugin.sampling.parallel import ParallelSampler
+    from training.fit import build_model
+    from training.pcd import ExactChainSampler, MixedChainSampler
+    states = block_states(4, size=24)
+    ham, _ = build_model(load_config(None, {"name": "t"}), states, seed=0)
+    batch = Batch.from_states(states)
+    before = batch.ids.clone()
+    st = MixedChainSampler(ham, 10, proposal="boundary").sweep(batch, 0.5, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    ex = Batch.from_states(states[:2])
+    ExactChainSampler(ham, proposal="boundary").sweep(ex, 0.5, g)
+    par = Batch.from_states(states[2:])
+    ParallelSampler(ham, n_flips=10).sweep(par, 0.5, g)
+    assert torch.equal(batch.ids[:2], ex.ids) and torch.equal(batch.ids[2:], par.ids)
+    assert not torch.equal(batch.ids, before)
+    vol = torch.stack([torch.bincount(batch.ids[b].flatten(), minlength=batch.volumes.shape[1]) for b in range(4)])
+    assert torch.equal(batch.volumes, vol)
+    assert 0 < st["acceptance_exact"] <= 1 and 0 < st["acceptance_parallel"] <= 1
+    assert st["acceptance"] == pytest.approx((st["acceptance_exact"] + st["acceptance_parallel"]) / 2)
+
+
+def test_mixed_chains_train_and_resume_exactly(tmp_path, data):
+    ref = tmp_path / "ref"
+    fit(_cfg(tmp_path, data, ref, iterations=4, sampler="mixed", chain_rng="batched", checkpoint_every=2),
+        progress=False)
+    run = tmp_path / "split"
+    fit(_cfg(tmp_path, data, run, iterations=2, sampler="mixed", chain_rng="batched", checkpoint_every=2),
+        progress=False)
+    fit(_cfg(tmp_path, data, run, iterations=4, sampler="mixed", chain_rng="batched", checkpoint_every=2),
+        resume=True, progress=False)
+    _same(_ckpt(ref)[0], _ckpt(run)[0])
+
+
+def test_mixed_sampler_needs_batched_chains(tmp_path, data):
+    from neuralcpm_plugin.errors import ConfigError
+    with pytest.raises(ConfigError, match="mixed.*chain_rng"):
+        _cfg(tmp_path, data, tmp_path / "r", sampler="mixed", chain_rng="per_chain")
+
+
+def test_init_starts_every_parameter_at_the_bundle_and_refuses_another_model(tmp_path, data):
+    """model.init (--init): fine-tuning starts at the bundle's parameters; a bundle of another model kind or
+    architecture is a ConfigError naming the bundle."""
+    from neuralcpm_plugin.bundle import load_bundle
+    from neuralcpm_plugin.errors import ConfigError
+    from training.fit import build_model, init_parameters, load_training_data
+    first = tmp_path / "first"
+    cfg = _cfg(tmp_path, data, first, iterations=2, ema=0.0, lr=0.05)
+    cfg["model"].update(kind="pooled-closure", pooled={"position_dim": 4, "hidden": 8})
+    fit(cfg, progress=False)
+    src = load_bundle(first / "model").hamiltonian
+    states, _ = load_training_data(cfg, tmp_path)
+    ham, _ = build_model(cfg, states, seed=7)
+    assert any(not torch.equal(a, b) for a, b in zip(ham.state_dict().values(), src.state_dict().values()))
+    init_parameters(ham, str(first / "model"))
+    for (k, a), (k2, b) in zip(ham.state_dict().items(), src.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    # through fit: 0 further iterations would be the bundle itself; one iteration starts from it
+    second = tmp_path / "second"
+    cfg2 = _cfg(tmp_path, data, second, iterations=1, ema=0.0, lr=1e-6)
+    cfg2["model"].update(kind="pooled-closure", pooled={"position_dim": 4, "hidden": 8}, init=str(first / "model"))
+    fit(cfg2, progress=False)
+    tuned = load_bundle(second / "model").hamiltonian
+    for a, b in zip(tuned.parameters(), src.parameters()):
+        assert torch.allclose(a, b, atol=1e-4)
+    other, _ = build_model(load_config(None, {"name": "t"}), states, seed=0)       # analytic only
+    with pytest.raises(ConfigError, match="first/model.*same model kind"):
+        init_parameters(other, str(first / "model"))
+    wider = dict(cfg["model"], pooled={"position_dim": 6, "hidden": 8})
+    ham6, _ = build_model(dict(cfg, model=wider), states, seed=0)
+    with pytest.raises(ConfigError, match="architecture"):
+        init_parameters(ham6, str(first / "model"))
+    with pytest.raises(ConfigError, match="model.init must be a model bundle"):
+        init_parameters(ham, str(tmp_path / "missing"))

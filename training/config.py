@@ -23,7 +23,8 @@ top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), `
     local-pooled-closure), ``neural`` (free table: architecture config passed to the neural term — the local
     NH of local-pooled-closure), ``pooled`` (free table: the pooled NH's config, e.g. ``position_dim``,
     ``hidden``; for pooled-nh / pooled-closure ``neural`` is accepted too),
-    ``prior`` (a bundle, Morpheus .xml or CC3D .cc3d model; analytic part), ``freeze_prior``,
+    ``prior`` (a bundle, Morpheus .xml or CC3D .cc3d model; analytic part), ``freeze_prior``, ``init`` (a bundle
+    of the same model kind and architecture: every parameter starts at its values — fine-tuning),
     ``learn_target_volume`` (true: V* is learned with λ instead of fixed to the data's mean volume — the
     paper's choice, which biases λ and J when the mean volume differs from V*; with ``pl`` the convex fit
     learns κ = λ·V*), ``external_field`` (true: add
@@ -40,7 +41,8 @@ top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), `
     ``flips``, ``reset_prob``, ``alpha``, ``ema``, ``lr``, ``checkpoint_every``, ``plot_every`` (0 = no plots), divergence
     guard ``energy_limit`` / ``lr_decay`` / ``max_rollbacks``, ``sampler`` ("parallel" = the paper's parallel
     sampler; "exact" = the sequential sampler, with ``proposal`` "classic" (CC3D/Morpheus) or "boundary" (the
-    cell-sorting generator)), ``init_permute`` (chains start from data
+    cell-sorting generator); "mixed" = the first half of the chains on the exact sampler with ``proposal``,
+    the rest on the parallel one with ``flips``, needs ``chain_rng = "batched"``), ``init_permute`` (chains start from data
     states with permuted cell types, as a reset does; false = from the data states themselves), ``reset_permute``
     (resets permute the cell types, the paper; false = contrastive divergence from the data states), ``chain_rng``
     ("per_chain": one generator and sampler call per chain, identical for any number of processes;
@@ -104,6 +106,7 @@ DEFAULTS: dict = {
         "neural": {},
         "pooled": {},
         "prior": "",
+        "init": "",                  # a bundle of the same model: every parameter starts at its values
         "learn_target_volume": False,  # learn V* too (default: fixed to the data mean, as the paper)
         "external_field": False,     # add an external potential with a learned field (paper baseline)
         "freeze_prior": False,
@@ -248,7 +251,10 @@ def validate(cfg: dict, *, where: str = "") -> dict:
               (p["lr"] > 0, "pcd.lr must be > 0"),
               (p["checkpoint_every"] >= 1, "pcd.checkpoint_every must be >= 1"),
               (0 < p["lr_decay"] < 1, "pcd.lr_decay must lie in (0, 1)"),
-              (p["sampler"] in ("parallel", "exact"), "pcd.sampler must be 'parallel' (paper) or 'exact'"),
+              (p["sampler"] in ("parallel", "exact", "mixed"),
+               "pcd.sampler must be 'parallel' (paper), 'exact' or 'mixed'"),
+              (p["sampler"] != "mixed" or p["chain_rng"] == "batched",
+               "pcd.sampler = 'mixed' needs pcd.chain_rng = 'batched' (it splits the batch of chains)"),
               (p["proposal"] in ("classic", "boundary"), "pcd.proposal must be 'classic' or 'boundary'"),
               (p["chain_rng"] in ("per_chain", "batched"), "pcd.chain_rng must be 'per_chain' or 'batched'"),
               (m["temperature"] > 0, "model.temperature must be > 0"),

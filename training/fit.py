@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", help="model bundle (run_dir/model), Morpheus .xml or CompuCell3D .cc3d model: the "
                    "analytic part (initial values)")
     p.add_argument("--freeze-prior", action="store_true", help="keep the prior's parameters fixed")
+    p.add_argument("--init", help="model bundle (run_dir/model) of the same model kind and architecture: every "
+                   "parameter starts at its values (fine-tuning; give the same --prior as that model's run)")
     p.add_argument("--out", help="run folder (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue a pcd run from its last checkpoint, exactly")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in the run folder")
@@ -146,6 +148,7 @@ def _overrides(args) -> dict:
     put("model", "kind", args.model)
     put("objective", "name", args.objective)
     put("model", "prior", args.prior)
+    put("model", "init", args.init)
     if args.freeze_prior:
         put("model", "freeze_prior", True)
     put(None, "out", args.out)
@@ -446,6 +449,27 @@ def build_model(cfg: dict, states, *, seed: int = 0):
     return ham, info
 
 
+def init_parameters(ham, path: str) -> None:
+    """Set every parameter and buffer of ``ham`` from the model bundle ``path`` (``model.init``, ``--init``).
+
+    The bundle must hold the same terms (kinds, in order) with the same architecture; anything else is a
+    :class:`ConfigError` naming the bundle and the mismatch."""
+    from neuralcpm_plugin.bundle import load_bundle
+    p = Path(path)
+    if not (p.is_dir() or p.name == "model.json") or not p.exists():
+        raise ConfigError(f"{path}: model.init must be a model bundle (a run's model/ folder)")
+    src = load_bundle(p).hamiltonian
+    kinds, src_kinds = [t.kind for t in ham.terms], [t.kind for t in src.terms]
+    if kinds != src_kinds:
+        raise ConfigError(f"{path}: model.init has the terms {', '.join(src_kinds)}, the model to train "
+                          f"{', '.join(kinds)}: use a bundle of the same model kind")
+    try:
+        ham.load_state_dict(src.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"{path}: model.init does not fit the model's architecture: "
+                          f"{str(e).splitlines()[0]}") from None
+
+
 def _pooled_term(m: dict, n_types: int, shape, seed: int):
     """The pooled NH of a pooled model kind: config from model.pooled (or model.neural for pooled-nh /
     pooled-closure); the lattice shape of its position embedding from the data."""
@@ -666,6 +690,9 @@ def _sampler_factory(kind: str = "parallel", proposal: str = "classic"):
     if kind == "exact":
         from .pcd import ExactChainSampler
         return lambda ham, n_flips: ExactChainSampler(ham, n_flips, proposal=proposal)
+    if kind == "mixed":
+        from .pcd import MixedChainSampler
+        return lambda ham, n_flips: MixedChainSampler(ham, n_flips, proposal=proposal)
     from neuralcpm_plugin.sampling.parallel import ParallelSampler
 
     def make(ham, n_flips):
@@ -796,6 +823,9 @@ def fit(cfg: dict, *, resume: bool = False, overwrite: bool = False, truth_spec:
     for w in data_warnings:
         _say(f"warning: {w}")
     ham, info = build_model(cfg, states, seed=seed)
+    if cfg["model"]["init"]:
+        init_parameters(ham, cfg["model"]["init"])
+        _say(f"init: every parameter from {cfg['model']['init']}")
     _check_compatible(ham, states)
     ham = ham.to(device)
     truth = _truth_from(truth_spec, data_info)

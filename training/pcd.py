@@ -44,7 +44,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .optim import Adam
 from .parammap import ParamMap, using_params
 
-__all__ = ["ExactChainSampler", "PCDTrainer", "TrainingDiverged", "chain_seed"]
+__all__ = ["ExactChainSampler", "MixedChainSampler", "PCDTrainer", "TrainingDiverged", "chain_seed"]
 
 
 class TrainingDiverged(NeuralCPMError, RuntimeError):
@@ -100,6 +100,45 @@ class ExactChainSampler:
             cand += int(st.get("candidates", 0))
         batch.recount_volumes()
         return {"acceptance": acc / cand if cand else float("nan")}
+
+
+class MixedChainSampler:
+    """``pcd.sampler = "mixed"``: per sweep, the first half of the batch's chains (``B // 2``) follow the exact
+    sequential sampler (:class:`ExactChainSampler`, with ``proposal``) and the rest the paper's parallel sampler
+    (:class:`~neuralcpm_plugin.sampling.parallel.ParallelSampler`, ``n_flips`` proposals per step), so that one
+    model is contrasted against the negatives of both dynamics it is rolled out under. Needs batched chains
+    (``pcd.chain_rng = "batched"``: one sweep per iteration over all chains); a batch of one chain goes to the
+    parallel sampler. Both samplers draw their randomness from the one generator passed in, exact part first.
+    Returns the acceptance of the two parts (``acceptance_exact``, ``acceptance_parallel``) and their mean
+    (``acceptance``)."""
+
+    def __init__(self, hamiltonian, n_flips: int, *, proposal: str = "classic"):
+        from neuralcpm_plugin.sampling.parallel import ParallelSampler
+        self.exact = ExactChainSampler(hamiltonian, n_flips, proposal=proposal)
+        self.parallel = ParallelSampler(hamiltonian, n_flips=n_flips)
+
+    def reset(self):
+        self.parallel.reset()
+
+    @torch.no_grad()
+    def sweep(self, batch: Batch, mcs: float, generator: torch.Generator | None = None) -> dict:
+        k = batch.B // 2
+        out: dict = {}
+        if k:
+            ex = Batch(batch.ids[:k].clone(), batch.types[:k], batch.volumes[:k].clone(), batch.periodic)
+            st = self.exact.sweep(ex, mcs, generator)
+            batch.ids[:k].copy_(ex.ids)
+            out["acceptance_exact"] = st["acceptance"]
+        par = Batch(batch.ids[k:].clone(), batch.types[k:], batch.volumes[k:].clone(), batch.periodic)
+        self.parallel.reset()
+        st = self.parallel.sweep(par, mcs, generator)
+        batch.ids[k:].copy_(par.ids)
+        out["acceptance_parallel"] = st["acceptance"]
+        batch.recount_volumes()
+        parts = [v for v in (out.get("acceptance_exact"), out["acceptance_parallel"])
+                 if v is not None and math.isfinite(v)]
+        out["acceptance"] = float(np.mean(parts)) if parts else float("nan")
+        return out
 
 
 class _Dist:
