@@ -513,11 +513,12 @@ def table1_markdown(res: dict) -> str:
     if res.get("paired"):
         note = (f"Paired starts: every run from the same {cfg['trajectories']} permuted starts. CS difference "
                 f"row a − row b over the same {res['paired'][0]['groups']} trajectory groups (95 % interval over "
-                "the groups; > 0 with the interval clear of 0: a scores above b on the same starts):")
+                "the groups; > 0 with the interval clear of 0: a scores above b on the same starts)")
         boot = {(e["a"], e["b"]): e for e in res.get("paired_bootstrap", [])}
         if boot:
             note += (" and, for the whole-set CS the rows print, CS(a) − CS(b) with its 95 % paired bootstrap "
                      "interval (trajectories resampled, the same ones for both rows)")
+        note += ":"
         lines += ["", note, "", "| row a | row b | CS(a) − CS(b), groups | CS(a) − CS(b), whole set [95 %] |",
                   "|---|---|---|---|"]
         for d in res["paired"]:
