@@ -466,9 +466,11 @@ def evaluate_table1(data, runs, *, scale: str = "cpu", classifier=None, seed: in
     summary = summarise(results, ["vol", "frag", "cs"])
     paired = paired_differences(results) if starts == "paired" else []
     boot = paired_bootstrap(results) if starts == "paired" else []
-    for d, e in zip(paired, boot):
+    whole = {(e["a"], e["b"]): f"; whole set {e['cs_diff']:.2f} [{e['lo']:.2f}, {e['hi']:.2f}] (bootstrap)"
+             for e in boot}
+    for d in paired:
         log(f"paired CS difference {d['a']} − {d['b']}: {fmt(d['cs_diff'], d['cs_diff_ci'])} "
-            f"({d['groups']} groups); whole set {e['cs_diff']:.2f} [{e['lo']:.2f}, {e['hi']:.2f}] (bootstrap)")
+            f"({d['groups']} groups){whole.get((d['a'], d['b']), '')}")
     return {"table": "table1", "data": str(data), "rollout": cfg, "sampler": sampler,
             "proposal": proposal if sampler == "exact" else None, "starts": starts, "paired": paired,
             "paired_bootstrap": boot,
