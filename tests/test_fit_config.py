@@ -73,6 +73,19 @@ def test_wrong_types_and_ranges(tmp_path):
         load_config("no-such-preset")
 
 
+def test_pcd_lr_scale_is_checked_and_roundtrips(tmp_path):
+    cfg = load_config(None, {"pcd": {"lr_scale": {"pos": 20.0, "mlp.0.weight": 2}}})
+    assert cfg["pcd"]["lr_scale"] == {"pos": 20.0, "mlp.0.weight": 2}
+    f = tmp_path / "c.toml"
+    f.write_text(to_toml(cfg))
+    assert load_config(str(f))["pcd"]["lr_scale"] == cfg["pcd"]["lr_scale"]
+    for bad in ({"pos": 0.0}, {"pos": -1.0}, {"pos": float("nan")}, {"pos": "fast"}, {"pos": True}, {"": 2.0}):
+        with pytest.raises(ConfigError, match="pcd.lr_scale"):
+            load_config(None, {"pcd": {"lr_scale": bad}})
+    with pytest.raises(ConfigError, match="pcd.lr_scale.*table"):
+        load_config(None, {"pcd": {"lr_scale": 3.0}})
+
+
 def test_free_tables_pass_through_and_roundtrip(tmp_path):
     cfg = merge(DEFAULTS, {"generate": {"options": {"anything": 3}}, "model": {"neural": {"hidden": [4, 8]}}})
     assert cfg["generate"]["options"] == {"anything": 3}

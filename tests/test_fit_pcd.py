@@ -364,3 +364,22 @@ def test_init_starts_every_parameter_at_the_bundle_and_refuses_another_model(tmp
         init_parameters(ham6, str(first / "model"))
     with pytest.raises(ConfigError, match="model.init must be a model bundle"):
         init_parameters(ham, str(tmp_path / "missing"))
+
+
+def test_lr_scale_slows_one_parameter_and_unknown_names_are_an_error(tmp_path, data):
+    """pcd.lr_scale multiplies one learnable tensor's Adam step: J with factor 1e-9 stays at its start while λ
+    (factor 1) moves; a name that matches no learnable tensor stops the run before training, naming them."""
+    from neuralcpm_plugin.bundle import load_bundle
+    from neuralcpm_plugin.errors import NeuralCPMError
+    out = tmp_path / "run"
+    cfg = _cfg(tmp_path, data, out, iterations=4, lr=0.05, ema=0.0, lr_scale={"J_triu": 1e-9})
+    cfg["model"]["init_J"] = 3.0
+    fit(cfg, progress=False)
+    h = load_bundle(out / "model").hamiltonian
+    J = h.term("contact").J.detach().numpy()
+    lam = h.term("volume").lam.detach().numpy()
+    assert abs(J[1, 0] - 3.0) < 1e-6 and abs(J[2, 1] - 3.0) < 1e-6
+    assert abs(float(lam[1]) - 0.1) > 1e-3
+    bad = _cfg(tmp_path, data, tmp_path / "bad", iterations=2, lr_scale={"nope": 2.0})
+    with pytest.raises(NeuralCPMError, match="lr_scale.*'nope'.*J_triu"):
+        fit(bad, progress=False)

@@ -46,7 +46,11 @@ top level : ``name`` (run name), ``seed`` (int), ``device`` ("cpu" or "cuda"), `
     states with permuted cell types, as a reset does; false = from the data states themselves), ``reset_permute``
     (resets permute the cell types, the paper; false = contrastive divergence from the data states), ``chain_rng``
     ("per_chain": one generator and sampler call per chain, identical for any number of processes;
-    "batched": one sampler call for all chains of a process — faster for neural models).
+    "batched": one sampler call for all chains of a process — faster for neural models), ``lr_scale`` (a table
+    {parameter name: factor}: that learnable tensor's Adam step is ``lr × factor``; a name matches the
+    parameter whose dotted name equals it or ends with ``.name``, e.g. ``{pos = 10.0}`` = the pooled NH's
+    position embedding ``terms.K.pos``; a name matching no learnable parameter is an error at the start of
+    training; factors must be finite and > 0).
 ``[export]`` : ``cc3d`` / ``morpheus`` (bool: write the exports after training), ``figure`` (bool: write
     ``overview.png``, the data beside roll-outs of the fitted model; analytic models only, see
     ``training/overview.py``).
@@ -80,7 +84,7 @@ MODEL_KINDS = ("analytic", "nh", "nh-closure", "local-nh", "local-nh-closure", "
 #: model kinds with an analytic part (closures)
 ANALYTIC_KINDS = ("analytic", "nh-closure", "local-nh-closure", "pooled-closure", "local-pooled-closure")
 OBJECTIVES = ("pl", "pcd")
-FREE_TABLES = {("generate", "options"), ("model", "neural"), ("model", "pooled")}
+FREE_TABLES = {("generate", "options"), ("model", "neural"), ("model", "pooled"), ("pcd", "lr_scale")}
 
 DEFAULTS: dict = {
     "name": "default",
@@ -133,6 +137,7 @@ DEFAULTS: dict = {
         "init_permute": True,
         "reset_permute": True,
         "chain_rng": "per_chain",
+        "lr_scale": {},              # {parameter name: multiplier of lr} (e.g. {pos = 10.0}), default 1 each
     },
     "export": {"cc3d": True, "morpheus": True, "figure": True},
 }
@@ -266,7 +271,19 @@ def validate(cfg: dict, *, where: str = "") -> dict:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(where + msg)
+    _check_lr_scale(p["lr_scale"], where)
     return cfg
+
+
+def _check_lr_scale(table, where: str = "") -> None:
+    """``pcd.lr_scale``: {non-empty parameter name: finite factor > 0} (names are matched at training start)."""
+    import math
+    for name, f in table.items():
+        if not isinstance(name, str) or not name.strip(".").strip():
+            raise ConfigError(f"{where}pcd.lr_scale: parameter names must be non-empty, got {name!r}")
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f <= 0:
+            raise ConfigError(f"{where}pcd.lr_scale.{name} must be a finite number > 0 (a factor on pcd.lr), "
+                              f"got {f!r}")
 
 
 def check_bounds(values: dict, bounds: dict, *, where: str = "") -> None:
@@ -415,6 +432,12 @@ def to_toml(cfg: dict) -> str:
     """Serialise a configuration back to TOML (for the run folder; simple values, lists and tables only)."""
     lines: list[str] = []
 
+    def key(k):     # a bare TOML key, or a quoted one when it holds dots or other characters (pcd.lr_scale names)
+        k = str(k)
+        if k and all(c.isascii() and (c.isalnum() or c in "_-") for c in k):
+            return k
+        return '"' + k.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
     def val(v):
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -425,7 +448,7 @@ def to_toml(cfg: dict) -> str:
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(val(x) for x in v) + "]"
         if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + "}"
+            return "{" + ", ".join(f"{key(k)} = {val(x)}" for k, x in v.items()) + "}"
         raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
     def table(d: dict, prefix: str):

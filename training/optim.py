@@ -16,11 +16,16 @@ __all__ = ["Adam", "newton_minimize"]
 class Adam:
     """Adam (Kingma & Ba) exactly as ``torch.optim.Adam`` without weight decay / amsgrad.
 
-    ``param_groups[0]["lr"]`` is the learning rate (same access path as torch optimisers).
+    ``param_groups[0]["lr"]`` is the learning rate (same access path as torch optimisers). ``lr_scales``: one
+    factor per parameter (default 1 each): parameter i steps with ``lr × lr_scales[i]`` (configuration, not
+    optimiser state: not checkpointed).
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, lr_scales=None):
         self.params = list(params)
+        self.lr_scales = [1.0] * len(self.params) if lr_scales is None else [float(f) for f in lr_scales]
+        if len(self.lr_scales) != len(self.params):
+            raise ValueError(f"Adam: {len(self.lr_scales)} lr_scales for {len(self.params)} parameters")
         self.param_groups = [{"lr": float(lr), "betas": tuple(betas), "eps": float(eps)}]
         self.step_count = 0
         self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
@@ -42,14 +47,14 @@ class Adam:
         t = self.step_count
         bc1 = 1.0 - b1 ** t
         bc2_sqrt = math.sqrt(1.0 - b2 ** t)
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+        for p, m, v, f in zip(self.params, self.exp_avg, self.exp_avg_sq, self.lr_scales):
             if p.grad is None:
                 continue
             g = p.grad
             m.lerp_(g, 1.0 - b1)
             v.mul_(b2).addcmul_(g, g.conj(), value=1.0 - b2)
             denom = (v.sqrt() / bc2_sqrt).add_(eps)
-            p.addcdiv_(m, denom, value=-lr / bc1)
+            p.addcdiv_(m, denom, value=-lr * f / bc1)
 
     def to_tensors(self, prefix: str = "opt.") -> tuple[dict, dict]:
         t = {}

@@ -44,7 +44,25 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .optim import Adam
 from .parammap import ParamMap, using_params
 
-__all__ = ["ExactChainSampler", "MixedChainSampler", "PCDTrainer", "TrainingDiverged", "chain_seed"]
+__all__ = ["ExactChainSampler", "MixedChainSampler", "PCDTrainer", "TrainingDiverged", "chain_seed", "lr_scales"]
+
+
+def lr_scales(pmap: ParamMap, table: dict) -> list[float]:
+    """Per-free-parameter Adam step factors from ``pcd.lr_scale`` ({name: factor}; default 1).
+
+    A name matches the learnable tensor whose dotted name equals it or ends with ``"." + name`` (``pos`` →
+    ``terms.3.pos``); a name that matches none is an error naming the learnable tensors.
+    """
+    names = list(pmap.named_free())
+    out = [1.0] * len(names)
+    for key, f in table.items():
+        hit = [i for i, n in enumerate(names) if n == key or n.endswith("." + key)]
+        if not hit:
+            raise NeuralCPMError(f"pcd.lr_scale: {key!r} matches no learnable parameter of this model; learnable: "
+                                 f"{', '.join(names)}")
+        for i in hit:
+            out[i] = float(f)
+    return out
 
 
 class TrainingDiverged(NeuralCPMError, RuntimeError):
@@ -203,7 +221,7 @@ class PCDTrainer:
         self.free = self.pmap.parameters()
         if not self.free:
             raise NeuralCPMError("pcd: the model has no learnable parameter (everything frozen?)")
-        self.opt = Adam(self.free, lr=float(cfg["lr"]))
+        self.opt = Adam(self.free, lr=float(cfg["lr"]), lr_scales=lr_scales(self.pmap, cfg.get("lr_scale") or {}))
         self.ema = [p.detach().clone() for p in self.free]
         self.sampler = sampler_factory(hamiltonian, int(cfg["flips"]))
         self.on_checkpoint = on_checkpoint
