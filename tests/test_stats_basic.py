@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from neuralcpm_plugin.lattice import CellState
 from neuralcpm_plugin.metrics.stats import (
     component_counts,
+    finite_column_means,
     fragmented_fraction,
     mean_volume,
     n_cells,
@@ -145,3 +147,42 @@ def test_reproduces_reference_summary_stats_exactly():
             np.testing.assert_allclose(a.mean(0), sc["mean"][k], rtol=0, atol=1e-9, err_msg=f"{name} {k}")
             np.testing.assert_allclose(a.std(0, ddof=1) / np.sqrt(len(files)), sc["se"][k], rtol=0, atol=1e-9,
                                        err_msg=f"{name} {k} SE")
+
+
+def test_finite_column_means_values_and_no_warning_on_empty_columns():
+    """Mean per column over the finite entries (NaN and ±inf left out); NaN for an all-NaN column and for no
+    rows at all; never a RuntimeWarning (np.nanmean's "Mean of empty slice" is one even under np.errstate)."""
+    a = np.array([[1.0, np.nan, 2.0, np.nan], [3.0, np.nan, np.inf, 5.0], [np.nan, np.nan, 4.0, -np.inf]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = finite_column_means(a)
+        empty = finite_column_means(np.zeros((0, 3)))
+        all_nan = finite_column_means(np.full((4, 2, 3), np.nan))
+        one_d = finite_column_means([np.nan, 2.0, 4.0])
+        one_d_nan = finite_column_means([np.nan, np.nan])
+        no_rows = finite_column_means([])
+    assert m.dtype == np.float64 and m.shape == (4,)
+    np.testing.assert_array_equal(m, [2.0, np.nan, 3.0, 5.0])
+    assert empty.shape == (3,) and np.isnan(empty).all()
+    assert all_nan.shape == (2, 3) and np.isnan(all_nan).all()
+    assert one_d.shape == () and float(one_d) == 3.0
+    assert np.isnan(one_d_nan) and np.isnan(no_rows)
+    with pytest.warns(RuntimeWarning, match="Mean of empty slice"), np.errstate(invalid="ignore"):
+        np.nanmean(np.full((2, 1), np.nan), axis=0)  # the warning the helper avoids (np.errstate keeps it)
+    with pytest.raises(ValueError, match="at least one dimension"):
+        finite_column_means(1.0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.floats(-1e6, 1e6), st.just(np.nan)), min_size=3, max_size=3),
+                min_size=1, max_size=8))
+def test_finite_column_means_equal_nanmean_where_a_column_has_a_value(rows):
+    """Property: on finite-or-NaN data the helper is np.nanmean(axis=0) wherever a column has a finite entry."""
+    a = np.array(rows, dtype=np.float64)
+    m = finite_column_means(a)
+    has = np.isfinite(a).any(0)
+    assert np.array_equal(np.isnan(m), ~has)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = np.nanmean(a, axis=0)
+    np.testing.assert_allclose(m[has], ref[has], rtol=1e-12, atol=1e-9)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from neuralcpm_plugin.metrics.stats import finite_column_means
+
 from .eval_table1 import (
     SCALES,
     _dynamics,
@@ -66,13 +68,7 @@ def _org(states) -> tuple[float, float]:
     from neuralcpm_plugin.metrics.paper import bipolar_organisation
 
     o = [bipolar_organisation(s) for s in states]
-    with np.errstate(invalid="ignore"):
-        return float(np.nanmean([x[1] for x in o])), float(np.nanmean([x[2] for x in o]))
-
-
-def _nanmean0(a):
-    with np.errstate(invalid="ignore"):
-        return np.nanmean(a, axis=0)
+    return float(finite_column_means([x[1] for x in o])), float(finite_column_means([x[2] for x in o]))
 
 
 def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: str = "cpu", sampler: str = "parallel",
@@ -119,8 +115,7 @@ def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: st
         m2 = np.stack([second_moments(s) for s in finals])
 
         def err_of(g, m2=m2):
-            with np.errstate(invalid="ignore"):
-                return float(np.sqrt(np.nanmean((np.nanmean(m2[g], axis=0) - real_m2) ** 2)))
+            return moment_error(finite_column_means(m2[g]), real_m2)
 
         if i == 0:  # the starts of the first run, before any dynamics (every run's starts when paired)
             m0 = np.stack([second_moments(s) for s in states_of(traj[:, 0])])
@@ -128,13 +123,13 @@ def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: st
             results["permuted starts (no dynamics)"] = [{
                 "run": "frame 0 of " + str(path), "vol": float(vol_ok[:, 0].mean()),
                 "frag": float(frag_ok[:, 0].mean()), "err": err_of(np.arange(n_t), m0), "org1": s1, "org2": s2,
-                "second_moments": _nanmean0(m0).tolist(),
+                "second_moments": finite_column_means(m0).tolist(),
                 "groups": {"err": groups_ci(lambda g, m=m0: err_of(g, m), n_t, ng)},
                 "group_err": group_values(lambda g, m=m0: err_of(g, m), n_t, ng)}]
         o1, o2 = _org(finals)
         row = {"run": str(path), "vol": float(vol_ok.mean()), "frag": float(frag_ok.mean()),
                "err": err_of(np.arange(n_t)), "org1": o1, "org2": o2, "seconds": round(secs, 1),
-               "second_moments": _nanmean0(m2).tolist(),
+               "second_moments": finite_column_means(m2).tolist(),
                "groups": {"vol": groups_ci(lambda g, a=vol_ok: a[g].mean(), n_t, ng),
                           "frag": groups_ci(lambda g, a=frag_ok: a[g].mean(), n_t, ng),
                           "err": groups_ci(err_of, n_t, ng)},

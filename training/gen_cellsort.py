@@ -58,7 +58,7 @@ from neuralcpm_plugin.errors import ConfigError
 from neuralcpm_plugin.hamiltonian.analytic import from_paper_scale, to_paper_scale
 from neuralcpm_plugin.hamiltonian.base import LatticeSpec
 from neuralcpm_plugin.lattice import CellState
-from neuralcpm_plugin.metrics.stats import sorting_index
+from neuralcpm_plugin.metrics.stats import finite_column_means, sorting_index
 
 from .status import progress_counter
 
@@ -222,19 +222,10 @@ def generate_cellsort(scenario: str = "a", scale: str = "cpu", n_snapshots: int 
         st.meta["mcs"] = round(total)
         st.meta["seed"] = s
     if report is not None:
-        report.update({"checkpoints": checkpoints, "sorting_index": _column_means(si),
+        report.update({"checkpoints": checkpoints, "sorting_index": finite_column_means(si).tolist(),
                        "sorting_index_runs": si, "seeds": seeds, "seconds": time.perf_counter() - t0,
                        "config": cfg, "sampler": sampler, "proposal": proposal if sampler == "exact" else None})
     return finals, ham
-
-
-def _column_means(values) -> list[float]:
-    """Mean of each column over its finite entries; NaN for a column without any (e.g. no sorting index in 3-D)."""
-    values = np.asarray(values, dtype=float)
-    ok = np.isfinite(values)
-    sums = np.where(ok, values, 0.0).sum(0)
-    counts = ok.sum(0)
-    return [float(s / c) if c else float("nan") for s, c in zip(sums, counts)]
 
 
 def save_cellsort(path, states, hamiltonian, *, scenario: str, scale: str, report: dict) -> Path:

@@ -36,7 +36,7 @@ import numpy as np
 
 from neuralcpm_plugin.errors import ConfigError
 from neuralcpm_plugin.lattice import CellState
-from neuralcpm_plugin.metrics.stats import sorting_index
+from neuralcpm_plugin.metrics.stats import finite_column_means, sorting_index
 
 from .gen_cellsort import SCENARIOS, cellsort_hamiltonian_for, save_cellsort
 from .status import progress_counter
@@ -129,7 +129,7 @@ def generate_tissue(scenario: str = "b", n_snapshots: int = 16, seed: int = 0, *
     bar.close()
     vols = np.bincount(finals[-1].ids.ravel())[1:]
     if report is not None:
-        report.update({"checkpoints": checkpoints, "sorting_index": np.nanmean(si, 0).tolist(), "seeds": seeds,
+        report.update({"checkpoints": checkpoints, "sorting_index": finite_column_means(si).tolist(), "seeds": seeds,
                        "seconds": time.perf_counter() - t0, "mcs_per_s": rates,
                        "start_mean_volume": float(np.mean(start_vol)),
                        "mean_volume": float(vols[vols > 0].mean()), "n_cells": int((vols > 0).sum()),

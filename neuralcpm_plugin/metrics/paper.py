@@ -30,6 +30,7 @@ from scipy import ndimage
 
 from ..errors import DataError
 from ..lattice import CellState
+from .stats import finite_column_means
 
 __all__ = [
     "bipolar_organisation",
@@ -279,10 +280,9 @@ def second_moments(state: CellState, types=(1, 2), align_type: int | None = 2, p
 
 
 def mean_second_moments(states, types=(1, 2), align_type: int | None = 2, periodic: bool = True) -> np.ndarray:
-    """NaN-mean of :func:`second_moments` over states."""
-    m = np.stack([second_moments(s, types, align_type, periodic) for s in states])
-    with np.errstate(invalid="ignore"):
-        return np.nanmean(m, axis=0)
+    """Mean of :func:`second_moments` over states (:func:`finite_column_means`: a type absent from a state
+    leaves that state out; NaN where no state has it)."""
+    return finite_column_means(np.stack([second_moments(s, types, align_type, periodic) for s in states]))
 
 
 def moment_error(sampled, real, types=(1, 2), align_type: int | None = 2, periodic: bool = True) -> float:
@@ -291,7 +291,7 @@ def moment_error(sampled, real, types=(1, 2), align_type: int | None = 2, period
     a = sampled if isinstance(sampled, np.ndarray) else mean_second_moments(list(sampled), types, align_type,
                                                                             periodic)
     b = real if isinstance(real, np.ndarray) else mean_second_moments(list(real), types, align_type, periodic)
-    return float(np.sqrt(np.nanmean((a - b) ** 2)))
+    return float(np.sqrt(finite_column_means(((a - b) ** 2).ravel())))
 
 
 # ----------------------------------------------------------------------------------- classifier score

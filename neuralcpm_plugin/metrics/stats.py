@@ -9,6 +9,9 @@
 * **sorting index**: fraction of cell–cell contacts (pairs of different, non-medium cells) that are
   heterotypic (different types). 0 = fully sorted interfaces only between like cells, ~0.5 = mixed.
 
+:func:`finite_column_means` averages such per-state statistics over states (rows), skipping undefined
+(NaN / ±inf) entries.
+
 Examples
 --------
 >>> import numpy as np
@@ -30,6 +33,7 @@ from ..lattice import CellState, _shift, half_offsets
 
 __all__ = [
     "component_counts",
+    "finite_column_means",
     "fragmented_cells",
     "fragmented_fraction",
     "mean_volume",
@@ -178,3 +182,26 @@ def summary_stats(state, order: int = 2, periodic: bool = True, n_types: int | N
         out[k] = float(pc.get((min(a, b), max(a, b)), 0))
     return out
 
+
+
+def finite_column_means(values) -> np.ndarray:
+    """Mean of each column (axis 0) over its finite entries, without warnings.
+
+    ``values``: array-like of shape ``(n, ...)``, e.g. one row per state or trajectory. Entries that are NaN
+    or ±inf (a statistic that is undefined for that row, such as the sorting index of a state without
+    cell–cell contacts) are left out of their column's mean. Convention: a column without any finite entry —
+    all NaN, or ``n = 0`` rows — has mean **NaN**; no ``RuntimeWarning`` is emitted (``np.nanmean`` warns
+    "Mean of empty slice" there, and ``np.errstate`` does not silence that warning).
+
+    Returns a float64 array of shape ``values.shape[1:]`` (a 0-d array for 1-D input).
+
+    >>> finite_column_means([[1.0, np.nan], [3.0, np.nan], [np.inf, np.nan]]).tolist()
+    [2.0, nan]
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 0:
+        raise ValueError("finite_column_means needs an array of at least one dimension (rows first)")
+    ok = np.isfinite(values)
+    counts = ok.sum(0)
+    sums = np.where(ok, values, 0.0).sum(0)
+    return np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0)
