@@ -1037,8 +1037,8 @@ def sweep(ids, tp, vol, G, P, A, B, rng, n_attempts, inv_t, stop_at_candidate, c
         cand += 1
         dh = delta_core(x, fast, old, new, ids, tp, vol, G, P, A)
         if NN is not None:  # noqa: SIM102 (nested: numba prunes the branch when NN is None)
-            if NN[0][0] or NN[0][1]:
-                dh += neural_delta(x, new, ids, tp, NN)
+            if NN[0][0] or NN[0][1]:  # new as int64: the type the Python callers pass (one compiled variant)
+                dh += neural_delta(x, np.int64(new), ids, tp, NN)
         if stop_at_candidate:
             pending = 1
             px = x
@@ -1051,7 +1051,7 @@ def sweep(ids, tp, vol, G, P, A, B, rng, n_attempts, inv_t, stop_at_candidate, c
                 continue
         if NN is not None:  # noqa: SIM102
             if NN[0][0] or NN[0][1]:
-                neural_accept(x, new, ids, tp, NN)
+                neural_accept(x, np.int64(new), ids, tp, NN)
         apply_copy(x, fast, new, ids, vol, G, P, A, B)
         acc += 1
     rng[0] = s0
