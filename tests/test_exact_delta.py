@@ -260,14 +260,16 @@ def test_torch_energy_available_for_all_but_dm():
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 2**31 - 1), st.booleans(), st.sampled_from([1, 2, 3]))
 def test_three_dimensional_lattices(seed, periodic, order):
-    """The kernels are dimension-agnostic: 3-D contact (orders 1–3), volume and surface ΔH are exact too."""
+    """The kernels are dimension-agnostic: 3-D contact (orders 1–3), volume, surface and external ΔH are exact
+    too. (The term kinds are test_three_d's cache test's, so the two share their compiled kernels.)"""
     rng = np.random.default_rng(seed)
     shape = tuple(int(v) for v in rng.integers(5, 7, 3))
     ids = np.sort(rng.integers(0, 5, int(np.prod(shape)))).reshape(shape)
     state = CellState(ids.astype(np.int32), np.array([0, 1, 2, 1, 2], np.int32))
     terms = [ContactEnergy(rand_J(rng), order, periodic=periodic),
              VolumeConstraint(rng.uniform(0.1, 1, 3), rng.uniform(5, 30, 3), periodic=periodic),
-             SurfaceConstraint(rng.uniform(0.01, 0.1, 3), rng.uniform(5, 30, 3), 1, periodic=periodic)]
+             SurfaceConstraint(rng.uniform(0.01, 0.1, 3), rng.uniform(5, 30, 3), 1, periodic=periodic),
+             ExternalPotential(rng.normal(size=3), rng.normal(size=shape), periodic=periodic)]
     ham = Hamiltonian(terms, LatticeSpec(shape, periodic), 1.0)
     sampler = ExactSampler(state, ham, seed=seed)
     sampler.step(1)
