@@ -30,6 +30,10 @@ def test_every_preset_loads_and_validates():
     assert (t2p["model"]["kind"], t2p["model"]["pooled"]["position_dim"], t2p["model"]["freeze_prior"],
             t2p["pcd"]["reset_prob"], t2p["pcd"]["mcs"], t2p["pcd"]["iterations"], t2p["pcd"]["sampler"],
             t2p["pcd"]["proposal"]) == ("pooled-closure", 32, True, 0.033, 1.0, 400, "exact", "boundary")
+    t2x = load_config("bipolar-cpu-table2-pos")   # its fine-tuning: 67-MCS chains, position embedding step x20
+    assert (t2x["model"]["kind"], t2x["model"]["freeze_prior"], t2x["pcd"]["reset_prob"], t2x["pcd"]["lr"],
+            t2x["pcd"]["lr_scale"], t2x["pcd"]["iterations"], t2x["pcd"]["sampler"]) == \
+        ("pooled-closure", True, 0.015, 5e-3, {"pos": 20.0}, 600, "exact")
 
 
 def test_default_is_pl_analytic_and_paper_presets_follow_table7():
