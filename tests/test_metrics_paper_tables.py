@@ -270,7 +270,7 @@ def test_table2_paired_starts_give_paired_error_differences(tmp_path):
     trajectory groups of the per-group error differences with a t-interval over the groups; independent starts
     give no paired differences; an unknown mode is a clear error."""
     from neuralcpm_plugin.errors import ConfigError
-    from neuralcpm_plugin.metrics.paper import mean_ci, mean_second_moments, moment_error
+    from neuralcpm_plugin.metrics.paper import mean_ci, mean_second_moments, moment_error, second_moments
     states = _data(8)
     data = save_npz(tmp_path / "d.npz", states)
     a = _bundle(tmp_path / "a")
@@ -300,6 +300,17 @@ def test_table2_paired_starts_give_paired_error_differences(tmp_path):
     assert d[("B", "A")]["err_diff"] == pytest.approx(m) and d[("B", "A")]["err_diff_ci"] == pytest.approx(hw)
     md = eval_table2.table2_markdown(res)
     assert "Paired starts" in md and f"| B | A | {eval_table1.fmt(m, hw, 1)} |" in md
+    # the whole-set error difference with a paired bootstrap over the trajectories (recomputed by hand)
+    from neuralcpm_plugin.metrics.stats import finite_column_means
+    e = {(x["a"], x["b"]): x for x in res["paired_bootstrap"]}[("B", "A")]
+    assert e["err_diff"] == pytest.approx(res["rows"]["B"]["err"] - res["rows"]["A"]["err"], abs=1e-3)
+    ma, mb = (np.asarray(res["raw"][k][0]["final_m2"]) for k in "AB")
+    assert mb.shape == (6, 2, 2) and mb == pytest.approx(np.stack([second_moments(f) for f in finals]), abs=1e-4)
+    idx = np.random.default_rng(0).integers(0, 6, size=(2000, 6))
+    dd = [moment_error(finite_column_means(mb[i]), real) - moment_error(finite_column_means(ma[i]), real)
+          for i in idx]
+    assert (e["lo"], e["hi"]) == pytest.approx(tuple(np.percentile(dd, [2.5, 97.5])))
+    assert f"{e['err_diff']:.1f} [{e['lo']:.1f}, {e['hi']:.1f}]" in md
     ind = eval_table2.evaluate_table2(data, [("A", a), ("B", b)], starts="independent", **kw)
     assert ind["paired"] == [] and "Paired starts" not in eval_table2.table2_markdown(ind)
     assert ind["rows"]["A"]["err"] == pytest.approx(res["rows"]["A"]["err"])      # run 0: the same starts

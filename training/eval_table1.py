@@ -272,27 +272,34 @@ def paired_differences(results: dict, key: str = "group_cs", metric: str = "cs")
     return out
 
 
-def paired_bootstrap(results: dict, n_boot: int = 2000, seed: int = 0) -> list[dict]:
-    """The table's own statistic compared on the same starts: for every two one-run rows with the final frames'
-    class probabilities ``final_probs`` (paired starts: trajectory t of every row starts from the same frame),
-    CS(a) − CS(b) over all trajectories and its 95 % percentile interval over ``n_boot`` resamples of the
-    trajectories (with replacement, the same indices for both rows). Unlike :func:`paired_differences` (mean of
-    per-group CS, each from a few trajectories, where CS is lower because it rewards the diversity a small group
-    cannot show), this interval is for the whole-set CS the rows print. Rows in table order, ``a`` below ``b``."""
-    from neuralcpm_plugin.metrics.paper import classifier_score
+def paired_bootstrap(results: dict, n_boot: int = 2000, seed: int = 0, *, key: str = "final_probs", stat=None,
+                     name: str = "cs_diff") -> list[dict]:
+    """The table's own statistic compared on the same starts: for every two one-run rows with the per-trajectory
+    values ``key`` (paired starts: trajectory t of every row starts from the same frame), ``stat(a) − stat(b)``
+    over all trajectories (stored as ``name``) and its 95 % percentile interval (``lo``, ``hi``) over ``n_boot``
+    resamples of the trajectories (with replacement, the same indices for both rows). Rows in table order,
+    ``a`` below ``b``.
 
-    labs = [lab for lab in order_labels(results) if len(results[lab]) == 1 and results[lab][0].get("final_probs")]
-    probs = {lab: np.asarray(results[lab][0]["final_probs"], dtype=np.float64) for lab in labs}
-    n = {lab: len(p) for lab, p in probs.items()}
+    Table 1 (the defaults): the final frames' class probabilities and the classifier score. Unlike
+    :func:`paired_differences` (mean of per-group CS, each from a few trajectories, where CS is lower because it
+    rewards the diversity a small group cannot show), this interval is for the whole-set CS the rows print.
+    Table 2 passes the final frames' second moments and the organisation error (a group's error, from the
+    mean moments of a few trajectories, is larger than the whole set's for the same reason)."""
+    if stat is None:
+        from neuralcpm_plugin.metrics.paper import classifier_score as stat
+
+    labs = [lab for lab in order_labels(results) if len(results[lab]) == 1 and results[lab][0].get(key)]
+    vals = {lab: np.asarray(results[lab][0][key], dtype=np.float64) for lab in labs}
+    n = {lab: len(v) for lab, v in vals.items()}
     out = []
     for j, a in enumerate(labs):
         for b in labs[:j]:
             if n[a] != n[b] or n[a] < 2:
                 continue
             idx = np.random.default_rng(seed).integers(0, n[a], size=(int(n_boot), n[a]))
-            d = np.array([classifier_score(probs[a][i]) - classifier_score(probs[b][i]) for i in idx])
+            d = np.array([stat(vals[a][i]) - stat(vals[b][i]) for i in idx])
             lo, hi = np.percentile(d, [2.5, 97.5])
-            out.append({"a": a, "b": b, "cs_diff": classifier_score(probs[a]) - classifier_score(probs[b]),
+            out.append({"a": a, "b": b, name: stat(vals[a]) - stat(vals[b]),
                         "lo": float(lo), "hi": float(hi), "trajectories": n[a], "resamples": int(n_boot)})
     return out
 
