@@ -193,8 +193,8 @@ def table2_markdown(res: dict) -> str:
         if boot:
             note += (" and, for the whole-set error the rows print, error(a) − error(b) with its 95 % paired "
                      "bootstrap interval (trajectories resampled, the same ones for both rows)")
-        lines += ["", note + ":", "", "| row a | row b | error(a) − error(b), groups (sites²) | "
-                  "error(a) − error(b), whole set [95 %] |", "|---|---|---|---|"]
+        head = "| row a | row b | error(a) − error(b), groups (sites²) | error(a) − error(b), whole set [95 %] |"
+        lines += ["", note + ":", "", head, "|---|---|---|---|"]
         for d in res["paired"]:
             e = boot.get((d["a"], d["b"]))
             whole = f"{e['err_diff']:.1f} [{e['lo']:.1f}, {e['hi']:.1f}]" if e else "–"
