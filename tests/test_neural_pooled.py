@@ -17,7 +17,12 @@ from test_neural_local import proposals, rand_state
 from neuralcpm_plugin.bundle import load_bundle, save_bundle
 from neuralcpm_plugin.errors import BundleError, ConfigError
 from neuralcpm_plugin.hamiltonian import Batch, Hamiltonian, LatticeSpec
-from neuralcpm_plugin.hamiltonian.pooled_nh import PooledNeuralHamiltonian, PooledNHNumpy
+from neuralcpm_plugin.hamiltonian.pooled_nh import (
+    MOMENT_MONOMIALS,
+    PooledNeuralHamiltonian,
+    PooledNHNumpy,
+    moment_basis,
+)
 from neuralcpm_plugin.lattice import CellState
 
 SMALL = {"n_types": 2, "stride": 3, "channels": 5, "kernel": 3, "hidden": 8}
@@ -292,3 +297,102 @@ def test_exact_sampler_runs_a_pooled_closure_and_the_cache_follows_its_lattice()
         with torch.no_grad():
             ref = float(ham.energy(Batch.from_states([after(st, site, nid)])) - ham.energy(Batch.from_states([st])))
         assert smp.delta(ij, int(nid)) == pytest.approx(ref, abs=1e-8)
+
+
+# --------------------------------------------------------------------------- position_init = "moments"
+def _monomials(Gh, Gw):
+    """The 9 monomials of the moment basis on a Gh×Gw patch grid, written out independently (uncentred)."""
+    r = np.linspace(-1.0, 1.0, Gh) if Gh > 1 else np.zeros(1)
+    c = np.linspace(-1.0, 1.0, Gw) if Gw > 1 else np.zeros(1)
+    R, C = np.meshgrid(r, c, indexing="ij")
+    return {"r": R, "c": C, "r^2": R * R, "r*c": R * C, "c^2": C * C, "r^3": R ** 3, "r^2*c": R * R * C,
+            "r*c^2": R * C * C, "c^3": C ** 3}
+
+
+@HYP
+@given(Gh=st.integers(1, 30), Gw=st.integers(1, 30), D=st.integers(0, 12))
+def test_moment_basis_is_the_centred_normalised_polynomials(Gh, Gw, D):
+    """Property: column k is monomial k (r, c, r², rc, c², r³, r²c, rc², c³ of the patch coordinates in [−1, 1])
+    minus its grid mean, over its RMS: mean 0 and RMS 1 (0 where the monomial is constant on the grid)."""
+    b = moment_basis((Gh, Gw), D)
+    assert b.shape == (Gh, Gw, min(D, 9))
+    mono = _monomials(Gh, Gw)
+    for k in range(b.shape[-1]):
+        m = mono[MOMENT_MONOMIALS[k]]
+        m = m - m.mean()
+        rms = np.sqrt((m ** 2).mean())
+        if rms < 1e-12:
+            assert np.all(b[..., k] == 0)
+            continue
+        assert abs(b[..., k].mean()) < 1e-12
+        assert np.sqrt((b[..., k] ** 2).mean()) == pytest.approx(1.0, abs=1e-12)
+        assert np.allclose(b[..., k] * rms, m, atol=1e-12)
+
+
+def test_position_init_moments_sets_the_first_columns_and_keeps_the_rest():
+    base = dict(SMALL, position_dim=12, lattice_shape=[24, 27])  # stride 3: an 8×9 patch grid
+    t = PooledNeuralHamiltonian(dict(base, position_init="moments"), seed=5)
+    r = PooledNeuralHamiltonian(base, seed=5)
+    r2 = PooledNeuralHamiltonian(dict(base, position_init="random"), seed=5)
+    pos = t.pos.detach().numpy()
+    assert np.array_equal(pos[..., :9], moment_basis((8, 9), 12))
+    # the default is unchanged (every tensor bit-identical with and without the key) and the rest of "moments"
+    # is what "random" draws
+    assert all(torch.equal(a, b) for a, b in zip(r.tensors().values(), r2.tensors().values()))
+    assert torch.equal(t.pos[..., 9:], r.pos[..., 9:])
+    assert all(torch.equal(a, b) for (k, a), (_, b) in zip(t.tensors().items(), r.tensors().items()) if k != "pos")
+    # expected polynomials: r varies along rows only, c along columns, the r·c column is their product's shape
+    assert np.allclose(pos[:, :1, 0], pos[:, 5:6, 0]) and np.all(np.diff(pos[:, 0, 0]) > 0)
+    assert np.allclose(pos[:1, :, 1], pos[3:4, :, 1]) and np.all(np.diff(pos[0, :, 1]) > 0)
+    rc = pos[..., 0:1] * pos[..., 1:2]
+    assert np.allclose(pos[..., 3], rc[..., 0] / np.sqrt((rc ** 2).mean()))
+    # D < 9: only the first D monomials
+    t2 = PooledNeuralHamiltonian(dict(base, position_dim=2, position_init="moments"), seed=5)
+    assert np.array_equal(t2.pos.detach().numpy(), moment_basis((8, 9), 9)[..., :2])
+    # Z's position part is each channel's moment: Z[C + c·D + d] = Σ_g q_c(g)·pos_d(g)
+    s = rand_state((24, 27), 6, np.random.default_rng(2))
+    ev = t.numpy_evaluator()
+    q = ev.features.patch_q(s.ids, s.types)
+    Z = ev.Z(s.ids, s.types)
+    C = q.shape[1]
+    assert np.allclose(Z[C:].reshape(C, 12)[:, :9], q.T @ pos[..., :9].reshape(-1, 9), atol=1e-12)
+
+
+def test_position_init_and_trainable_config_errors():
+    base = dict(SMALL, position_dim=4, lattice_shape=[24, 24])
+    with pytest.raises(ConfigError, match=r"position_init must be one of 'random', 'moments', got 'poly'"):
+        PooledNeuralHamiltonian(dict(base, position_init="poly"))
+    with pytest.raises(ConfigError, match="position_init"):
+        PooledNeuralHamiltonian(dict(base, position_init=3))
+    with pytest.raises(ConfigError, match="position_trainable must be true or false, got 'yes'"):
+        PooledNeuralHamiltonian(dict(base, position_trainable="yes"))
+    with pytest.raises(ConfigError, match="position_init"):
+        PooledNHNumpy(dict(base, position_init="Moments"), {})
+    from training.config import load_config
+    cfg = load_config("bipolar-cpu-table2-moments")
+    assert cfg["model"]["pooled"]["position_init"] == "moments"
+
+
+def test_fixed_moment_basis_gets_no_gradient_and_survives_a_bundle_round_trip(tmp_path):
+    from training.parammap import ParamMap
+    t = make_term((24, 24), 12, seed=6, position_init="moments", position_trainable=False)
+    assert not t.pos.requires_grad
+    assert all(p.requires_grad for n, p in t.named_parameters() if n != "pos")
+    ham = Hamiltonian([t], LatticeSpec((24, 24)), 1.0, ["medium", "a", "b"])
+    assert "terms.0.pos" not in ParamMap(ham).named_free()
+    s = rand_state((24, 24), 6, np.random.default_rng(12))
+    t.energy(Batch.from_states([s])).sum().backward()
+    assert t.pos.grad is None and t.mlp[0].weight.grad.abs().sum() > 0
+    save_bundle(tmp_path / "b", ham)
+    t2 = load_bundle(tmp_path / "b").hamiltonian.terms[0]
+    assert t2.config == t.config and t2.config["position_init"] == "moments"
+    assert not t2.pos.requires_grad and torch.equal(t2.pos, t.pos)
+    assert energy(t2, [s])[0] == energy(t, [s])[0]
+    # a trained (moved) embedding is what the bundle keeps, not the basis the key names
+    t3 = make_term((24, 24), 12, seed=6, position_init="moments")
+    with torch.no_grad():
+        t3.pos.add_(0.25)
+    save_bundle(tmp_path / "c", Hamiltonian([t3], LatticeSpec((24, 24)), 1.0, ["medium", "a", "b"]))
+    t4 = load_bundle(tmp_path / "c").hamiltonian.terms[0]
+    assert torch.equal(t4.pos, t3.pos) and t4.pos.requires_grad
+    assert energy(t4, [s])[0] == energy(t3, [s])[0]

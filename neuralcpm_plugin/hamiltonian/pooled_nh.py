@@ -33,6 +33,23 @@ Initialisation: the features as the local NH's (their q(g) start small, |q(g)| �
 N(0, 1), the MLP with torch's defaults: |H| starts at ≈ 0.1 and a copy's |ΔH| at ≈ 1e-4 (measured on
 24×24 lattices), far below the analytic terms of a closure, so training starts from the analytic model.
 
+Position basis (configuration keys ``position_init``, ``position_trainable``):
+
+* ``position_init = "random"`` (default): every column of ``pos`` ~ N(0, 1), learned free maps.
+* ``position_init = "moments"``: the first min(D, 9) columns are the polynomial moment basis of
+  :func:`moment_basis` — the monomials r, c, r², r·c, c², r³, r²·c, r·c², c³ of the patch coordinates
+  (r: patch row, c: patch column, each scaled to [−1, 1] over the grid), each centred (mean 0 over the grid)
+  and divided by its RMS; the remaining D − 9 columns are drawn as with ``"random"`` (the same numbers: the
+  same draw, first columns overwritten).  Z then holds per channel the first to third moments of q_c over
+  the lattice (Σ_g q_c(g)·m(g)), from which F can read an aggregate's centre and orientation; locally the
+  term acts like an external potential Σ_d ∂F/∂Z_{c,d}·pos_d(g) in the span of these polynomials — e.g. a
+  field (r cosθ + c sinθ)² along an axis θ that F chooses from the second moments.
+* ``position_trainable`` (default true): false keeps ``pos`` fixed (not a free parameter of training).
+
+Both keys only shape the initial ``pos`` and its training: a bundle stores ``pos`` itself and records the keys
+in its config; the evaluators (numpy, compiled) read ``pos`` from the weights.  Defaults leave every tensor
+bit-identical to terms built before the keys existed.
+
 Implementations of the same formula:
 
 * :meth:`PooledNeuralHamiltonian.energy` / :meth:`~PooledNeuralHamiltonian.delta` — torch, batched,
@@ -56,9 +73,41 @@ except ImportError:  # loaded on its own inside a host tool, next to local_nh.py
     from local_nh import LOCAL_NH_DEFAULTS, BundleError, ConfigError, LocalNHNumpy, _silu_np  # type: ignore
     from local_nh import _complete as _local_complete  # type: ignore
 
-__all__ = ["POOLED_NH_DEFAULTS", "PooledNHNumpy", "PooledNeuralHamiltonian"]
+__all__ = ["MOMENT_MONOMIALS", "POOLED_NH_DEFAULTS", "POSITION_INITS", "PooledNHNumpy", "PooledNeuralHamiltonian",
+           "moment_basis"]
 
-POOLED_NH_DEFAULTS = {**LOCAL_NH_DEFAULTS, "position_dim": 4, "hidden": 32, "lattice_shape": []}
+POOLED_NH_DEFAULTS = {**LOCAL_NH_DEFAULTS, "position_dim": 4, "hidden": 32, "lattice_shape": [],
+                      "position_init": "random", "position_trainable": True}
+
+#: Values of the ``position_init`` key (see the module docstring, "Initialisation").
+POSITION_INITS = ("random", "moments")
+#: The monomials of the ``"moments"`` basis, in column order (r = patch row, c = patch column coordinate).
+MOMENT_MONOMIALS = ("r", "c", "r^2", "r*c", "c^2", "r^3", "r^2*c", "r*c^2", "c^3")
+
+
+def moment_basis(grid_shape, dim: int) -> np.ndarray:
+    """The ``"moments"`` position basis: float64 [G_h, G_w, min(dim, 9)].
+
+    Patch coordinates r = (i − (G_h−1)/2)/((G_h−1)/2), c = (j − (G_w−1)/2)/((G_w−1)/2) ∈ [−1, 1] (patch
+    row i, column j; a coordinate of a one-patch axis is 0); column k is the k-th monomial of
+    :data:`MOMENT_MONOMIALS` (degree 1, 2, 3), centred (mean 0 over the grid) and divided by its root mean
+    square (RMS 1, like the N(0, 1) columns of ``"random"``); a monomial that is constant on the grid stays 0.
+    With this basis Z holds, per channel c, Σ_g q_c(g)·(centred monomial)(g): the channel's first, second and
+    third moments over the lattice, from which F can read the orientation of an aggregate.
+    """
+    Gh, Gw = int(grid_shape[0]), int(grid_shape[1])
+    i = np.arange(Gh, dtype=np.float64)
+    j = np.arange(Gw, dtype=np.float64)
+    r = (i - (Gh - 1) / 2) / ((Gh - 1) / 2) if Gh > 1 else np.zeros(1)
+    c = (j - (Gw - 1) / 2) / ((Gw - 1) / 2) if Gw > 1 else np.zeros(1)
+    R, C = np.meshgrid(r, c, indexing="ij")
+    cols = [R, C, R ** 2, R * C, C ** 2, R ** 3, R ** 2 * C, R * C ** 2, C ** 3][:max(0, int(dim))]
+    out = np.zeros((Gh, Gw, len(cols)))
+    for k, m in enumerate(cols):
+        m = m - m.mean()
+        rms = float(np.sqrt((m ** 2).mean()))
+        out[..., k] = m / rms if rms > 1e-12 else 0.0
+    return out
 
 
 def _complete(config):
@@ -79,6 +128,12 @@ def _complete(config):
     if shape and (len(shape) != 2 or min(shape) < 1):
         raise ConfigError(f"pooled_nh: lattice_shape must be [H, W] (sites), got {cfg['lattice_shape']}")
     cfg["lattice_shape"] = shape
+    if cfg["position_init"] not in POSITION_INITS:
+        raise ConfigError(f"pooled_nh: position_init must be one of {', '.join(map(repr, POSITION_INITS))}, "
+                          f"got {cfg['position_init']!r}")
+    if not isinstance(cfg["position_trainable"], bool):
+        raise ConfigError(f"pooled_nh: position_trainable must be true or false, got "
+                          f"{cfg['position_trainable']!r}")
     try:
         cfg.update(_local_complete(_feature_config(cfg)))
     except ConfigError as e:
@@ -336,7 +391,9 @@ if torch is not None:
         config : dict, optional
             The local NH's keys for the feature block (``n_types``, ``stride``, ``channels``, ``kernel``,
             ``dtype``), ``position_dim`` (D, default 4; 0 = no position embedding, translation invariant),
-            ``lattice_shape`` ([H, W] sites; required when D > 0), ``hidden`` (MLP width, 32).
+            ``lattice_shape`` ([H, W] sites; required when D > 0), ``hidden`` (MLP width, 32),
+            ``position_init`` (``"random"`` | ``"moments"``, default ``"random"``) and ``position_trainable``
+            (bool, default true): the position basis (module docstring).
         scale : float or nn.Parameter
             Multiplies the energy (``w_g`` of a closure model when shared).
         seed : int, optional
@@ -361,7 +418,11 @@ if torch is not None:
                 if D:
                     s = cfg["stride"]
                     H, W = cfg["lattice_shape"]
-                    self.pos = nn.Parameter(torch.randn((H // s, W // s, D), dtype=dt))
+                    pos = torch.randn((H // s, W // s, D), dtype=dt)
+                    if cfg["position_init"] == "moments":
+                        basis = moment_basis((H // s, W // s), D)
+                        pos[..., :basis.shape[-1]] = torch.from_numpy(basis).to(dt)
+                    self.pos = nn.Parameter(pos, requires_grad=cfg["position_trainable"])
                 else:
                     self.pos = None
                 self.mlp = nn.Sequential(nn.Linear(C * (1 + D), hid), nn.SiLU(), nn.Linear(hid, hid), nn.SiLU(),
