@@ -110,6 +110,10 @@ def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: st
     results = {"real data": [{"run": "data (half vs half)", "vol": volume_metric(states, bounds),
                               "frag": fragmentation_metric(states), "err": moment_error(half_a, half_b),
                               "org1": o1, "org2": o2, "groups": {}}]}
+
+    def err_of_moments(m):  # the error of a set of trajectories from their final frames' second moments
+        return moment_error(finite_column_means(m), real_m2)
+
     for i, (label, path) in enumerate(runs):
         lab, ham, traj, secs, vol_ok, frag_ok = rollout_run(i, label, path, states, bounds, cfg, seed=seed,
                                                             device=device, sampler=sampler, gif_dir=gif_dir,
@@ -120,7 +124,7 @@ def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: st
         m2 = np.stack([second_moments(s) for s in finals])
 
         def err_of(g, m2=m2):
-            return moment_error(finite_column_means(m2[g]), real_m2)
+            return err_of_moments(m2[g])
 
         if i == 0:  # the starts of the first run, before any dynamics (every run's starts when paired)
             m0 = np.stack([second_moments(s) for s in states_of(traj[:, 0])])
@@ -147,8 +151,7 @@ def evaluate_table2(data, runs, *, scale: str = "cpu", seed: int = 0, device: st
         results.setdefault(lab, []).append(row)
     summary = summarise(results, ["vol", "frag", "err", "org1", "org2"])
     paired = paired_differences(results, key="group_err", metric="err") if starts == "paired" else []
-    boot = paired_bootstrap(results, key="final_m2", stat=lambda m: moment_error(finite_column_means(m), real_m2),
-                            name="err_diff") if starts == "paired" else []
+    boot = paired_bootstrap(results, key="final_m2", stat=err_of_moments, name="err_diff") if starts == "paired" else []
     whole = {(e["a"], e["b"]): f"; whole set {e['err_diff']:.1f} [{e['lo']:.1f}, {e['hi']:.1f}] (bootstrap)"
              for e in boot}
     for d in paired:

@@ -183,7 +183,6 @@ def summary_stats(state, order: int = 2, periodic: bool = True, n_types: int | N
     return out
 
 
-
 def finite_column_means(values) -> np.ndarray:
     """Mean of each column (axis 0) over its finite entries, without warnings.
 
