@@ -10,6 +10,8 @@ import json
 
 import pytest
 from fit_helpers import SHARED
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from neuralcpm_plugin.hamiltonian.analytic import cellsort_hamiltonian
 from neuralcpm_plugin.hamiltonian.base import LatticeSpec
@@ -97,3 +99,26 @@ def test_snapshot_mode_and_bad_arguments(tmp_path):
     assert len(res["z"]) == len(res["keys"]) and "boundary" in res["keys"] and "volume_sd" in res["keys"]
     with pytest.raises(ConfigError, match="--runs"):
         posterior_predictive_check(ham, states, runs=1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.floats(-1e3, 1e3), st.just(float("nan"))), min_size=0, max_size=12))
+def test_mean_se_counts_only_finite_runs(col):
+    """Mean and SE of a statistic over runs leave out the runs where it is undefined (NaN): n is the number of
+    finite entries, not of runs (before, the SE divided by the square root of all runs)."""
+    import warnings
+
+    import numpy as np
+
+    from training.eval_check import _mean_se
+    a = np.array(col, dtype=np.float64).reshape(-1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m, se = _mean_se(a)
+    fin = a[np.isfinite(a)]
+    if fin.size == 0:
+        assert np.isnan(m[0]) and se[0] == 0.0
+    else:
+        assert m[0] == pytest.approx(fin.mean(), abs=1e-9)
+        want = fin.std(ddof=1) / np.sqrt(fin.size) if fin.size > 1 else 0.0
+        assert se[0] == pytest.approx(want, rel=1e-9, abs=1e-9)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from neuralcpm_plugin.errors import BundleError, ConfigError, DataError
+from neuralcpm_plugin.metrics.stats import finite_column_means
 
 __all__ = ["add_arguments", "posterior_predictive_check", "run"]
 
@@ -66,10 +67,14 @@ def _z(m1, s1, m2, s2) -> float:
 
 
 def _mean_se(a: np.ndarray):
+    """Mean and standard error of each column (axis 0) over its finite entries (a statistic undefined for a run,
+    NaN, counts neither in the mean nor in n); SE 0 with fewer than two finite entries, mean NaN with none."""
     a = np.asarray(a, dtype=np.float64)
-    n = a.shape[0]
-    m = np.nanmean(a, 0)
-    se = np.nanstd(a, 0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros_like(m)
+    fin = np.isfinite(a)
+    n = fin.sum(0)
+    m = finite_column_means(a)
+    ss = np.where(fin, a - np.where(n > 0, m, 0.0), 0.0) ** 2
+    se = np.where(n > 1, np.sqrt(ss.sum(0) / np.maximum(n - 1, 1) / np.maximum(n, 1)), 0.0)
     return m, se
 
 
