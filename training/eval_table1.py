@@ -180,7 +180,9 @@ def rollout(hamiltonian, starts, *, frames: int, mcs_per_frame: float, flips: in
 
     ``sampler="parallel"``: :class:`~neuralcpm_plugin.sampling.parallel.ParallelSampler` with ``flips``
     proposals per step and ``round(mcs_per_frame·H·W/flips)`` steps between frames, ``chains`` trajectories per
-    batch. ``sampler="exact"``: the exact sequential sampler (``mcs_per_frame`` MCS per frame) with ``proposal``
+    batch; Hamiltonians the exact sampler compiles (neural pooled / local NH terms, directed motion) run on the
+    parallel sampler's "compiled" back end (``ParallelSampler(compiled_neural=True)``), purely analytic ones
+    on its numba back end, others on torch. ``sampler="exact"``: the exact sequential sampler (``mcs_per_frame`` MCS per frame) with ``proposal``
     "boundary" (the data generators' boundary-site proposals) or "classic" (random site, random neighbour: the
     dynamics CompuCell3D and Morpheus run).
     """
@@ -209,7 +211,7 @@ def rollout(hamiltonian, starts, *, frames: int, mcs_per_frame: float, flips: in
         steps = max(1, round(mcs_per_frame * H * W / flips))
         mcs = steps * flips / (H * W)
         gen = torch.Generator(device=device).manual_seed(int(seed))
-        ps = ParallelSampler(hamiltonian, n_flips=flips)
+        ps = ParallelSampler(hamiltonian, n_flips=flips, compiled_neural=True)
         n_ids = max(s.n_ids for s in starts)
         for c0 in range(0, len(starts), chains):
             chunk = starts[c0:c0 + chains]

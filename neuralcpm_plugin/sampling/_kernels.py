@@ -1079,6 +1079,104 @@ def decide(x, new, dh, ids, tp, vol, G, P, A, B, rng, inv_t, counters, NN=None):
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the paper's parallel sampler on the same compiled terms
+# ----------------------------------------------------------------------------------------------------------
+@njit(**_HOT)
+def parallel_steps(ids, tp, vol, G, P, A, B, rng, n_steps, n_flips, inv_t, counters, work, NN=None):
+    """``n_steps`` steps of the paper's parallel sampler (Algorithm 2; ``sampling.parallel``) on one lattice,
+    with the exact sampler's compiled terms (analytic ``P``/``A``, boundary counts ``B``, neural ``NN``).
+
+    One step: the boundary set is listed (sites with ``B[0] > 0``) and ``min(n_flips, its size)`` distinct
+    sites drawn from it uniformly without replacement (partial Fisher–Yates); each takes the id of a copy
+    neighbour of another cell drawn uniformly (:func:`boundary_pick`); every ΔH is computed against the same
+    current state; each proposal is accepted independently with probability min(1, exp(−ΔH·inv_t)); a
+    proposal that would remove the last site of a non-medium cell is refused, and so is every accepted
+    removal from a cell whose accepted removals in this step reach its volume; the accepted copies are then
+    applied one after another (the sites are distinct, so the order does not change the final state; each
+    update of the neural caches and of the per-cell state sees the state it is applied to).
+
+    ``work``: int64 scratch of length ≥ ``ids.shape[0] + 4·n_flips + len(vol)``, zero in the last
+    ``len(vol)`` entries (left so). counters (int64, length 4): attempts (proposals made), candidates (the
+    same), accepted, refused deletions.
+    """
+    n = ids.shape[0]
+    nc = vol.shape[0]
+    lst = work[:n]
+    sx = work[n:n + n_flips]
+    snew = work[n + n_flips:n + 2 * n_flips]
+    sok = work[n + 2 * n_flips:n + 3 * n_flips]
+    sfast = work[n + 3 * n_flips:n + 4 * n_flips]
+    loss = work[n + 4 * n_flips:n + 4 * n_flips + nc]
+    bflag = B[0]
+    s0 = rng[0]
+    s1 = rng[1]
+    s2 = rng[2]
+    s3 = rng[3]
+    att = 0
+    acc = 0
+    refused = 0
+    for _ in range(n_steps):
+        nb = 0
+        for y in range(n):
+            if bflag[y] > 0:
+                lst[nb] = y
+                nb += 1
+        m = min(n_flips, nb)
+        for k in range(m):  # partial Fisher–Yates: lst[k] uniform over the sites not yet drawn
+            r, s0, s1, s2, s3 = _xo(s0, s1, s2, s3)
+            j = k + _below(r >> np.uint64(32), nb - k)
+            x = lst[j]
+            lst[j] = lst[k]
+            lst[k] = x
+            fast, new = boundary_pick(x, r & _LO32, ids, G, bflag, B[1])
+            old = ids[x]
+            sx[k] = x
+            snew[k] = new
+            sfast[k] = 1 if fast else 0
+            sok[k] = 0
+            if old != 0 and vol[old] <= 1:
+                refused += 1
+                continue
+            dh = delta_core(x, fast, old, new, ids, tp, vol, G, P, A)
+            if NN is not None:  # noqa: SIM102 (nested: numba prunes the branch when NN is None)
+                if NN[0][0] or NN[0][1]:
+                    dh += neural_delta(x, np.int64(new), ids, tp, NN)
+            if dh > 0.0:
+                u, s0, s1, s2, s3 = _xo(s0, s1, s2, s3)
+                if not below_exp(u >> np.uint64(11), dh * inv_t):
+                    continue
+            sok[k] = 1
+            if old != 0:
+                loss[old] += 1
+        att += m
+        for k in range(m):  # joint deletion guard: a cell keeps all its sites if its accepted losses reach V
+            old = ids[sx[k]]
+            if sok[k] == 1 and old != 0 and loss[old] >= vol[old]:
+                sok[k] = 0
+                refused += 1
+        for k in range(m):
+            loss[ids[sx[k]]] = 0
+        for k in range(m):
+            if sok[k] == 1:
+                x = sx[k]
+                new = snew[k]
+                if NN is not None:  # noqa: SIM102
+                    if NN[0][0] or NN[0][1]:
+                        neural_accept(x, np.int64(new), ids, tp, NN)
+                apply_copy(x, sfast[k] == 1, new, ids, vol, G, P, A, B)
+                acc += 1
+    rng[0] = s0
+    rng[1] = s1
+    rng[2] = s2
+    rng[3] = s3
+    counters[0] += att
+    counters[1] += att
+    counters[2] += acc
+    counters[3] += refused
+    return acc
+
+
 def _nrt_twin(dispatcher, name):
     """The same Python function compiled with reference counting (under another name, so that the on-disk
     caches stay apart): for runs with compiled neural terms, whose helpers may allocate."""
@@ -1091,6 +1189,7 @@ def _nrt_twin(dispatcher, name):
 
 sweep_nrt = _nrt_twin(sweep, "sweep_nrt")
 decide_nrt = _nrt_twin(decide, "decide_nrt")
+parallel_steps_nrt = _nrt_twin(parallel_steps, "parallel_steps_nrt")
 
 
 @njit(cache=True)

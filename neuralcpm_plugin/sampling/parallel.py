@@ -31,6 +31,16 @@ Two back ends, same algorithm:
   Same proposal and acceptance rules as the torch back end, different random streams (results agree in
   distribution, not bit for bit). ``backend="auto"`` (default) picks it whenever it applies.
   Sites of the torch back end: see :func:`_draw_sites`.
+* ``"compiled"`` — CPU, every Hamiltonian the exact sampler compiles without Python callbacks (analytic
+  contact, volume, surface, external and directed-motion terms, plus at most one ``local_nh`` and one
+  ``pooled_nh`` term on a 2-D lattice): the step of :func:`~neuralcpm_plugin.sampling._kernels.parallel_steps`
+  on the exact sampler's compiled ΔH and incremental caches (one lattice at a time; the neural terms' per-patch
+  caches are updated per accepted copy instead of recomputing every lattice's features at every step, as the
+  torch back end does). Same algorithm and rules, its own xoshiro256** stream per chain and call (seeded from
+  the torch generator), so it agrees with the torch back end in distribution, not bit for bit. Chosen by
+  ``backend="compiled"``, or by ``"auto"`` with ``compiled_neural=True`` for a Hamiltonian the numba back end
+  does not cover. The compiled state is rebuilt from ``batch`` at every :meth:`ParallelSampler.sweep` /
+  :meth:`ParallelSampler.step` call (so parameter changes between calls are always seen) and written back.
 
 Both are deterministic given the generator's seed. The sampler caches the boundary set of the batch it last
 touched; it notices a replaced ``batch.ids`` tensor or in-place torch writes to it (tensor version counter),
@@ -121,14 +131,18 @@ class ParallelSampler:
     threads : bool
         numba back end only: run the chains in parallel numba threads (OpenMP layer). Off by default: idle
         OpenMP worker threads spin after a parallel region and slow down torch work in the same process.
+    compiled_neural : bool
+        With ``backend="auto"``: use the "compiled" back end for a Hamiltonian the numba back end does not
+        cover but the exact sampler compiles (neural ``local_nh`` / ``pooled_nh`` terms, directed motion,
+        surface). Off by default (training keeps the torch back end's random streams).
     """
 
     def __init__(self, hamiltonian, n_flips: int = 50, temperature: float | None = None, *, backend: str = "auto",
-                 threads: bool = False):
+                 threads: bool = False, compiled_neural: bool = False):
         if int(n_flips) < 1:
             raise ConfigError(f"n_flips must be >= 1, got {n_flips}")
-        if backend not in ("auto", "torch", "numba"):
-            raise ConfigError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
+        if backend not in ("auto", "torch", "numba", "compiled"):
+            raise ConfigError(f"backend must be 'auto', 'torch', 'numba' or 'compiled', got {backend!r}")
         self.hamiltonian = hamiltonian
         self.P = int(n_flips)
         self.temperature = float(hamiltonian.temperature if temperature is None else temperature)
@@ -136,9 +150,14 @@ class ParallelSampler:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         self.backend = backend
         self.threads = bool(threads)
+        self.compiled_neural = bool(compiled_neural)
         if backend == "numba" and not self.numba_capable():
             raise ConfigError("backend='numba' needs a Hamiltonian made only of contact, volume and external terms; "
                               f"got {[t.kind for t in hamiltonian.terms]}")
+        if backend == "compiled" and not self.compiled_capable():
+            raise ConfigError("backend='compiled' needs a Hamiltonian whose every term the exact sampler compiles "
+                              "(analytic terms, at most one local_nh and one pooled_nh on a 2-D lattice); got "
+                              f"{[t.kind for t in hamiltonian.terms]}")
         self.record = False   # keep the last step's proposals in self.last (tests, diagnostics)
         self.last: dict | None = None
         self.reset()
@@ -156,8 +175,28 @@ class ParallelSampler:
     def numba_capable(self) -> bool:
         return all(type(t) in (ContactEnergy, VolumeConstraint, ExternalPotential) for t in self.hamiltonian.terms)
 
+    def compiled_capable(self) -> bool:
+        """Every term runs in the exact sampler's compiled kernels (no Python callback terms)."""
+        from .exact import _compiled_neural, _split_hamiltonian
+
+        _, other = _split_hamiltonian(self.hamiltonian)
+        shape = tuple(getattr(self.hamiltonian.lattice, "shape", ()) or ())
+        if not other:
+            return True
+        if len(shape) != 2:
+            return False
+        return not _compiled_neural(other, shape)[2]
+
+    def _use_compiled(self, batch: Batch) -> bool:
+        if self.backend == "compiled":
+            if batch.device.type != "cpu":
+                raise ConfigError("backend='compiled' runs on CPU batches only")
+            return True
+        return (self.backend == "auto" and self.compiled_neural and batch.device.type == "cpu"
+                and not self._use_numba(batch) and self.compiled_capable())
+
     def _use_numba(self, batch: Batch) -> bool:
-        if self.backend == "torch":
+        if self.backend in ("torch", "compiled"):
             return False
         if batch.device.type != "cpu":
             if self.backend == "numba":
@@ -212,7 +251,9 @@ class ParallelSampler:
     def _run(self, batch: Batch, n_steps: int, generator) -> dict:
         if batch.ids.dim() < 3:
             raise ValueError(f"batch.ids must be [B, *lattice], got {tuple(batch.ids.shape)}")
-        if self._use_numba(batch):
+        if self._use_compiled(batch):
+            att, acc, ref = self._run_compiled(batch, n_steps, generator)
+        elif self._use_numba(batch):
             att, acc, ref = self._run_numba(batch, n_steps, generator)
         else:
             att = acc = ref = 0
@@ -364,6 +405,46 @@ class ParallelSampler:
         self._remember(batch, "numba")
         self._mask = None
         return counts[:, 0].sum(), counts[:, 1].sum(), counts[:, 2].sum()
+
+    # ------------------------------------------------------------------------------------------------
+    # compiled back end (the exact sampler's kernels)
+    # ------------------------------------------------------------------------------------------------
+    def _run_compiled(self, batch: Batch, n_steps: int, generator):
+        from ..lattice import CellState
+        from . import _kernels as K
+        from .exact import ExactSampler
+
+        B = batch.B
+        seeds = torch.randint(0, 2**62, (B,), generator=generator, dtype=torch.int64).tolist()
+        # the compiled states of the last call are reused while the batch is untouched since (same tensor,
+        # same version) and the parameters are unchanged; else rebuilt from the batch
+        params = (tuple(int(p._version) for p in self.hamiltonian.parameters())
+                  + tuple(float(t.scale_value()) for t in self.hamiltonian.terms if hasattr(t, "scale_value"))
+                  + (self.temperature, self.P))
+        if not (self._cache_valid(batch, "compiled") and self._nb is not None and self._nb[0] == params):
+            ids_all = batch.ids.detach().cpu().view(B, -1)
+            types_all = batch.types.detach().cpu()
+            exs = []
+            for b in range(B):
+                st = CellState(ids_all[b].numpy().reshape(batch.shape).astype(np.int32),
+                               types_all[b].numpy().astype(np.int32))
+                ex = ExactSampler(st, self.hamiltonian, proposal="boundary", periodic=batch.periodic,
+                                  temperature=self.temperature, narrow_ids=False)
+                if ex.callback_terms:  # pragma: no cover - compiled_capable() rules this out
+                    raise ConfigError("backend='compiled': a term has no compiled form")
+                exs.append((ex, np.zeros(ex.n_sites + 4 * self.P + ex.n_ids, dtype=np.int64)))
+            self._nb = (params, exs)
+        counts = np.zeros(4, dtype=np.int64)
+        for b, (ex, work) in enumerate(self._nb[1]):
+            ex._rng = K.seed_state(int(seeds[b]))
+            fn = K.parallel_steps if ex._NN is None else K.parallel_steps_nrt
+            fn(ex._ids, ex._types, ex._vol, ex._G, ex.pack.P, ex._A, ex._B, ex._rng, int(n_steps), self.P,
+               1.0 / self.temperature, counts, work, ex._NN)
+            batch.ids[b].copy_(torch.from_numpy(ex._ids.reshape(batch.shape)))
+            batch.volumes[b, : ex.n_ids].copy_(torch.from_numpy(ex._vol))
+        self._remember(batch, "compiled")
+        self._mask = None
+        return counts[0], counts[2], counts[3]
 
     def boundary_mask(self, batch: Batch) -> torch.Tensor:
         """The boundary set as a ``[B, n_sites]`` bool tensor (fresh recount; for checks)."""
