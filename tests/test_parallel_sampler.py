@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from neuralcpm_plugin.errors import ConfigError
 from neuralcpm_plugin.hamiltonian.analytic import ContactEnergy, ExternalPotential, VolumeConstraint
@@ -111,7 +113,7 @@ def test_numba_backend_invariants_on_torus():
         assert np.array_equal(got, fresh[b])
 
 
-@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("backend", ["torch", "numba", "compiled"])
 def test_no_cell_is_deleted(backend):
     """Volume target 0 pushes every cell to vanish; the sampler must refuse every deletion."""
     rng = np.random.default_rng(0)
@@ -138,7 +140,7 @@ def _toy(c=1.0):
     return s, lat, [ExternalPotential([0.0, c], np.ones((5, 5)))]
 
 
-@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("backend", ["torch", "numba", "compiled"])
 def test_acceptance_matches_analytic_toy(backend):
     """P = 1: the drawn site is uniform over the 12 boundary sites; a medium site receives the cell
     (ΔH = +c, accepted w.p. e^{-c/T}), a cell site receives medium (ΔH = −c, always accepted)."""
@@ -162,7 +164,7 @@ def test_acceptance_matches_analytic_toy(backend):
         assert bool(smp.last["accepted"][:, 0][old == 1].all())
 
 
-@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("backend", ["torch", "numba", "compiled"])
 def test_all_boundary_sites_at_once_and_joint_deletion_guard(backend):
     """P ≥ boundary size: every boundary site is proposed once; the two removals that together would delete
     the cell are both refused; each of the 10 medium sites is accepted w.p. e^{-c/T}."""
@@ -180,7 +182,7 @@ def test_all_boundary_sites_at_once_and_joint_deletion_guard(backend):
     assert abs(float(gained.mean()) - 10 * p) < 4 * math.sqrt(10 * p * (1 - p) / B)
 
 
-@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("backend", ["torch", "numba", "compiled"])
 def test_deterministic_given_seed(backend):
     s = _torus_state()
     ham = _ham(s.shape)
@@ -193,16 +195,18 @@ def test_deterministic_given_seed(backend):
 
 
 def test_backends_agree_in_distribution():
-    """Same state, one step, many chains: mean acceptance of the two back ends agrees."""
+    """Same state, one step, many chains: mean acceptance of the three back ends agrees."""
     s = _torus_state()
     ham = _ham(s.shape, T=2.0)
     rates = {}
-    for backend in ("torch", "numba"):
+    for backend in ("torch", "numba", "compiled"):
         batch = Batch.from_states([s] * 300)
         rates[backend] = ParallelSampler(ham, 10, backend=backend).step(batch, torch.Generator().manual_seed(2))
-    a, b = rates["torch"]["acceptance"], rates["numba"]["acceptance"]
+    a = rates["torch"]["acceptance"]
     n = rates["torch"]["attempts"]
-    assert abs(a - b) < 5 * math.sqrt(2 * a * (1 - a) / n)
+    for other in ("numba", "compiled"):
+        assert rates[other]["attempts"] == n
+        assert abs(a - rates[other]["acceptance"]) < 5 * math.sqrt(2 * a * (1 - a) / n)
 
 
 def test_cache_follows_external_changes():
@@ -289,3 +293,147 @@ print("SAME" if torch.equal(out[0], out[1]) else "DIFFERENT")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().endswith("SAME")
+
+
+# --------------------------------------------------------------------------- the "compiled" back end
+def _pooled_closure(shape=(24, 24), seed=0, directed=False):
+    """Contact + volume (+ directed motion) + a pooled NH with enlarged weights (ΔH of order 0.1–1)."""
+    from neuralcpm_plugin.hamiltonian.analytic import DirectedMotion
+    from neuralcpm_plugin.hamiltonian.closure import closure_hamiltonian
+    from neuralcpm_plugin.hamiltonian.pooled_nh import PooledNeuralHamiltonian
+    t = PooledNeuralHamiltonian({"n_types": 2, "stride": 3, "channels": 5, "kernel": 3, "hidden": 8,
+                                 "position_dim": 2, "lattice_shape": list(shape)}, seed=seed)
+    with torch.no_grad():
+        for name, p in t.named_parameters():
+            if p.dim() > 1 and name.startswith(("features.", "mlp.")):
+                p.mul_(3.0)
+    terms = [ContactEnergy(J, 2), VolumeConstraint([0, 0.5, 0.5], [0, 30, 30])]
+    if directed:
+        terms.append(DirectedMotion([0, 1.0, 2.0], {"mode": "constant", "vector": [1.0, 0.0]}))
+    return closure_hamiltonian(terms, {"w_g": [t]}, LatticeSpec(shape), 1.0, ["medium", "a", "b"], w_a=1.0), t
+
+
+def _voronoi(shape, n_cells, seed, medium=0.2):
+    rng = np.random.default_rng(seed)
+    H, W = shape
+    pts = rng.integers(0, [H, W], size=(n_cells, 2))
+    yy, xx = np.mgrid[:H, :W]
+    best = np.full((H, W), np.inf)
+    ids = np.zeros((H, W), np.int32)
+    for k, (py, px) in enumerate(pts):
+        d = (np.minimum(abs(yy - py), H - abs(yy - py)) ** 2 + np.minimum(abs(xx - px), W - abs(xx - px)) ** 2
+             + rng.random((H, W)) * 0.5)
+        m = d < best
+        best[m] = d[m]
+        ids[m] = k + 1
+    ids[best > np.quantile(best, 1 - medium)] = 0
+    return CellState(ids, np.concatenate([[0], rng.integers(1, 3, n_cells)]).astype(np.int32))
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 10_000), P=st.sampled_from([1, 7, 40, 500]), directed=st.booleans())
+def test_compiled_step_properties_with_a_pooled_closure(seed, P, directed):
+    """Property (one step of the compiled back end on a pooled closure, with and without directed motion):
+    at most min(P, boundary size) sites change, each to the id one of its copy neighbours had before the
+    step, no cell is deleted, the volumes are the recount, and the compiled neural caches still equal a
+    recomputation from the new lattice."""
+    ham, _ = _pooled_closure(directed=directed)
+    s = _voronoi((24, 24), 12, seed)
+    batch = Batch.from_states([s, s])
+    smp = ParallelSampler(ham, n_flips=P, backend="compiled")
+    g = torch.Generator().manual_seed(seed)
+    offs = neighbour_offsets(2)
+    for _ in range(3):
+        before = batch.ids.clone().numpy()
+        st_ = smp.step(batch, g)
+        assert st_["attempts"] <= 2 * P
+        after = batch.ids.numpy()
+        for b in range(2):
+            nb_ = int(boundary_mask(before[b], 2, True).sum())
+            changed = np.argwhere(after[b] != before[b])
+            assert len(changed) <= min(P, nb_)
+            for y, x in changed:
+                neigh = {int(before[b][(y + dy) % 24, (x + dx) % 24]) for dy, dx in offs}
+                assert int(after[b][y, x]) in neigh
+        _check_invariants(batch, 13)
+        for ex, _w in smp._nb[1]:
+            assert ex.neural_cache_error() < 1e-8
+            assert np.array_equal(ex._ids, batch.ids[smp._nb[1].index((ex, _w))].numpy().ravel())
+
+
+def test_compiled_and_torch_agree_in_distribution_with_a_pooled_closure():
+    """The same pooled closure, the same start, 150 chains: one step's acceptance, and the mean energy after
+    20 steps, agree between the torch back end (batched exact ΔH) and the compiled one (within 5 s.e.)."""
+    ham, _ = _pooled_closure()
+    s = _voronoi((24, 24), 12, 5)
+    res = {}
+    for backend in ("torch", "compiled"):
+        batch = Batch.from_states([s] * 150)
+        smp = ParallelSampler(ham, n_flips=10, backend=backend)
+        g = torch.Generator().manual_seed(3)
+        first = smp.step(batch, g)
+        smp._run(batch, 19, g)
+        with torch.no_grad():
+            e = ham.energy(batch).numpy()
+        res[backend] = (first, e)
+    a, b = res["torch"][0]["acceptance"], res["compiled"][0]["acceptance"]
+    n = res["torch"][0]["attempts"]
+    assert res["compiled"][0]["attempts"] == n == 1500
+    assert abs(a - b) < 5 * math.sqrt(2 * a * (1 - a) / n)
+    ea, eb = res["torch"][1], res["compiled"][1]
+    se = math.sqrt(ea.var() / len(ea) + eb.var() / len(eb))
+    assert abs(ea.mean() - eb.mean()) < 5 * se
+    e0 = float(ham.energy(Batch.from_states([s])).detach())
+    assert ea.mean() < e0 - 5 * se and eb.mean() < e0 - 5 * se   # both moved the state (downhill on average)
+
+
+def test_compiled_directed_motion_agrees_with_torch():
+    """Directed motion (no energy, ΔH only) with contact and volume: one step's acceptance over 300 chains."""
+    from neuralcpm_plugin.hamiltonian.analytic import DirectedMotion
+    s = _torus_state()
+    lat = LatticeSpec(s.shape)
+    ham = Hamiltonian([ContactEnergy(J, 2), VolumeConstraint([0, 0.3, 0.3], [0, 12, 12]),
+                       DirectedMotion([0, 1.5, 0.5], {"mode": "constant", "vector": [1.0, 0.0]})], lat, 1.0)
+    rates = {}
+    for backend in ("torch", "compiled"):
+        batch = Batch.from_states([s] * 300)
+        rates[backend] = ParallelSampler(ham, 10, backend=backend).step(batch, torch.Generator().manual_seed(4))
+    a, b, n = rates["torch"]["acceptance"], rates["compiled"]["acceptance"], rates["torch"]["attempts"]
+    assert rates["compiled"]["attempts"] == n
+    assert abs(a - b) < 5 * math.sqrt(2 * a * (1 - a) / n)
+
+
+def test_compiled_backend_selection_and_cache():
+    """auto picks "compiled" only with compiled_neural=True; the compiled state is kept between calls and
+    rebuilt after an in-place parameter change or an outside write to the batch."""
+    ham, t = _pooled_closure()
+    s = _voronoi((24, 24), 12, 1)
+    batch = Batch.from_states([s])
+    assert not ParallelSampler(ham, 5)._use_compiled(batch)
+    smp = ParallelSampler(ham, 5, compiled_neural=True)
+    assert smp.compiled_capable() and smp._use_compiled(batch)
+    g = torch.Generator().manual_seed(0)
+    smp.step(batch, g)
+    first = smp._nb[1][0][0]
+    smp.step(batch, g)
+    assert smp._nb[1][0][0] is first                       # reused
+    with torch.no_grad():
+        t.mlp[0].weight.mul_(1.5)
+    smp.step(batch, g)
+    second = smp._nb[1][0][0]
+    assert second is not first                             # parameters changed: rebuilt
+    assert second.neural_cache_error() < 1e-8
+    batch.ids[0, :4, :4] = 1
+    batch.recount_volumes()
+    smp.step(batch, g)
+    assert smp._nb[1][0][0] is not second                  # the batch changed outside: rebuilt
+    # an analytic Hamiltonian stays on numba under auto; a term with no compiled form is refused
+    assert ParallelSampler(_ham(s.shape), 5, compiled_neural=True)._use_numba(batch)
+
+    class Odd(ContactEnergy):
+        kind = "odd"
+        analytic = False
+    odd = Hamiltonian([Odd(J, 2)], LatticeSpec(s.shape), 1.0)
+    with pytest.raises(ConfigError, match="compiled"):
+        ParallelSampler(odd, 5, backend="compiled")
+    assert not ParallelSampler(odd, 5, compiled_neural=True)._use_compiled(batch)
