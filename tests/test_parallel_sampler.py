@@ -296,8 +296,9 @@ print("SAME" if torch.equal(out[0], out[1]) else "DIFFERENT")
 
 
 # --------------------------------------------------------------------------- the "compiled" back end
-def _pooled_closure(shape=(24, 24), seed=0, directed=False):
-    """Contact + volume (+ directed motion) + a pooled NH with enlarged weights (ΔH of order 0.1–1)."""
+def _pooled_closure(shape=(24, 24), seed=0, directed=False, local=False):
+    """Contact + volume (+ directed motion) + a pooled NH with enlarged weights (ΔH of order 0.1–1)
+    (+ a local NH)."""
     from neuralcpm_plugin.hamiltonian.analytic import DirectedMotion
     from neuralcpm_plugin.hamiltonian.closure import closure_hamiltonian
     from neuralcpm_plugin.hamiltonian.pooled_nh import PooledNeuralHamiltonian
@@ -310,7 +311,12 @@ def _pooled_closure(shape=(24, 24), seed=0, directed=False):
     terms = [ContactEnergy(J, 2), VolumeConstraint([0, 0.5, 0.5], [0, 30, 30])]
     if directed:
         terms.append(DirectedMotion([0, 1.0, 2.0], {"mode": "constant", "vector": [1.0, 0.0]}))
-    return closure_hamiltonian(terms, {"w_g": [t]}, LatticeSpec(shape), 1.0, ["medium", "a", "b"], w_a=1.0), t
+    groups = {"w_g": [t]}
+    if local:
+        from neuralcpm_plugin.hamiltonian.local_nh import LocalNeuralHamiltonian
+        groups["w_l"] = [LocalNeuralHamiltonian({"n_types": 2, "stride": 3, "channels": 5, "kernel": 3}, seed=seed + 1)]
+    return closure_hamiltonian(terms, groups, LatticeSpec(shape), 1.0, ["medium", "a", "b"], w_a=1.0,
+                               weights={"w_l": 3.0} if local else None), t
 
 
 def _voronoi(shape, n_cells, seed, medium=0.2):
@@ -331,13 +337,13 @@ def _voronoi(shape, n_cells, seed, medium=0.2):
 
 
 @settings(max_examples=6, deadline=None)
-@given(seed=st.integers(0, 10_000), P=st.sampled_from([1, 7, 40, 500]), directed=st.booleans())
-def test_compiled_step_properties_with_a_pooled_closure(seed, P, directed):
+@given(seed=st.integers(0, 10_000), P=st.sampled_from([1, 7, 40, 500]), directed=st.booleans(), local=st.booleans())
+def test_compiled_step_properties_with_a_pooled_closure(seed, P, directed, local):
     """Property (one step of the compiled back end on a pooled closure, with and without directed motion):
     at most min(P, boundary size) sites change, each to the id one of its copy neighbours had before the
     step, no cell is deleted, the volumes are the recount, and the compiled neural caches still equal a
     recomputation from the new lattice."""
-    ham, _ = _pooled_closure(directed=directed)
+    ham, _ = _pooled_closure(directed=directed, local=local)
     s = _voronoi((24, 24), 12, seed)
     batch = Batch.from_states([s, s])
     smp = ParallelSampler(ham, n_flips=P, backend="compiled")
@@ -361,10 +367,12 @@ def test_compiled_step_properties_with_a_pooled_closure(seed, P, directed):
             assert np.array_equal(ex._ids, batch.ids[smp._nb[1].index((ex, _w))].numpy().ravel())
 
 
-def test_compiled_and_torch_agree_in_distribution_with_a_pooled_closure():
-    """The same pooled closure, the same start, 150 chains: one step's acceptance, and the mean energy after
-    20 steps, agree between the torch back end (batched exact ΔH) and the compiled one (within 5 s.e.)."""
-    ham, _ = _pooled_closure()
+@pytest.mark.parametrize("local", [False, True])
+def test_compiled_and_torch_agree_in_distribution_with_a_pooled_closure(local):
+    """The same pooled closure (with and without a local NH), the same start, 150 chains: one step's acceptance,
+    and the mean energy after 20 steps, agree between the torch back end (batched exact ΔH) and the compiled one
+    (within 5 s.e.)."""
+    ham, _ = _pooled_closure(local=local)
     s = _voronoi((24, 24), 12, 5)
     res = {}
     for backend in ("torch", "compiled"):
