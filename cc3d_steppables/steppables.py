@@ -596,7 +596,10 @@ class NeuralCPMEnergySteppable(_SteppableBase):
     """Registers the Python energy term and the lattice mirror; reports errors, speed and mirror checks.
 
     Reads ``neuralcpm_config.json`` (next to this file). At the end writes ``neuralcpm_run.json`` into the
-    output folder: MCS run, wall time, MCS/s, number of Python energy calls, callback errors, mirror checks.
+    output folder: MCS run, wall time (s) and MCS/s by wall clock, CPU time of the CC3D process (s, all its
+    threads) and MCS per CPU-second, both from ``start`` to the end (CC3D's start-up and the project's loading
+    excluded; the mirror checks and snapshots included), number of Python energy calls, callback errors,
+    mirror checks.
     """
 
     def __init__(self, frequency=1, sim_dir=None):
@@ -615,6 +618,7 @@ class NeuralCPMEnergySteppable(_SteppableBase):
         self._mcs_done = 0
         self.mirror_checks = []
         self._fields = None
+        self._c0 = None
 
     def out_dir(self) -> str:
         return SteppableOutputDir.of(self)
@@ -643,6 +647,7 @@ class NeuralCPMEnergySteppable(_SteppableBase):
             self._watcher_wrapper.registerPyChangeWatcher(self._watcher_cb)
             self._fields = _FieldRecomputer.maybe(self.sim_dir, cfg, self.energy)
         self._t0 = time.time()
+        self._c0 = time.process_time()
 
     def step(self, mcs):
         self._mcs_done = mcs
@@ -664,8 +669,10 @@ class NeuralCPMEnergySteppable(_SteppableBase):
 
     def _report(self):
         wall = time.time() - (self._t0 or time.time())
+        cpu = time.process_time() - (self._c0 if self._c0 is not None else time.process_time())
         rep = {"mcs": int(self._mcs_done), "wall_s": wall,
                "mcs_per_s": (self._mcs_done / wall) if wall > 0 else None,
+               "cpu_s": cpu, "mcs_per_cpu_s": (self._mcs_done / cpu) if cpu > 0 else None,
                "python_term": self.energy is not None,
                "compiled_terms": [] if self.energy is None else self.energy.compiled,
                "neural_cache_error": self._cache_error(),

@@ -3,7 +3,7 @@
 Set ``CC3D_PYTHON`` to a Python interpreter that imports ``cc3d`` (CompuCell3D 4.8, e.g. the ``python`` of
 its conda environment); skipped otherwise. For each model: 8 projects exported with seeds 1001…1008 (each
 with its own default initial state), run headless ``$CC3D_PYTHON -m cc3d.run_script -i X.cc3d -o OUT`` for
-200 MCS (in parallel, one process per run), then from the saved snapshots (``OUT/lattice.npz``):
+200 MCS (in parallel, at most ``NEURALCPM_CC3D_JOBS`` processes at once, default one per core), then from the saved snapshots (``OUT/lattice.npz``):
 
 * every cell of the start is still present after 200 MCS;
 * the mean cell volume is within 5 % of the target volume, in every run;
@@ -41,6 +41,19 @@ EXACT_SEEDS_PER_START = 2
 RUN_TIMEOUT_S = 3600
 
 
+def max_jobs() -> int:
+    """Processes run at once (CC3D runs, exact-sampler workers): ``NEURALCPM_CC3D_JOBS`` (e.g. 1 on a busy
+    machine), default one per core."""
+    v = os.environ.get("NEURALCPM_CC3D_JOBS", "")
+    try:
+        n = int(v) if v else (os.cpu_count() or 1)
+    except ValueError:
+        raise ValueError(f"NEURALCPM_CC3D_JOBS={v!r}: expected a positive integer") from None
+    if n < 1:
+        raise ValueError(f"NEURALCPM_CC3D_JOBS={v!r}: expected a positive integer")
+    return n
+
+
 def _sorting_hamiltonian(shape, with_local_nh: bool, with_pooled: bool = False):
     from neuralcpm_plugin.hamiltonian.analytic import ContactEnergy, VolumeConstraint
     from neuralcpm_plugin.hamiltonian.base import Hamiltonian, LatticeSpec
@@ -71,10 +84,10 @@ def _exact_worker(args):
 
 
 def _run_cc3d_projects(projects, outs, logs):
-    """Run the projects headless, at most cpu_count at a time; return the return codes."""
+    """Run the projects headless, at most :func:`max_jobs` at a time; return the return codes."""
     env = dict(os.environ)
     procs, codes = [], [None] * len(projects)
-    limit = max(1, os.cpu_count() or 1)
+    limit = max_jobs()
     pending = list(range(len(projects)))
     running = {}
     while pending or running:
@@ -151,7 +164,7 @@ def _check_model(tmp_path, with_local_nh: bool, shape, with_pooled: bool = False
 
     jobs = [(str(bundle), s.ids, s.types, 7000 + 100 * i + r)
             for i, s in enumerate(starts) for r in range(EXACT_SEEDS_PER_START)]
-    with ProcessPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+    with ProcessPoolExecutor(max_workers=max_jobs()) as pool:
         from neuralcpm_plugin.lattice import CellState
         exact_si = [sorting_index(CellState(ids, types)) for ids, types in pool.map(_exact_worker, jobs)]
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cc3d_steppables import steppables as stp
 from cc3d_steppables.export import export_project
@@ -106,6 +107,7 @@ def test_project_runs_under_cc3d_api_double(tmp_path):
     rep = json.loads((tmp_path / "out" / "neuralcpm_run.json").read_text())
     assert rep["callback_errors"] == 0 and rep["python_term"] and rep["energy_calls"] > 100
     assert rep["mcs"] == 6 and [c for c, _ in rep["mirror_checks"]] == list(range(7))
+    assert rep["cpu_s"] > 0 and rep["mcs_per_cpu_s"] == pytest.approx(6 / rep["cpu_s"])
     assert all(mis == 0 for _, mis in rep["mirror_checks"]), rep["mirror_checks"]
     assert "MCS/s" in r.stdout
 
@@ -113,7 +115,6 @@ def test_project_runs_under_cc3d_api_double(tmp_path):
 def test_local_and_pooled_nh_project_runs_compiled_under_cc3d_api_double(tmp_path):
     """Local + pooled NH closure in the CC3D double: the compiled evaluator runs (caches kept by the change
     watcher: equal to a full recomputation at the end), the mirror equals the field at every MCS."""
-    import pytest
     pytest.importorskip("torch")
     from test_cc3d_export import _neural_closure
     ham = _neural_closure((18, 18))

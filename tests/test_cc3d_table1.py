@@ -2,7 +2,8 @@
 
 Set ``CC3D_PYTHON`` to a Python interpreter that imports ``cc3d`` (CompuCell3D 4.8); skipped otherwise. The
 model, data and classifier are those of the README's Table-1 commands (section "Paper experiments"); paths
-can be overridden with ``NEURALCPM_TABLE1_RUN`` (run folder or bundle; default ``runs/t1/pooled``),
+can be overridden with ``NEURALCPM_TABLE1_RUN`` (run folder or bundle; default ``runs/t1/mixed``, the README's
+best Table-1 model ``mnist-cpu-table1-mixed``, else ``runs/t1/pooled``, the ``mnist-cpu-table1`` model it starts from),
 ``NEURALCPM_TABLE1_DATA`` (default ``runs/data/mnist-cpu.npz``) and ``NEURALCPM_TABLE1_CLASSIFIER`` (default
 ``runs/t1/clf``; trained there from the data when absent, a few minutes). Skipped, naming what is missing,
 when the model or the data are not there.
@@ -12,7 +13,8 @@ starts), each start is
 
 * exported with :func:`cc3d_steppables.export.export_project` (``init`` = the start; the local and pooled NH
   run as CC3D's Python energy term, compiled when numba imports in ``CC3D_PYTHON``) and run headless for
-  ``MCS`` MCS (``$CC3D_PYTHON -m cc3d.run_script``, one process per core);
+  ``MCS`` MCS (``$CC3D_PYTHON -m cc3d.run_script``; ``NEURALCPM_CC3D_JOBS`` processes at once, default one per
+  core);
 * rolled out by the package's exact sampler with classic proposals (random site, random neighbour: CC3D's
   Metropolis dynamics) for the same ``MCS`` (:func:`training.eval_table1.rollout`).
 
@@ -44,7 +46,10 @@ SEED = 17
 
 
 def _paths():
-    run = Path(os.environ.get("NEURALCPM_TABLE1_RUN", ROOT / "runs" / "t1" / "pooled"))
+    default = ROOT / "runs" / "t1" / "mixed"
+    if not default.exists() and (ROOT / "runs" / "t1" / "pooled").exists():
+        default = ROOT / "runs" / "t1" / "pooled"
+    run = Path(os.environ.get("NEURALCPM_TABLE1_RUN", default))
     data = Path(os.environ.get("NEURALCPM_TABLE1_DATA", ROOT / "runs" / "data" / "mnist-cpu.npz"))
     clf = Path(os.environ.get("NEURALCPM_TABLE1_CLASSIFIER", ROOT / "runs" / "t1" / "clf"))
     missing = [f"{what} {p} (README, 'Paper experiments': {how})" for what, p, how in (
