@@ -363,6 +363,15 @@ class PythonEnergy:
             return math.inf
         return float(sum(t.delta(m, site, new_id) for t in self.terms))
 
+    def prepare(self) -> None:
+        """Bind the compiled neural terms to the mirror (their caches) and load their compiled ΔH (numba's disk
+        cache, or a compilation on the first run) now, not at the first copy attempt.  Changes nothing."""
+        m = self.mirror
+        site = (0,) * m.ids.ndim
+        for t in self.terms:
+            if getattr(t, "compiled", False):
+                t.delta(m, site, int(m.ids[site]))  # a no-op copy (same cell): ΔH 0
+
     def accept(self, site, new_id: int) -> None:
         """Tell the terms with caches about an accepted copy (call before ``mirror.set_site``)."""
         for t in self.terms:
@@ -596,10 +605,11 @@ class NeuralCPMEnergySteppable(_SteppableBase):
     """Registers the Python energy term and the lattice mirror; reports errors, speed and mirror checks.
 
     Reads ``neuralcpm_config.json`` (next to this file). At the end writes ``neuralcpm_run.json`` into the
-    output folder: MCS run, wall time (s) and MCS/s by wall clock, CPU time of the CC3D process (s, all its
-    threads) and MCS per CPU-second, both from ``start`` to the end (CC3D's start-up and the project's loading
-    excluded; the mirror checks and snapshots included), number of Python energy calls, callback errors,
-    mirror checks.
+    output folder: MCS run, ``setup_s`` (this steppable's ``start``: reading the lattice, loading the Python
+    term, binding the compiled neural terms and loading their compiled code), wall time (s) and MCS/s by wall
+    clock, CPU time of the CC3D process (s, all its threads) and MCS per CPU-second, both from the end of
+    ``start`` to the end of the run (CC3D's start-up and ``setup_s`` excluded; the mirror checks and snapshots
+    included), number of Python energy calls, callback errors, mirror checks.
     """
 
     def __init__(self, frequency=1, sim_dir=None):
@@ -619,18 +629,21 @@ class NeuralCPMEnergySteppable(_SteppableBase):
         self.mirror_checks = []
         self._fields = None
         self._c0 = None
+        self._setup_s = None
 
     def out_dir(self) -> str:
         return SteppableOutputDir.of(self)
 
     def start(self):
         from cc3d.cpp import CompuCell
+        t_setup = time.time()
         limit_blas_threads(1)
         cfg = self.cfg
         if cfg.get("python_terms") or cfg.get("forbid_deletion_python", False):
             ids, types = _read_cell_field(self.cell_field, self.dim, self.ndim)
             self.mirror = LatticeMirror(ids, types)
             self.energy = load_python_energy(self.sim_dir, self.mirror, cfg)
+            self.energy.prepare()  # compiled code loaded before the clock of the MCS/s starts
             # keep references alive: CC3D holds raw pointers to the wrappers and the Python objects
             self._energy_cb = _EnergyCallback(self)
             self._energy_wrapper = CompuCell.EnergyFunctionPyWrapper()
@@ -648,6 +661,7 @@ class NeuralCPMEnergySteppable(_SteppableBase):
             self._fields = _FieldRecomputer.maybe(self.sim_dir, cfg, self.energy)
         self._t0 = time.time()
         self._c0 = time.process_time()
+        self._setup_s = self._t0 - t_setup
 
     def step(self, mcs):
         self._mcs_done = mcs
@@ -670,7 +684,7 @@ class NeuralCPMEnergySteppable(_SteppableBase):
     def _report(self):
         wall = time.time() - (self._t0 or time.time())
         cpu = time.process_time() - (self._c0 if self._c0 is not None else time.process_time())
-        rep = {"mcs": int(self._mcs_done), "wall_s": wall,
+        rep = {"mcs": int(self._mcs_done), "setup_s": self._setup_s, "wall_s": wall,
                "mcs_per_s": (self._mcs_done / wall) if wall > 0 else None,
                "cpu_s": cpu, "mcs_per_cpu_s": (self._mcs_done / cpu) if cpu > 0 else None,
                "python_term": self.energy is not None,

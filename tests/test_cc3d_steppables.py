@@ -107,7 +107,7 @@ def test_project_runs_under_cc3d_api_double(tmp_path):
     rep = json.loads((tmp_path / "out" / "neuralcpm_run.json").read_text())
     assert rep["callback_errors"] == 0 and rep["python_term"] and rep["energy_calls"] > 100
     assert rep["mcs"] == 6 and [c for c, _ in rep["mirror_checks"]] == list(range(7))
-    assert rep["cpu_s"] > 0 and rep["mcs_per_cpu_s"] == pytest.approx(6 / rep["cpu_s"])
+    assert rep["cpu_s"] > 0 and rep["mcs_per_cpu_s"] == pytest.approx(6 / rep["cpu_s"]) and rep["setup_s"] >= 0
     assert all(mis == 0 for _, mis in rep["mirror_checks"]), rep["mirror_checks"]
     assert "MCS/s" in r.stdout
 
@@ -130,6 +130,36 @@ def test_local_and_pooled_nh_project_runs_compiled_under_cc3d_api_double(tmp_pat
     assert all(mis == 0 for _, mis in rep["mirror_checks"]) and len(rep["mirror_checks"]) == 5
     frames = load_states(tmp_path / "out" / "lattice.npz")
     assert not np.array_equal(frames[-1].ids, frames[0].ids)
+
+
+def test_prepare_binds_the_compiled_terms_and_changes_nothing(tmp_path):
+    """``PythonEnergy.prepare`` (called in the steppable's ``start``, before the MCS/s clock starts) binds the
+    compiled neural terms to the mirror, so the first copy attempt does not rebuild their caches; the mirror
+    and the ΔH are unchanged."""
+    pytest.importorskip("torch")
+    from test_cc3d_export import _neural_closure
+    ham = _neural_closure((18, 18))
+    st = blocks((18, 18), n=10)
+    res = export_project(ham, tmp_path / "p", init=st, mcs=2, seed=2, quiet=True, measure_cost=False)
+    sim = res.project.parent / "Simulation"
+    m = stp.LatticeMirror(st.ids, st.types)
+    e = stp.load_python_energy(sim, m, compiled=True)
+    terms = [t for t in e.terms if t.compiled]
+    assert [t.kind for t in terms] == ["local_nh", "pooled_nh"]
+    assert all(t.evaluator.S is None for t in terms)
+    ids0, v0 = m.ids.copy(), m.version
+    e.prepare()
+    assert np.array_equal(m.ids, ids0) and m.version == v0
+    for t in terms:
+        assert t.evaluator.S is not None and t._version == m.version
+        assert t.evaluator.cache_error() < 1e-12
+    ref = stp.load_python_energy(sim, stp.LatticeMirror(st.ids, st.types), compiled=False)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        y, x = int(rng.integers(18)), int(rng.integers(18))
+        new = int(m.ids[(y + 1) % 18, x])
+        assert e.delta((y, x), new) == pytest.approx(ref.delta((y, x), new), rel=1e-9, abs=1e-9)
+    assert all(t._version == m.version for t in terms)  # no rebind on the way
 
 
 def test_exception_in_energy_term_is_caught_and_reported(tmp_path):

@@ -306,3 +306,55 @@ def test_block_backed_caches_equal_recomputation_and_numpy(kind):
         n += 1
     assert err < 1e-11
     assert comp.cache_error() < 1e-11
+
+
+_PACK_SCRIPT = """
+import json, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from test_neural_local import rand_state
+from test_neural_pooled import make_term
+from neuralcpm_plugin.hamiltonian import _local_nh_numba as M
+comp = M.PooledNHCompiled(make_term((16, 16), 2, seed=1).numpy_evaluator())
+s = rand_state((16, 16), 5, np.random.default_rng(0))
+comp.bind(s.ids.copy(), s.types)
+comp._L, comp._LP
+print(json.dumps({{f.__name__: [sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values())]
+                  for f in (M.pack_lattice, M.pack_pooled)}}))
+"""
+
+
+def test_packed_lists_share_the_buffers_and_come_from_numbas_disk_cache():
+    """The typed Lists of the packed (CompuCell3D) calls hold the evaluator's own arrays, and are built by
+    compiled code that numba loads from its disk cache in a fresh process (a typed List filled from Python
+    compiles its append afresh in every process: seconds per CC3D run)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rng = np.random.default_rng(1)
+    comp = PooledNHCompiled(make_pooled((16, 16), 2, seed=1).numpy_evaluator())
+    s = rand_state((16, 16), 5, rng)
+    ids = s.ids.copy()
+    comp.bind(ids, s.types)
+    L, LP = comp._L[0], comp._LP[0]
+    assert np.shares_memory(L[0], ids) and np.shares_memory(L[1], comp._types)
+    assert all(np.shares_memory(a, b) for a, b in zip(L[3], comp.S) if isinstance(a, np.ndarray))
+    assert all(np.shares_memory(a, b) for a, b in zip(LP[1], comp.PS) if isinstance(a, np.ndarray))
+    for _ in range(20):  # the packed calls see the accepted copies through the shared buffers
+        site, nid = _random_copy(ids, rng)
+        if nid == ids[site]:
+            continue
+        comp.delta(ids, s.types, site, nid)
+        comp.accept(site, nid)
+        ids[site] = nid
+    assert comp.cache_error() < 1e-11
+    tests = str(Path(__file__).resolve().parent)
+    code = _PACK_SCRIPT.format(tests=tests)
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
+            for _ in range(2)]  # the first fills the cache if needed
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    stats = json.loads(runs[1].stdout.strip().splitlines()[-1])
+    assert stats == {"pack_lattice": [1, 0], "pack_pooled": [1, 0]}, stats

@@ -34,7 +34,7 @@ import functools
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, typed, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -1010,6 +1010,24 @@ def pooled_accept_packed(x, new, L, LP):
     pooled_accept(x, new, ids, types, W, S, P, PS)
 
 
+@_jit
+def pack_lattice(ids, types, W, S):
+    """``[(ids, types, W, S)]`` as a numba typed List (the same buffers), built by compiled code: numba caches
+    this on disk, whereas a typed List filled from Python compiles its ``append`` for the element type afresh
+    in every process (3–7 s per evaluator on this machine, paid by every CompuCell3D run)."""
+    L = typed.List()
+    L.append((ids, types, W, S))
+    return L
+
+
+@_jit
+def pack_pooled(P, PS):
+    """``[(P, PS)]`` as a numba typed List (the same buffers); compiled and cached as :func:`pack_lattice`."""
+    L = typed.List()
+    L.append((P, PS))
+    return L
+
+
 # ------------------------------------------------------------------------------------------- Python face
 def _cached_on(evaluator, build):
     """``build(evaluator)``, kept on the evaluator (its weights never change: a parameter update makes a new
@@ -1074,11 +1092,9 @@ class LocalNHCompiled:
     @property
     def _L(self):
         """(ids, types, W, S) in a numba typed List (one cheap argument for the packed calls; built on first
-        use: its construction costs ≈ 1 ms, which the exact sampler, which never uses it, need not pay)."""
+        use by :func:`pack_lattice`, which the exact sampler, which never uses it, need not pay)."""
         if self._L_cache is None:
-            from numba import typed
-            self._L_cache = typed.List()
-            self._L_cache.append((self._ids.reshape(-1), self._types, self.W, self.S))  # same buffers
+            self._L_cache = pack_lattice(self._ids.reshape(-1), self._types, self.W, self.S)  # same buffers
         return self._L_cache
 
     def _flat(self, ids, types, site):
@@ -1140,9 +1156,7 @@ class PooledNHCompiled(LocalNHCompiled):
     def _LP(self):
         """(P, PS) in a numba typed List (built on first use, as :attr:`_L`)."""
         if self._LP_cache is None:
-            from numba import typed
-            self._LP_cache = typed.List()
-            self._LP_cache.append((self.P, self.PS))
+            self._LP_cache = pack_pooled(self.P, self.PS)
         return self._LP_cache
 
     def delta(self, ids, types, site, new_id) -> float:
